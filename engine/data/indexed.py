@@ -1,0 +1,140 @@
+"""Megatron's indexed token dataset (`<prefix>.bin` + `<prefix>.idx`), byte for byte.
+
+`.idx`: magic `MMIDIDX\\x00\\x00`, u64 version 1, u8 dtype code, u64 sequence count, u64 document
+count (documents + 1), int32 sequence lengths, int64 byte pointers, int64 document indices.
+`.bin`: the tokens of every sequence, back to back. One sequence per document here (Megatron's
+tools write one unless sentences are split); datasets with several sequences per document load too.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import struct
+from pathlib import Path
+from typing import BinaryIO
+
+import numpy as np
+
+from engine.errors import InputError
+
+MAGIC = b"MMIDIDX\x00\x00"
+VERSION = 1
+DTYPE_CODES: dict[int, type] = {1: np.uint8, 2: np.int8, 3: np.int16, 4: np.int32, 5: np.int64,
+                                6: np.float64, 7: np.float32, 8: np.uint16}
+CODE_OF = {np.dtype(t): c for c, t in DTYPE_CODES.items()}
+HEADER = struct.Struct("<9sQBQQ")
+
+
+def token_dtype(vocab_size: int) -> np.dtype:
+    """Megatron's choice: u16 when the vocabulary fits below 65500, else i32."""
+    return np.dtype(np.uint16 if vocab_size < 65500 else np.int32)
+
+
+def data_path(prefix: str | Path) -> Path:
+    return Path(f"{prefix}.bin")
+
+
+def index_path(prefix: str | Path) -> Path:
+    return Path(f"{prefix}.idx")
+
+
+def write_index(f: BinaryIO, dtype: np.dtype, sequence_lengths: np.ndarray,
+                document_indices: np.ndarray) -> None:
+    """Write a complete `.idx` for sequences stored back to back in that order."""
+    lengths = np.asarray(sequence_lengths, dtype=np.int32)
+    pointers = np.zeros(len(lengths), dtype=np.int64)
+    if len(lengths) > 1:
+        np.cumsum(lengths[:-1], dtype=np.int64, out=pointers[1:])
+    pointers *= np.dtype(dtype).itemsize
+    docs = np.asarray(document_indices, dtype=np.int64)
+    f.write(HEADER.pack(MAGIC, VERSION, CODE_OF[np.dtype(dtype)], len(lengths), len(docs)))
+    f.write(lengths.tobytes(order="C"))
+    f.write(pointers.tobytes(order="C"))
+    f.write(docs.tobytes(order="C"))
+
+
+class IndexedDatasetWriter:
+    """Streams documents into an open `.bin`; `finish()` writes the `.idx`.
+
+    Memory grows with the number of documents (12 bytes each), never with the number of tokens.
+    The sha256 of the `.bin` is computed on the way, so the manifest needs no second read.
+    """
+
+    def __init__(self, bin_file: BinaryIO, dtype: np.dtype) -> None:
+        self.f = bin_file
+        self.dtype = np.dtype(dtype)
+        self._lengths: list[np.ndarray] = []
+        self.documents = 0
+        self.tokens = 0
+        self.sha256 = hashlib.sha256()
+
+    def add_documents(self, tokens: np.ndarray, lengths: np.ndarray) -> None:
+        """Append documents given as one flat token array and their lengths (one sequence each)."""
+        data = np.ascontiguousarray(tokens, dtype=self.dtype).tobytes()
+        self.f.write(data)
+        self.sha256.update(data)
+        self._lengths.append(np.asarray(lengths, dtype=np.int32))
+        self.documents += len(lengths)
+        self.tokens += int(np.sum(lengths, dtype=np.int64))
+
+    def finish(self, idx_file: BinaryIO) -> None:
+        lengths = np.concatenate(self._lengths) if self._lengths else np.zeros(0, np.int32)
+        write_index(idx_file, self.dtype, lengths, np.arange(len(lengths) + 1, dtype=np.int64))
+
+
+class IndexedDataset:
+    """Read-only, memory-mapped view of a Megatron indexed dataset; `ds[i]` is sequence i."""
+
+    def __init__(self, prefix: str | Path) -> None:
+        self.prefix = str(prefix)
+        idx, bin_ = index_path(prefix), data_path(prefix)
+        for p in (idx, bin_):
+            if not p.is_file():
+                raise InputError(f"{p}: no such file (expected a Megatron dataset '{prefix}')")
+        with open(idx, "rb") as f:
+            head = f.read(HEADER.size)
+        if len(head) < HEADER.size or head[:9] != MAGIC:
+            raise InputError(f"{idx}: not a Megatron .idx file (bad magic)")
+        _, version, code, n_seq, n_doc = HEADER.unpack(head)
+        if version != VERSION:
+            raise InputError(f"{idx}: unsupported .idx version {version} (expected {VERSION})")
+        if code not in DTYPE_CODES:
+            raise InputError(f"{idx}: unknown dtype code {code}")
+        self.dtype = np.dtype(DTYPE_CODES[code])
+        need = HEADER.size + n_seq * 4 + n_seq * 8 + n_doc * 8
+        size = idx.stat().st_size
+        if size < need:
+            raise InputError(f"{idx}: truncated ({size} bytes, header says at least {need})")
+        index = np.memmap(idx, mode="r", dtype=np.uint8)
+        off = HEADER.size
+        self.sequence_lengths = index[off:off + n_seq * 4].view(np.int32)
+        off += n_seq * 4
+        self.sequence_pointers = index[off:off + n_seq * 8].view(np.int64)
+        off += n_seq * 8
+        self.document_indices = index[off:off + n_doc * 8].view(np.int64)
+        bin_size = bin_.stat().st_size
+        expected = int(self.sequence_lengths.sum(dtype=np.int64)) * self.dtype.itemsize
+        if bin_size < expected:
+            raise InputError(f"{bin_}: truncated ({bin_size} bytes, index needs {expected})")
+        self.tokens = (np.memmap(bin_, mode="r", dtype=self.dtype) if bin_size
+                       else np.zeros(0, self.dtype))
+
+    def __len__(self) -> int:
+        return len(self.sequence_lengths)
+
+    @property
+    def num_documents(self) -> int:
+        return len(self.document_indices) - 1
+
+    def get(self, i: int, offset: int = 0, length: int | None = None) -> np.ndarray:
+        """Tokens of sequence i from `offset`, `length` of them (all remaining when None)."""
+        start = int(self.sequence_pointers[i]) // self.dtype.itemsize + offset
+        n = int(self.sequence_lengths[i]) - offset if length is None else length
+        return self.tokens[start:start + n]
+
+    def __getitem__(self, i: int) -> np.ndarray:
+        return self.get(i)
+
+    @property
+    def num_tokens(self) -> int:
+        return int(self.sequence_lengths.sum(dtype=np.int64))

@@ -1,0 +1,319 @@
+"""tokenize: JSONL documents -> Megatron indexed datasets (`<prefix>_<key>_document.bin/.idx`).
+
+Streams its input: lines are read in batches, encoded by a pool of worker processes (in order, with
+a bounded number of batches in flight, so memory stays flat whatever the corpus size) and appended
+to the output files, which carry temporary names until the whole run has succeeded.
+"""
+
+from __future__ import annotations
+
+import collections
+import concurrent.futures as cf
+import glob
+import gzip
+import hashlib
+import json
+import logging
+import multiprocessing
+import os
+import signal
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import BinaryIO, Iterator
+
+import numpy as np
+from pydantic import AliasChoices, Field, field_validator
+from tqdm import tqdm
+
+from engine.atomic import StagedFiles
+from engine.data.indexed import IndexedDatasetWriter, token_dtype
+from engine.data.tokenizer import Tokenizer, load_tokenizer
+from engine.errors import InputError
+from engine.manifest import FileEntry, Manifest, fingerprint, sha256_file, write_manifest
+from engine.spec import StageSpec
+
+log = logging.getLogger(__name__)
+KIND = "dataset"
+_SUFFIXES = (".jsonl", ".json", ".jsonl.gz", ".json.gz")
+_NOT_OUTPUT = {"affects_output": False}
+
+
+class Spec(StageSpec):
+    """Flags follow Megatron-LM's tools/preprocess_data.py where they overlap."""
+
+    input: list[str] = Field(description="JSONL files (.jsonl, .jsonl.gz), folders or globs")
+    output_prefix: str = Field(description="writes <prefix>_<key>_document.bin/.idx",
+                               json_schema_extra=_NOT_OUTPUT)
+    tokenizer: str = Field(description="SentencePiece .model, HF tokenizer.json, or HF folder",
+                           validation_alias=AliasChoices("tokenizer", "tokenizer_model"))
+    json_keys: list[str] = Field(default=["text"], min_length=1,
+                                 description="JSON fields to tokenize, one dataset each")
+    append_eod: bool = Field(default=False, description="append the tokenizer's EOD to each document")
+    add_bos: bool = Field(default=False, description="prepend the tokenizer's BOS to each document")
+    workers: int = Field(default=1, ge=1, le=512, description="encoding processes",
+                         json_schema_extra=_NOT_OUTPUT)
+    batch_lines: int = Field(default=2048, ge=1, description="lines per unit of work",
+                             json_schema_extra=_NOT_OUTPUT)
+    skip_bad_lines: bool = Field(default=False,
+                                 description="skip and count malformed lines instead of failing")
+    progress: bool = Field(default=True, description="show a progress bar",
+                           json_schema_extra=_NOT_OUTPUT)
+
+    @field_validator("input")
+    @classmethod
+    def _non_empty(cls, v: list[str]) -> list[str]:
+        if not v:
+            raise ValueError("at least one input is needed")
+        return v
+
+
+def output_files(prefix: str, key: str) -> tuple[Path, Path]:
+    base = f"{prefix}_{key}_document"
+    return Path(base + ".bin"), Path(base + ".idx")
+
+
+def resolve_inputs(patterns: list[str]) -> list[Path]:
+    """Files, folders (their JSONL files, sorted) and globs -> an ordered list of readable files."""
+    files: list[Path] = []
+    for pattern in patterns:
+        path = Path(pattern)
+        if path.is_dir():
+            found = sorted(p for p in path.iterdir() if p.is_file() and p.name.endswith(_SUFFIXES))
+            if not found:
+                raise InputError(f"{path}: folder has no {', '.join(_SUFFIXES)} files")
+        elif path.is_file():
+            found = [path]
+        else:
+            found = sorted(Path(p) for p in glob.glob(pattern) if Path(p).is_file())
+            if not found:
+                raise InputError(f"{pattern}: no such file, folder or matching files")
+        files.extend(found)
+    for f in files:
+        if not os.access(f, os.R_OK):
+            raise InputError(f"{f}: not readable")
+        if f.stat().st_size == 0:
+            raise InputError(f"{f}: empty file")
+    return files
+
+
+class _HashingReader:
+    """File wrapper that hashes the raw bytes as gzip pulls them through."""
+
+    def __init__(self, f: BinaryIO, h) -> None:
+        self.f, self.h = f, h
+
+    def read(self, n: int = -1) -> bytes:
+        data = self.f.read(n)
+        self.h.update(data)
+        return data
+
+
+def _read_batches(files: list[Path], batch_lines: int, hashes: dict[str, "hashlib._Hash"]
+                  ) -> Iterator[tuple[int, int, list[bytes]]]:
+    """(file index, first line number, lines) in input order; fills `hashes` with raw-file sha256."""
+    for fi, path in enumerate(files):
+        h = hashes[str(path)] = hashlib.sha256()
+        with open(path, "rb") as raw:
+            if path.name.endswith(".gz"):
+                lines: Iterator[bytes] = gzip.GzipFile(fileobj=_HashingReader(raw, h), mode="rb")
+            else:
+                lines = (h.update(line) or line for line in raw)
+            batch: list[bytes] = []
+            first = 1
+            try:
+                for n, line in enumerate(lines, 1):
+                    batch.append(line)
+                    if len(batch) == batch_lines:
+                        yield fi, first, batch
+                        batch, first = [], n + 1
+            except (OSError, EOFError) as exc:  # a corrupt .gz
+                raise InputError(f"{path}: cannot read: {exc}") from None
+            if batch:
+                yield fi, first, batch
+            h.update(raw.read())  # bytes after the last complete gzip member
+
+
+@dataclass
+class _Batch:
+    """What a worker returns for one batch of lines."""
+    tokens: dict[str, np.ndarray] = field(default_factory=dict)
+    lengths: dict[str, np.ndarray] = field(default_factory=dict)
+    bad: list[tuple[int, str]] = field(default_factory=list)
+    empty: int = 0
+
+
+_worker: dict = {}
+
+
+def _init_worker(tokenizer_path: str, keys: list[str], add_bos: bool, append_eod: bool) -> None:
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # the parent handles Ctrl-C and cleans up
+    tok = load_tokenizer(tokenizer_path)
+    _worker.update(tok=tok, keys=keys, dtype=token_dtype(tok.vocab_size),
+                   bos=[tok.bos_id] if add_bos else [], eod=[tok.eod_id] if append_eod else [])
+
+
+def _parse(line: bytes, keys: list[str]) -> list[str] | str:
+    """The texts of one line, or the reason it is malformed."""
+    try:
+        text = line.decode("utf-8").rstrip("\r\n")
+    except UnicodeDecodeError as exc:
+        return f"invalid UTF-8 at byte {exc.start}"
+    try:
+        obj = json.loads(text)
+    except json.JSONDecodeError as exc:
+        return f"malformed JSON ({exc.msg} at column {exc.colno})"
+    if not isinstance(obj, dict):
+        return f"expected a JSON object, got {type(obj).__name__}"
+    texts = []
+    for key in keys:
+        if key not in obj:
+            return f"missing key {key!r}"
+        if not isinstance(obj[key], str):
+            return f"key {key!r} is {type(obj[key]).__name__}, not a string"
+        texts.append(obj[key])
+    return texts
+
+
+def _encode_batch(first_line: int, lines: list[bytes]) -> _Batch:
+    tok: Tokenizer = _worker["tok"]
+    keys, bos, eod, dtype = _worker["keys"], _worker["bos"], _worker["eod"], _worker["dtype"]
+    out = _Batch()
+    rows: list[list[str]] = []
+    for n, line in enumerate(lines, first_line):
+        if not line.strip():
+            continue  # blank lines (a trailing newline) are not documents
+        parsed = _parse(line, keys)
+        if isinstance(parsed, str):
+            out.bad.append((n, parsed))
+        elif not any(parsed):
+            out.empty += 1
+        else:
+            rows.append(parsed)
+    for k, key in enumerate(keys):
+        docs = [bos + list(ids) + eod for ids in tok.encode([r[k] for r in rows]) if ids]
+        out.lengths[key] = np.fromiter(map(len, docs), dtype=np.int32, count=len(docs))
+        out.tokens[key] = np.fromiter((t for d in docs for t in d), dtype=dtype,
+                                      count=int(out.lengths[key].sum()))
+    return out
+
+
+class _Interrupted(Exception):
+    pass
+
+
+def _raise_interrupt(signum, frame):
+    raise _Interrupted(f"signal {signum}")
+
+
+def _results(spec: Spec, files: list[Path], hashes: dict) -> Iterator[tuple[int, int, _Batch]]:
+    """Encoded batches in input order: inline for one worker, else a process pool with at most
+    2 batches per worker in flight."""
+    init = (spec.tokenizer, spec.json_keys, spec.add_bos, spec.append_eod)
+    batches = _read_batches(files, spec.batch_lines, hashes)
+    if spec.workers == 1:
+        _init_worker(*init)
+        signal.signal(signal.SIGINT, signal.default_int_handler)
+        for fi, first, lines in batches:
+            yield fi, first, _encode_batch(first, lines)
+        return
+    ctx = multiprocessing.get_context("spawn")
+    pool = cf.ProcessPoolExecutor(spec.workers, mp_context=ctx, initializer=_init_worker,
+                                  initargs=init)
+    pending: collections.deque = collections.deque()
+    try:
+        for fi, first, lines in batches:
+            pending.append((fi, first, pool.submit(_encode_batch, first, lines)))
+            while len(pending) >= 2 * spec.workers:
+                fi0, first0, fut = pending.popleft()
+                yield fi0, first0, fut.result()
+        while pending:
+            fi0, first0, fut = pending.popleft()
+            yield fi0, first0, fut.result()
+    finally:
+        pool.shutdown(wait=not pending, cancel_futures=True)
+
+
+def run(spec: Spec) -> Manifest:
+    files = resolve_inputs(spec.input)
+    tok = load_tokenizer(spec.tokenizer)
+    if spec.add_bos and tok.bos_id is None:
+        raise InputError(f"{tok.path}: --add-bos, but the tokenizer has no BOS token")
+    if spec.append_eod and tok.eod_id is None:
+        raise InputError(f"{tok.path}: --append-eod, but the tokenizer has no EOS/EOD token")
+    out_dir = Path(spec.output_prefix).parent
+    if not out_dir.is_dir():
+        out_dir.mkdir(parents=True, exist_ok=True)
+    dtype = token_dtype(tok.vocab_size)
+    log.info("tokenize %d file(s) with %s (vocab %d, %s tokens), keys %s, %d worker(s)",
+             len(files), tok.path, tok.vocab_size, dtype.name, spec.json_keys, spec.workers)
+
+    hashes: dict = {}
+    skipped: list[str] = []
+    empty = 0
+    start = time.perf_counter()
+    old_term = signal.signal(signal.SIGTERM, _raise_interrupt)
+    try:
+        with StagedFiles() as staged, tqdm(unit="doc", disable=not spec.progress,
+                                           mininterval=1.0, smoothing=0.1) as bar:
+            writers, idx_tmp = {}, {}
+            for key in spec.json_keys:
+                bin_path, idx_path = output_files(spec.output_prefix, key)
+                writers[key] = IndexedDatasetWriter(open(staged.stage(bin_path), "wb"), dtype)
+                idx_tmp[key] = staged.stage(idx_path)
+            try:
+                for fi, _first, batch in _results(spec, files, hashes):
+                    for line, reason in batch.bad:
+                        where = f"{files[fi]}:{line}: {reason}"
+                        if not spec.skip_bad_lines:
+                            raise InputError(where)
+                        if len(skipped) < 20:
+                            log.warning("skipped %s", where)
+                        skipped.append(where)
+                    empty += batch.empty
+                    for key, w in writers.items():
+                        w.add_documents(batch.tokens[key], batch.lengths[key])
+                    w0 = writers[spec.json_keys[0]]
+                    bar.update(len(batch.lengths[spec.json_keys[0]]))
+                    elapsed = max(time.perf_counter() - start, 1e-9)
+                    bar.set_postfix_str(f"{w0.tokens / elapsed:,.0f} tok/s", refresh=False)
+            finally:
+                for w in writers.values():
+                    w.f.close()
+            if writers[spec.json_keys[0]].documents == 0:
+                raise InputError(f"{', '.join(map(str, files))}: no documents to tokenize")
+            for key, w in writers.items():
+                with open(idx_tmp[key], "wb") as f:
+                    w.finish(f)
+            staged.commit()
+    except _Interrupted as exc:
+        raise KeyboardInterrupt(str(exc)) from None
+    finally:
+        signal.signal(signal.SIGTERM, old_term)
+    elapsed = time.perf_counter() - start
+
+    out_files: dict[str, FileEntry] = {}
+    per_key = {}
+    for key, w in writers.items():
+        bin_path, idx_path = output_files(spec.output_prefix, key)
+        out_files[bin_path.name] = FileEntry(sha256=w.sha256.hexdigest(), bytes=bin_path.stat().st_size)
+        out_files[idx_path.name] = sha256_file(idx_path)
+        per_key[key] = {"documents": w.documents, "tokens": w.tokens}
+    inputs = {str(p): hashes[str(p)].hexdigest() for p in files}
+    identity = tok.identity()
+    first = per_key[spec.json_keys[0]]
+    summary = {"documents": first["documents"], "tokens": first["tokens"], "keys": per_key,
+               "skipped_lines": len(skipped), "empty_documents": empty,
+               "dtype": dtype.name, "tokenizer": identity, "seconds": round(elapsed, 3),
+               "tokens_per_second": round(first["tokens"] / max(elapsed, 1e-9))}
+    if skipped:
+        summary["skipped_examples"] = skipped[:20]
+    manifest = Manifest(
+        kind=KIND, stage="tokenize", spec=spec.model_dump(mode="json"), inputs=inputs,
+        fingerprint=fingerprint("tokenize", spec.fingerprint_fields() | {"tokenizer": identity["sha256"]},
+                                inputs),
+        summary=summary, files=out_files)
+    write_manifest(spec.output_prefix, manifest)
+    log.info("wrote %d documents, %d tokens in %.1fs (%s skipped lines, %d empty documents)",
+             first["documents"], first["tokens"], elapsed, len(skipped), empty)
+    return manifest

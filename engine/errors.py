@@ -1,0 +1,14 @@
+"""User-facing errors: their message says which file, line or field is wrong, so the CLI prints it
+without a traceback. Anything else is a bug and keeps its traceback."""
+
+
+class LmforgeError(Exception):
+    """Base of errors caused by the user's input rather than by lmforge."""
+
+
+class SpecError(LmforgeError, ValueError):
+    """A spec that cannot be used."""
+
+
+class InputError(LmforgeError, ValueError):
+    """An input file (corpus, dataset, tokenizer, checkpoint) that cannot be used."""
