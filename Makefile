@@ -5,7 +5,10 @@ VENV   ?= .venv
 PY     := $(VENV)/bin/python
 # torch is installed pinned and first: an unpinned torch pulls a multi-GB CUDA build.
 TORCH  ?= torch==2.13.0
+# uv does not read pip's configuration: hand it the same local wheel folder (torch's CPU wheel).
+ifneq ($(PIP_FIND_LINKS),)
 export UV_FIND_LINKS ?= $(PIP_FIND_LINKS)
+endif
 
 .PHONY: demo test clean-venv
 
@@ -16,11 +19,18 @@ $(VENV)/.installed: pyproject.toml
 	$(VENV)/bin/uv pip install --python $(PY) -q -e ".[dev]" "$(TORCH)"
 	touch $@
 
+# The main job runs on embedded defaults: artifacts under ./lmforge-home, Prefect's own temporary
+# server with its database there too.
+export LMFORGE_HOME ?= $(CURDIR)/lmforge-home
+export PREFECT_HOME ?= $(LMFORGE_HOME)/prefect
+export PREFECT_SERVER_ANALYTICS_ENABLED ?= false
+
 demo: $(VENV)/.installed
-	$(PY) -m flows.demo
+	mkdir -p "$(PREFECT_HOME)"
+	$(PY) -m flows.lifecycle
 
 test: $(VENV)/.installed
-	$(PY) -m pytest -q
+	$(PY) -m pytest -q -p no:cacheprovider
 
 clean-venv:
 	rm -rf $(VENV)

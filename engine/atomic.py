@@ -4,9 +4,12 @@ from __future__ import annotations
 
 import contextlib
 import os
+import shutil
 import uuid
 from pathlib import Path
 from typing import Iterator
+
+from engine.errors import InputError
 
 
 def temp_name(path: str | Path) -> Path:
@@ -60,9 +63,20 @@ class StagedFiles:
 
 
 @contextlib.contextmanager
-def staged(*finals: str | Path) -> Iterator[list[Path]]:
-    """Shorthand for StagedFiles with a fixed list of outputs, committed when the block succeeds."""
-    with StagedFiles() as files:
-        tmps = [files.stage(f) for f in finals]
-        yield tmps
-        files.commit()
+def staged_dir(final: str | Path) -> Iterator[Path]:
+    """Build a directory artifact in `<final>.tmp-<id>` and rename it into place when the block
+    succeeds; on failure the temporary directory is removed and `final` never appears."""
+    final = Path(final)
+    if final.exists() and any(final.iterdir()):
+        raise InputError(f"{final}: output folder exists and is not empty")
+    final.parent.mkdir(parents=True, exist_ok=True)
+    tmp = temp_name(final)
+    tmp.mkdir()
+    try:
+        yield tmp
+        if final.exists():
+            final.rmdir()
+        os.replace(tmp, final)
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp, ignore_errors=True)

@@ -18,7 +18,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from engine import __version__
 from engine.atomic import atomic_write_text
 
-ArtifactKind = Literal["dataset", "checkpoint", "hf-model", "corpus", "eval-report"]
+ArtifactKind = Literal["dataset", "checkpoint", "hf-model", "corpus", "tokenizer", "eval-report"]
 
 
 class FileEntry(BaseModel):

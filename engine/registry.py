@@ -12,6 +12,8 @@ from types import ModuleType
 from typing import Callable
 
 STAGES: dict[str, str] = {
+    "generate-corpus": "engine.data.synthetic",
+    "train-tokenizer": "engine.data.train_tokenizer",
     "tokenize": "engine.data.tokenize",
     "merge": "engine.data.merge",
 }

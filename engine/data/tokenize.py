@@ -79,7 +79,8 @@ def resolve_inputs(patterns: list[str]) -> list[Path]:
     for pattern in patterns:
         path = Path(pattern)
         if path.is_dir():
-            found = sorted(p for p in path.iterdir() if p.is_file() and p.name.endswith(_SUFFIXES))
+            found = sorted(p for p in path.iterdir() if p.is_file() and p.name.endswith(_SUFFIXES)
+                           and not p.name.endswith("manifest.json"))
             if not found:
                 raise InputError(f"{path}: folder has no {', '.join(_SUFFIXES)} files")
         elif path.is_file():
