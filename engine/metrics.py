@@ -1,0 +1,97 @@
+"""The metrics sink: how the engine reports params, step metrics and artifacts without knowing
+about any tracking server. The default writes JSON lines into the run folder (a task can always
+re-read them); when the job's environment names an MLflow run and mlflow is importable, rank 0
+also logs there."""
+
+from __future__ import annotations
+
+import importlib
+import json
+import logging
+import math
+import os
+import time
+from pathlib import Path
+from typing import Any
+
+log = logging.getLogger(__name__)
+
+
+class MetricsSink:
+    """JSON lines: {"kind": "params"|"metrics"|"artifact", "time", "step"?, "data"}."""
+
+    def __init__(self, path: str | Path | None, enabled: bool = True) -> None:
+        self.path = Path(path) if path else None
+        self.enabled = enabled and self.path is not None
+        if self.enabled:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+        self._mlflow = _mlflow_client() if enabled else None
+
+    def _write(self, record: dict[str, Any]) -> None:
+        if not self.enabled:
+            return
+        with open(self.path, "a", encoding="utf-8") as f:
+            f.write(json.dumps(record, default=str) + "\n")
+
+    def log_params(self, params: dict[str, Any]) -> None:
+        self._write({"kind": "params", "time": time.time(), "data": params})
+        if self._mlflow:
+            self._mlflow.log_params(params)
+
+    def log_metrics(self, metrics: dict[str, float], step: int) -> None:
+        clean = {k: float(v) for k, v in metrics.items() if v is not None}
+        self._write({"kind": "metrics", "time": time.time(), "step": step, "data": clean})
+        if self._mlflow:
+            self._mlflow.log_metrics({k: v for k, v in clean.items() if math.isfinite(v)}, step)
+
+    def log_artifact(self, path: str | Path) -> None:
+        self._write({"kind": "artifact", "time": time.time(), "data": str(path)})
+        if self._mlflow:
+            self._mlflow.log_artifact(str(path))
+
+
+class _MLflowRun:
+    def __init__(self, client, run_id: str) -> None:
+        self.client = client
+        self.run_id = run_id
+
+    def log_params(self, params: dict[str, Any]) -> None:
+        flat = _flatten(params)
+        for k, v in flat.items():
+            self._safe(self.client.log_param, self.run_id, k, str(v)[:6000])
+
+    def log_metrics(self, metrics: dict[str, float], step: int) -> None:
+        for k, v in metrics.items():
+            self._safe(self.client.log_metric, self.run_id, k, v, step=step)
+
+    def log_artifact(self, path: str) -> None:
+        self._safe(self.client.log_artifact, self.run_id, path)
+
+    @staticmethod
+    def _safe(fn, *args, **kwargs) -> None:
+        try:
+            fn(*args, **kwargs)
+        except Exception as exc:  # tracking down must never stop training; JSON lines keep it all
+            log.warning("MLflow logging failed (%s); the JSON-lines log has the data", exc)
+
+
+def _flatten(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for k, v in d.items():
+        key = f"{prefix}{k}"
+        if isinstance(v, dict):
+            out.update(_flatten(v, key + "."))
+        else:
+            out[key] = v
+    return out
+
+
+def _mlflow_client() -> _MLflowRun | None:
+    run_id = os.environ.get("MLFLOW_RUN_ID")
+    if not run_id or not os.environ.get("MLFLOW_TRACKING_URI") or int(os.environ.get("RANK", "0")):
+        return None
+    try:  # optional: imported by name so the engine has no import-time dependency on mlflow
+        tracking = importlib.import_module("mlflow.tracking")
+    except ImportError:
+        return None
+    return _MLflowRun(tracking.MlflowClient(), run_id)

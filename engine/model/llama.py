@@ -1,0 +1,139 @@
+"""The Llama-family decoder as a plain nn.Module, shaped for parallelism applied from outside.
+
+- `layers` is an nn.ModuleDict keyed "0", "1", ...: a pipeline stage deletes the blocks it does
+  not own and every parameter keeps its name; FSDP2, activation recompute and torch.compile wrap
+  one block at a time.
+- Built on the meta device, then `to_empty(device=...)` + `init_weights(seed)` (or a load): every
+  parameter is drawn on the CPU from a generator seeded by (seed, parameter name), so the weights
+  are the same on any device, in any process, however the model is split.
+- The forward has no host synchronisation.
+
+Parameter names: `embed.weight`, `layers.{i}.attn_norm.weight`, `layers.{i}.attn.{wq,wk,wv}.weight`
+(+ `.bias` for Qwen2), `layers.{i}.attn.wo.weight`, `layers.{i}.mlp_norm.weight`,
+`layers.{i}.mlp.{w_gate,w_up,w_down}.weight`, `norm.weight`, and `lm_head.weight` unless tied.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from engine.model.attention import Attention
+from engine.model.config import ModelConfig
+from engine.model.rope import rope_cos_sin
+
+# Segments that wrappers (torch.compile, activation checkpointing) insert into parameter names.
+_WRAPPER_SEGMENTS = ("_orig_mod.", "_checkpoint_wrapped_module.")
+
+
+class RMSNorm(nn.Module):
+    """x / rms(x) * weight, normalised in fp32 and cast back before the weight (as HF Llama)."""
+
+    def __init__(self, dim: int, eps: float):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x32 = x.float()
+        x32 = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)
+        return self.weight * x32.to(x.dtype)
+
+
+class SwiGLU(nn.Module):
+    """w_down(silu(w_gate x) * w_up x)."""
+
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.w_gate = nn.Linear(cfg.hidden_size, cfg.intermediate_size, bias=False)
+        self.w_up = nn.Linear(cfg.hidden_size, cfg.intermediate_size, bias=False)
+        self.w_down = nn.Linear(cfg.intermediate_size, cfg.hidden_size, bias=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.w_down(F.silu(self.w_gate(x)) * self.w_up(x))
+
+
+class Block(nn.Module):
+    """Pre-norm residual block: x + attn(norm(x)), then x + mlp(norm(x))."""
+
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.attn_norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.attn = Attention(cfg)
+        self.mlp_norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.mlp = SwiGLU(cfg)
+
+    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+        x = x + self.attn(self.attn_norm(x), cos, sin)
+        return x + self.mlp(self.mlp_norm(x))
+
+
+class LlamaModel(nn.Module):
+    """Token ids [batch, seq] -> logits [batch, seq, vocab]."""
+
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.cfg = cfg
+        self.embed = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
+        self.layers = nn.ModuleDict({str(i): Block(cfg) for i in range(cfg.num_layers)})
+        self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        # Tied: no second module holding the embedding, so to_empty / FSDP cannot untie it.
+        self.lm_head = (None if cfg.tie_word_embeddings
+                        else nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False))
+
+    def forward_hidden(self, input_ids: torch.Tensor,
+                       position_ids: torch.Tensor | None = None) -> torch.Tensor:
+        """The final-normed hidden states [batch, seq, hidden], for losses that fuse the head."""
+        if position_ids is None:
+            position_ids = torch.arange(input_ids.shape[1], device=input_ids.device)[None]
+        h = self.embed(input_ids)
+        cos, sin = rope_cos_sin(self.cfg, position_ids, h.dtype)
+        for block in self.layers.values():
+            h = block(h, cos, sin)
+        return self.norm(h)
+
+    def logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        if self.lm_head is None:
+            return F.linear(hidden, self.embed.weight)
+        return self.lm_head(hidden)
+
+    def forward(self, input_ids: torch.Tensor,
+                position_ids: torch.Tensor | None = None) -> torch.Tensor:
+        return self.logits(self.forward_hidden(input_ids, position_ids))
+
+    @torch.no_grad()
+    def init_weights(self, seed: int = 0) -> None:
+        """Norms 1, biases 0, other weights N(0, init_std); the residual-branch outputs (wo,
+        w_down) N(0, init_std / sqrt(2 * num_layers)) so the residual stream's variance does not
+        grow with depth (Megatron-LM's scaled init)."""
+        std = self.cfg.init_std
+        out_std = std / math.sqrt(2 * self.cfg.num_layers)
+        for raw_name, param in self.named_parameters():
+            if param.is_meta:
+                raise RuntimeError("parameters are on the meta device: call "
+                                   "model.to_empty(device=...) before init_weights")
+            name = canonical_name(raw_name)
+            if name.endswith("norm.weight"):
+                param.fill_(1.0)
+            elif name.endswith(".bias"):
+                param.zero_()
+            else:
+                scale = out_std if name.endswith(("attn.wo.weight", "mlp.w_down.weight")) else std
+                param.copy_(_seeded_normal(param.shape, scale, seed, name))
+
+
+def canonical_name(name: str) -> str:
+    """A parameter's name without the segments that wrappers insert."""
+    for segment in _WRAPPER_SEGMENTS:
+        name = name.replace(segment, "")
+    return name
+
+
+def _seeded_normal(shape: torch.Size, std: float, seed: int, name: str) -> torch.Tensor:
+    digest = hashlib.sha256(f"{seed}:{name}".encode()).digest()
+    generator = torch.Generator().manual_seed(int.from_bytes(digest[:8], "little") >> 1)
+    return torch.empty(shape).normal_(0.0, std, generator=generator)

@@ -1,0 +1,276 @@
+"""The engine's model against Hugging Face transformers (random tiny models of every supported
+layout and RoPE variant, and the real trained stories260K), plus its build/init/conversion
+contracts."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from pydantic import ValidationError
+
+from engine.errors import InputError, SpecError
+from engine.model import (LlamaModel, ModelConfig, generate_greedy, load_hf_state_dict,
+                          to_hf_state_dict)
+from engine.model.hf_names import from_hf_name, to_hf_name
+from engine.model.rope import inverse_frequencies
+
+transformers = pytest.importorskip("transformers")
+
+TINY_LLAMA = Path(__file__).resolve().parents[2] / "shared" / "data" / "tiny-llama"
+SEQ = 48
+BASE = dict(vocab_size=128, hidden_size=64, intermediate_size=96, num_layers=2, num_heads=4,
+            num_kv_heads=2, max_position_embeddings=64, rms_norm_eps=1e-5)
+LLAMA3 = {"type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+          "original_max_position_embeddings": 64}
+
+CASES = {
+    "llama-gqa": {},
+    "llama-mha-tied": dict(num_kv_heads=4, tie_word_embeddings=True),
+    "llama-linear": dict(rope_scaling={"type": "linear", "factor": 2.0}),
+    # max positions below the batch's length, so the NTK base really grows
+    "llama-dynamic": dict(max_position_embeddings=32,
+                          rope_scaling={"type": "dynamic", "factor": 2.0}),
+    "llama-yarn": dict(max_position_embeddings=128, rope_scaling={
+        "type": "yarn", "factor": 2.0, "original_max_position_embeddings": 64}),
+    "llama-yarn-mscale": dict(max_position_embeddings=256, rope_scaling={
+        "type": "yarn", "factor": 4.0, "original_max_position_embeddings": 64, "mscale": 0.707,
+        "mscale_all_dim": 1.0, "beta_fast": 16.0, "truncate": False}),
+    "llama-llama3": dict(max_position_embeddings=512, rope_scaling=LLAMA3),
+    "qwen2-bias-tied": dict(family="qwen2", tie_word_embeddings=True),
+    "qwen2-yarn-mha": dict(family="qwen2", num_kv_heads=4, max_position_embeddings=128,
+                           rope_scaling={"type": "yarn", "factor": 2.0, "attention_factor": 1.3,
+                                         "original_max_position_embeddings": 64}),
+    "mistral-head-dim-32": dict(family="mistral", head_dim=32, rope_theta=500000.0),
+}
+
+
+def config(case: str, **extra) -> ModelConfig:
+    return ModelConfig(**{**BASE, **CASES[case], **extra})
+
+
+def hf_model(cfg: ModelConfig, seed: int = 0) -> torch.nn.Module:
+    """A transformers model built from our exported config.json, with weights large enough that
+    attention is far from uniform (HF's own init, std 0.02, would make every model look alike)."""
+    hf_cfg = dict(cfg.to_hf())
+    hf_config = transformers.AutoConfig.for_model(hf_cfg.pop("model_type"), **hf_cfg)
+    model = transformers.AutoModelForCausalLM.from_config(hf_config, dtype=torch.float32).eval()
+    generator = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            noise = torch.randn(param.shape, generator=generator)
+            param.copy_(1 + 0.1 * noise if "norm" in name else 0.1 * noise)
+    return model
+
+
+def batch(vocab: int, seed: int = 1) -> torch.Tensor:
+    return torch.randint(0, vocab, (2, SEQ), generator=torch.Generator().manual_seed(seed))
+
+
+@pytest.mark.parametrize("case", CASES)
+def test_logits_match_hf(case: str):
+    cfg = config(case)
+    hf = hf_model(cfg)
+    ours = LlamaModel(cfg)
+    load_hf_state_dict(ours, hf.state_dict())
+    ids = batch(cfg.vocab_size)
+    with torch.no_grad():
+        expected = hf(ids, use_cache=False).logits
+        got = ours(ids)
+        eager = LlamaModel(config(case, attention_backend="eager"))
+        load_hf_state_dict(eager, hf.state_dict())
+        got_eager = eager(ids)
+    assert expected.abs().max() > 0.5  # not a degenerate model
+    assert (got - expected).abs().max().item() <= 1e-5
+    assert (got_eager - expected).abs().max().item() <= 1e-5
+
+
+@pytest.mark.parametrize("case", [c for c in CASES if "rope_scaling" in CASES[c]])
+@pytest.mark.parametrize("length", [SEQ, 8])
+def test_rope_frequencies_equal_hf(case: str, length: int):
+    """Bitwise the same inverse frequencies and attention factor as transformers' definitions
+    (for dynamic NTK, both beyond and within the trained length)."""
+    from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
+
+    cfg = config(case)
+    hf_cfg = dict(cfg.to_hf())
+    hf_config = transformers.AutoConfig.for_model(hf_cfg.pop("model_type"), **hf_cfg)
+    hf_fn = ROPE_INIT_FUNCTIONS[cfg.rope_scaling.type]
+    seq_len = torch.tensor(length)
+    hf_inv, hf_scale = hf_fn(hf_config, None, seq_len=seq_len)
+    inv, scale = inverse_frequencies(cfg, None, seq_len)
+    assert torch.equal(inv, hf_inv.float()) and scale == hf_scale
+
+
+@pytest.mark.parametrize("case", CASES)
+def test_config_round_trips_through_hf(case: str):
+    """Our export, loaded by transformers and saved again (5.x `rope_parameters` form), reads
+    back as the same config."""
+    cfg = config(case)
+    hf_cfg = dict(cfg.to_hf())
+    hf_config = transformers.AutoConfig.for_model(hf_cfg.pop("model_type"), **hf_cfg)
+    saved = hf_config.to_dict()
+    assert "rope_parameters" in saved
+    assert ModelConfig.from_hf(saved) == cfg
+    assert ModelConfig.from_hf(cfg.to_hf()) == cfg
+
+
+def test_state_dict_round_trip_is_bitwise_and_uses_hf_names():
+    for case in ("qwen2-bias-tied", "llama-gqa"):
+        cfg = config(case)
+        source = LlamaModel(cfg)
+        source.init_weights(seed=3)
+        hf_state = to_hf_state_dict(source)
+        expected_names = set(hf_model(cfg).state_dict()) - (
+            {"lm_head.weight"} if cfg.tie_word_embeddings else set())
+        assert set(hf_state) == expected_names
+        with torch.device("meta"):
+            target = LlamaModel(cfg)
+        load_hf_state_dict(target, hf_state)
+        for name, tensor in source.state_dict().items():
+            loaded = target.state_dict()[name]
+            assert loaded.dtype == tensor.dtype and torch.equal(loaded, tensor), name
+        assert all(torch.equal(hf_state[k], v) for k, v in to_hf_state_dict(target).items())
+    assert from_hf_name(to_hf_name("layers.7.mlp.w_gate.weight")) == "layers.7.mlp.w_gate.weight"
+    assert to_hf_name("layers.1.attn.wq.bias") == "model.layers.1.self_attn.q_proj.bias"
+
+
+def test_load_rejects_state_dict_of_another_shape():
+    hf_state = to_hf_state_dict(LlamaModel(config("qwen2-bias-tied")))
+    with pytest.raises(InputError, match="unexpected .*q_proj.bias"):
+        load_hf_state_dict(LlamaModel(config("llama-gqa", tie_word_embeddings=True)), hf_state)
+    with pytest.raises(InputError, match="missing .*lm_head.weight"):
+        load_hf_state_dict(LlamaModel(config("qwen2-bias-tied", tie_word_embeddings=False,
+                                             family="qwen2")), hf_state)
+
+
+def test_meta_build_and_seeded_init_are_deterministic():
+    cfg = config("qwen2-bias-tied")
+    with torch.device("meta"):
+        meta_built = LlamaModel(cfg)
+    with pytest.raises(RuntimeError, match="to_empty"):
+        meta_built.init_weights(seed=5)
+    meta_built.to_empty(device="cpu")
+    meta_built.init_weights(seed=5)
+    direct = LlamaModel(cfg)
+    direct.init_weights(seed=5)
+    other_seed = LlamaModel(cfg)
+    other_seed.init_weights(seed=6)
+    deeper = LlamaModel(config("qwen2-bias-tied", num_layers=3))
+    deeper.init_weights(seed=5)
+    for name, tensor in direct.state_dict().items():
+        assert torch.equal(meta_built.state_dict()[name], tensor), name
+        if name.startswith("layers.0.") and name.endswith("proj.weight"):
+            assert not torch.equal(other_seed.state_dict()[name], tensor), name
+    # A weight depends on the seed and its own name only: layers stay the same however many
+    # others the model (or a pipeline stage) holds.
+    assert torch.equal(deeper.state_dict()["layers.1.attn.wq.weight"],
+                       direct.state_dict()["layers.1.attn.wq.weight"])
+    assert direct.state_dict()["layers.0.attn.wq.bias"].abs().sum() == 0
+    assert torch.equal(direct.state_dict()["norm.weight"], torch.ones(cfg.hidden_size))
+    std = direct.state_dict()["layers.0.mlp.w_up.weight"].std().item()
+    assert abs(std - cfg.init_std) < 0.002
+
+
+def test_init_ignores_wrappers():
+    from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import checkpoint_wrapper
+
+    cfg = config("llama-gqa")
+    plain, wrapped = LlamaModel(cfg), LlamaModel(cfg)
+    wrapped.layers["1"] = checkpoint_wrapper(wrapped.layers["1"])
+    plain.init_weights(seed=2)
+    wrapped.init_weights(seed=2)
+    ids = batch(cfg.vocab_size)
+    with torch.no_grad():
+        assert torch.equal(plain(ids), wrapped(ids))
+
+
+def test_position_ids_and_hidden_path():
+    cfg = config("llama-gqa")
+    model = LlamaModel(cfg)
+    model.init_weights(seed=1)
+    ids = batch(cfg.vocab_size)
+    with torch.no_grad():
+        logits = model(ids)
+        shifted = model(ids, position_ids=torch.arange(10, 10 + SEQ)[None])
+        hidden = model.forward_hidden(ids)
+    assert logits.shape == (2, SEQ, cfg.vocab_size)
+    assert torch.equal(model.logits(hidden), logits)
+    assert not torch.allclose(shifted, logits)
+
+
+def test_config_errors_are_clear():
+    with pytest.raises(ValidationError, match="dropout") as err:
+        ModelConfig(**BASE, dropout=0.1)
+    assert "Extra inputs are not permitted" in str(err.value)
+    with pytest.raises(ValidationError, match="multiple of num_kv_heads"):
+        ModelConfig(**{**BASE, "num_kv_heads": 3})
+    with pytest.raises(ValidationError, match="not divisible by num_heads"):
+        ModelConfig(**{**BASE, "hidden_size": 66})
+    with pytest.raises(ValidationError, match="only qwen2 has q/k/v biases"):
+        ModelConfig(**BASE, qkv_bias=True)
+    with pytest.raises(ValidationError, match="rope_scaling.yarn.original_max_position_emb"):
+        ModelConfig(**BASE, rope_scaling={"type": "yarn", "factor": 2.0})
+    with pytest.raises(ValidationError, match="rope_scaling.linear.beta_fast"):
+        ModelConfig(**BASE, rope_scaling={"type": "linear", "factor": 2.0, "beta_fast": 4})
+
+
+def test_from_hf_errors_name_the_problem():
+    hf = config("llama-gqa").to_hf()
+    with pytest.raises(InputError, match=r"unsupported HF architecture 'GPT2LMHeadModel' "
+                                         r"\(supported: Llama, Mistral, Qwen2\)"):
+        ModelConfig.from_hf({**hf, "architectures": ["GPT2LMHeadModel"], "model_type": "gpt2"})
+    with pytest.raises(InputError, match="sliding-window"):
+        ModelConfig.from_hf({**config("mistral-head-dim-32").to_hf(), "sliding_window": 16})
+    with pytest.raises(InputError, match="attention_bias"):
+        ModelConfig.from_hf({**hf, "attention_bias": True})
+    with pytest.raises(InputError, match="unsupported RoPE type 'longrope'"):
+        ModelConfig.from_hf({**hf, "rope_scaling": {"rope_type": "longrope", "factor": 2.0}})
+    with pytest.raises(InputError, match="lacks vocab_size"):
+        ModelConfig.from_hf({k: v for k, v in hf.items() if k != "vocab_size"})
+
+
+def test_unavailable_backend_says_what_to_install():
+    try:
+        import flash_attn  # noqa: F401
+        pytest.skip("flash-attn is installed here")
+    except ImportError:
+        pass
+    with pytest.raises(SpecError, match=r"needs the flash-attn package \(pip install \.\[gpu\]\)"):
+        LlamaModel(config("llama-gqa", attention_backend="flash_attn"))
+
+
+@pytest.fixture(scope="module")
+def stories260k():
+    if not (TINY_LLAMA / "hf" / "model.safetensors").exists():
+        pytest.skip(f"stories260K test material not found under {TINY_LLAMA}")
+    from safetensors.torch import load_file
+
+    hf_dir = TINY_LLAMA / "hf"
+    model = LlamaModel(ModelConfig.from_hf(json.loads((hf_dir / "config.json").read_text())))
+    load_hf_state_dict(model, load_file(hf_dir / "model.safetensors"))
+    reference = json.loads((TINY_LLAMA / "reference_outputs.json").read_text())
+    return model.eval(), hf_dir, reference
+
+
+def test_stories260k_logits_match_hf(stories260k):
+    model, hf_dir, reference = stories260k
+    hf = transformers.AutoModelForCausalLM.from_pretrained(hf_dir, dtype=torch.float32).eval()
+    ids = torch.tensor([reference["greedy_from_bos"]["ids"]])  # 257 real tokens
+    with torch.no_grad():
+        diff = (model(ids) - hf(ids, use_cache=False).logits).abs().max().item()
+    assert diff <= 1e-5
+
+
+def test_stories260k_greedy_and_nll_match_llama2c(stories260k):
+    model, _, reference = stories260k
+    greedy = reference["greedy_from_bos"]
+    out = generate_greedy(model, torch.tensor([greedy["prompt_ids"]]), greedy["max_new_tokens"])
+    assert out[0].tolist() == greedy["ids"]
+    ids = torch.tensor([reference["nll_example"]["ids_with_bos"]])
+    with torch.no_grad():
+        logprobs = model(ids)[0, :-1].double().log_softmax(-1)
+    nll = -logprobs.gather(-1, ids[0, 1:, None]).mean().item()
+    assert nll == pytest.approx(reference["nll_example"]["mean_nll_nats"], abs=1e-5)
