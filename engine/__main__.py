@@ -15,7 +15,7 @@ from typing import Any
 from pydantic.fields import FieldInfo
 
 from engine.registry import STAGES, get_stage
-from engine.errors import LmforgeError
+from engine.errors import LmforgeError, Preempted
 from engine.spec import load_spec
 
 
@@ -71,10 +71,14 @@ def main(argv: list[str] | None = None) -> int:
     except LmforgeError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
+    except Preempted as exc:
+        print(f"stopped: {exc}; run the same command again to resume", file=sys.stderr)
+        return Preempted.exit_code
     except KeyboardInterrupt:
         print("interrupted: no output was left under its final name", file=sys.stderr)
         return 130
-    print(manifest.model_dump_json(indent=2))
+    if manifest is not None:  # ranks other than 0 of a distributed stage return None
+        print(manifest.model_dump_json(indent=2))
     return 0
 
 

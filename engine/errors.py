@@ -12,3 +12,10 @@ class SpecError(LmforgeError, ValueError):
 
 class InputError(LmforgeError, ValueError):
     """An input file (corpus, dataset, tokenizer, checkpoint) that cannot be used."""
+
+
+class Preempted(Exception):
+    """The job was asked to stop (SIGTERM/SIGUSR2: preemption or time limit) and saved a
+    checkpoint; running the same command again resumes from it."""
+
+    exit_code = 75  # EX_TEMPFAIL: try again

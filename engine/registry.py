@@ -16,6 +16,9 @@ STAGES: dict[str, str] = {
     "train-tokenizer": "engine.data.train_tokenizer",
     "tokenize": "engine.data.tokenize",
     "merge": "engine.data.merge",
+    "convert": "engine.convert.stage",
+    "pretrain": "engine.train.pretrain",
+    "finetune": "engine.train.finetune",
 }
 
 

@@ -4,12 +4,17 @@ project at run time) and small helpers."""
 from __future__ import annotations
 
 import json
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
 
 REPO = Path(__file__).resolve().parents[1]
 SHARED_DATA = REPO.parent / "shared" / "data"
+TESTCLUSTER = REPO / "cluster" / "testcluster"
+START_TIMEOUT_S = 900  # a cold start installs packages (~20 s on a CI-class machine)
 
 
 def shared(*parts: str) -> Path:
@@ -35,3 +40,50 @@ def write_jsonl(tmp_path):
                 f.write(line + b"\n")
         return path
     return write
+
+
+def _in_ci() -> bool:
+    return os.environ.get("CI", "").strip().lower() not in ("", "0", "false", "no")
+
+
+def _unavailable(reason: str) -> None:
+    if _in_ci():
+        pytest.fail(f"Slurm test cluster unavailable, and CI is set: {reason}", pytrace=False)
+    pytest.skip(reason)
+
+
+@pytest.fixture(scope="session")
+def slurm_cluster():
+    """Start (or reuse) the real Slurm test cluster (cluster/testcluster/start.sh); yield
+    {"SLURM_CONF": ..., "run_dir": ...}. Without root or apt the tests skip, except under CI,
+    where that is a failure. A cluster this session started is stopped when the session ends."""
+    if not sys.platform.startswith("linux") or os.geteuid() != 0:
+        _unavailable("the Slurm test cluster needs root on Linux (it installs and starts daemons)")
+    run_dir = Path(os.environ.get("LMFORGE_TESTCLUSTER_DIR", "/tmp/lmforge-testcluster"))
+    was_up = (run_dir / "pids").is_file()
+    try:
+        proc = subprocess.run(
+            ["bash", str(TESTCLUSTER / "start.sh")],
+            capture_output=True, text=True, timeout=START_TIMEOUT_S,
+        )
+    except subprocess.TimeoutExpired as e:
+        pytest.fail(f"start.sh took over {START_TIMEOUT_S}s:\n{e.stderr}", pytrace=False)
+    if proc.returncode == 2:
+        _unavailable(f"start.sh: not root\n{proc.stderr[-2000:]}")
+    if proc.returncode == 3:
+        _unavailable(f"start.sh could not install Slurm with apt:\n{proc.stderr[-3000:]}")
+    if proc.returncode != 0:
+        pytest.fail(f"start.sh failed (status {proc.returncode}):\n{proc.stderr[-6000:]}", pytrace=False)
+    env = dict(line.split("=", 1) for line in proc.stdout.splitlines() if line.startswith("SLURM_CONF="))
+    assert env, f"start.sh printed no SLURM_CONF:\n{proc.stdout}"
+    old = os.environ.get("SLURM_CONF")
+    os.environ["SLURM_CONF"] = env["SLURM_CONF"]  # sbatch, sacct, scancel (and jobs) read it
+    try:
+        yield {"SLURM_CONF": env["SLURM_CONF"], "run_dir": Path(env["SLURM_CONF"]).parents[1]}
+    finally:
+        if old is None:
+            os.environ.pop("SLURM_CONF", None)
+        else:
+            os.environ["SLURM_CONF"] = old
+        if not was_up:
+            subprocess.run(["bash", str(TESTCLUSTER / "stop.sh")], capture_output=True, timeout=120)

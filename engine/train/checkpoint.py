@@ -18,6 +18,7 @@ import json
 import logging
 import random
 import shutil
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -25,6 +26,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
+from torch.distributed.checkpoint.api import CheckpointException
 from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model_state_dict,
                                                      get_optimizer_state_dict, set_model_state_dict,
                                                      set_optimizer_state_dict)
@@ -121,7 +123,9 @@ def save_checkpoint(root: str | Path, iteration: int, model: torch.nn.Module,
     state: dict[str, Any] = {"model": get_model_state_dict(model)}
     if optimizer is not None:
         state["optim"] = get_optimizer_state_dict(model, optimizer)
-    dcp.save(state, checkpoint_id=str(tmp))
+    with warnings.catch_warnings():  # single-process saves are intended, not a mistake
+        warnings.filterwarnings("ignore", message="torch.distributed is disabled")
+        dcp.save(state, checkpoint_id=str(tmp))
     torch.save(_rng_state(), tmp / "rng" / f"rank_{_rank():05d}.pt")
     _barrier()
     if _rank() == 0:
@@ -160,9 +164,12 @@ def load_checkpoint(path: str | Path, model: torch.nn.Module,
             raise InputError(f"{path}: checkpoint holds no optimizer state")
         state["optim"] = get_optimizer_state_dict(model, optimizer)
     try:
-        dcp.load(state, checkpoint_id=str(path))
-    except Exception as exc:  # DCP reports shape/key mismatches as CheckpointException
-        raise InputError(f"{path}: checkpoint does not fit the model: {exc}") from None
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message="torch.distributed is disabled")
+            dcp.load(state, checkpoint_id=str(path))
+    except (Exception, CheckpointException) as exc:  # CheckpointException is a BaseException
+        reason = [line for line in str(exc).splitlines() if line.strip()][-1]
+        raise InputError(f"{path}: checkpoint does not fit the model: {reason}") from None
     set_model_state_dict(model, state["model"], options=StateDictOptions(strict=True))
     if optimizer is not None:
         set_optimizer_state_dict(model, optimizer, state["optim"])

@@ -1,0 +1,41 @@
+"""Data parallelism over every rank of the job: DDP (replicated optimizer; fastest for small
+models) or FSDP2 `fully_shard` per block (ZeRO-3 style sharding of parameters, gradients and
+optimizer state: Megatron's distributed optimizer and more)."""
+
+from __future__ import annotations
+
+from typing import Literal
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+DataParallel = Literal["ddp", "fsdp"]
+
+
+def wrap(model: nn.Module, mode: DataParallel, device: torch.device) -> nn.Module:
+    """Wrap for data parallelism; a single process gets the model back unchanged."""
+    if not dist.is_initialized() or dist.get_world_size() == 1:
+        return model
+    if mode == "fsdp":
+        from torch.distributed.fsdp import fully_shard
+
+        for block in model.layers.values():
+            fully_shard(block)
+        fully_shard(model)
+        return model
+    from torch.nn.parallel import DistributedDataParallel
+
+    return DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
+
+
+def unwrap(model: nn.Module) -> nn.Module:
+    return getattr(model, "module", model)
+
+
+def set_gradient_sync(model: nn.Module, enabled: bool) -> None:
+    """Reduce gradients across ranks only on the last micro-batch of an accumulation."""
+    if hasattr(model, "set_requires_gradient_sync"):  # FSDP2
+        model.set_requires_gradient_sync(enabled)
+    elif hasattr(model, "require_backward_grad_sync"):  # DDP's flag behind no_sync()
+        model.require_backward_grad_sync = enabled

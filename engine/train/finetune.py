@@ -1,0 +1,11 @@
+"""finetune: start from a checkpoint's weights with a fresh optimizer and iteration count."""
+
+from engine.manifest import Manifest
+from engine.train.loop import train
+from engine.train.spec import FinetuneSpec as Spec
+
+KIND = "checkpoint"
+
+
+def run(spec: Spec) -> Manifest | None:
+    return train(spec, "finetune")

@@ -1,0 +1,328 @@
+"""The training loop shared by pretrain and finetune.
+
+Each optimizer step consumes one global batch: samples [it·G, (it+1)·G) of the train split, rank r
+taking micro-batches (a·W + r)·m … +m for accumulation step a. The loss is the sum of token losses
+over the global batch divided by its number of loss tokens, so 1 rank and W ranks compute the same
+step. The data position is a function of the iteration, which makes resume exact: model,
+optimizer, iteration and RNG come back from the checkpoint and nothing else is needed.
+
+One small all-reduce and host read per step carries two flags to every rank at once: "the
+gradient is not finite" (skip the step) and "a stop signal arrived" (save and exit).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import math
+import signal
+import threading
+import time
+from pathlib import Path
+from typing import Any, Iterator
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from engine.data.merge import dataset_manifest
+from engine.data.samples import build_samples, parse_blend
+from engine.errors import InputError, LmforgeError, Preempted
+from engine.manifest import Manifest, fingerprint, read_manifest, sha256_file, write_manifest
+from engine.metrics import MetricsSink
+from engine.model.config import ModelConfig
+from engine.model.llama import LlamaModel
+from engine.parallel import distributed
+from engine.parallel.data_parallel import set_gradient_sync, unwrap, wrap
+from engine.train import checkpoint as ckpt
+from engine.train.flops import flops_per_token, peak_flops
+from engine.train.spec import TrainSpec
+
+log = logging.getLogger(__name__)
+_AUTOCAST = {"bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+class NonFiniteLoss(LmforgeError):
+    """Training diverged: too many steps in a row with a non-finite loss or gradient."""
+
+
+class _StopSignal:
+    """Remembers SIGTERM / SIGUSR2 (preemption, time limit) until the step ends."""
+
+    def __init__(self) -> None:
+        self.received: int | None = None
+        self._old: dict[int, Any] = {}
+
+    def __enter__(self) -> "_StopSignal":
+        if threading.current_thread() is threading.main_thread():
+            for sig in (signal.SIGTERM, signal.SIGUSR2):
+                self._old[sig] = signal.signal(sig, self._handle)
+        return self
+
+    def _handle(self, signum, frame) -> None:
+        self.received = signum
+        log.warning("received %s: will save a checkpoint after this step and stop",
+                    signal.Signals(signum).name)
+
+    def __exit__(self, *exc) -> None:
+        for sig, handler in self._old.items():
+            signal.signal(sig, handler)
+
+
+def _resolve_model_config(spec: TrainSpec, start: Path | None) -> ModelConfig:
+    if start is None:
+        return spec.model
+    stored = ModelConfig.model_validate(ckpt.read_model_config(start))
+    if spec.model is not None and spec.model != stored:
+        raise InputError(f"{start}: checkpoint architecture differs from the spec's model: "
+                         f"{stored.model_dump()} vs {spec.model.model_dump()}")
+    return stored
+
+
+def _eod_id(spec: TrainSpec) -> int | None:
+    if not spec.data.eod_mask_loss:
+        return None
+    if spec.data.eod_id is not None:
+        return spec.data.eod_id
+    for _, prefix in parse_blend(spec.data.blend):
+        m = dataset_manifest(prefix)
+        if m and (m.summary.get("tokenizer") or {}).get("eod_id") is not None:
+            return int(m.summary["tokenizer"]["eod_id"])
+    raise InputError("data.eod_mask_loss needs data.eod_id: the datasets have no manifest naming it")
+
+
+def _optimizer(model: torch.nn.Module, spec: TrainSpec, device: torch.device) -> torch.optim.Optimizer:
+    decay, no_decay = [], []
+    for name, p in model.named_parameters():
+        (decay if p.ndim >= 2 and "embed" not in name else no_decay).append(p)
+    o = spec.optim
+    return torch.optim.AdamW([{"params": decay, "weight_decay": o.weight_decay},
+                              {"params": no_decay, "weight_decay": 0.0}],
+                             lr=o.lr, betas=(o.beta1, o.beta2), eps=o.eps,
+                             fused=device.type == "cuda")
+
+
+class Batches:
+    """Micro-batches of one rank, addressed by (iteration, accumulation step)."""
+
+    def __init__(self, samples, global_batch: int, micro_batch: int, rank: int, world: int,
+                 device: torch.device, eod_id: int | None) -> None:
+        self.samples, self.G, self.m, self.rank, self.world = samples, global_batch, micro_batch, rank, world
+        self.device, self.eod_id = device, eod_id
+        self.accum = global_batch // (micro_batch * world)
+
+    def micro(self, iteration: int, step: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        first = iteration * self.G + (step * self.world + self.rank) * self.m
+        tokens = torch.from_numpy(np.stack([self.samples[i] for i in range(first, first + self.m)]))
+        if self.device.type == "cuda":
+            tokens = tokens.pin_memory()
+        tokens = tokens.to(self.device, non_blocking=True)
+        inputs, targets = tokens[:, :-1], tokens[:, 1:]
+        mask = (targets != self.eod_id) if self.eod_id is not None else torch.ones_like(targets, dtype=torch.bool)
+        return inputs, targets, mask
+
+    def iteration(self, it: int) -> Iterator[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
+        return (self.micro(it, a) for a in range(self.accum))
+
+
+def _loss_sum(model, inputs, targets, mask, precision: str) -> torch.Tensor:
+    ctx = (torch.autocast(inputs.device.type, dtype=_AUTOCAST[precision]) if precision in _AUTOCAST
+           else contextlib.nullcontext())
+    with ctx:
+        logits = model(inputs)
+    losses = F.cross_entropy(logits.float().flatten(0, 1), targets.flatten(), reduction="none")
+    return (losses * mask.flatten()).sum()
+
+
+@torch.no_grad()
+def evaluate(model, batches: Batches, iters: int, precision: str) -> tuple[float, int]:
+    """Mean token loss over `iters` validation global batches (all ranks), and tokens scored."""
+    model.eval()
+    total = torch.zeros(2, dtype=torch.float64, device=batches.device)
+    for it in range(iters):
+        for inputs, targets, mask in batches.iteration(it):
+            total[0] += _loss_sum(model, inputs, targets, mask, precision).double()
+            total[1] += mask.sum()
+    model.train()
+    distributed.all_reduce_sum(total)
+    loss_sum, count = total.tolist()
+    return loss_sum / max(count, 1), int(count)
+
+
+def train(spec: TrainSpec, stage: str) -> Manifest | None:
+    """Run training; rank 0 returns the manifest, other ranks None."""
+    env = distributed.setup(spec.device)
+    try:
+        return _train(spec, stage, env)
+    finally:
+        distributed.teardown()
+
+
+def _train(spec: TrainSpec, stage: str, env: distributed.Env) -> Manifest:
+    G, m, W = spec.global_batch_size, spec.micro_batch_size, env.world_size
+    if G % (m * W):
+        raise InputError(f"global_batch_size {G} is not a multiple of micro_batch_size {m} × "
+                         f"{W} data-parallel ranks")
+    save_dir = Path(spec.checkpoint.save)
+    resume = ckpt.latest_iteration(save_dir) is not None
+    start = ckpt.checkpoint_path(save_dir) if resume else (
+        ckpt.checkpoint_path(spec.load) if spec.load else None)
+    cfg = _resolve_model_config(spec, start)
+    eod_id = _eod_id(spec)
+
+    n_valid = spec.eval.iters * G if spec.eval.interval else 0
+    num = {"train": spec.iters * G, "valid": n_valid}
+    if env.is_main:  # rank 0 builds the cached sample indices, the others then read them
+        sets = build_samples(spec.data.blend, spec.data.split, spec.data.seq_length, num, spec.seed,
+                             spec.data.cache_dir)
+    distributed.barrier()
+    if not env.is_main:
+        sets = build_samples(spec.data.blend, spec.data.split, spec.data.seq_length, num, spec.seed,
+                             spec.data.cache_dir)
+    train_batches = Batches(sets["train"], G, m, env.rank, W, env.device, eod_id)
+    valid_batches = Batches(sets["valid"], G, m, env.rank, W, env.device, eod_id) if n_valid else None
+
+    torch.manual_seed(spec.seed)
+    with torch.device("meta"):
+        model = LlamaModel(cfg)
+    n_params = sum(p.numel() for p in model.parameters())
+    model.to_empty(device=env.device)
+    model.init_weights(spec.seed)
+    model = wrap(model, spec.data_parallel, env.device)
+    optimizer = _optimizer(model, spec, env.device)
+    scaler = torch.amp.GradScaler(env.device.type) if spec.precision == "fp16" else None
+
+    iteration = 0
+    if start is not None:
+        keep_optimizer = resume or stage == "pretrain"
+        meta = ckpt.load_checkpoint(start, model, optimizer if keep_optimizer else None,
+                                    restore_rng=keep_optimizer)
+        if keep_optimizer:
+            iteration = int(meta["iteration"])
+        log.info("%s from %s (iteration %d)", "resumed" if resume else "started", start, iteration)
+
+    sink = MetricsSink(spec.metrics_file or save_dir / "metrics.jsonl", enabled=env.is_main)
+    if iteration == 0:
+        sink.log_params({"stage": stage, **spec.model_dump(mode="json", exclude={"model"}),
+                         "model": cfg.model_dump(mode="json"), "world_size": W})
+    tokens_per_iter = G * spec.data.seq_length
+    flops_tok = flops_per_token(cfg, spec.data.seq_length)
+    peak = peak_flops(env.device)
+    meta_common = {"spec": spec.model_dump(mode="json"), "stage": stage}
+
+    def save(it: int) -> Path:
+        return ckpt.save_checkpoint(save_dir, it, model, optimizer,
+                                    {**meta_common, "consumed_samples": it * G},
+                                    cfg.model_dump(mode="json"), spec.checkpoint.keep_last)
+
+    log.info("training %s: %d iterations of %d samples × %d tokens on %d rank(s), %s, %s",
+             stage, spec.iters, G, spec.data.seq_length, W, env.device, spec.precision)
+    nan_skips = 0
+    last: dict[str, float] = {}
+    window_loss = torch.zeros((), dtype=torch.float64, device=env.device)
+    window_steps, window_start = 0, time.perf_counter()
+    if env.device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(env.device)
+    model.train()
+    with _StopSignal() as stop:
+        while iteration < spec.iters:
+            lr = spec.optim.at(iteration, spec.iters)
+            for group in optimizer.param_groups:
+                group["lr"] = lr
+            micro = list(train_batches.iteration(iteration))
+            count = torch.stack([mask.sum() for _, _, mask in micro]).sum().double()
+            distributed.all_reduce_sum(count)
+            step_loss = torch.zeros((), dtype=torch.float64, device=env.device)
+            for a, (inputs, targets, mask) in enumerate(micro):
+                set_gradient_sync(model, a == len(micro) - 1)
+                loss_sum = _loss_sum(model, inputs, targets, mask, spec.precision)
+                loss = loss_sum * W / count  # DP averages gradients over W ranks
+                (scaler.scale(loss) if scaler else loss).backward()
+                step_loss += loss_sum.detach().double()
+            if scaler:
+                scaler.unscale_(optimizer)
+            grad_norm = torch.nn.utils.clip_grad_norm_(
+                model.parameters(), spec.optim.clip_grad or float("inf"), foreach=True)
+            grad_norm = grad_norm.full_tensor() if hasattr(grad_norm, "full_tensor") else grad_norm
+            distributed.all_reduce_sum(step_loss)
+            bad = ~(torch.isfinite(step_loss) & torch.isfinite(grad_norm))
+            flags = torch.stack([bad.float() if not scaler else torch.zeros((), device=env.device),
+                                 torch.tensor(float(stop.received is not None), device=env.device)])
+            distributed.all_reduce_sum(flags)
+            nonfinite, stopping = (bool(v) for v in flags.tolist())
+            if nonfinite:
+                nan_skips += 1
+                optimizer.zero_grad(set_to_none=True)
+                log.warning("iteration %d: non-finite loss or gradient, step skipped (%d/%d)",
+                            iteration + 1, nan_skips, spec.max_nan_skips)
+                if nan_skips > spec.max_nan_skips:
+                    latest = ckpt.latest_iteration(save_dir)
+                    raise NonFiniteLoss(
+                        f"loss or gradient non-finite in {nan_skips} consecutive steps at "
+                        f"iteration {iteration + 1}; stopping. Last good checkpoint: "
+                        f"{ckpt.iter_dir(save_dir, latest) if latest is not None else 'none'}")
+                continue
+            nan_skips = 0
+            if scaler:
+                scaler.step(optimizer)
+                scaler.update()
+            else:
+                optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+            iteration += 1
+            window_loss += step_loss / count
+            window_steps += 1
+
+            if iteration % spec.log_interval == 0 or iteration == spec.iters:
+                if env.device.type == "cuda":
+                    torch.cuda.synchronize(env.device)
+                elapsed = time.perf_counter() - window_start
+                tps = window_steps * tokens_per_iter / elapsed
+                last = {"loss": window_loss.item() / window_steps, "lr": lr,
+                        "grad_norm": float(grad_norm), "tokens_per_s": tps,
+                        "tflops_per_gpu": tps * flops_tok / W / 1e12}
+                if peak:
+                    last["mfu"] = tps * flops_tok / W / peak
+                if env.device.type == "cuda":
+                    last["peak_memory_gib"] = torch.cuda.max_memory_allocated(env.device) / 2**30
+                sink.log_metrics(last, iteration)
+                log.info("iter %d/%d | %s", iteration, spec.iters,
+                         " | ".join(f"{k} {v:.4g}" for k, v in last.items()))
+                window_loss.zero_()
+                window_steps, window_start = 0, time.perf_counter()
+            paused = time.perf_counter()  # evaluation and saving do not count against throughput
+            if valid_batches and (iteration % spec.eval.interval == 0 or iteration == spec.iters):
+                vloss, _ = evaluate(model, valid_batches, spec.eval.iters, spec.precision)
+                last.update(valid_loss=vloss, valid_ppl=math.exp(min(vloss, 50)))
+                sink.log_metrics({"valid_loss": vloss, "valid_ppl": last["valid_ppl"]}, iteration)
+                log.info("iter %d | valid loss %.4f | valid ppl %.3f", iteration, vloss, last["valid_ppl"])
+            interval = spec.checkpoint.interval
+            if stopping:
+                save(iteration)
+                raise Preempted(f"signal received at iteration {iteration}; checkpoint saved")
+            if interval and iteration % interval == 0 and iteration != spec.iters:
+                save(iteration)
+            window_start += time.perf_counter() - paused
+    final = save(iteration)
+    return _manifest(spec, stage, final, last, iteration, n_params, start) if env.is_main else None
+
+
+def _manifest(spec: TrainSpec, stage: str, final: Path, last: dict, iteration: int,
+              n_params: int, start: Path | None) -> Manifest:
+    inputs = {}
+    for _, prefix in parse_blend(spec.data.blend):
+        m = dataset_manifest(prefix)
+        inputs[prefix] = m.fingerprint if m else sha256_file(f"{prefix}.idx").sha256
+    if start is not None and spec.load:
+        loaded = read_manifest(Path(spec.load))
+        inputs["load"] = loaded.fingerprint if loaded else str(start)
+    files = {str(p.relative_to(final.parent)): sha256_file(p)
+             for p in sorted(final.rglob("*")) if p.is_file()}
+    summary = {"iterations": iteration, "latest": final.name,
+               "tokens": iteration * spec.global_batch_size * spec.data.seq_length,
+               "parameters": n_params, **{k: round(v, 6) for k, v in last.items()}}
+    manifest = Manifest(kind="checkpoint", stage=stage, spec=spec.model_dump(mode="json"),
+                        inputs=inputs, fingerprint=fingerprint(stage, spec.fingerprint_fields(), inputs),
+                        summary=summary, files=files)
+    write_manifest(final.parent, manifest)
+    return manifest

@@ -1,0 +1,91 @@
+"""The typed spec of the training stages (pretrain, finetune): one pydantic model, sections as
+in a Megatron command line, validated before any job is queued."""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+from engine.model.config import ModelConfig
+from engine.parallel.data_parallel import DataParallel
+from engine.spec import StageSpec
+from engine.train.schedule import LRSchedule
+
+_NOT_OUTPUT = {"affects_output": False}
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class DataSection(_Section):
+    blend: list[str] = Field(min_length=1, description="dataset prefixes, optionally weighted: "
+                             "['0.3', 'A', '0.7', 'B'] (Megatron's form) or ['A']")
+    split: str = Field("969,30,1", description="train,valid,test weights over documents")
+    seq_length: int = Field(gt=0)
+    eod_id: int | None = Field(None, description="EOD token id; default: from the dataset manifest")
+    eod_mask_loss: bool = Field(False, description="positions whose target is EOD carry no loss")
+    cache_dir: str | None = Field(None, description="where sample indices go if the data folder "
+                                  "is read-only", json_schema_extra=_NOT_OUTPUT)
+
+
+class OptimSection(LRSchedule):
+    weight_decay: float = Field(0.1, ge=0, description="applied to matrices, not norms or biases")
+    beta1: float = Field(0.9, ge=0, lt=1)
+    beta2: float = Field(0.95, ge=0, lt=1)
+    eps: float = Field(1e-8, gt=0)
+    clip_grad: float | None = Field(1.0, gt=0, description="max global gradient norm; None: off")
+
+
+class CheckpointSection(_Section):
+    save: str = Field(description="checkpoint folder: the stage's output, resumed from if it "
+                      "holds checkpoints", json_schema_extra=_NOT_OUTPUT)
+    interval: int | None = Field(None, ge=1, description="save every N iterations (and at the end)")
+    keep_last: int | None = Field(2, ge=1, description="checkpoints kept; None: all")
+
+
+class EvalSection(_Section):
+    interval: int | None = Field(None, ge=1, description="validate every N iterations (and at the end)")
+    iters: int = Field(2, ge=1, description="validation batches per evaluation")
+
+
+class TrainSpec(StageSpec):
+    model: ModelConfig | None = Field(None, description="architecture (None: the loaded checkpoint's)")
+    load: str | None = Field(None, description="checkpoint or iter_* folder to start from")
+    data: DataSection
+    optim: OptimSection = OptimSection()
+    checkpoint: CheckpointSection
+    eval: EvalSection = EvalSection()
+    iters: int = Field(gt=0, description="training iterations (optimizer steps)")
+    micro_batch_size: int = Field(1, gt=0)
+    global_batch_size: int = Field(gt=0, description="samples per optimizer step, all ranks")
+    precision: Literal["bf16", "fp16", "fp32"] = Field(
+        "bf16", description="bf16/fp16: autocast over fp32 master weights and optimizer state")
+    seed: int = 1234
+    data_parallel: DataParallel = Field("ddp", description="ddp, or fsdp (sharded, ZeRO-3 style)")
+    device: Literal["auto", "cpu", "cuda"] = Field("auto", json_schema_extra=_NOT_OUTPUT)
+    log_interval: int = Field(10, ge=1, json_schema_extra=_NOT_OUTPUT)
+    max_nan_skips: int = Field(3, ge=0, description="non-finite steps skipped before stopping")
+    metrics_file: str | None = Field(None, description="JSON-lines metrics; default <save>/metrics.jsonl",
+                                     json_schema_extra=_NOT_OUTPUT)
+
+    @model_validator(mode="after")
+    def _source(self) -> "TrainSpec":
+        if self.model is None and self.load is None:
+            raise ValueError("give the architecture (model) or a checkpoint to start from (load)")
+        return self
+
+
+class PretrainSpec(TrainSpec):
+    """Train from scratch (or continue from `load` with its optimizer and iteration count)."""
+
+
+class FinetuneSpec(TrainSpec):
+    """Start from the weights of `load`, with a fresh optimizer and iteration count."""
+
+    @model_validator(mode="after")
+    def _needs_load(self) -> "FinetuneSpec":
+        if self.load is None:
+            raise ValueError("finetune needs load: the checkpoint to start from")
+        return self
