@@ -188,6 +188,9 @@ def _train(spec: TrainSpec, stage: str, env: distributed.Env) -> Manifest:
     n_params = sum(p.numel() for p in model.parameters())
     model.to_empty(device=env.device)
     model.init_weights(spec.seed)
+    if spec.compile:
+        for block in model.layers.values():
+            block.compile()
     model = wrap(model, spec.data_parallel, env.device)
     optimizer = _optimizer(model, spec, env.device)
     scaler = torch.amp.GradScaler(env.device.type) if spec.precision == "fp16" else None

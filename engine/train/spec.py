@@ -64,6 +64,8 @@ class TrainSpec(StageSpec):
         "bf16", description="bf16/fp16: autocast over fp32 master weights and optimizer state")
     seed: int = 1234
     data_parallel: DataParallel = Field("ddp", description="ddp, or fsdp (sharded, ZeRO-3 style)")
+    compile: bool = Field(False, description="torch.compile each transformer block",
+                          json_schema_extra=_NOT_OUTPUT)
     device: Literal["auto", "cpu", "cuda"] = Field("auto", json_schema_extra=_NOT_OUTPUT)
     log_interval: int = Field(10, ge=1, json_schema_extra=_NOT_OUTPUT)
     max_nan_skips: int = Field(3, ge=0, description="non-finite steps skipped before stopping")

@@ -1,0 +1,133 @@
+"""Training-step throughput: the engine's model and loss vs Hugging Face transformers'
+LlamaForCausalLM, same shape, same numerics, same fused AdamW, in one run.
+
+    python bench/train_step.py --shape tinyllama-1.1b --seq 4096 --micro-batch 4
+
+Numerics: `autocast` = bf16 autocast over fp32 weights and optimizer state (what users train
+with); `bf16` = pure bf16 weights. MFU = (6·N + 12·L·h·s)·tokens/s / peak, N = non-embedding
+parameters + LM head (engine/train/flops.py); peak from the GPU's name.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import gc
+import sys
+import time
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from engine.model import LlamaModel, ModelConfig  # noqa: E402
+from engine.train.flops import flops_per_token, peak_flops  # noqa: E402
+
+SHAPES = {
+    "tinyllama-1.1b": dict(vocab_size=32000, hidden_size=2048, intermediate_size=5632, num_layers=22,
+                           num_heads=32, num_kv_heads=4),
+    "llama-3b": dict(vocab_size=32000, hidden_size=3200, intermediate_size=8640, num_layers=26,
+                     num_heads=32, num_kv_heads=32),
+}
+
+
+def build(impl: str, cfg: ModelConfig, numerics: str, compile_blocks: bool, device):
+    dtype = torch.bfloat16 if numerics == "bf16" else torch.float32
+    if impl == "ours":
+        with torch.device("meta"):
+            model = LlamaModel(cfg)
+        model.to_empty(device=device)
+        model.init_weights(0)
+        model.to(dtype)
+        if compile_blocks:
+            for block in model.layers.values():
+                block.compile()
+
+        def loss_fn(tokens):
+            logits = model(tokens[:, :-1])
+            return F.cross_entropy(logits.float().flatten(0, 1), tokens[:, 1:].flatten())
+    else:
+        from transformers import LlamaConfig, LlamaForCausalLM
+
+        hf_cfg = LlamaConfig(**cfg.to_hf(), attn_implementation="sdpa")
+        with torch.device(device):
+            model = LlamaForCausalLM(hf_cfg).to(dtype)
+        if compile_blocks:
+            for layer in model.model.layers:
+                layer.compile()
+
+        def loss_fn(tokens):
+            return model(input_ids=tokens[:, :-1], labels=tokens[:, :-1]).loss
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=True)
+    return model, opt, loss_fn
+
+
+def measure(impl, cfg, numerics, compile_blocks, seq, mb, steps, warmup, device):
+    torch.manual_seed(0)
+    model, opt, loss_fn = build(impl, cfg, numerics, compile_blocks, device)
+    tokens = torch.randint(0, cfg.vocab_size, (mb, seq + 1), device=device)
+    ctx = torch.autocast("cuda", dtype=torch.bfloat16) if numerics == "autocast" else contextlib.nullcontext()
+    torch.cuda.reset_peak_memory_stats()
+    times, losses = [], []
+    for i in range(warmup + steps):
+        torch.cuda.synchronize()
+        t = time.perf_counter()
+        with ctx:
+            loss = loss_fn(tokens)
+        loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        torch.cuda.synchronize()
+        if i >= warmup:
+            times.append(time.perf_counter() - t)
+            losses.append(loss.item())
+    step = sorted(times)[len(times) // 2]
+    tps = mb * seq / step
+    flops = flops_per_token(cfg, seq) * tps
+    peak = peak_flops(torch.device(device))
+    result = dict(impl=impl, numerics=numerics, compile=compile_blocks, seq=seq, mb=mb,
+                  tokens_per_s=tps, tflops=flops / 1e12, mfu=flops / peak if peak else float("nan"),
+                  peak_mem_gib=torch.cuda.max_memory_allocated() / 2**30, loss=losses[-1])
+    del model, opt
+    gc.collect()
+    torch.cuda.empty_cache()
+    return result
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--shape", choices=SHAPES, default="tinyllama-1.1b")
+    p.add_argument("--seq", type=int, nargs="+", default=[4096])
+    p.add_argument("--micro-batch", type=int, default=4)
+    p.add_argument("--impl", nargs="+", default=["hf", "ours"], choices=["hf", "ours"])
+    p.add_argument("--numerics", nargs="+", default=["autocast"], choices=["autocast", "bf16"])
+    p.add_argument("--compile", nargs="+", default=["off"], choices=["off", "on"])
+    p.add_argument("--steps", type=int, default=10)
+    p.add_argument("--warmup", type=int, default=3)
+    args = p.parse_args()
+    device = "cuda"
+    print(f"# {torch.cuda.get_device_name()} | torch {torch.__version__} | shape {args.shape} | "
+          f"micro-batch {args.micro_batch} | median of {args.steps} steps after {args.warmup} warm-up")
+    print("| impl | numerics | compile | seq | tokens/s | TFLOP/s | MFU | peak mem GiB | loss |")
+    print("|---|---|---|---|---|---|---|---|---|")
+    for seq in args.seq:
+        cfg = ModelConfig(**SHAPES[args.shape], max_position_embeddings=max(seq, 4096))
+        for numerics in args.numerics:
+            for comp in args.compile:
+                for impl in args.impl:
+                    try:
+                        r = measure(impl, cfg, numerics, comp == "on", seq, args.micro_batch,
+                                    args.steps, args.warmup, device)
+                    except torch.OutOfMemoryError:
+                        print(f"| {impl} | {numerics} | {comp} | {seq} | OOM | | | | |", flush=True)
+                        gc.collect()
+                        torch.cuda.empty_cache()
+                        continue
+                    print(f"| {impl} | {numerics} | {comp} | {seq} | {r['tokens_per_s']:,.0f} | "
+                          f"{r['tflops']:.1f} | {r['mfu']:.1%} | {r['peak_mem_gib']:.1f} | "
+                          f"{r['loss']:.3f} |", flush=True)
+
+
+if __name__ == "__main__":
+    main()
