@@ -1,4 +1,5 @@
-"""The one table of stages: name -> module holding `Spec` (a StageSpec) and `run(spec) -> Manifest`.
+"""The one table of stages: name -> module holding `Spec` (a StageSpec), `run(spec) -> Manifest`,
+`input_paths(spec) -> {name: path}` (what engine.lineage fingerprints) and `KIND`.
 
 The CLI, cluster/ and tasks/ all go through it, so a new stage is one engine module plus one line
 here. Modules are imported on first use so that listing stages never imports torch.
@@ -34,6 +35,13 @@ class Stage:
     @property
     def run(self) -> Callable:
         return self.module.run
+
+    def fingerprint(self, spec) -> tuple[str, dict[str, str]]:
+        """The fingerprint the stage's manifest will carry for `spec`, computed before running
+        it, and its input fingerprints (engine.lineage)."""
+        from engine.lineage import stage_fingerprint
+
+        return stage_fingerprint(self.name, spec, self.module.input_paths(spec))
 
     @property
     def doc(self) -> str:

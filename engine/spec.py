@@ -9,6 +9,7 @@ from typing import Any
 
 import yaml
 from pydantic import BaseModel, ConfigDict, ValidationError
+from pydantic_core import to_jsonable_python
 
 from engine.errors import SpecError
 
@@ -16,20 +17,27 @@ from engine.errors import SpecError
 class StageSpec(BaseModel):
     """Base of every stage spec: unknown fields are errors, values are validated on assignment.
 
-    A field declared with `json_schema_extra={"affects_output": False}` (worker counts, paths of
-    the output itself) is left out of the stage fingerprint.
+    Fields marked `json_schema_extra={"affects_output": False}` (worker counts, the output's own
+    path) and input paths marked `{"input": True}` (their content enters the fingerprint through
+    engine.lineage instead) are left out of the stage fingerprint.
     """
 
     model_config = ConfigDict(extra="forbid", validate_assignment=True, populate_by_name=True)
 
     def fingerprint_fields(self) -> dict[str, Any]:
-        """The spec's fields that change the output, as JSON-able data."""
-        data = self.model_dump(mode="json")
-        for name, field in type(self).model_fields.items():
-            extra = field.json_schema_extra
-            if isinstance(extra, dict) and extra.get("affects_output") is False:
-                data.pop(name, None)
-        return data
+        """The spec's fields that change the output, as JSON-able data (nested sections too)."""
+        return _output_fields(self)
+
+
+def _output_fields(model: BaseModel) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for name, field in type(model).model_fields.items():
+        extra = field.json_schema_extra
+        if isinstance(extra, dict) and (extra.get("affects_output") is False or extra.get("input")):
+            continue
+        value = getattr(model, name)
+        out[name] = _output_fields(value) if isinstance(value, BaseModel) else to_jsonable_python(value)
+    return out
 
 
 def _compose_with_lines(text: str, source: str) -> tuple[Any, dict[tuple, int]]:

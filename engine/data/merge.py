@@ -14,7 +14,8 @@ from pydantic import Field
 from engine.atomic import StagedFiles
 from engine.data.indexed import IndexedDataset, data_path, index_path, write_index
 from engine.errors import InputError
-from engine.manifest import FileEntry, Manifest, fingerprint, read_manifest, sha256_file, write_manifest
+from engine.lineage import artifact_manifest, stage_inputs
+from engine.manifest import FileEntry, Manifest, fingerprint, sha256_file, write_manifest
 from engine.spec import StageSpec
 
 log = logging.getLogger(__name__)
@@ -22,7 +23,8 @@ KIND = "dataset"
 
 
 class Spec(StageSpec):
-    input: list[str] = Field(min_length=1, description="dataset prefixes, or folders of .bin/.idx pairs")
+    input: list[str] = Field(min_length=1, description="dataset prefixes, or folders of .bin/.idx pairs",
+                             json_schema_extra={"input": True})
     output_prefix: str = Field(description="writes <prefix>.bin/.idx",
                                json_schema_extra={"affects_output": False})
 
@@ -42,20 +44,8 @@ def resolve_prefixes(inputs: list[str]) -> list[str]:
     return prefixes
 
 
-def dataset_manifest(prefix: str) -> Manifest | None:
-    """The manifest that lists this dataset: its own, or that of the tokenize run that wrote it
-    (`<p>.manifest.json` for `<p>_<key>_document`)."""
-    own = read_manifest(prefix)
-    if own is not None:
-        return own
-    path = Path(prefix)
-    stem, sep, _ = path.name.rpartition("_document")
-    if sep and "_" in stem:
-        base = path.with_name(stem.rsplit("_", 1)[0])
-        parent = read_manifest(base)
-        if parent is not None and f"{path.name}.bin" in parent.files:
-            return parent
-    return None
+def input_paths(spec: Spec) -> dict[str, str]:
+    return {f"input[{i}]": p for i, p in enumerate(resolve_prefixes(spec.input))}
 
 
 def _tokenizer_of(manifest: Manifest | None) -> dict | None:
@@ -69,7 +59,7 @@ def run(spec: Spec) -> Manifest:
     if len(dtypes) > 1:
         listing = ", ".join(f"{p} ({ds.dtype.name})" for p, ds in zip(prefixes, datasets))
         raise InputError(f"cannot merge datasets of different token dtypes: {listing}")
-    manifests = [dataset_manifest(p) for p in prefixes]
+    manifests = [artifact_manifest(p) for p in prefixes]
     tokenizers = {p: _tokenizer_of(m) for p, m in zip(prefixes, manifests)}
     known = {p: t for p, t in tokenizers.items() if t}
     if len({t["sha256"] for t in known.values()}) > 1:
@@ -100,8 +90,7 @@ def run(spec: Spec) -> Manifest:
             write_index(f, datasets[0].dtype, lengths, docs)
         staged.commit()
 
-    inputs = {f"{i}:{p}": (m.fingerprint if m else sha256_file(index_path(p)).sha256)
-              for i, (p, m) in enumerate(zip(prefixes, manifests))}
+    inputs = stage_inputs(input_paths(spec))
     summary = {"documents": int(len(docs) - 1), "sequences": int(len(lengths)),
                "tokens": int(lengths.sum(dtype=np.int64)), "dtype": datasets[0].dtype.name,
                "tokenizer": next(iter(known.values()), None),

@@ -70,6 +70,10 @@ class Spec(StageSpec):
     seed: int = Field(default=1234, description="RNG seed; same seed, same bytes")
 
 
+def input_paths(spec: Spec) -> dict[str, str]:
+    return {}  # generated from the seed alone
+
+
 def run(spec: Spec) -> Manifest:
     rng = random.Random(spec.seed)
     per_shard = -(-spec.documents // spec.shards)

@@ -37,16 +37,19 @@ log = logging.getLogger(__name__)
 KIND = "dataset"
 _SUFFIXES = (".jsonl", ".json", ".jsonl.gz", ".json.gz")
 _NOT_OUTPUT = {"affects_output": False}
+_INPUT = {"input": True}
 
 
 class Spec(StageSpec):
     """Flags follow Megatron-LM's tools/preprocess_data.py where they overlap."""
 
-    input: list[str] = Field(description="JSONL files (.jsonl, .jsonl.gz), folders or globs")
+    input: list[str] = Field(description="JSONL files (.jsonl, .jsonl.gz), folders or globs",
+                             json_schema_extra=_INPUT)
     output_prefix: str = Field(description="writes <prefix>_<key>_document.bin/.idx",
                                json_schema_extra=_NOT_OUTPUT)
     tokenizer: str = Field(description="SentencePiece .model, HF tokenizer.json, or HF folder",
-                           validation_alias=AliasChoices("tokenizer", "tokenizer_model"))
+                           validation_alias=AliasChoices("tokenizer", "tokenizer_model"),
+                           json_schema_extra=_INPUT)
     json_keys: list[str] = Field(default=["text"], min_length=1,
                                  description="JSON fields to tokenize, one dataset each")
     append_eod: bool = Field(default=False, description="append the tokenizer's EOD to each document")
@@ -66,6 +69,13 @@ class Spec(StageSpec):
         if not v:
             raise ValueError("at least one input is needed")
         return v
+
+
+def input_paths(spec: Spec) -> dict[str, Path]:
+    """The stage's inputs by name (see engine.lineage): each corpus file and the tokenizer file."""
+    paths: dict[str, Path] = {f"input[{i}]": p for i, p in enumerate(resolve_inputs(spec.input))}
+    paths["tokenizer"] = load_tokenizer(spec.tokenizer).path
+    return paths
 
 
 def output_files(prefix: str, key: str) -> tuple[Path, Path]:
@@ -300,8 +310,10 @@ def run(spec: Spec) -> Manifest:
         out_files[bin_path.name] = FileEntry(sha256=w.sha256.hexdigest(), bytes=bin_path.stat().st_size)
         out_files[idx_path.name] = sha256_file(idx_path)
         per_key[key] = {"documents": w.documents, "tokens": w.tokens}
-    inputs = {str(p): hashes[str(p)].hexdigest() for p in files}
+    # the raw files' sha256, computed while reading: what engine.lineage computes before a run
+    inputs = {f"input[{i}]": hashes[str(p)].hexdigest() for i, p in enumerate(files)}
     identity = tok.identity()
+    inputs["tokenizer"] = identity["sha256"]
     first = per_key[spec.json_keys[0]]
     summary = {"documents": first["documents"], "tokens": first["tokens"], "keys": per_key,
                "skipped_lines": len(skipped), "empty_documents": empty,
@@ -311,8 +323,7 @@ def run(spec: Spec) -> Manifest:
         summary["skipped_examples"] = skipped[:20]
     manifest = Manifest(
         kind=KIND, stage="tokenize", spec=spec.model_dump(mode="json"), inputs=inputs,
-        fingerprint=fingerprint("tokenize", spec.fingerprint_fields() | {"tokenizer": identity["sha256"]},
-                                inputs),
+        fingerprint=fingerprint("tokenize", spec.fingerprint_fields(), inputs),
         summary=summary, files=out_files)
     write_manifest(spec.output_prefix, manifest)
     log.info("wrote %d documents, %d tokens in %.1fs (%s skipped lines, %d empty documents)",

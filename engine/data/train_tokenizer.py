@@ -14,14 +14,16 @@ from pydantic import Field
 from engine.atomic import staged_dir
 from engine.data.tokenize import resolve_inputs
 from engine.errors import InputError
-from engine.manifest import Manifest, fingerprint, sha256_file, write_manifest
+from engine.lineage import stage_fingerprint
+from engine.manifest import Manifest, sha256_file, write_manifest
 from engine.spec import StageSpec
 
 KIND = "tokenizer"
 
 
 class Spec(StageSpec):
-    input: list[str] = Field(min_length=1, description="JSONL files, folders or globs")
+    input: list[str] = Field(min_length=1, description="JSONL files, folders or globs",
+                             json_schema_extra={"input": True})
     output: str = Field(description="output folder (tokenizer.model + manifest)",
                         json_schema_extra={"affects_output": False})
     json_key: str = Field(default="text", description="JSON field holding the text")
@@ -41,6 +43,10 @@ def _texts(files: list[Path], key: str) -> Iterator[str]:
                         raise InputError(f"{path}:{n}: not a JSON object with a string {key!r}") from None
 
 
+def input_paths(spec: Spec) -> dict[str, Path]:
+    return {f"input[{i}]": p for i, p in enumerate(resolve_inputs(spec.input))}
+
+
 def run(spec: Spec) -> Manifest:
     import sentencepiece as spm
 
@@ -56,10 +62,9 @@ def run(spec: Spec) -> Manifest:
         allow_whitespace_only_pieces=True)
     with staged_dir(spec.output) as tmp:
         (tmp / "tokenizer.model").write_bytes(model.getvalue())
-        inputs = {str(p): sha256_file(p).sha256 for p in files}
+        fp, inputs = stage_fingerprint("train-tokenizer", spec, input_paths(spec))
         manifest = Manifest(kind=KIND, stage="train-tokenizer", spec=spec.model_dump(mode="json"),
-                            inputs=inputs,
-                            fingerprint=fingerprint("train-tokenizer", spec.fingerprint_fields(), inputs),
+                            inputs=inputs, fingerprint=fp,
                             summary={"vocab_size": spec.vocab_size},
                             files={"tokenizer.model": sha256_file(tmp / "tokenizer.model")})
         write_manifest(tmp, manifest)

@@ -25,10 +25,10 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from engine.data.merge import dataset_manifest
 from engine.data.samples import build_samples, parse_blend
 from engine.errors import InputError, LmforgeError, Preempted
-from engine.manifest import Manifest, fingerprint, read_manifest, sha256_file, write_manifest
+from engine.lineage import artifact_manifest, stage_fingerprint
+from engine.manifest import Manifest, sha256_file, write_manifest
 from engine.metrics import MetricsSink
 from engine.model.config import ModelConfig
 from engine.model.llama import LlamaModel
@@ -69,6 +69,14 @@ class _StopSignal:
             signal.signal(sig, handler)
 
 
+def input_paths(spec: TrainSpec) -> dict[str, str]:
+    """The datasets of the blend and the checkpoint started from (see engine.lineage)."""
+    paths = {f"data[{i}]": prefix for i, (_, prefix) in enumerate(parse_blend(spec.data.blend))}
+    if spec.load:
+        paths["load"] = spec.load
+    return paths
+
+
 def _resolve_model_config(spec: TrainSpec, start: Path | None) -> ModelConfig:
     if start is None:
         return spec.model
@@ -85,7 +93,7 @@ def _eod_id(spec: TrainSpec) -> int | None:
     if spec.data.eod_id is not None:
         return spec.data.eod_id
     for _, prefix in parse_blend(spec.data.blend):
-        m = dataset_manifest(prefix)
+        m = artifact_manifest(prefix)
         if m and (m.summary.get("tokenizer") or {}).get("eod_id") is not None:
             return int(m.summary["tokenizer"]["eod_id"])
     raise InputError("data.eod_mask_loss needs data.eod_id: the datasets have no manifest naming it")
@@ -312,20 +320,14 @@ def _train(spec: TrainSpec, stage: str, env: distributed.Env) -> Manifest:
 
 def _manifest(spec: TrainSpec, stage: str, final: Path, last: dict, iteration: int,
               n_params: int, start: Path | None) -> Manifest:
-    inputs = {}
-    for _, prefix in parse_blend(spec.data.blend):
-        m = dataset_manifest(prefix)
-        inputs[prefix] = m.fingerprint if m else sha256_file(f"{prefix}.idx").sha256
-    if start is not None and spec.load:
-        loaded = read_manifest(Path(spec.load))
-        inputs["load"] = loaded.fingerprint if loaded else str(start)
+    fp, inputs = stage_fingerprint(stage, spec, input_paths(spec))
     files = {str(p.relative_to(final.parent)): sha256_file(p)
              for p in sorted(final.rglob("*")) if p.is_file()}
     summary = {"iterations": iteration, "latest": final.name,
                "tokens": iteration * spec.global_batch_size * spec.data.seq_length,
                "parameters": n_params, **{k: round(v, 6) for k, v in last.items()}}
     manifest = Manifest(kind="checkpoint", stage=stage, spec=spec.model_dump(mode="json"),
-                        inputs=inputs, fingerprint=fingerprint(stage, spec.fingerprint_fields(), inputs),
+                        inputs=inputs, fingerprint=fp,
                         summary=summary, files=files)
     write_manifest(final.parent, manifest)
     return manifest

@@ -2,7 +2,7 @@
 with its optimizer state and iteration count); resumes by itself from its own checkpoints."""
 
 from engine.manifest import Manifest
-from engine.train.loop import train
+from engine.train.loop import input_paths, train  # noqa: F401  (input_paths: engine.lineage)
 from engine.train.spec import PretrainSpec as Spec
 
 KIND = "checkpoint"

@@ -7,6 +7,7 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
+from engine.data.samples import parse_blend
 from engine.model.config import ModelConfig
 from engine.parallel.data_parallel import DataParallel
 from engine.spec import StageSpec
@@ -21,7 +22,8 @@ class _Section(BaseModel):
 
 class DataSection(_Section):
     blend: list[str] = Field(min_length=1, description="dataset prefixes, optionally weighted: "
-                             "['0.3', 'A', '0.7', 'B'] (Megatron's form) or ['A']")
+                             "['0.3', 'A', '0.7', 'B'] (Megatron's form) or ['A']",
+                             json_schema_extra={"input": True})
     split: str = Field("969,30,1", description="train,valid,test weights over documents")
     seq_length: int = Field(gt=0)
     eod_id: int | None = Field(None, description="EOD token id; default: from the dataset manifest")
@@ -52,7 +54,8 @@ class EvalSection(_Section):
 
 class TrainSpec(StageSpec):
     model: ModelConfig | None = Field(None, description="architecture (None: the loaded checkpoint's)")
-    load: str | None = Field(None, description="checkpoint or iter_* folder to start from")
+    load: str | None = Field(None, description="checkpoint or iter_* folder to start from",
+                             json_schema_extra={"input": True})
     data: DataSection
     optim: OptimSection = OptimSection()
     checkpoint: CheckpointSection
@@ -71,6 +74,12 @@ class TrainSpec(StageSpec):
     max_nan_skips: int = Field(3, ge=0, description="non-finite steps skipped before stopping")
     metrics_file: str | None = Field(None, description="JSON-lines metrics; default <save>/metrics.jsonl",
                                      json_schema_extra=_NOT_OUTPUT)
+
+    def fingerprint_fields(self) -> dict:
+        """The blend's datasets enter through engine.lineage (by content); its weights here."""
+        fields = super().fingerprint_fields()
+        fields["data"]["blend_weights"] = [w for w, _ in parse_blend(self.data.blend)]
+        return fields
 
     @model_validator(mode="after")
     def _source(self) -> "TrainSpec":

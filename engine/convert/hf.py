@@ -1,0 +1,153 @@
+"""Hugging Face model folders: `config.json` plus safetensors (one file, or shards with
+`model.safetensors.index.json`) or legacy `pytorch_model*.bin`. Written as `save_pretrained` writes
+them, so transformers and vLLM load the result unchanged."""
+
+from __future__ import annotations
+
+import json
+import re
+from collections import Counter
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors.torch import load_file, save_file
+
+from engine.errors import InputError
+from engine.model.config import ModelConfig
+from engine.model.hf_names import load_hf_state_dict, to_hf_state_dict
+from engine.model.llama import LlamaModel
+
+CONFIG = "config.json"
+SAFE, SAFE_INDEX = "model.safetensors", "model.safetensors.index.json"
+BIN, BIN_INDEX = "pytorch_model.bin", "pytorch_model.bin.index.json"
+DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
+_HF_DTYPE_NAMES = {"bf16": "bfloat16", "fp16": "float16", "fp32": "float32"}
+_UNITS = {"": 1, "B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12,
+          "KIB": 2**10, "MIB": 2**20, "GIB": 2**30, "TIB": 2**40}
+
+
+def parse_size(text: str | int) -> int:
+    """Bytes from "5GB" (10^9, as HF's max_shard_size) / "5GiB" (2^30) / a plain number."""
+    match = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([KMGT]I?B|B)?\s*", str(text), re.IGNORECASE)
+    if not match or float(match[1]) <= 0:
+        raise ValueError(f"not a size: {text!r} (examples: 5GB, 500MiB, 1000000)")
+    return int(float(match[1]) * _UNITS[(match[2] or "").upper()])
+
+
+def read_config(folder: Path) -> dict[str, Any]:
+    path = folder / CONFIG
+    try:
+        hf = json.loads(path.read_text())
+    except FileNotFoundError:
+        raise InputError(f"{folder}: not an HF model folder (no {CONFIG})") from None
+    except ValueError as exc:
+        raise InputError(f"{path}: not valid JSON: {exc}") from None
+    if hf.get("quantization_config"):
+        raise InputError(f"{path}: quantized checkpoints are not supported")
+    return hf
+
+
+def weight_files(folder: Path) -> list[Path]:
+    """The files holding the weights, preferring safetensors, as transformers does."""
+    for index_name in (SAFE_INDEX, BIN_INDEX):
+        index = folder / index_name
+        if index.is_file():
+            weight_map = json.loads(index.read_text()).get("weight_map")
+            if not isinstance(weight_map, dict) or not weight_map:
+                raise InputError(f"{index}: no weight_map")
+            files = [folder / name for name in sorted(set(weight_map.values()))]
+            missing = [f.name for f in files if not f.is_file()]
+            if missing:
+                raise InputError(f"{index}: lists shards that are missing: {', '.join(missing)}")
+            return files
+    for name in (SAFE, BIN):
+        if (folder / name).is_file():
+            return [folder / name]
+    raise InputError(f"{folder}: no weights ({SAFE}, {SAFE_INDEX}, {BIN} or {BIN_INDEX})")
+
+
+def _read_tensors(files: list[Path]) -> dict[str, torch.Tensor]:
+    state: dict[str, torch.Tensor] = {}
+    for file in files:
+        if file.suffix == ".safetensors":
+            part = load_file(file)
+        else:  # weights_only: a .bin is a pickle, never run code from it
+            part = torch.load(file, map_location="cpu", weights_only=True, mmap=True)
+        twice = sorted(state.keys() & part.keys())
+        if twice:
+            raise InputError(f"{file}: tensors also stored in another shard: {twice[:5]}")
+        state.update(part)
+    return state
+
+
+def load_hf(folder: Path) -> tuple[ModelConfig, dict[str, Any], LlamaModel, str]:
+    """(config, raw config.json, model in fp32 on the CPU, the dtype most weights are stored in)."""
+    hf = read_config(folder)
+    try:
+        cfg = ModelConfig.from_hf(hf)
+    except (InputError, ValueError) as exc:
+        raise InputError(f"{folder / CONFIG}: {exc}") from None
+    state = _read_tensors(weight_files(folder))
+    odd = [f"{name} ({t.dtype})" for name, t in state.items() if not t.is_floating_point()]
+    if odd:
+        raise InputError(f"{folder}: non-float tensors (quantized weights are not supported): "
+                         f"{', '.join(odd[:5])}")
+    by_dtype = Counter()
+    for tensor in state.values():
+        by_dtype[tensor.dtype] += tensor.numel()
+    stored = next((n for n, d in DTYPES.items() if d == by_dtype.most_common(1)[0][0]), "fp32")
+    with torch.device("meta"):
+        model = LlamaModel(cfg)
+    try:  # assigned as stored (no copy), then cast once: peak memory is stored + fp32
+        load_hf_state_dict(model, state)
+    except InputError as exc:
+        raise InputError(f"{folder}: {exc}") from None
+    return cfg, hf, model.float().eval(), stored
+
+
+def export_state_dict(model: LlamaModel, dtype: torch.dtype) -> dict[str, torch.Tensor]:
+    """The HF-named tensors to write, cast to `dtype`. (Tests replace this to tamper a weight.)"""
+    out = {}
+    for name, tensor in to_hf_state_dict(model).items():
+        cast = tensor.detach().to(dtype).contiguous()
+        if not torch.isfinite(cast).all() and torch.isfinite(tensor).all():
+            raise InputError(f"{name}: values overflow {dtype} (max |w| "
+                             f"{tensor.abs().max().item():.4g}); choose another --dtype")
+        out[name] = cast
+    return out
+
+
+def _shards(state: dict[str, torch.Tensor], max_bytes: int) -> list[dict[str, torch.Tensor]]:
+    """In order, a new shard whenever the next tensor would overflow the current one (a tensor
+    larger than the limit gets a shard of its own), as save_pretrained splits."""
+    shards: list[dict[str, torch.Tensor]] = [{}]
+    size = 0
+    for name, tensor in state.items():
+        nbytes = tensor.numel() * tensor.element_size()
+        if shards[-1] and size + nbytes > max_bytes:
+            shards.append({})
+            size = 0
+        shards[-1][name] = tensor
+        size += nbytes
+    return shards
+
+
+def write_hf(folder: Path, model: LlamaModel, dtype: str, max_shard_bytes: int,
+             extra_config: dict[str, Any]) -> list[str]:
+    """config.json + safetensors (sharded with an index when over `max_shard_bytes`); returns
+    the weight files written."""
+    state = export_state_dict(model, DTYPES[dtype])
+    config = {**model.cfg.to_hf(), **extra_config, "torch_dtype": _HF_DTYPE_NAMES[dtype]}
+    (folder / CONFIG).write_text(json.dumps(config, indent=2) + "\n")
+    shards = _shards(state, max_shard_bytes)
+    names = ([SAFE] if len(shards) == 1 else
+             [f"model-{i:05d}-of-{len(shards):05d}.safetensors" for i in range(1, len(shards) + 1)])
+    for name, shard in zip(names, shards):
+        save_file(shard, folder / name, metadata={"format": "pt"})
+    if len(shards) > 1:
+        index = {"metadata": {"total_size": sum(t.numel() * t.element_size()
+                                                for t in state.values())},
+                 "weight_map": {t: name for name, shard in zip(names, shards) for t in shard}}
+        (folder / SAFE_INDEX).write_text(json.dumps(index, indent=2, sort_keys=True) + "\n")
+    return names
