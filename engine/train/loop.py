@@ -178,7 +178,7 @@ def _train(spec: TrainSpec, stage: str, env: distributed.Env) -> Manifest:
     cfg = _resolve_model_config(spec, start)
     eod_id = _eod_id(spec)
 
-    n_valid = spec.eval.iters * G if spec.eval.interval else 0
+    n_valid = spec.eval.iters * G if spec.eval.interval or spec.eval.initial else 0
     num = {"train": spec.iters * G, "valid": n_valid}
     if env.is_main:  # rank 0 builds the cached sample indices, the others then read them
         sets = build_samples(spec.data.blend, spec.data.split, spec.data.seq_length, num, spec.seed,
@@ -235,6 +235,10 @@ def _train(spec: TrainSpec, stage: str, env: distributed.Env) -> Manifest:
     if env.device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(env.device)
     model.train()
+    if valid_batches and spec.eval.initial and iteration == 0:
+        vloss, _ = evaluate(model, valid_batches, spec.eval.iters, spec.precision)
+        sink.log_metrics({"valid_loss": vloss, "valid_ppl": math.exp(min(vloss, 50))}, 0)
+        log.info("iter 0 | valid loss %.4f", vloss)
     with _StopSignal() as stop:
         while iteration < spec.iters:
             lr = spec.optim.at(iteration, spec.iters)
@@ -302,7 +306,8 @@ def _train(spec: TrainSpec, stage: str, env: distributed.Env) -> Manifest:
                 window_loss.zero_()
                 window_steps, window_start = 0, time.perf_counter()
             paused = time.perf_counter()  # evaluation and saving do not count against throughput
-            if valid_batches and (iteration % spec.eval.interval == 0 or iteration == spec.iters):
+            if valid_batches and spec.eval.interval and (iteration % spec.eval.interval == 0
+                                                         or iteration == spec.iters):
                 vloss, _ = evaluate(model, valid_batches, spec.eval.iters, spec.precision)
                 last.update(valid_loss=vloss, valid_ppl=math.exp(min(vloss, 50)))
                 sink.log_metrics({"valid_loss": vloss, "valid_ppl": last["valid_ppl"]}, iteration)

@@ -50,6 +50,7 @@ class CheckpointSection(_Section):
 class EvalSection(_Section):
     interval: int | None = Field(None, ge=1, description="validate every N iterations (and at the end)")
     iters: int = Field(2, ge=1, description="validation batches per evaluation")
+    initial: bool = Field(False, description="also validate before the first step (logged at step 0)")
 
 
 class TrainSpec(StageSpec):
