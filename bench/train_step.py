@@ -1,7 +1,7 @@
 """Training-step throughput: the engine's model and loss vs Hugging Face transformers'
 LlamaForCausalLM, same shape, same numerics, same fused AdamW, in one run.
 
-    python bench/train_step.py --shape tinyllama-1.1b --seq 4096 --micro-batch 4
+    python -m bench.train_step --shape tinyllama-1.1b --seq 4096 --micro-batch 4
 
 Numerics: `autocast` = bf16 autocast over fp32 weights and optimizer state (what users train
 with); `bf16` = pure bf16 weights. MFU = (6·N + 12·L·h·s)·tokens/s / peak, N = non-embedding
@@ -13,16 +13,13 @@ from __future__ import annotations
 import argparse
 import contextlib
 import gc
-import sys
 import time
-from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from engine.model import LlamaModel, ModelConfig  # noqa: E402
-from engine.train.flops import flops_per_token, peak_flops  # noqa: E402
+from engine.model import LlamaModel, ModelConfig
+from engine.train.flops import flops_per_token, peak_flops
 
 SHAPES = {
     "tinyllama-1.1b": dict(vocab_size=32000, hidden_size=2048, intermediate_size=5632, num_layers=22,
@@ -32,7 +29,7 @@ SHAPES = {
 }
 
 
-def build(impl: str, cfg: ModelConfig, numerics: str, compile_blocks: bool, device):
+def build(impl: str, cfg: ModelConfig, numerics: str, compile_mode: str, loss: str, device):
     dtype = torch.bfloat16 if numerics == "bf16" else torch.float32
     if impl == "ours":
         with torch.device("meta"):
@@ -40,11 +37,18 @@ def build(impl: str, cfg: ModelConfig, numerics: str, compile_blocks: bool, devi
         model.to_empty(device=device)
         model.init_weights(0)
         model.to(dtype)
-        if compile_blocks:
+        if compile_mode == "block":
             for block in model.layers.values():
                 block.compile()
+        elif compile_mode == "model":
+            model.compile()
+        n = None
 
         def loss_fn(tokens):
+            nonlocal n
+            n = n or tokens[:, 1:].numel()
+            if loss == "fused":  # the engine's training path: chunked head + CE
+                return model(tokens[:, :-1], targets=tokens[:, 1:]) / n
             logits = model(tokens[:, :-1])
             return F.cross_entropy(logits.float().flatten(0, 1), tokens[:, 1:].flatten())
     else:
@@ -53,9 +57,11 @@ def build(impl: str, cfg: ModelConfig, numerics: str, compile_blocks: bool, devi
         hf_cfg = LlamaConfig(**cfg.to_hf(), attn_implementation="sdpa")
         with torch.device(device):
             model = LlamaForCausalLM(hf_cfg).to(dtype)
-        if compile_blocks:
+        if compile_mode == "block":
             for layer in model.model.layers:
                 layer.compile()
+        elif compile_mode == "model":
+            model.compile()
 
         def loss_fn(tokens):
             return model(input_ids=tokens[:, :-1], labels=tokens[:, :-1]).loss
@@ -63,9 +69,9 @@ def build(impl: str, cfg: ModelConfig, numerics: str, compile_blocks: bool, devi
     return model, opt, loss_fn
 
 
-def measure(impl, cfg, numerics, compile_blocks, seq, mb, steps, warmup, device):
+def measure(impl, cfg, numerics, compile_mode, loss, seq, mb, steps, warmup, device):
     torch.manual_seed(0)
-    model, opt, loss_fn = build(impl, cfg, numerics, compile_blocks, device)
+    model, opt, loss_fn = build(impl, cfg, numerics, compile_mode, loss, device)
     tokens = torch.randint(0, cfg.vocab_size, (mb, seq + 1), device=device)
     ctx = torch.autocast("cuda", dtype=torch.bfloat16) if numerics == "autocast" else contextlib.nullcontext()
     torch.cuda.reset_peak_memory_stats()
@@ -86,7 +92,7 @@ def measure(impl, cfg, numerics, compile_blocks, seq, mb, steps, warmup, device)
     tps = mb * seq / step
     flops = flops_per_token(cfg, seq) * tps
     peak = peak_flops(torch.device(device))
-    result = dict(impl=impl, numerics=numerics, compile=compile_blocks, seq=seq, mb=mb,
+    result = dict(impl=impl, numerics=numerics, compile=compile_mode, seq=seq, mb=mb,
                   tokens_per_s=tps, tflops=flops / 1e12, mfu=flops / peak if peak else float("nan"),
                   peak_mem_gib=torch.cuda.max_memory_allocated() / 2**30, loss=losses[-1])
     del model, opt
@@ -102,13 +108,25 @@ def main() -> None:
     p.add_argument("--micro-batch", type=int, default=4)
     p.add_argument("--impl", nargs="+", default=["hf", "ours"], choices=["hf", "ours"])
     p.add_argument("--numerics", nargs="+", default=["autocast"], choices=["autocast", "bf16"])
-    p.add_argument("--compile", nargs="+", default=["off"], choices=["off", "on"])
+    p.add_argument("--compile", nargs="+", default=["off"], choices=["off", "block", "model"])
+    p.add_argument("--loss", default="fused", choices=["fused", "full"],
+                   help="ours: chunked head + CE (the engine's default) or full fp32 logits")
+    p.add_argument("--sdpa", default="auto", choices=["auto", "cudnn", "flash"],
+                   help="scaled_dot_product_attention backend preference")
     p.add_argument("--steps", type=int, default=10)
     p.add_argument("--warmup", type=int, default=3)
     args = p.parse_args()
     device = "cuda"
+    if args.sdpa != "auto":
+        from torch.nn.attention import SDPBackend, sdpa_kernel
+
+        first = SDPBackend.CUDNN_ATTENTION if args.sdpa == "cudnn" else SDPBackend.FLASH_ATTENTION
+        order = [first] + [b for b in (SDPBackend.FLASH_ATTENTION, SDPBackend.CUDNN_ATTENTION,
+                                       SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH) if b != first]
+        sdpa_kernel(order, set_priority=True).__enter__()
     print(f"# {torch.cuda.get_device_name()} | torch {torch.__version__} | shape {args.shape} | "
-          f"micro-batch {args.micro_batch} | median of {args.steps} steps after {args.warmup} warm-up")
+          f"micro-batch {args.micro_batch} | loss {args.loss} | sdpa {args.sdpa} | "
+          f"median of {args.steps} steps after {args.warmup} warm-up")
     print("| impl | numerics | compile | seq | tokens/s | TFLOP/s | MFU | peak mem GiB | loss |")
     print("|---|---|---|---|---|---|---|---|---|")
     for seq in args.seq:
@@ -117,7 +135,7 @@ def main() -> None:
             for comp in args.compile:
                 for impl in args.impl:
                     try:
-                        r = measure(impl, cfg, numerics, comp == "on", seq, args.micro_batch,
+                        r = measure(impl, cfg, numerics, comp, args.loss, seq, args.micro_batch,
                                     args.steps, args.warmup, device)
                     except torch.OutOfMemoryError:
                         print(f"| {impl} | {numerics} | {comp} | {seq} | OOM | | | | |", flush=True)

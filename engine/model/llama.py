@@ -24,6 +24,7 @@ from torch import nn
 
 from engine.model.attention import Attention
 from engine.model.config import ModelConfig
+from engine.model.fused_loss import linear_cross_entropy
 from engine.model.rope import rope_cos_sin
 
 # Segments that wrappers (torch.compile, activation checkpointing) insert into parameter names.
@@ -101,9 +102,20 @@ class LlamaModel(nn.Module):
             return F.linear(hidden, self.embed.weight)
         return self.lm_head(hidden)
 
-    def forward(self, input_ids: torch.Tensor,
-                position_ids: torch.Tensor | None = None) -> torch.Tensor:
-        return self.logits(self.forward_hidden(input_ids, position_ids))
+    def forward(self, input_ids: torch.Tensor, position_ids: torch.Tensor | None = None,
+                targets: torch.Tensor | None = None,
+                loss_mask: torch.Tensor | None = None) -> torch.Tensor:
+        """Logits; or, given `targets` (and a `loss_mask`), the sum of the masked token losses as
+        an fp32 scalar, through the chunked head + cross-entropy that never materialises the
+        logits (engine/model/fused_loss.py). Going through forward keeps DDP/FSDP hooks intact."""
+        hidden = self.forward_hidden(input_ids, position_ids)
+        if targets is None:
+            return self.logits(hidden)
+        weight = self.embed.weight if self.lm_head is None else self.lm_head.weight
+        device = hidden.device.type
+        dtype = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else hidden.dtype
+        mask = torch.ones_like(targets, dtype=torch.bool) if loss_mask is None else loss_mask
+        return linear_cross_entropy(hidden, weight, targets, mask, compute_dtype=dtype)
 
     @torch.no_grad()
     def init_weights(self, seed: int = 0) -> None:

@@ -133,23 +133,27 @@ class Batches:
         return (self.micro(it, a) for a in range(self.accum))
 
 
-def _loss_sum(model, inputs, targets, mask, precision: str) -> torch.Tensor:
+def _loss_sum(model, inputs, targets, mask, precision: str, fused: bool = True) -> torch.Tensor:
+    """Sum of the masked token losses (fp32), through the fused chunked head + cross-entropy or
+    over full fp32 logits."""
     ctx = (torch.autocast(inputs.device.type, dtype=_AUTOCAST[precision]) if precision in _AUTOCAST
            else contextlib.nullcontext())
     with ctx:
+        if fused:
+            return model(inputs, targets=targets, loss_mask=mask)
         logits = model(inputs)
     losses = F.cross_entropy(logits.float().flatten(0, 1), targets.flatten(), reduction="none")
     return (losses * mask.flatten()).sum()
 
 
 @torch.no_grad()
-def evaluate(model, batches: Batches, iters: int, precision: str) -> tuple[float, int]:
+def evaluate(model, batches: Batches, iters: int, precision: str, fused: bool = True) -> tuple[float, int]:
     """Mean token loss over `iters` validation global batches (all ranks), and tokens scored."""
     model.eval()
     total = torch.zeros(2, dtype=torch.float64, device=batches.device)
     for it in range(iters):
         for inputs, targets, mask in batches.iteration(it):
-            total[0] += _loss_sum(model, inputs, targets, mask, precision).double()
+            total[0] += _loss_sum(model, inputs, targets, mask, precision, fused).double()
             total[1] += mask.sum()
     model.train()
     distributed.all_reduce_sum(total)
@@ -236,7 +240,7 @@ def _train(spec: TrainSpec, stage: str, env: distributed.Env) -> Manifest:
         torch.cuda.reset_peak_memory_stats(env.device)
     model.train()
     if valid_batches and spec.eval.initial and iteration == 0:
-        vloss, _ = evaluate(model, valid_batches, spec.eval.iters, spec.precision)
+        vloss, _ = evaluate(model, valid_batches, spec.eval.iters, spec.precision, spec.fused_loss)
         sink.log_metrics({"valid_loss": vloss, "valid_ppl": math.exp(min(vloss, 50))}, 0)
         log.info("iter 0 | valid loss %.4f", vloss)
     with _StopSignal() as stop:
@@ -250,7 +254,7 @@ def _train(spec: TrainSpec, stage: str, env: distributed.Env) -> Manifest:
             step_loss = torch.zeros((), dtype=torch.float64, device=env.device)
             for a, (inputs, targets, mask) in enumerate(micro):
                 set_gradient_sync(model, a == len(micro) - 1)
-                loss_sum = _loss_sum(model, inputs, targets, mask, spec.precision)
+                loss_sum = _loss_sum(model, inputs, targets, mask, spec.precision, spec.fused_loss)
                 loss = loss_sum * W / count  # DP averages gradients over W ranks
                 (scaler.scale(loss) if scaler else loss).backward()
                 step_loss += loss_sum.detach().double()
@@ -308,7 +312,7 @@ def _train(spec: TrainSpec, stage: str, env: distributed.Env) -> Manifest:
             paused = time.perf_counter()  # evaluation and saving do not count against throughput
             if valid_batches and spec.eval.interval and (iteration % spec.eval.interval == 0
                                                          or iteration == spec.iters):
-                vloss, _ = evaluate(model, valid_batches, spec.eval.iters, spec.precision)
+                vloss, _ = evaluate(model, valid_batches, spec.eval.iters, spec.precision, spec.fused_loss)
                 last.update(valid_loss=vloss, valid_ppl=math.exp(min(vloss, 50)))
                 sink.log_metrics({"valid_loss": vloss, "valid_ppl": last["valid_ppl"]}, iteration)
                 log.info("iter %d | valid loss %.4f | valid ppl %.3f", iteration, vloss, last["valid_ppl"])

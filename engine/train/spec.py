@@ -68,6 +68,7 @@ class TrainSpec(StageSpec):
         "bf16", description="bf16/fp16: autocast over fp32 master weights and optimizer state")
     seed: int = 1234
     data_parallel: DataParallel = Field("ddp", description="ddp, or fsdp (sharded, ZeRO-3 style)")
+    fused_loss: bool = Field(True, description="chunked LM head + cross-entropy, no full logits")
     compile: bool = Field(False, description="torch.compile each transformer block",
                           json_schema_extra=_NOT_OUTPUT)
     device: Literal["auto", "cpu", "cuda"] = Field("auto", json_schema_extra=_NOT_OUTPUT)
