@@ -1,5 +1,6 @@
 """The one table of stages: name -> module holding `Spec` (a StageSpec), `run(spec) -> Manifest`,
-`input_paths(spec) -> {name: path}` (what engine.lineage fingerprints) and `KIND`.
+`input_paths(spec) -> {name: path}` (what engine.lineage fingerprints), `KIND` (the artifact kind)
+and `OUTPUT` (the dotted spec field naming where the artifact goes).
 
 The CLI, cluster/ and tasks/ all go through it, so a new stage is one engine module plus one line
 here. Modules are imported on first use so that listing stages never imports torch.
@@ -20,6 +21,7 @@ STAGES: dict[str, str] = {
     "convert": "engine.convert.stage",
     "pretrain": "engine.train.pretrain",
     "finetune": "engine.train.finetune",
+    "evaluate": "engine.evaluate.stage",
 }
 
 
@@ -42,6 +44,21 @@ class Stage:
         from engine.lineage import stage_fingerprint
 
         return stage_fingerprint(self.name, spec, self.module.input_paths(spec))
+
+    @property
+    def kind(self) -> str:
+        return self.module.KIND
+
+    @property
+    def output_field(self) -> str:
+        return self.module.OUTPUT
+
+    def output(self, spec) -> str | None:
+        """Where the stage writes its artifact for `spec` (a folder, or a dataset prefix)."""
+        value = spec
+        for part in self.output_field.split("."):
+            value = getattr(value, part)
+        return value
 
     @property
     def doc(self) -> str:

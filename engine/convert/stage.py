@@ -25,6 +25,7 @@ from engine.train.checkpoint import LATEST
 
 log = logging.getLogger(__name__)
 KIND = "hf-model"  # "checkpoint" when the target is native
+OUTPUT = "save_dir"  # the spec field naming the artifact this stage writes
 Format = Literal["hf", "native"]
 
 

@@ -20,6 +20,7 @@ from engine.spec import StageSpec
 
 log = logging.getLogger(__name__)
 KIND = "dataset"
+OUTPUT = "output_prefix"  # the spec field naming the artifact this stage writes
 
 
 class Spec(StageSpec):

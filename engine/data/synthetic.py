@@ -17,6 +17,7 @@ from engine.manifest import Manifest, fingerprint, sha256_file, write_manifest
 from engine.spec import StageSpec
 
 KIND = "corpus"
+OUTPUT = "output"  # the spec field naming the artifact this stage writes
 
 NAMES = ["Lily", "Tom", "Mia", "Ben", "Sara", "Max", "Anna", "Leo", "Zoe", "Sam", "Emma", "Jack"]
 ANIMALS = ["cat", "dog", "bird", "fox", "rabbit", "frog", "bear", "duck", "mouse", "owl"]

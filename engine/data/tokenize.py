@@ -35,6 +35,7 @@ from engine.spec import StageSpec
 
 log = logging.getLogger(__name__)
 KIND = "dataset"
+OUTPUT = "output_prefix"  # the spec field naming the artifact this stage writes
 _SUFFIXES = (".jsonl", ".json", ".jsonl.gz", ".json.gz")
 _NOT_OUTPUT = {"affects_output": False}
 _INPUT = {"input": True}

@@ -19,6 +19,7 @@ from engine.manifest import Manifest, sha256_file, write_manifest
 from engine.spec import StageSpec
 
 KIND = "tokenizer"
+OUTPUT = "output"  # the spec field naming the artifact this stage writes
 
 
 class Spec(StageSpec):

@@ -33,9 +33,9 @@ from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model
 
 from engine.atomic import atomic_write_text
 from engine.errors import InputError
+from engine.train.latest import LATEST, latest_iteration  # noqa: F401  (re-exported)
 
 log = logging.getLogger(__name__)
-LATEST = "latest_checkpointed_iteration.txt"
 
 
 def iter_dir(root: str | Path, iteration: int) -> Path:
@@ -53,17 +53,6 @@ def _world() -> int:
 def _barrier() -> None:
     if dist.is_initialized():
         dist.barrier()
-
-
-def latest_iteration(root: str | Path) -> int | None:
-    """The iteration named in latest_checkpointed_iteration.txt, or None for an empty folder."""
-    path = Path(root) / LATEST
-    if not path.is_file():
-        return None
-    text = path.read_text().strip()
-    if not text.isdigit():
-        raise InputError(f"{path}: expected an iteration number, found {text[:40]!r}")
-    return int(text)
 
 
 def checkpoint_path(root: str | Path, iteration: int | None = None) -> Path:

@@ -6,6 +6,7 @@ from engine.train.loop import input_paths, train  # noqa: F401  (input_paths: en
 from engine.train.spec import PretrainSpec as Spec
 
 KIND = "checkpoint"
+OUTPUT = "checkpoint.save"  # the spec field naming the artifact this stage writes
 
 
 def run(spec: Spec) -> Manifest | None:

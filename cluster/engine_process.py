@@ -1,0 +1,100 @@
+"""One rank's engine as a child process: `python -m engine STAGE --config SPEC`.
+
+A child rather than an in-process call, so that the job's Python (submitit's) stays responsive to
+signals and survives the engine crashing, and so that the engine runs exactly as on a laptop.
+Its stdout and stderr go, line by line, to the rank's log file (which the caller streams) and to
+this process's own streams (submitit's per-task logs); stdout is also kept, since the engine
+prints its manifest there.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import signal
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+from typing import IO, Callable
+
+_PR_SET_PDEATHSIG = 1
+_prctl = ctypes.CDLL(None, use_errno=True).prctl if sys.platform.startswith("linux") else None
+
+
+def _die_with_parent() -> None:
+    """Runs in the child before exec: if the job's process is killed outright (SIGKILL at the
+    end of a grace period), the engine goes with it instead of living on as an orphan."""
+    _prctl(_PR_SET_PDEATHSIG, signal.SIGKILL)
+
+
+class EngineProcess:
+    def __init__(self, stage: str, spec_path: str | Path, env: dict[str, str],
+                 log_path: str | Path, header: str) -> None:
+        self.returncode: int | None = None
+        self._stdout: list[str] = []
+        self._lock = threading.Lock()
+        self._log = open(log_path, "a", encoding="utf-8", buffering=1)
+        self._write(header + "\n", sys.stderr)
+        self._proc = subprocess.Popen(
+            [sys.executable, "-m", "engine", stage, "--config", str(spec_path)], env=env,
+            stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+            errors="replace", preexec_fn=_die_with_parent if _prctl else None)
+        self._pumps = [
+            threading.Thread(target=self._pump, args=(self._proc.stdout, sys.stdout, True), daemon=True),
+            threading.Thread(target=self._pump, args=(self._proc.stderr, sys.stderr, False), daemon=True)]
+        for pump in self._pumps:
+            pump.start()
+        # only this thread reaps the child: signal handlers never block on Popen's wait lock
+        threading.Thread(target=self._reap, daemon=True).start()
+
+    def _write(self, line: str, echo: IO[str]) -> None:
+        with self._lock:
+            if not self._log.closed:  # a pump outliving the reaper's join writes nowhere
+                self._log.write(line)
+            echo.write(line)
+            echo.flush()
+
+    def _pump(self, stream: IO[str], echo: IO[str], keep: bool) -> None:
+        for line in stream:
+            self._write(line, echo)
+            if keep:
+                self._stdout.append(line)
+
+    def _reap(self) -> None:
+        code = self._proc.wait()
+        for pump in self._pumps:
+            pump.join(timeout=10)  # a grandchild holding the pipes must not hold us
+        with self._lock:
+            self._log.close()
+        self.returncode = code
+
+    @property
+    def stdout(self) -> str:
+        return "".join(self._stdout)
+
+    def send_signal(self, sig: int) -> None:
+        if self.returncode is None:
+            self._proc.send_signal(sig)
+
+    def kill(self) -> None:
+        self.send_signal(signal.SIGKILL)
+
+    def wait(self, timeout_s: float | None = None, give_up: Callable[[], bool] = lambda: False,
+             give_up_every_s: float = 2.0) -> int | None:
+        """The exit status, or None after `timeout_s` or once `give_up()` is true (asked every
+        `give_up_every_s`: it may stat a shared filesystem). Short sleeps keep the signal
+        handlers of this (main) thread prompt."""
+        now = time.monotonic()
+        deadline = None if timeout_s is None else now + timeout_s
+        next_ask = now
+        while self.returncode is None:
+            now = time.monotonic()
+            if deadline is not None and now >= deadline:
+                return None
+            if now >= next_ask:
+                if give_up():
+                    return None
+                next_ask = now + give_up_every_s
+            time.sleep(0.1)
+        return self.returncode
