@@ -12,6 +12,7 @@ import concurrent.futures as cf
 import glob
 import gzip
 import hashlib
+import itertools
 import json
 import logging
 import multiprocessing
@@ -57,7 +58,9 @@ class Spec(StageSpec):
     add_bos: bool = Field(default=False, description="prepend the tokenizer's BOS to each document")
     workers: int = Field(default=1, ge=1, le=512, description="encoding processes",
                          json_schema_extra=_NOT_OUTPUT)
-    batch_lines: int = Field(default=2048, ge=1, description="lines per unit of work",
+    batch_lines: int = Field(default=2048, ge=1, description="most lines per unit of work",
+                             json_schema_extra=_NOT_OUTPUT)
+    batch_bytes: int = Field(default=1 << 20, ge=1, description="most bytes per unit of work",
                              json_schema_extra=_NOT_OUTPUT)
     skip_bad_lines: bool = Field(default=False,
                                  description="skip and count malformed lines instead of failing")
@@ -121,8 +124,8 @@ class _HashingReader:
         return data
 
 
-def _read_batches(files: list[Path], batch_lines: int, hashes: dict[str, "hashlib._Hash"]
-                  ) -> Iterator[tuple[int, int, list[bytes]]]:
+def _read_batches(files: list[Path], batch_lines: int, batch_bytes: int,
+                  hashes: dict[str, "hashlib._Hash"]) -> Iterator[tuple[int, int, list[bytes]]]:
     """(file index, first line number, lines) in input order; fills `hashes` with raw-file sha256."""
     for fi, path in enumerate(files):
         h = hashes[str(path)] = hashlib.sha256()
@@ -132,13 +135,14 @@ def _read_batches(files: list[Path], batch_lines: int, hashes: dict[str, "hashli
             else:
                 lines = (h.update(line) or line for line in raw)
             batch: list[bytes] = []
-            first = 1
+            first, size = 1, 0
             try:
                 for n, line in enumerate(lines, 1):
                     batch.append(line)
-                    if len(batch) == batch_lines:
+                    size += len(line)
+                    if len(batch) == batch_lines or size >= batch_bytes:
                         yield fi, first, batch
-                        batch, first = [], n + 1
+                        batch, first, size = [], n + 1, 0
             except (OSError, EOFError) as exc:  # a corrupt .gz
                 raise InputError(f"{path}: cannot read: {exc}") from None
             if batch:
@@ -202,11 +206,12 @@ def _encode_batch(first_line: int, lines: list[bytes]) -> _Batch:
             out.empty += 1
         else:
             rows.append(parsed)
+    extra = len(bos) + len(eod)
     for k, key in enumerate(keys):
-        docs = [bos + list(ids) + eod for ids in tok.encode([r[k] for r in rows]) if ids]
-        out.lengths[key] = np.fromiter(map(len, docs), dtype=np.int32, count=len(docs))
-        out.tokens[key] = np.fromiter((t for d in docs for t in d), dtype=dtype,
-                                      count=int(out.lengths[key].sum()))
+        docs = [ids for ids in tok.encode([r[k] for r in rows]) if len(ids)]
+        out.lengths[key] = np.fromiter((len(d) + extra for d in docs), dtype=np.int32, count=len(docs))
+        out.tokens[key] = np.fromiter(itertools.chain.from_iterable(
+            itertools.chain(bos, d, eod) for d in docs), dtype=dtype, count=int(out.lengths[key].sum()))
     return out
 
 
@@ -222,7 +227,7 @@ def _results(spec: Spec, files: list[Path], hashes: dict) -> Iterator[tuple[int,
     """Encoded batches in input order: inline for one worker, else a process pool with at most
     2 batches per worker in flight."""
     init = (spec.tokenizer, spec.json_keys, spec.add_bos, spec.append_eod)
-    batches = _read_batches(files, spec.batch_lines, hashes)
+    batches = _read_batches(files, spec.batch_lines, spec.batch_bytes, hashes)
     if spec.workers == 1:
         _init_worker(*init)
         signal.signal(signal.SIGINT, signal.default_int_handler)

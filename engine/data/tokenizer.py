@@ -7,6 +7,7 @@ tokenizers are never merged by mistake.
 from __future__ import annotations
 
 import hashlib
+import itertools
 import json
 import re
 from pathlib import Path
@@ -90,23 +91,28 @@ class SentencePieceTokenizer(Tokenizer):
     def encode(self, texts: Sequence[str]) -> list[Sequence[int]]:
         if not self.cached:
             return self.sp.encode(list(texts))
-        cache, out = self._cache, []
-        for text in texts:
+        return [self._encode_cached(text) for text in texts]
+
+    def _encode_cached(self, text: str) -> list[int]:
+        """Cache keys are what SentencePiece is asked to encode: a segment without the one space
+        that the dummy prefix stands for. Ordinary text (single spaces) splits with str.split;
+        runs of spaces and leading/trailing spaces take the regex."""
+        keys = text.split(" ")
+        head: tuple[int, ...] = ()
+        if "" in keys:
             segments = _SEGMENT.findall(text)
             if text.startswith(" "):  # leading spaces meet the dummy prefix: encode as SentencePiece does
-                first = tuple(self.sp.encode(segments[0]))
-                ids = [first] + [cache.get(s) for s in segments[1:]]
-            else:
-                ids = [cache.get(s) for s in segments]
-            if None in ids:
-                if len(cache) > _CACHE_LIMIT:
-                    cache.clear()
-                misses = sorted({s for s, v in zip(segments, ids) if v is None})
-                encoded = self.sp.encode([s[1:] if s[0] == " " else s for s in misses])
-                cache.update(zip(misses, map(tuple, encoded)))
-                ids = [v if v is not None else cache[s] for s, v in zip(segments, ids)]
-            out.append([t for seg in ids for t in seg])
-        return out
+                head, segments = tuple(self.sp.encode(segments[0])), segments[1:]
+            keys = [s[1:] if s[0] == " " else s for s in segments]
+        cache = self._cache
+        ids = [cache.get(k) for k in keys]
+        if None in ids:
+            if len(cache) > _CACHE_LIMIT:
+                cache.clear()
+            misses = list({k for k, v in zip(keys, ids) if v is None})
+            cache.update(zip(misses, map(tuple, self.sp.encode(misses))))
+            ids = [cache[k] for k in keys]
+        return list(itertools.chain(head, *ids))
 
 
 class HFTokenizer(Tokenizer):
