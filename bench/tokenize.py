@@ -5,35 +5,27 @@ and WikiText-2 articles) into a Megatron indexed dataset with the Llama-2 Senten
 and an EOD after each document, at the same number of worker processes. The outputs must be
 identical byte for byte; throughput is reported in tokens per second (best and median of trials).
 
-    .venv/bin/python bench/tokenize.py [--workers 1 2] [--repeat 3] [--trials 3]
+    .venv/bin/python -m bench.tokenize [--workers 1 2] [--repeat 3] [--trials 3]
 """
 
-# This file is named like the standard library's `tokenize` (which `inspect`, `linecache`, ... import):
-# drop its own folder from the import path before anything else is imported.
-import os
+from __future__ import annotations
+
+import argparse
 import sys
+import functools
+import hashlib
+import json
+import multiprocessing
+import platform
+import random
+import re
+import shutil
+import statistics
+import tempfile
+import time
+from pathlib import Path
 
-_HERE = os.path.dirname(os.path.abspath(__file__))
-sys.path[:] = [p for p in sys.path if os.path.abspath(p or os.curdir) != _HERE]
-_REPO = os.path.dirname(_HERE)
-if _REPO not in sys.path:
-    sys.path.insert(0, _REPO)
-
-import argparse  # noqa: E402
-import functools  # noqa: E402
-import hashlib  # noqa: E402
-import json  # noqa: E402
-import multiprocessing  # noqa: E402
-import platform  # noqa: E402
-import random  # noqa: E402
-import re  # noqa: E402
-import shutil  # noqa: E402
-import statistics  # noqa: E402
-import tempfile  # noqa: E402
-import time  # noqa: E402
-from pathlib import Path  # noqa: E402
-
-import numpy as np  # noqa: E402
+import numpy as np
 
 DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
 HEADING = re.compile(r"^ = [^=].* = $")  # a WikiText article title; sections are ' = = x = = '

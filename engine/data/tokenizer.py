@@ -34,6 +34,9 @@ class Tokenizer:
     def encode(self, texts: Sequence[str]) -> list[Sequence[int]]:
         raise NotImplementedError
 
+    def decode(self, ids: Sequence[int]) -> str:
+        raise NotImplementedError
+
     @property
     def sha256(self) -> str:
         return hashlib.sha256(self.path.read_bytes()).hexdigest()
@@ -87,6 +90,9 @@ class SentencePieceTokenizer(Tokenizer):
             if re.search("[^▁]▁", piece):
                 return False
         return True
+
+    def decode(self, ids: Sequence[int]) -> str:
+        return self.sp.decode(list(ids))
 
     def encode(self, texts: Sequence[str]) -> list[Sequence[int]]:
         if not self.cached:
@@ -147,6 +153,9 @@ class HFTokenizer(Tokenizer):
 
     def encode(self, texts: Sequence[str]) -> list[Sequence[int]]:
         return [e.ids for e in self.tok.encode_batch(list(texts), add_special_tokens=False)]
+
+    def decode(self, ids: Sequence[int]) -> str:
+        return self.tok.decode(list(ids), skip_special_tokens=False)
 
 
 def _read_json(path: Path) -> dict:

@@ -1,0 +1,142 @@
+"""Token-level perplexity with sliding windows over independent documents.
+
+Windows follow the Hugging Face perplexity guide, made lossless: window w covers document tokens
+[w·stride, w·stride + length) (cut at the document's end); the first window scores every token it
+can (all but the document's first), each later one scores only the tokens after the previous
+window's end. So every token but the first of each document is scored exactly once, and a token
+scored in a later window sees at least `length - stride` earlier tokens of its document. A stride
+must be smaller than the length: with stride == length a window's first token would have nothing
+before it. Lengths beyond the model's trained context are allowed; the model's RoPE scaling (if
+any) applies as configured.
+
+A document is a JSON Lines row, a text file (or each .txt file of a folder), or a sequence of a
+Megatron indexed dataset; documents never see each other. With BOS on, each document starts with
+BOS, so its first real token is scored too (predicted from BOS).
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, Iterator
+
+import numpy as np
+
+from engine.data.indexed import IndexedDataset, index_path
+from engine.data.tokenizer import Tokenizer
+from engine.errors import InputError, SpecError
+from engine.evaluate.inputs import read_jsonl, read_text
+from engine.evaluate.scoring import NLL, SCORED, Request, Scorer
+
+log = logging.getLogger(__name__)
+
+
+def parse_window(text: str) -> tuple[int, int]:
+    """"LENGTH:STRIDE" or "LENGTH" (stride = length // 2) -> (length, stride)."""
+    length_text, _, stride_text = str(text).partition(":")
+    try:
+        length = int(length_text)
+        stride = int(stride_text) if stride_text else max(length // 2, 1)
+    except ValueError:
+        raise SpecError(f"window {text!r}: expected LENGTH or LENGTH:STRIDE, e.g. 2048:1024"
+                        ) from None
+    if length < 2:
+        raise SpecError(f"window {text!r}: length must be at least 2")
+    if not 1 <= stride < length:
+        raise SpecError(f"window {text!r}: stride {stride} must be between 1 and length - 1 = "
+                        f"{length - 1} (a window needs at least one earlier token to predict its "
+                        "first new token)")
+    return length, stride
+
+
+def windows(n_tokens: int, length: int, stride: int) -> Iterator[tuple[int, int, int]]:
+    """(begin, end, first scored index) of each window over a document of n_tokens tokens."""
+    if n_tokens < 2:
+        return
+    begin, scored_until = 0, 1
+    while True:
+        end = min(begin + length, n_tokens)
+        yield begin, end, scored_until
+        if end == n_tokens:
+            return
+        scored_until = end
+        begin += stride
+
+
+def window_requests(documents: list[np.ndarray], length: int, stride: int) -> list[Request]:
+    return [Request(doc[begin:end], first - begin)
+            for doc in documents for begin, end, first in windows(len(doc), length, stride)]
+
+
+def perplexity(nll_sum: float, count: float) -> float:
+    """exp(nll_sum / count); inf where that overflows, nan for nothing scored."""
+    if count <= 0:
+        return float("nan")
+    mean = nll_sum / count
+    return math.exp(mean) if mean < 700 else float("inf")
+
+
+@dataclass
+class Documents:
+    """A perplexity dataset: its name, where it came from, and its documents as token ids."""
+
+    name: str
+    path: str
+    kind: str
+    documents: list[np.ndarray]
+
+
+def load_documents(path: str, get_tokenizer: Callable[[], Tokenizer], text_key: str,
+                   bos_id: int | None, vocab_size: int, limit: int | None) -> Documents:
+    """Read and tokenize one dataset (see the module doc for what a document is)."""
+    p = Path(path)
+    if index_path(path).is_file():
+        ds = IndexedDataset(path)
+        count = len(ds) if limit is None else min(limit, len(ds))
+        docs = [np.asarray(ds[i], dtype=np.int64) for i in range(count)]
+        top = max((int(d.max()) for d in docs if len(d)), default=-1)
+        if top >= vocab_size:
+            raise InputError(f"{path}: token id {top} is outside the model's vocabulary "
+                             f"({vocab_size}); was it tokenized with another tokenizer?")
+        if bos_id is not None:
+            docs = [d if len(d) and d[0] == bos_id else np.concatenate(([bos_id], d)) for d in docs]
+        return Documents(p.name, str(path), "indexed", docs)
+    if p.is_dir():
+        files = sorted(f for f in p.glob("*.txt") if f.is_file())
+        if not files:
+            raise InputError(f"{p}: folder has no .txt files")
+        texts, kind = [read_text(f) for f in files[:limit]], "text files"
+    elif p.suffix in (".jsonl", ".json"):
+        texts, kind = read_jsonl(p, text_key)[:limit], "jsonl"
+    elif p.is_file():
+        texts, kind = [read_text(p)], "text"
+    else:
+        raise InputError(f"{path}: no such file, folder or indexed dataset (.bin/.idx)")
+    prefix = [bos_id] if bos_id is not None else []
+    docs = [np.array(prefix + list(ids), dtype=np.int64) for ids in get_tokenizer().encode(texts)]
+    return Documents(p.name, str(path), kind, docs)
+
+
+def evaluate(scorer: Scorer, datasets: list[Documents],
+             settings: list[tuple[int, int]]) -> list[dict]:
+    """One record per (dataset, length, stride): tokens scored, mean NLL, perplexity."""
+    records = []
+    for ds in datasets:
+        expected = sum(max(len(d) - 1, 0) for d in ds.documents)
+        for length, stride in settings:
+            requests = window_requests(ds.documents, length, stride)
+            results = scorer.score_all(requests, desc=f"ppl {ds.name} {length}:{stride}")
+            nll, count = float(results[:, NLL].sum()), int(results[:, SCORED].sum())
+            if count != expected:  # the windows' contract; cheap to keep checking
+                raise RuntimeError(f"{ds.name}: scored {count} tokens, expected {expected}")
+            records.append({"suite": "ppl", "dataset": ds.name, "path": ds.path, "kind": ds.kind,
+                            "seq_length": length, "stride": stride,
+                            "documents": len(ds.documents), "windows": len(requests),
+                            "tokens": count, "nll_sum": nll,
+                            "mean_nll": nll / count if count else float("nan"),
+                            "ppl": perplexity(nll, count)})
+            log.info("ppl %s %d:%d: %.4f over %d tokens", ds.name, length, stride,
+                     records[-1]["ppl"], count)
+    return records

@@ -1,0 +1,148 @@
+"""The evaluation report: `report.json` (every record, plus flat headline metrics) and `report.md`
+(the same as Markdown tables); `compare_reports` puts several reports side by side.
+
+report.json: {"model": {...}, "settings": {...}, "metrics": {name: value}, "records": [...],
+"timing_s": {suite: seconds}}. Each record has a "suite" key (ppl, wikitext, lambada, fineval);
+metric names are "<suite>/..." paths, stable across runs, so reports of different models (or of
+one model over time) can be compared by name.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+from typing import Any, Iterable
+
+REPORT_JSON, REPORT_MD = "report.json", "report.md"
+
+
+def headline_metrics(records: list[dict]) -> dict[str, float]:
+    out: dict[str, float] = {}
+    for r in records:
+        suite = r["suite"]
+        if suite == "ppl":
+            out[f"ppl/{r['dataset']}/{r['seq_length']}:{r['stride']}/ppl"] = r["ppl"]
+        elif suite == "wikitext":
+            window = f"{r['seq_length']}:{r['stride']}"
+            out[f"wikitext/{window}/word_ppl"] = r["word_ppl"]
+            out[f"wikitext/{window}/token_ppl"] = r["token_ppl"]
+        elif suite == "lambada":
+            for key in ("accuracy", "ppl_word", "ppl_token"):
+                out[f"lambada/{key}"] = r[key]
+        elif suite == "fineval" and r["level"] != "subject":
+            base = f"fineval/{r['shots']}-shot/{r['method']}/{r['name']}"
+            out[f"{base}/accuracy"] = r["accuracy"]
+            out[f"{base}/accuracy_subject_avg"] = r["accuracy_subject_avg"]
+    return out
+
+
+def _num(name: str, value: Any) -> str:
+    if value is None or (isinstance(value, float) and math.isnan(value)):
+        return "–"
+    if isinstance(value, float) and ("accuracy" in name or name == "acc"):
+        return f"{100 * value:.2f}"
+    if isinstance(value, float):
+        return f"{value:.4f}" if abs(value) < 1000 else f"{value:.1f}"
+    return str(value)
+
+
+def _table(header: list[str], rows: Iterable[list[Any]]) -> list[str]:
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    lines += ["| " + " | ".join(_num(h, v) for h, v in zip(header, row)) + " |" for row in rows]
+    return lines + [""]
+
+
+def render_markdown(report: dict) -> str:
+    model = report["model"]
+    settings = ", ".join(f"{k} {v}" for k, v in report["settings"].items())
+    lines = [f"# Evaluation of {model['name']}", "",
+             f"`{model['path']}` ({model['format']}, {model['parameters']:,} parameters); "
+             f"{settings}. Accuracies in %.", ""]
+    by_suite: dict[str, list[dict]] = {}
+    for r in report["records"]:
+        by_suite.setdefault(r["suite"], []).append(r)
+    if "ppl" in by_suite:
+        lines += ["## Perplexity (token level)", ""]
+        lines += _table(["dataset", "length:stride", "documents", "tokens", "mean NLL", "ppl"],
+                        ([r["dataset"], f"{r['seq_length']}:{r['stride']}", r["documents"],
+                          r["tokens"], r["mean_nll"], r["ppl"]] for r in by_suite["ppl"]))
+    if "wikitext" in by_suite:
+        lines += ["## WikiText (word level)", ""]
+        lines += _table(["dataset", "length:stride", "words", "tokens", "word ppl", "token ppl"],
+                        ([r["dataset"], f"{r['seq_length']}:{r['stride']}", r["words"],
+                          r["tokens"], r["word_ppl"], r["token_ppl"]]
+                         for r in by_suite["wikitext"]))
+    if "lambada" in by_suite:
+        lines += ["## LAMBADA (strict whole word)", ""]
+        lines += _table(["dataset", "examples", "accuracy", "ppl (per word)", "ppl (per token)"],
+                        ([r["dataset"], r["examples"], r["accuracy"], r["ppl_word"],
+                          r["ppl_token"]] for r in by_suite["lambada"]))
+    if "fineval" in by_suite:
+        lines += _fineval_markdown(by_suite["fineval"])
+    return "\n".join(lines)
+
+
+def _fineval_markdown(records: list[dict]) -> list[str]:
+    runs = sorted({(r["shots"], r["method"]) for r in records})
+    overall = [r for r in records if r["level"] == "overall"]
+    lines = ["## FinEval", ""]
+    lines += _table(["shots", "method", "questions", "accuracy", "accuracy (subject avg)",
+                     "prompts truncated"],
+                    ([r["shots"], r["method"], r["questions"], r["accuracy"],
+                      r["accuracy_subject_avg"], r["prompts_truncated"]] for r in overall))
+    columns = [f"{k}-shot {m}" for k, m in runs]
+    for level, title in (("category", "By category (question-weighted / subject avg)"),
+                         ("subject", "By subject")):
+        cells: dict[str, dict[str, str]] = {}
+        for r in records:
+            if r["level"] == level:
+                value = _num("accuracy", r["accuracy"])
+                if level == "category":
+                    value += " / " + _num("accuracy", r["accuracy_subject_avg"])
+                label = (r["name"] if level == "category"
+                         else f"{r['name']} ({r['name_zh']}, {r['category']})")
+                run = f"{r['shots']}-shot {r['method']}"
+                cells.setdefault(label, {"n": r["questions"]})[run] = value
+        lines += [f"### {title}", ""]
+        lines += _table([level, "questions"] + columns,
+                        ([name, row["n"]] + [row.get(c, "–") for c in columns]
+                         for name, row in cells.items()))
+    return lines
+
+
+def strict_json(value: Any) -> Any:
+    """NaN and infinities as null: report.json stays standard JSON that any tool can read."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if isinstance(value, dict):
+        return {k: strict_json(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [strict_json(v) for v in value]
+    return value
+
+
+def write_report(folder: Path, report: dict) -> list[str]:
+    text = json.dumps(strict_json(report), indent=2, ensure_ascii=False, allow_nan=False)
+    (folder / REPORT_JSON).write_text(text + "\n", encoding="utf-8")
+    (folder / REPORT_MD).write_text(render_markdown(report) + "\n", encoding="utf-8")
+    return [REPORT_JSON, REPORT_MD]
+
+
+def _read(path: str | Path) -> dict:
+    path = Path(path)
+    return json.loads((path / REPORT_JSON if path.is_dir() else path).read_text(encoding="utf-8"))
+
+
+def compare_reports(paths: list[str | Path]) -> str:
+    """One Markdown table: a row per metric (in order of first appearance), a column per report
+    (its model's name; the path where names repeat). Accuracies in %."""
+    reports = [_read(p) for p in paths]
+    names = [r["model"]["name"] for r in reports]
+    if len(set(names)) < len(names):
+        names = [str(p) for p in paths]
+    metrics: list[str] = []
+    for r in reports:
+        metrics += [m for m in r["metrics"] if m not in metrics]
+    rows = ([m] + [_num(m, r["metrics"].get(m)) for r in reports] for m in metrics)
+    return "\n".join(_table(["metric"] + names, rows)).rstrip() + "\n"

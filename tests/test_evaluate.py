@@ -1,0 +1,431 @@
+"""The evaluate stage against other people's code and hand-checked cases: perplexity equals
+transformers' LlamaForCausalLM over the same windows and reproduces stories260K's published
+reference numbers; FinEval accuracies equal a straightforward per-question scorer; the category
+mapping, both averages, the strict LAMBADA rule and the word-level WikiText formula are checked
+on cases small enough to work out by hand; two data-parallel ranks give one rank's report; bad
+inputs name the file and row."""
+
+from __future__ import annotations
+
+import csv
+import json
+import math
+import os
+import shutil
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from conftest import shared
+from engine.data.indexed import IndexedDatasetWriter, data_path, index_path
+from engine.errors import InputError, SpecError
+from engine.evaluate import fineval, fineval_data, lambada, wikitext
+from engine.evaluate.ppl import windows
+from engine.evaluate.report import compare_reports
+from engine.evaluate.scoring import NLL, SCORED, Request, Scorer
+from engine.evaluate.stage import Spec, run
+from engine.registry import get_stage
+from engine.spec import load_spec
+
+transformers = pytest.importorskip("transformers")
+REPO = Path(__file__).resolve().parents[1]
+CPU = torch.device("cpu")
+
+
+@pytest.fixture(scope="module")
+def stories() -> Path:
+    return shared("tiny-llama", "hf")
+
+
+@pytest.fixture(scope="module")
+def hf_model(stories):
+    return transformers.AutoModelForCausalLM.from_pretrained(stories, dtype=torch.float32).eval()
+
+
+@pytest.fixture(scope="module")
+def tokenizer(stories):
+    from engine.data.tokenizer import load_tokenizer
+    return load_tokenizer(stories)
+
+
+def evaluate(tmp_path: Path, name: str, **fields) -> tuple[dict, dict]:
+    """Run the stage; (report.json, manifest.json)."""
+    spec = load_spec(Spec, None, {"output": str(tmp_path / name), "progress": False, **fields})
+    manifest = run(spec)
+    assert manifest.fingerprint == get_stage("evaluate").fingerprint(spec)[0]
+    report = json.loads((tmp_path / name / "report.json").read_text())
+    return report, json.loads((tmp_path / name / "manifest.json").read_text())
+
+
+# ---------------------------------------------------------------- perplexity
+
+def hf_sliding_window_nll(model, ids: list[int], length: int, stride: int) -> tuple[float, int]:
+    """The Hugging Face perplexity guide's loop (labels -100 outside the new tokens)."""
+    x = torch.tensor(ids)[None]
+    total, count, prev_end = 0.0, 0, 0
+    for begin in range(0, x.shape[1], stride):
+        end = min(begin + length, x.shape[1])
+        target = x[:, begin:end].clone()
+        target[:, :-(end - prev_end)] = -100
+        with torch.no_grad():
+            loss = model(x[:, begin:end], labels=target).loss
+        scored = int((target[:, 1:] != -100).sum())
+        total, count, prev_end = total + loss.item() * scored, count + scored, end
+        if end == x.shape[1]:
+            break
+    return total, count
+
+
+def test_windows_score_every_token_once():
+    cases = [(1, 8, 4), (2, 8, 4), (8, 8, 3), (9, 8, 7), (100, 16, 5), (17, 16, 1)]
+    for n, length, stride in cases:
+        seen = [i for b, e, first in windows(n, length, stride) for i in range(first, e)]
+        assert sorted(seen) == list(range(1, n)), (n, length, stride)
+        for b, e, first in windows(n, length, stride):
+            assert e - b <= length and (b == 0 or first - b >= length - stride)
+
+
+def test_ppl_equals_transformers_and_reference(stories, hf_model, tokenizer, tmp_path):
+    story = shared("text", "tinystories", "tinystories_sample.txt")
+    parts = [p for p in story.read_text().split("<|endoftext|>") if p.strip()]
+    jsonl = tmp_path / "stories.jsonl"
+    jsonl.write_text("".join(json.dumps({"text": p}) + "\n" for p in parts))
+    indexed = tmp_path / "stories_text_document"  # the same documents, tokenized, no BOS
+    tokens = [np.asarray(t, dtype=np.uint16) for t in tokenizer.encode(parts)]
+    with open(data_path(indexed), "wb") as bin_, open(index_path(indexed), "wb") as idx:
+        writer = IndexedDatasetWriter(bin_, np.uint16)
+        writer.add_documents(np.concatenate(tokens), np.array([len(t) for t in tokens]))
+        writer.finish(idx)
+    settings = ["512:256", "128:96", "1024:384"]  # the last beyond the trained 512 positions
+    report, manifest = evaluate(tmp_path, "ppl", load_dir=str(stories),
+                                ppl=[str(story), str(jsonl), str(indexed)], windows=settings)
+    assert manifest["kind"] == "eval-report"
+    assert set(manifest["files"]) == {"report.json", "report.md"}
+    records = {(r["dataset"], f"{r['seq_length']}:{r['stride']}"): r for r in report["records"]}
+    for window in settings:  # BOS is added to the indexed sequences as to the text
+        assert records[(indexed.name, window)]["ppl"] == records[(jsonl.name, window)]["ppl"]
+        del records[(indexed.name, window)]
+    docs = {story.name: [story.read_text()], jsonl.name: parts}
+    for (name, window), rec in records.items():
+        length, stride = map(int, window.split(":"))
+        total, count = 0.0, 0
+        for text in docs[name]:
+            ids = [tokenizer.bos_id] + list(tokenizer.encode([text])[0])
+            t, c = hf_sliding_window_nll(hf_model, ids, length, stride)
+            total, count = total + t, count + c
+            assert c == len(ids) - 1
+        assert rec["tokens"] == count, (name, window)
+        assert math.isclose(rec["ppl"], math.exp(total / count), rel_tol=1e-3), (name, window)
+    metric = report["metrics"][f"ppl/{story.name}/512:256/ppl"]
+    assert metric == records[(story.name, "512:256")]["ppl"]
+    assert "## Perplexity" in (tmp_path / "ppl" / "report.md").read_text()
+
+    # reference_outputs.json: BOS + 511-token chunks, mean NLL over the first 20000 tokens
+    reference = json.loads(shared("tiny-llama", "reference_outputs.json").read_text())
+    expected = reference["perplexity_hf_fp32"]
+    scorer = Scorer(engine_model(stories), CPU, progress=False)
+    for rel, key in [(("text", "tinystories", "tinystories_sample.txt"), "(all, 1882 tokens)"),
+                     (("text", "wikitext-2-raw", "wiki.test.joined.txt"), "(first 20000 tokens)")]:
+        ids = list(tokenizer.encode([shared(*rel).read_text()[:200_000]])[0])[:20000]
+        chunks = [Request(np.array([tokenizer.bos_id] + ids[i:i + 511]), 1)
+                  for i in range(0, len(ids), 511)]
+        res = scorer.score(chunks)
+        ppl = math.exp(res[:, NLL].sum() / res[:, SCORED].sum())
+        assert math.isclose(ppl, expected[f"{'/'.join(rel)} {key}"], rel_tol=2e-4), rel
+
+
+def engine_model(folder: Path):
+    from engine.convert.hf import load_hf
+    return load_hf(folder)[2]
+
+
+# ---------------------------------------------------------------- FinEval
+
+def straightforward_fineval(model, tokenizer, folder: Path, subject: str, shots: int, limit: int,
+                           method: str) -> tuple[np.ndarray, np.ndarray]:
+    """FinEval's evaluator, question by question: (predictions, answers)."""
+    def rows(split):
+        with open(folder / split / f"{subject}_{split}.csv", encoding="utf-8-sig", newline="") as f:
+            return list(csv.DictReader(f))
+
+    def example(r, with_answer):
+        text = r["question"] + "".join(f"\n{c}. {r[c]}" for c in "ABCD") + "\n答案："
+        return text + r["answer"].strip() + "\n\n" if with_answer else text
+
+    def encode(text):
+        return list(tokenizer.encode([text])[0])
+
+    history = "".join(example(r, True) for r in rows("dev")[:shots])
+    if shots:
+        history = f"以下是中国关于{subject}考试的单项选择题，请选出其中的正确答案。\n\n" + history
+    letter_a = [encode(c)[0] for c in "ABCD"]
+    letter_b = [encode("：" + c)[-1] for c in "ABCD"]
+    predictions, truth = [], []
+    for r in rows("val")[:limit]:
+        context = [tokenizer.bos_id] + encode(history + example(r, False))
+        if method == "answer":
+            with torch.no_grad():
+                logits = model(torch.tensor(context)[None])[0, -1]
+            scores = [logits[a] + logits[b] for a, b in zip(letter_a, letter_b)]
+        else:  # the option's tokens: those after the question's own tokens in question + option
+            scores = []
+            for c in "ABCD":
+                own, full = encode(example(r, False)), encode(example(r, False) + r[c])
+                same = next((i for i, (x, y) in enumerate(zip(own, full)) if x != y), len(own))
+                continuation = full[same:]
+                with torch.no_grad():
+                    logp = model(torch.tensor(context + continuation)[None])[0].log_softmax(-1)
+                scores.append(sum(logp[len(context) - 1 + i, t].item()
+                                  for i, t in enumerate(continuation)))
+        predictions.append(int(np.argmax(scores)))
+        truth.append("ABCD".index(r["answer"].strip()))
+    return np.array(predictions), np.array(truth)
+
+
+def test_fineval_equals_straightforward_scorer(stories, tokenizer):
+    folder = shared("fineval", "academic")
+    limit = 4
+    data = fineval_data.load(folder, "val", ["finance", "microeconomics"], None, 5, limit)
+    model = engine_model(stories)
+    scorer = Scorer(model, CPU, progress=False)
+    # the option method zero-shot only: 4 long forwards a question in the loop below
+    for method, shots in (("answer", [0, 5]), ("option", [0])):
+        result = fineval.evaluate(scorer, data, fineval.Template(), tokenizer, tokenizer.bos_id,
+                                  2048, shots, [method])
+        ours = result.predictions(method)
+        for ki, k in enumerate(shots):
+            expected, truth = zip(*(straightforward_fineval(model, tokenizer, folder, s.name, k,
+                                                            limit, method)
+                                    for s in data.subjects))
+            assert ours[:, ki].tolist() == np.concatenate(expected).tolist(), (method, k)
+            correct = sum(int((p == t).sum()) for p, t in zip(expected, truth))
+            overall = next(r for r in result.records if r["level"] == "overall"
+                           and r["method"] == method and r["shots"] == k)
+            assert overall["correct"] == correct and overall["prompts_truncated"] == 0
+
+
+class ConstantModel(torch.nn.Module):
+    """Logits that never depend on the input."""
+
+    def __init__(self, logits: torch.Tensor):
+        super().__init__()
+        self.register_buffer("vector", logits.float())
+
+    def forward_hidden(self, ids: torch.Tensor) -> torch.Tensor:
+        return torch.zeros(*ids.shape, 1)
+
+    def logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        return self.vector.expand(hidden.shape[0], -1)
+
+
+def write_fineval(folder: Path, split: str, subject: str, answers: str, bom=False, crlf=True):
+    (folder / split).mkdir(parents=True, exist_ok=True)
+    end = "\r\n" if crlf else "\n"
+    lines = ["id,question,A,B,C,D,answer"] + [
+        f'{i},"问题{i}, 第{subject}题",甲,乙,丙,丁,{a}' for i, a in enumerate(answers)]
+    (folder / split / f"{subject}_{split}.csv").write_bytes(
+        ("\ufeff" if bom else "").encode() + end.join(lines).encode() + end.encode())
+
+
+def test_fineval_categories_and_averages_by_hand(tokenizer, tmp_path):
+    folder = tmp_path / "fineval"
+    # finance and insurance are Finance, statistics is Economy (FinEval's mapping, shipped copy)
+    write_fineval(folder, "val", "finance", ["B", "B", "A", "C"], bom=True)   # 2/4
+    write_fineval(folder, "val", "insurance", ["B", "B", "D "])               # 2/3 ("D " = D)
+    write_fineval(folder, "val", "statistics", ["A", "C"], crlf=False)        # 0/2
+    for s in ("finance", "insurance", "statistics"):
+        write_fineval(folder, "dev", s, ["A", "B"])
+    logits = torch.zeros(tokenizer.vocab_size)
+    logits[list(tokenizer.encode(["：B"])[0])[-1]] = 5.0  # always answers B
+    data = fineval_data.load(folder, "val", None, None, 2, None)
+    scorer = Scorer(ConstantModel(logits), CPU, progress=False)
+    result = fineval.evaluate(scorer, data, fineval.Template(), tokenizer, tokenizer.bos_id, 4096,
+                              [0, 2], ["answer"])
+    assert (result.predictions("answer") == 1).all()
+    got = {(r["shots"], r["level"], r["name"]): r for r in result.records}
+    for k in (0, 2):
+        assert got[(k, "subject", "finance")]["accuracy"] == 0.5
+        assert got[(k, "subject", "insurance")]["category"] == "Finance"
+        assert got[(k, "category", "Finance")]["accuracy"] == 4 / 7
+        assert got[(k, "category", "Finance")]["accuracy_subject_avg"] == (1 / 2 + 2 / 3) / 2
+        assert got[(k, "category", "Economy")]["accuracy"] == 0.0
+        assert got[(k, "overall", "all")]["accuracy"] == 4 / 9
+        assert got[(k, "overall", "all")]["accuracy_subject_avg"] == (1 / 2 + 2 / 3 + 0) / 3
+
+
+def test_fineval_prompts_drop_earliest_shots_then_cut(tokenizer, tmp_path):
+    folder = tmp_path / "fineval"
+    write_fineval(folder, "val", "finance", ["A"])
+    write_fineval(folder, "dev", "finance", ["A", "B", "C"])
+    data = fineval_data.load(folder, "val", None, None, 3, None)
+    template = fineval.Template()
+    subject, q, dev = data.subjects[0], data.questions["finance"][0], data.shots["finance"]
+    encode = lambda text: [tokenizer.bos_id] + list(tokenizer.encode([text])[0])  # noqa: E731
+    zero_shot = q.question + "\nA. 甲\nB. 乙\nC. 丙\nD. 丁\n答案："  # no header: FinEval's
+    assert encode(template.prompt(subject, [], q, few_shot=False)) == encode(zero_shot)
+    two_shots = encode(template.prompt(subject, dev[1:], q, few_shot=True))
+    prompts = fineval.Prompts(data, template, tokenizer, tokenizer.bos_id, len(two_shots))
+    fitted = prompts.fit(q, 3)
+    assert fitted.tokens == two_shots and fitted.shots_dropped == 1 and fitted.tokens_cut == 0
+    prompts.max_length = 20
+    fitted = prompts.fit(q, 3)
+    only_question = encode(template.prompt(subject, [], q, few_shot=True))
+    assert fitted.shots_dropped == 3 and fitted.tokens_cut == len(only_question) - 20
+    assert fitted.tokens == [tokenizer.bos_id] + only_question[-19:]  # BOS kept, the end kept
+
+
+# ---------------------------------------------------------------- LAMBADA
+
+class BigramModel(torch.nn.Module):
+    """logits(next | current token) = table[current token]."""
+
+    def __init__(self, table: torch.Tensor):
+        super().__init__()
+        self.register_buffer("table", table)
+
+    def forward_hidden(self, ids: torch.Tensor) -> torch.Tensor:
+        return torch.nn.functional.one_hot(ids, self.table.shape[0]).float()
+
+    def logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        return hidden @ self.table
+
+
+def test_lambada_strict_whole_word_by_hand(tokenizer, tmp_path):
+    text = "the dog ran to the red bus"
+    data = tmp_path / "lambada.jsonl"
+    data.write_text(json.dumps({"text": text}) + "\n")
+    whole = [tokenizer.bos_id] + list(tokenizer.encode([text])[0])
+    context = [tokenizer.bos_id] + list(tokenizer.encode(["the dog ran to the red"])[0])
+    target = whole[len(context):]
+    assert whole[:len(context)] == context and len(target) >= 1
+    after = {".": list(tokenizer.encode(["bus."])[0])[-1],
+             "s": list(tokenizer.encode(["buss"])[0])[-1]}
+
+    def accuracy(chain: list[int]) -> float:
+        table = torch.zeros(tokenizer.vocab_size, tokenizer.vocab_size)
+        for current, nxt in zip([context[-1]] + target, chain):
+            table[current, nxt] = 10.0
+        scorer = Scorer(BigramModel(table), CPU, progress=False)
+        (record,) = lambada.evaluate(scorer, str(data), tokenizer, tokenizer.bos_id, 64, "text",
+                                     None)
+        return record["accuracy"]
+
+    assert accuracy(target + [after["."]]) == 1.0          # the word, then punctuation
+    assert accuracy(target + [tokenizer.eod_id]) == 1.0    # the word, then end of text
+    assert accuracy(target + [after["s"]]) == 0.0          # "buss": the word goes on
+    wrong_first = (target[0] + 1) % tokenizer.vocab_size
+    assert accuracy([wrong_first] + target[1:] + [after["."]]) == 0.0  # greedy misses a token
+    assert lambada.continues_word(tokenizer, target, after["s"])
+    assert not lambada.continues_word(tokenizer, target, list(tokenizer.encode([" and"])[0])[0])
+
+
+def test_lambada_end_to_end(stories, tmp_path):
+    report, _ = evaluate(tmp_path, "lambada", load_dir=str(stories),
+                         lambada=str(shared("text", "lambada", "lambada_test.jsonl")), limit=50)
+    (record,) = report["records"]
+    assert record["examples"] == 50 and 0 <= record["accuracy"] <= 1
+    assert math.isfinite(record["ppl_word"]) and math.isfinite(record["ppl_token"])
+    assert record["target_tokens"] >= 50
+
+
+# ---------------------------------------------------------------- WikiText
+
+class UniformModel(ConstantModel):
+    def __init__(self, vocab: int):
+        super().__init__(torch.zeros(vocab))
+
+
+def test_wikitext_word_perplexity_by_hand(tokenizer, tmp_path):
+    assert wikitext.detokenize("a @-@ b @,@ c , d ( e ) = = f = = \n") == "a-b,c, d (e) == f ==\n"
+    path = tmp_path / "wiki.txt"
+    path.write_text(" = Title = \n\n a b c @-@ d .\n")
+    words = 9  # "= Title = a b c @-@ d ." split on whitespace
+    scorer = Scorer(UniformModel(tokenizer.vocab_size), CPU, progress=False)
+    (record,) = wikitext.evaluate(scorer, str(path), tokenizer, tokenizer.bos_id, [(8, 3)], True)
+    tokens = len(tokenizer.encode([wikitext.detokenize(path.read_text())])[0])  # + BOS - 1
+    assert record["words"] == words and record["tokens"] == tokens
+    # every token costs ln V nats: word ppl = exp(tokens * ln V / words) = V ** (tokens / words)
+    assert math.isclose(record["word_ppl"], tokenizer.vocab_size ** (tokens / words), rel_tol=1e-6)
+    assert math.isclose(record["token_ppl"], tokenizer.vocab_size, rel_tol=1e-6)
+
+
+# ---------------------------------------------------------------- reports, ranks, bad input
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_two_ranks_give_one_ranks_report(stories, tmp_path):
+    spec = {"load_dir": str(stories), "progress": False, "limit": 4, "windows": ["256:128"],
+            "ppl": [str(shared("text", "tinystories", "tinystories_sample.txt"))],
+            "lambada": str(shared("text", "lambada", "lambada_test.jsonl")),
+            "fineval": str(shared("fineval", "academic")), "fineval_subjects": ["finance"],
+            "fineval_shots": [0]}
+    one, _ = evaluate(tmp_path, "one", **spec)
+    config = tmp_path / "two.json"
+    config.write_text(json.dumps({**spec, "output": str(tmp_path / "two")}))
+    env = {**os.environ, "WORLD_SIZE": "2", "MASTER_ADDR": "127.0.0.1",
+           "MASTER_PORT": str(_free_port()), "PYTHONPATH": str(REPO)}
+    procs = [subprocess.Popen([sys.executable, "-m", "engine", "evaluate", "--config", str(config)],
+                              env={**env, "RANK": str(r), "LOCAL_RANK": str(r)}, cwd=REPO,
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+             for r in range(2)]
+    outputs = [p.communicate(timeout=300) for p in procs]
+    assert [p.returncode for p in procs] == [0, 0], outputs[0][1][-3000:] + outputs[1][1][-3000:]
+    two = json.loads((tmp_path / "two" / "report.json").read_text())
+    assert two["settings"]["world_size"] == 2
+    assert one["metrics"].keys() == two["metrics"].keys()
+    for name, value in one["metrics"].items():  # other batches, other fp32 rounding: ppl = exp(.)
+        assert math.isclose(value, two["metrics"][name], rel_tol=1e-5), name
+    table = compare_reports([tmp_path / "one", tmp_path / "two" / "report.json"])
+    assert table.splitlines()[0].startswith("| metric |") and "lambada/accuracy" in table
+
+
+def test_bad_inputs_name_file_and_row(tmp_path):
+    folder = tmp_path / "fineval"
+    write_fineval(folder, "val", "finance", ["A", "E"])
+    with pytest.raises(InputError, match=r"finance_val\.csv:3: row 2 \(id 1\): answer 'E'"):
+        fineval_data.load(folder, "val", None, None, 0, None)
+    (folder / "val" / "finance_val.csv").write_text("id,question,A,B,C,D\n0,q,a,b,c,d\n")
+    with pytest.raises(InputError, match=r"finance_val\.csv:1: missing column\(s\) answer"):
+        fineval_data.load(folder, "val", None, None, 0, None)
+    latin1 = "id,question,A,B,C,D,answer\n0,\xe9\n".encode("latin-1")
+    (folder / "val" / "finance_val.csv").write_bytes(latin1)
+    with pytest.raises(InputError, match=r"finance_val\.csv:2: not UTF-8"):
+        fineval_data.load(folder, "val", None, None, 0, None)
+    with pytest.raises(SpecError, match=r"window '128:256': stride 256 must be between 1 and"):
+        load_spec(Spec, None, {"load_dir": "m", "output": "o", "ppl": ["x"],
+                               "windows": ["128:256"]})
+    with pytest.raises(SpecError, match="no suite chosen"):
+        load_spec(Spec, None, {"load_dir": "m", "output": "o"})
+    with pytest.raises(SpecError, match="unknown placeholder"):
+        load_spec(Spec, None, {"load_dir": "m", "output": "o", "lambada": "x",
+                               "fineval_question": "{question} {answer}"})
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"text": "fine"}\n{"txt": "oops"}\n')
+    with pytest.raises(InputError, match=r"bad\.jsonl:2: no string field 'text'"):
+        lambada.evaluate(None, str(bad), None, None, 8, "text", None)
+
+
+def test_native_checkpoint_root_and_iteration(stories, tmp_path):
+    from engine.convert.native import TOKENIZER_DIR, write_native
+    native = tmp_path / "native"
+    model = engine_model(stories)
+    write_native(native, model, model.cfg, {})
+    (native / TOKENIZER_DIR).mkdir()
+    shutil.copy(stories / "tokenizer.json", native / TOKENIZER_DIR)
+    story = str(shared("text", "tinystories", "tinystories_sample.txt"))
+    reports = [evaluate(tmp_path, name, load_dir=str(path), ppl=[story], windows=["256:128"])[0]
+               for name, path in [("from-hf", stories), ("from-root", native),
+                                  ("from-iter", native / "iter_0000000")]]
+    assert [r["model"]["format"] for r in reports] == ["hf", "native", "native"]
+    assert reports[2]["model"]["name"] == "native/iter_0000000"
+    for r in reports[1:]:  # the tokenizer came along into <root>/tokenizer/
+        assert r["metrics"] == pytest.approx(reports[0]["metrics"], rel=1e-6)
