@@ -16,6 +16,7 @@ import functools
 import hashlib
 import json
 import multiprocessing
+import os
 import platform
 import random
 import re

@@ -2,9 +2,9 @@
 
 A child rather than an in-process call, so that the job's Python (submitit's) stays responsive to
 signals and survives the engine crashing, and so that the engine runs exactly as on a laptop.
-Its stdout and stderr go, line by line, to the rank's log file (which the caller streams) and to
-this process's own streams (submitit's per-task logs); stdout is also kept, since the engine
-prints its manifest there.
+Its stderr (the engine's log) goes, line by line, to the rank's log file (which the caller
+streams) and to this process's stderr (submitit's per-task logs); its stdout, where the engine
+prints only its manifest, is kept for the caller and echoed to this process's stdout.
 """
 
 from __future__ import annotations
@@ -56,10 +56,15 @@ class EngineProcess:
             echo.flush()
 
     def _pump(self, stream: IO[str], echo: IO[str], keep: bool) -> None:
+        """stderr (the engine's log) goes to the rank log; stdout carries only the manifest JSON,
+        kept for the caller rather than streamed."""
         for line in stream:
-            self._write(line, echo)
             if keep:
                 self._stdout.append(line)
+                echo.write(line)
+                echo.flush()
+            else:
+                self._write(line, echo)
 
     def _reap(self) -> None:
         code = self._proc.wait()

@@ -56,7 +56,7 @@ class _MLflowRun:
         self.run_id = run_id
 
     def log_params(self, params: dict[str, Any]) -> None:
-        flat = _flatten(params)
+        flat = flatten(params)
         for k, v in flat.items():
             self._safe(self.client.log_param, self.run_id, k, str(v)[:6000])
 
@@ -75,12 +75,13 @@ class _MLflowRun:
             log.warning("MLflow logging failed (%s); the JSON-lines log has the data", exc)
 
 
-def _flatten(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+def flatten(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    """Nested sections as dotted keys: how params are named in MLflow, by the engine and tasks."""
     out: dict[str, Any] = {}
     for k, v in d.items():
         key = f"{prefix}{k}"
         if isinstance(v, dict):
-            out.update(_flatten(v, key + "."))
+            out.update(flatten(v, key + "."))
         else:
             out[key] = v
     return out

@@ -1,0 +1,2 @@
+"""Prefect flows composing stage tasks: lifecycle, data_prep, train, evaluate
+(docs/orchestration.md). No ML code here."""

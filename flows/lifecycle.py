@@ -1,48 +1,81 @@
-"""The lifecycle flow: every stage of a model's life, chained. Today: a corpus (generated, or
-given), a tokenizer (trained, or given), tokenize per shard, merge the shards, and the training
-sample split; training, conversion and evaluation plug in as their stages land."""
+"""The lifecycle flow: a model's whole life in one run. Today:
+
+    (generate corpus | given) -> (train tokenizer | given | the HF base model's) -> tokenize each
+    shard -> merge -> (convert HF -> native, when finetuning an HF model) -> pretrain | finetune
+    -> convert native -> HF -> register in MLflow -> evaluate
+
+Each stage is switched off by giving its result instead (a corpus, a tokenizer, a dataset, a base
+model) or by setting its section to None (`training`: then the data stages are not needed and the
+base model, if any, is what gets evaluated; `training.export`; `evaluation`). A stage that already
+ran with the same inputs and settings is not run again (the cache). `python -m flows.lifecycle`
+runs the CPU demo — a tiny Llama on generated stories — and says how to look at the results.
+"""
 
 from __future__ import annotations
 
-import os
-import time
-from pathlib import Path
+import asyncio
 
 from prefect import flow
-from prefect.logging import get_run_logger
+from prefect.settings import PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS, temporary_settings
 
-from tasks.stage import run_stage
+from flows.params import DataParams, EvalParams, RunParams, TrainParams
+from flows.runner import Runner
+from flows.report import print_report
+from flows.steps import Refs, evaluate_model, given_model, prepare_data, train_model
+from tasks.tracking import tracked_flow
+
+DEMO_SERVER_START_S = 120
 
 
 @flow(name="lifecycle")
-def lifecycle(home: str | None = None, corpus: str | None = None, tokenizer: str | None = None,
-              documents: int = 4000, vocab_size: int = 512, workers: int = 2) -> dict:
-    """Run the stages into `<home>/runs/<timestamp>/`; returns the manifests by stage."""
-    log = get_run_logger()
-    run_dir = Path(home or os.environ.get("LMFORGE_HOME", "lmforge-home")).resolve() / "runs" / \
-        time.strftime("%Y%m%d-%H%M%S")
-    out: dict[str, dict] = {}
-    if corpus is None:
-        corpus = str(run_dir / "corpus")
-        out["generate-corpus"] = run_stage("generate-corpus", {"output": corpus, "documents": documents})
-    if tokenizer is None:
-        tok_dir = run_dir / "tokenizer"
-        out["train-tokenizer"] = run_stage("train-tokenizer", {"input": [corpus], "output": str(tok_dir),
-                                                               "vocab_size": vocab_size})
-        tokenizer = str(tok_dir / "tokenizer.model")
-    shards = sorted(str(p) for p in Path(corpus).glob("*.jsonl"))
-    parts = []
-    for i, shard in enumerate(shards):
-        prefix = run_dir / "data" / f"part-{i:03d}"
-        out[f"tokenize[{i}]"] = run_stage("tokenize", {"input": [shard], "output_prefix": str(prefix),
-                                                       "tokenizer": tokenizer, "append_eod": True,
-                                                       "workers": workers, "progress": False})
-        parts.append(f"{prefix}_text_document")
-    out["merge"] = run_stage("merge", {"input": parts, "output_prefix": str(run_dir / "data" / "all")})
-    log.info("dataset: %s documents, %s tokens -> %s", out["merge"]["summary"]["documents"],
-             out["merge"]["summary"]["tokens"], run_dir / "data" / "all")
-    return out
+async def lifecycle(data: DataParams = DataParams(), base_model: str | None = None,
+                    training: TrainParams | None = TrainParams(),
+                    evaluation: EvalParams | None = EvalParams(),
+                    register_as: str | None = "lmforge-tiny",
+                    run: RunParams = RunParams()) -> Refs:
+    """From text to an evaluated, registered model; returns a reference to every artifact.
+
+    Args:
+        data: where the training tokens come from.
+        base_model: finetune (or, without training, evaluate) this model: an HF folder, a native
+            checkpoint, or models:/NAME/VERSION|latest (the MLflow registry). None: pretrain.
+        training: pretraining or finetuning, and the export to HF; None: no training.
+        evaluation: None: no evaluation.
+        register_as: MLflow registered model name for the exported HF model; None: not registered.
+        run: cluster profile, per-stage resources, forced rebuilds.
+    """
+    args = (data, base_model, training, evaluation, register_as)
+    await _steps(Runner(run, dry=True), *args)  # every spec checked before the first job
+    with tracked_flow({"data": data, "base_model": base_model, "training": training,
+                       "evaluation": evaluation, "register_as": register_as, "run": run}):
+        return await _steps(Runner(run), *args)
+
+
+async def _steps(runner: Runner, data: DataParams, base_model: str | None,
+                 training: TrainParams | None, evaluation: EvalParams | None,
+                 register_as: str | None) -> Refs:
+    refs: Refs = {}
+    model = base = given_model(base_model)
+    tokenizer = data.tokenizer
+    if training is not None:
+        prepared = await prepare_data(runner, data, refs, base)
+        tokenizer = prepared.tokenizer
+        model = await train_model(runner, training, prepared, base, refs)
+        if model.hf:
+            await runner.register(refs["convert"], register_as)
+    if evaluation is not None and model is not None:
+        await evaluate_model(runner, evaluation, model, None if model.hf else tokenizer, refs)
+    return refs
+
+
+def main() -> None:
+    """The demo, then where to look. A first start of Prefect's temporary server creates its
+    database: on a busy 2-core machine that can take longer than Prefect's 20 s default."""
+    wait = max(PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS.value(), DEMO_SERVER_START_S)
+    with temporary_settings({PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS: wait}):
+        refs = asyncio.run(lifecycle())
+    print_report(refs)
 
 
 if __name__ == "__main__":
-    lifecycle()
+    main()

@@ -1,25 +1,124 @@
-"""One Prefect task for every engine stage: validate the typed spec, run the stage, return its
-manifest. (Submission through cluster/ executors, caching by fingerprint and MLflow tracking are
-added on top of this task; the stage's work itself always lives in engine/.)"""
+"""The one Prefect task that runs any engine stage (engine/registry.py): a stage added to the
+engine is a task at once (the registry says where its output goes), nothing written for it here.
+
+In order: validate the spec with the engine's model; compute the stage's fingerprint (the one its
+manifest will carry); place the output at `<home>/artifacts/<stage>/<fingerprint[:16]>` unless
+the spec names one; return at once when a complete artifact with that fingerprint is there
+(`force=True` rebuilds it); otherwise take the lease on that location, submit through cluster/
+(transient submission failures retried), await the job without holding a thread while its log
+lines stream into the task's log, and track it all in a nested MLflow run; publish a Prefect
+table artifact; return an ArtifactRef. A failed job fails the task with the job's own error and
+ends the MLflow run FAILED.
+"""
 
 from __future__ import annotations
 
+import asyncio
+from pathlib import Path
 from typing import Any
 
 from prefect import task
+from prefect.cache_policies import NO_CACHE
 from prefect.logging import get_run_logger
+from prefect.runtime import flow_run, task_run
 
+from cluster.profiles import Profile, load_profile
+from cluster.resources import Resources
+from engine.errors import InputError
+from engine.manifest import read_manifest
 from engine.registry import get_stage
+from engine.spec import StageSpec
+from tasks.artifact import ArtifactRef
+from tasks.lease import Lease
+from tasks.options import validate_spec
+from tasks.outputs import auto_location, given_location, lease_path, remove
+from tasks.publish import publish
+from tasks.submission import submit_with_retries, wait_for, wait_limit_s
+from tasks.tracking import StageRun
 
 
-@task(task_run_name="{stage}")
-def run_stage(stage: str, spec: dict[str, Any]) -> dict[str, Any]:
-    """Run `stage` with `spec` and return its manifest as a dict."""
+def _task_run_name() -> str:
+    parameters = task_run.get_parameters()
+    return parameters.get("label") or parameters["stage"]
+
+
+@task(name="stage", task_run_name=_task_run_name, cache_policy=NO_CACHE)
+async def run_stage(stage: str, spec: dict[str, Any] | StageSpec,
+                    resources: Resources | dict[str, Any] | None = None,
+                    profile: str | None = None, force: bool = False,
+                    timeout_s: float | None = None, label: str | None = None) -> ArtifactRef:
+    """Run `stage` with `spec` (its output field may be left out) on cluster `profile` (None:
+    $LMFORGE_CLUSTER_PROFILE, else `local`) with `resources` overriding the profile's defaults;
+    `timeout_s` bounds the wait (default: the job's time limits plus a day in the queue)."""
     log = get_run_logger()
-    entry = get_stage(stage)
-    validated = entry.spec.model_validate(spec)
-    log.info("running %s", stage)
-    manifest = entry.run(validated)
-    log.info("%s done: %s", stage, {k: v for k, v in manifest.summary.items()
-                                    if isinstance(v, (int, float, str))})
-    return manifest.model_dump(mode="json")
+    data = spec.model_dump(mode="json") if isinstance(spec, StageSpec) else dict(spec)
+    fingerprint, _ = await asyncio.to_thread(get_stage(stage).fingerprint, validate_spec(stage, data))
+    location = given_location(stage, data) or auto_location(stage, fingerprint)
+    checked = validate_spec(stage, data, location)
+    cluster = load_profile(profile)
+    wanted = cluster.resources.override(resources)
+    timeout_s = timeout_s or wait_limit_s(cluster, wanted)
+
+    if not force and (ref := await _cached(stage, fingerprint, location)):
+        return ref
+    lease = Lease(lease_path(location), owner={"flow_run": str(flow_run.get_id()), "stage": stage})
+    if not lease.try_acquire():
+        log.info("%s: %s is being built by %s; waiting for it", stage, location, lease.holder())
+        await lease.acquire(timeout_s)
+    heartbeat = asyncio.create_task(lease.heartbeat())
+    try:
+        if not force and (ref := await _cached(stage, fingerprint, location)):
+            return ref  # the holder we waited for built it
+        other = read_manifest(location)
+        if other is not None and not force:
+            raise InputError(f"{location} holds another {other.stage} artifact (fingerprint "
+                             f"{other.fingerprint[:16]}, not {fingerprint[:16]}): choose another "
+                             f"output, or force=True to replace it")
+        if force:
+            await asyncio.to_thread(remove, stage, location)
+        return await _build(stage, checked, fingerprint, location, cluster, wanted, timeout_s)
+    finally:
+        heartbeat.cancel()
+        lease.release()
+
+
+async def _cached(stage: str, fingerprint: str, location: str) -> ArtifactRef | None:
+    """A reference to the complete artifact with this fingerprint at `location`, if there is
+    one. The hit gets a short MLflow run of its own (tagged cached, linking the run that built
+    it), so every flow run shows every stage."""
+    manifest = read_manifest(location)
+    if manifest is None or manifest.fingerprint != fingerprint:
+        return None
+    run = await asyncio.to_thread(StageRun.start, stage, fingerprint, location, {}, True)
+    await asyncio.to_thread(run.cached, fingerprint)
+    ref = ArtifactRef.of(location, manifest, cached=True, mlflow_run_id=run.run_id)
+    await publish(ref, run.link)
+    get_run_logger().info("%s: cached, fingerprint %s at %s", stage, fingerprint[:16], location)
+    return ref
+
+
+async def _build(stage: str, spec: StageSpec, fingerprint: str, location: str, cluster: Profile,
+                 resources: Resources, timeout_s: float) -> ArtifactRef:
+    log = get_run_logger()
+    plain = spec.model_dump(mode="json")
+    run = await asyncio.to_thread(StageRun.start, stage, fingerprint, location, plain, False)
+    with_tracking = cluster.model_copy(update={"env": {**cluster.env, **run.job_env()}})
+    job = None
+    try:
+        job = await submit_with_retries(stage, spec, resources, with_tracking, log)
+        await asyncio.to_thread(run.tag, job_id=job.id, job_dir=job.run.root)
+        manifest = await wait_for(job, timeout_s, log)
+    except BaseException as exc:
+        try:
+            run.failed(exc, job.run.rank_log(0) if job else None)
+        except Exception as tracking_error:  # noqa: BLE001 - the job's error is the one to raise
+            log.warning("could not record the failure in MLflow: %s", tracking_error)
+        raise
+    metrics_file = Path(getattr(spec, "metrics_file", None) or Path(location) / "metrics.jsonl")
+    await asyncio.to_thread(run.finished, stage, plain, manifest, location, metrics_file,
+                            job.run.rank_log(0))
+    ref = ArtifactRef.of(location, manifest, cached=False, mlflow_run_id=run.run_id,
+                         job_dir=str(job.run.root))
+    await publish(ref, run.link)
+    log.info("%s: built %s (fingerprint %s)", stage, location, fingerprint[:16])
+    return ref

@@ -24,6 +24,42 @@ def shared(*parts: str) -> Path:
     return path
 
 
+TINY_MODEL = {"vocab_size": 512, "hidden_size": 64, "intermediate_size": 128, "num_layers": 2,
+              "num_heads": 4, "num_kv_heads": 2, "max_position_embeddings": 128}
+
+
+@pytest.fixture(scope="session")
+def tiny_dataset(tmp_path_factory) -> str:
+    """A 600-story generated corpus, a tokenizer trained on it, the tokenized dataset's prefix."""
+    from engine.data import synthetic, tokenize, train_tokenizer
+
+    root = tmp_path_factory.mktemp("tiny-data")
+    synthetic.run(synthetic.Spec(output=str(root / "corpus"), documents=600, shards=1))
+    train_tokenizer.run(train_tokenizer.Spec(input=[str(root / "corpus")], output=str(root / "tok"),
+                                             vocab_size=512))
+    tokenize.run(tokenize.Spec(input=[str(root / "corpus")], output_prefix=str(root / "stories"),
+                               tokenizer=str(root / "tok" / "tokenizer.model"), append_eod=True,
+                               progress=False))
+    return str(root / "stories_text_document")
+
+
+def random_hf_model(cfg, seed: int = 0):
+    """A transformers model built from our exported config.json, with weights large enough that
+    attention is far from uniform (HF's own init, std 0.02, would make every model look alike)."""
+    import torch
+    import transformers
+
+    hf_cfg = dict(cfg.to_hf())
+    hf_config = transformers.AutoConfig.for_model(hf_cfg.pop("model_type"), **hf_cfg)
+    model = transformers.AutoModelForCausalLM.from_config(hf_config, dtype=torch.float32).eval()
+    generator = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            noise = torch.randn(param.shape, generator=generator)
+            param.copy_(1 + 0.1 * noise if "norm" in name else 0.1 * noise)
+    return model
+
+
 @pytest.fixture
 def llama2_sp() -> Path:
     return shared("tokenizers", "llama2", "tokenizer.model")

@@ -13,6 +13,8 @@ import time
 from pathlib import Path
 
 import pytest
+
+from conftest import TINY_MODEL
 from pydantic import ValidationError
 
 from cluster.executors import slurm_parameters
@@ -20,25 +22,15 @@ from cluster.jobs import Job, JobFailed
 from cluster.profiles import ProfileError, load_profile
 from cluster.resources import Resources
 from cluster.submit import submit
-from engine.data import synthetic, tokenize, train_tokenizer
 from engine.errors import SpecError
 from engine.manifest import read_manifest
 
-MODEL = {"vocab_size": 512, "hidden_size": 64, "intermediate_size": 128, "num_layers": 2,
-         "num_heads": 4, "num_kv_heads": 2, "max_position_embeddings": 128}
+MODEL = TINY_MODEL
 
 
 @pytest.fixture(scope="module")
-def dataset(tmp_path_factory) -> str:
-    """A 600-story synthetic corpus, a tokenizer trained on it, the tokenized dataset."""
-    root = tmp_path_factory.mktemp("data")
-    synthetic.run(synthetic.Spec(output=str(root / "corpus"), documents=600, shards=1))
-    train_tokenizer.run(train_tokenizer.Spec(input=[str(root / "corpus")], output=str(root / "tok"),
-                                             vocab_size=512))
-    tokenize.run(tokenize.Spec(input=[str(root / "corpus")], output_prefix=str(root / "stories"),
-                               tokenizer=str(root / "tok" / "tokenizer.model"), append_eod=True,
-                               progress=False))
-    return str(root / "stories_text_document")
+def dataset(tiny_dataset) -> str:
+    return tiny_dataset
 
 
 def _spec(dataset: str, save: Path, iters: int = 20, interval: int = 10) -> dict:

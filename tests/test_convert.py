@@ -9,6 +9,8 @@ import sys
 from pathlib import Path
 
 import pytest
+
+from conftest import random_hf_model
 import torch
 from safetensors.torch import load_file, save_file
 
@@ -39,19 +41,6 @@ def stories() -> Path:
 def convert(src: Path, dst: Path, source: str, target: str, **fields):
     return run(Spec(load_dir=str(src), save_dir=str(dst), source_format=source,
                     target_format=target, **fields))
-
-
-def random_hf_model(cfg: ModelConfig, seed: int = 0) -> torch.nn.Module:
-    """A transformers model of our config with weights large enough to make attention peaked."""
-    hf_cfg = dict(cfg.to_hf())
-    config = transformers.AutoConfig.for_model(hf_cfg.pop("model_type"), **hf_cfg)
-    model = transformers.AutoModelForCausalLM.from_config(config, dtype=torch.float32).eval()
-    generator = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for name, param in model.named_parameters():
-            noise = torch.randn(param.shape, generator=generator)
-            param.copy_(1 + 0.1 * noise if "norm" in name else 0.1 * noise)
-    return model
 
 
 def hf_logits(folder: Path, ids: torch.Tensor) -> torch.Tensor:

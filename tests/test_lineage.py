@@ -5,8 +5,6 @@ from __future__ import annotations
 
 import shutil
 
-import pytest
-
 from conftest import shared
 from engine.registry import get_stage
 from engine.spec import load_spec

@@ -8,6 +8,8 @@ import json
 from pathlib import Path
 
 import pytest
+
+from conftest import random_hf_model
 import torch
 from pydantic import ValidationError
 
@@ -51,20 +53,6 @@ def config(case: str, **extra) -> ModelConfig:
     return ModelConfig(**{**BASE, **CASES[case], **extra})
 
 
-def hf_model(cfg: ModelConfig, seed: int = 0) -> torch.nn.Module:
-    """A transformers model built from our exported config.json, with weights large enough that
-    attention is far from uniform (HF's own init, std 0.02, would make every model look alike)."""
-    hf_cfg = dict(cfg.to_hf())
-    hf_config = transformers.AutoConfig.for_model(hf_cfg.pop("model_type"), **hf_cfg)
-    model = transformers.AutoModelForCausalLM.from_config(hf_config, dtype=torch.float32).eval()
-    generator = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for name, param in model.named_parameters():
-            noise = torch.randn(param.shape, generator=generator)
-            param.copy_(1 + 0.1 * noise if "norm" in name else 0.1 * noise)
-    return model
-
-
 def batch(vocab: int, seed: int = 1) -> torch.Tensor:
     return torch.randint(0, vocab, (2, SEQ), generator=torch.Generator().manual_seed(seed))
 
@@ -72,7 +60,7 @@ def batch(vocab: int, seed: int = 1) -> torch.Tensor:
 @pytest.mark.parametrize("case", CASES)
 def test_logits_match_hf(case: str):
     cfg = config(case)
-    hf = hf_model(cfg)
+    hf = random_hf_model(cfg)
     ours = LlamaModel(cfg)
     load_hf_state_dict(ours, hf.state_dict())
     ids = batch(cfg.vocab_size)
@@ -123,7 +111,7 @@ def test_state_dict_round_trip_is_bitwise_and_uses_hf_names():
         source = LlamaModel(cfg)
         source.init_weights(seed=3)
         hf_state = to_hf_state_dict(source)
-        expected_names = set(hf_model(cfg).state_dict()) - (
+        expected_names = set(random_hf_model(cfg).state_dict()) - (
             {"lm_head.weight"} if cfg.tie_word_embeddings else set())
         assert set(hf_state) == expected_names
         with torch.device("meta"):

@@ -6,13 +6,11 @@ from __future__ import annotations
 import gzip
 import hashlib
 import json
-import os
 import signal
 import subprocess
 import sys
 import time
 
-import numpy as np
 import pytest
 import sentencepiece as spm
 from tokenizers import Tokenizer as RustTokenizer

@@ -4,7 +4,6 @@ losses, finetune, schedules, and clear errors for bad specs and checkpoints."""
 from __future__ import annotations
 
 import json
-import math
 import os
 import signal
 import socket
@@ -17,8 +16,7 @@ import pytest
 import torch
 import yaml
 
-from conftest import REPO
-from engine.data import synthetic, tokenize, train_tokenizer
+from conftest import REPO, TINY_MODEL
 from engine.errors import InputError, SpecError
 from engine.model import LlamaModel, ModelConfig
 from engine.spec import load_spec
@@ -26,20 +24,12 @@ from engine.train import checkpoint as ckpt
 from engine.train.schedule import LRSchedule
 from engine.train.spec import PretrainSpec
 
-MODEL = {"vocab_size": 512, "hidden_size": 64, "intermediate_size": 128, "num_layers": 2,
-         "num_heads": 4, "num_kv_heads": 2, "max_position_embeddings": 128}
+MODEL = TINY_MODEL
 
 
 @pytest.fixture(scope="module")
-def dataset(tmp_path_factory) -> str:
-    root = tmp_path_factory.mktemp("data")
-    synthetic.run(synthetic.Spec(output=str(root / "corpus"), documents=600, shards=1))
-    train_tokenizer.run(train_tokenizer.Spec(input=[str(root / "corpus")], output=str(root / "tok"),
-                                             vocab_size=512))
-    tokenize.run(tokenize.Spec(input=[str(root / "corpus")], output_prefix=str(root / "stories"),
-                               tokenizer=str(root / "tok" / "tokenizer.model"), append_eod=True,
-                               progress=False))
-    return str(root / "stories_text_document")
+def dataset(tiny_dataset) -> str:
+    return tiny_dataset
 
 
 def _spec(dataset: str, save: Path, **over) -> dict:

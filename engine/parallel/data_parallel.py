@@ -29,10 +29,6 @@ def wrap(model: nn.Module, mode: DataParallel, device: torch.device) -> nn.Modul
     return DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
 
 
-def unwrap(model: nn.Module) -> nn.Module:
-    return getattr(model, "module", model)
-
-
 def set_gradient_sync(model: nn.Module, enabled: bool) -> None:
     """Reduce gradients across ranks only on the last micro-batch of an accumulation."""
     if hasattr(model, "set_requires_gradient_sync"):  # FSDP2

@@ -1,12 +1,14 @@
 """finetune: start from a checkpoint's weights with a fresh optimizer and iteration count."""
 
 from engine.manifest import Manifest
-from engine.train.loop import input_paths, train  # noqa: F401  (input_paths: engine.lineage)
+from engine.train import loop
 from engine.train.spec import FinetuneSpec as Spec
 
 KIND = "checkpoint"
 OUTPUT = "checkpoint.save"  # the spec field naming the artifact this stage writes
 
+input_paths = loop.input_paths  # what engine.lineage fingerprints
+
 
 def run(spec: Spec) -> Manifest | None:
-    return train(spec, "finetune")
+    return loop.train(spec, "finetune")

@@ -33,7 +33,7 @@ from engine.metrics import MetricsSink
 from engine.model.config import ModelConfig
 from engine.model.llama import LlamaModel
 from engine.parallel import distributed
-from engine.parallel.data_parallel import set_gradient_sync, unwrap, wrap
+from engine.parallel.data_parallel import set_gradient_sync, wrap
 from engine.train import checkpoint as ckpt
 from engine.train.flops import flops_per_token, peak_flops
 from engine.train.spec import TrainSpec

@@ -2,12 +2,14 @@
 with its optimizer state and iteration count); resumes by itself from its own checkpoints."""
 
 from engine.manifest import Manifest
-from engine.train.loop import input_paths, train  # noqa: F401  (input_paths: engine.lineage)
+from engine.train import loop
 from engine.train.spec import PretrainSpec as Spec
 
 KIND = "checkpoint"
 OUTPUT = "checkpoint.save"  # the spec field naming the artifact this stage writes
 
+input_paths = loop.input_paths  # what engine.lineage fingerprints
+
 
 def run(spec: Spec) -> Manifest | None:
-    return train(spec, "pretrain")
+    return loop.train(spec, "pretrain")

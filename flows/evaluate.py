@@ -1,0 +1,31 @@
+"""The evaluate flow: one model (an HF folder, a native checkpoint, or a registered model),
+evaluated on the suites whose data is given, or on held-out generated stories."""
+
+from __future__ import annotations
+
+from prefect import flow
+
+from flows.params import EvalParams, RunParams
+from flows.runner import Runner
+from flows.steps import Refs, evaluate_model, given_model
+from tasks.tracking import tracked_flow
+
+
+@flow(name="evaluate")
+async def evaluate(model: str, tokenizer: str | None = None,
+                   evaluation: EvalParams = EvalParams(), run: RunParams = RunParams()) -> Refs:
+    """Returns references to the report (`evaluate`) and any held-out data it generated.
+
+    Args:
+        model: an HF folder, a native checkpoint, or models:/NAME/VERSION|latest.
+        tokenizer: default: the model's own.
+        evaluation: suites and their data; without ppl data, held-out generated stories.
+        run: cluster profile, per-stage resources, forced rebuilds.
+    """
+    target = given_model(model)
+    await evaluate_model(Runner(run, dry=True), evaluation, target, tokenizer, {})
+    with tracked_flow({"model": model, "tokenizer": tokenizer, "evaluation": evaluation,
+                       "run": run}):
+        refs: Refs = {}
+        await evaluate_model(Runner(run), evaluation, target, tokenizer, refs)
+        return refs

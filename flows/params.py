@@ -1,0 +1,92 @@
+"""Flow parameters: pydantic models, so the Prefect UI draws a form for them and a run with a bad
+value (a negative `iters`) is refused before it starts. Each stage's options are its engine spec
+less the fields the flow wires (tasks/options.py); the defaults are the CPU demo: a tiny Llama on
+a generated corpus."""
+
+from __future__ import annotations
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator
+
+from cluster.resources import Resources
+from engine.registry import STAGES
+from tasks.options import stage_options
+
+CorpusOptions = stage_options("generate-corpus", frozenset({"output"}), "CorpusOptions")
+TokenizerOptions = stage_options("train-tokenizer", frozenset({"input", "output"}), "TokenizerOptions")
+TokenizeOptions = stage_options("tokenize", frozenset({"input", "output_prefix", "tokenizer"}),
+                                "TokenizeOptions")
+TrainOptions = stage_options("pretrain", frozenset({"load", "data.blend", "checkpoint.save"}),
+                             "TrainOptions")
+ExportOptions = stage_options("convert", frozenset({"load_dir", "save_dir", "source_format",
+                                                   "target_format", "tokenizer"}), "ExportOptions")
+EvaluateOptions = stage_options("evaluate", frozenset({"load_dir", "output", "tokenizer"}),
+                                "EvaluateOptions")
+
+
+def tiny_llama() -> BaseModel:
+    """~0.2M parameters: the loss falls visibly within 200 CPU steps of a minute or two."""
+    return TrainOptions(
+        model={"vocab_size": 512, "hidden_size": 64, "intermediate_size": 176, "num_layers": 2,
+               "num_heads": 4, "num_kv_heads": 2, "max_position_embeddings": 128},
+        data={"split": "98,2,0", "seq_length": 128},
+        optim={"lr": 3e-3, "min_lr": 3e-4, "warmup_iters": 20},
+        checkpoint={"keep_last": 1}, eval={"interval": 50, "iters": 2},
+        iters=200, micro_batch_size=8, global_batch_size=8, precision="fp32", log_interval=10)
+
+
+class _Params(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class DataParams(_Params):
+    """Where the training tokens come from. Giving a stage's result switches that stage off."""
+    dataset: str | None = Field(None, description="an existing indexed dataset prefix: skips "
+                                "every data stage")
+    corpus: str | None = Field(None, description="JSONL file, folder or glob; None: generate one")
+    generate: CorpusOptions = Field(default_factory=lambda: CorpusOptions(documents=4000))
+    tokenizer: str | None = Field(None, description="SentencePiece .model, HF tokenizer.json or "
+                                  "HF folder; None: the base model's (finetuning an HF model), "
+                                  "else trained on the corpus")
+    train_tokenizer: TokenizerOptions = Field(default_factory=TokenizerOptions)
+    tokenize: TokenizeOptions = Field(
+        default_factory=lambda: TokenizeOptions(append_eod=True, progress=False),
+        description="applied to each corpus shard, each shard a job of its own")
+
+
+class TrainParams(_Params):
+    """Pretraining from scratch, or finetuning when the flow is given a base model."""
+    options: TrainOptions = Field(default_factory=tiny_llama,
+                                  description="model is ignored when finetuning (the base's)")
+    export: ExportOptions | None = Field(default_factory=ExportOptions,
+                                         description="convert the result to an HF folder; None: "
+                                         "keep the native checkpoint only")
+
+
+class EvalParams(_Params):
+    options: EvaluateOptions = Field(default_factory=lambda: EvaluateOptions(progress=False),
+                                     description="ppl None: perplexity on held-out stories")
+    heldout: CorpusOptions = Field(
+        default_factory=lambda: CorpusOptions(documents=200, shards=1, seed=4321),
+        description="the held-out stories (another seed than training's corpus)")
+
+
+class RunParams(_Params):
+    """Where and how the stages run."""
+    profile: str | None = Field(None, description="cluster profile name or YAML path; None: "
+                                "$LMFORGE_CLUSTER_PROFILE, else local (this machine)")
+    resources: dict[str, Resources] = Field(default_factory=dict, description="per stage name: "
+                                            "what to override of the profile's resources")
+    force: bool | list[str] = Field(False, description="rebuild even when a finished artifact "
+                                    "exists: true for every stage, or a list of stage names")
+
+    @field_validator("resources", "force")
+    @classmethod
+    def _known_stages(cls, value):
+        names = value if isinstance(value, (dict, list)) else []
+        unknown = sorted(set(names) - set(STAGES))
+        if unknown:
+            raise ValueError(f"unknown stage(s) {', '.join(unknown)}; stages: {', '.join(STAGES)}")
+        return value
+
+    def forced(self, stage: str) -> bool:
+        return self.force is True or (isinstance(self.force, list) and stage in self.force)

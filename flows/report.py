@@ -1,0 +1,39 @@
+"""What a person sees at the end of `python -m flows.lifecycle`: each artifact (built or cached),
+the headline figures, and how to open the Prefect and MLflow UIs on these results."""
+
+from __future__ import annotations
+
+import os
+import shlex
+
+from flows.steps import Refs
+from tasks.home import lmforge_home
+from tasks.tracking import tracking_uri
+
+
+def print_report(refs: Refs) -> None:
+    width = max(len(step) for step in refs) if refs else 0
+    print("\nartifacts:")
+    for step, ref in refs.items():
+        print(f"  {step:<{width}}  {'cached' if ref.cached else 'built ':<6}  {ref.path}")
+    trained = refs.get("pretrain") or refs.get("finetune")
+    if trained:
+        print(f"\ntraining: {trained.summary.get('iterations')} steps, final loss "
+              f"{trained.summary.get('loss')}, validation loss {trained.summary.get('valid_loss')}")
+    if "evaluate" in refs:
+        for name, value in refs["evaluate"].summary.get("metrics", {}).items():
+            print(f"evaluation: {name} = {value:.4f}")
+    prefect_home = os.environ.get("PREFECT_HOME", "~/.prefect")
+    uri = tracking_uri()
+    print("\nPrefect UI (flow runs, task logs, artifacts): run\n"
+          f"  PREFECT_HOME={shlex.quote(prefect_home)} .venv/bin/prefect server start\n"
+          "and open http://127.0.0.1:4200")
+    if uri.startswith(("http://", "https://")):
+        print(f"MLflow UI: {uri}")
+    else:
+        print("MLflow UI (experiments, metrics, loss curves, registered models): run\n"
+              f"  MLFLOW_SERVER_ENABLE_JOB_EXECUTION=false .venv/bin/mlflow ui --backend-store-uri "
+              f"{shlex.quote(uri)} --workers 1\n"
+              "and open http://127.0.0.1:5000")
+    print(f"Artifacts live under {lmforge_home() / 'artifacts'}; run the same command again "
+          "and every stage comes from the cache.")

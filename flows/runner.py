@@ -1,0 +1,46 @@
+"""How a flow's steps reach the stage task — for real, or as a dry run.
+
+A flow runs its steps twice: first dry, where every stage's spec (with placeholders for outputs
+not built yet) goes through the engine's full model and nothing is submitted, then for real. So a
+spec that only a cross-field check rejects (a bad evaluation template, a finetune without a base)
+fails the flow before its first job, not after hours of training.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+from engine.data.tokenize import resolve_inputs
+from flows.params import RunParams
+from tasks.artifact import ArtifactRef
+from tasks.models import register_model
+from tasks.options import validate_spec
+from tasks.stage import run_stage
+
+
+@dataclass(frozen=True)
+class Runner:
+    run: RunParams
+    dry: bool = False
+
+    async def stage(self, stage: str, spec: dict[str, Any], label: str | None = None) -> ArtifactRef:
+        if self.dry:
+            validate_spec(stage, spec)
+            planned = f"<{label or stage}>"
+            return ArtifactRef(stage=stage, kind="planned", path=planned, fingerprint="-",
+                               cached=False, summary={}, files=[f"{planned}.bin"])
+        return await run_stage(stage, spec, resources=self.run.resources.get(stage),
+                               profile=self.run.profile, force=self.run.forced(stage), label=label)
+
+    def files(self, corpus: str) -> list[str]:
+        """The JSONL files of a corpus (file, folder or glob), one job each downstream."""
+        if self.dry and corpus.startswith("<"):
+            return [corpus]
+        return [str(p) for p in resolve_inputs([corpus])]
+
+    async def register(self, ref: ArtifactRef, name: str | None) -> int | None:
+        if self.dry or name is None:
+            return None
+        return await register_model(ref, name)
+

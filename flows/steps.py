@@ -1,0 +1,99 @@
+"""The steps flows are made of — prepare data, train, evaluate — each a few stage tasks wired
+together. Shared by the lifecycle flow and the smaller flows, so that both run the same stages
+with the same specs (and so hit the same cache). No ML here: only which stage gets which input.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from pathlib import Path
+from typing import NamedTuple
+
+from engine.evaluate.source import model_format
+from flows.params import DataParams, EvalParams, TrainParams
+from flows.runner import Runner
+from tasks.artifact import ArtifactRef
+from tasks.fields import merged
+from tasks.models import resolve_model
+
+Refs = dict[str, ArtifactRef]
+
+
+class Data(NamedTuple):
+    dataset: str            # indexed dataset prefix
+    tokenizer: str | None   # what it was tokenized with (None: unknown, a given dataset)
+
+
+class Model(NamedTuple):
+    path: str               # HF folder, or native checkpoint when not exported
+    hf: bool
+
+
+async def prepare_data(runner: Runner, data: DataParams, refs: Refs,
+                       base: Model | None = None) -> Data:
+    """corpus (generated | given) -> tokenizer (given | an HF base model's | trained) ->
+    tokenize each shard (concurrently) -> merge."""
+    tokenizer = data.tokenizer or (base.path if base and base.hf else None)
+    if data.dataset:
+        return Data(data.dataset, tokenizer)
+    corpus = data.corpus
+    if corpus is None:
+        refs["generate-corpus"] = ref = await runner.stage("generate-corpus", merged(data.generate))
+        corpus = ref.path
+    if tokenizer is None:
+        refs["train-tokenizer"] = ref = await runner.stage(
+            "train-tokenizer", merged(data.train_tokenizer, input=[corpus]))
+        tokenizer = ref.path
+    shards = runner.files(corpus)
+    parts = await asyncio.gather(*(
+        runner.stage("tokenize", merged(data.tokenize, input=[shard], tokenizer=tokenizer),
+                     label=f"tokenize {Path(shard).name}") for shard in shards))
+    refs.update({f"tokenize[{i}]": part for i, part in enumerate(parts)})
+    refs["merge"] = ref = await runner.stage(
+        "merge", {"input": [prefix for part in parts for prefix in part.datasets()]})
+    return Data(ref.path, tokenizer)
+
+
+def given_model(uri: str | None) -> Model | None:
+    """A model given by folder or registry URI (resolved to its folder), or None."""
+    if uri is None:
+        return None
+    path = resolve_model(uri)
+    return Model(path, hf=model_format(Path(path)) == "hf")
+
+
+async def train_model(runner: Runner, training: TrainParams, data: Data, base: Model | None,
+                      refs: Refs) -> Model:
+    """(HF base -> native) -> pretrain | finetune -> (native -> HF)."""
+    load = base.path if base else None
+    if base and base.hf:
+        refs["convert (import)"] = ref = await runner.stage(
+            "convert", {"load_dir": base.path, "source_format": "hf", "target_format": "native"},
+            label="convert HF to native")
+        load = ref.path
+    stage = "finetune" if load else "pretrain"
+    spec = merged(training.options, data__blend=[data.dataset], load=load)
+    if load:
+        spec["model"] = None  # the base's architecture
+    refs[stage] = trained = await runner.stage(stage, spec)
+    if training.export is None:
+        return Model(trained.path, hf=False)
+    refs["convert"] = ref = await runner.stage(
+        "convert", merged(training.export, load_dir=trained.path, source_format="native",
+                          target_format="hf", tokenizer=data.tokenizer),
+        label="convert native to HF")
+    return Model(ref.path, hf=True)
+
+
+async def evaluate_model(runner: Runner, evaluation: EvalParams, model: Model,
+                         tokenizer: str | None, refs: Refs) -> ArtifactRef:
+    """Evaluate `model` (with `tokenizer`, None: its own); without ppl data given, on held-out
+    generated stories."""
+    ppl = evaluation.options.ppl
+    if ppl is None:
+        refs["generate-corpus (held-out)"] = ref = await runner.stage(
+            "generate-corpus", merged(evaluation.heldout), label="held-out corpus")
+        ppl = runner.files(ref.path)
+    refs["evaluate"] = ref = await runner.stage(
+        "evaluate", merged(evaluation.options, load_dir=model.path, ppl=ppl, tokenizer=tokenizer))
+    return ref

@@ -1,0 +1,40 @@
+"""The train flow: pretrain on a dataset, or finetune a base model on it, then export to HF and
+register — what a nightly finetune runs."""
+
+from __future__ import annotations
+
+from prefect import flow
+
+from flows.params import RunParams, TrainParams
+from flows.runner import Runner
+from flows.steps import Data, Refs, given_model, train_model
+from tasks.tracking import tracked_flow
+
+
+@flow(name="train")
+async def train(dataset: str, tokenizer: str | None = None, base_model: str | None = None,
+                training: TrainParams = TrainParams(), register_as: str | None = None,
+                run: RunParams = RunParams()) -> Refs:
+    """Returns a reference to every artifact it made or found.
+
+    Args:
+        dataset: indexed dataset prefix (a merge or tokenize output, or any Megatron dataset).
+        tokenizer: what the dataset was tokenized with; shipped with the HF export.
+        base_model: finetune this model: an HF folder, a native checkpoint, or
+            models:/NAME/VERSION|latest (the MLflow registry). None: pretrain.
+        training: the training options and the export to HF.
+        register_as: MLflow registered model name for the HF export; None: not registered.
+        run: cluster profile, per-stage resources, forced rebuilds.
+    """
+    async def steps(runner: Runner, refs: Refs) -> None:
+        base = given_model(base_model)
+        model = await train_model(runner, training, Data(dataset, tokenizer), base, refs)
+        if model.hf:
+            await runner.register(refs["convert"], register_as)
+
+    await steps(Runner(run, dry=True), {})
+    with tracked_flow({"dataset": dataset, "tokenizer": tokenizer, "base_model": base_model,
+                       "training": training, "register_as": register_as, "run": run}):
+        refs: Refs = {}
+        await steps(Runner(run), refs)
+        return refs

@@ -1,0 +1,60 @@
+"""Flow parameters made from the engine's stage specs, and the full check of a spec.
+
+A flow wires some spec fields itself (inputs that come from earlier stages, the output that the
+task places by fingerprint). `stage_options(stage, omit=...)` is the stage's spec model without
+those fields: the same types, bounds, defaults and descriptions, copied from the engine's model,
+so the Prefect UI draws the same form and rejects the same bad values (a negative `iters`) before
+the flow starts. The complete spec is validated by the engine's own model once the flow has
+filled the wired fields (flows do this for every stage before the first submission).
+"""
+
+from __future__ import annotations
+
+import copy
+from functools import cache
+from typing import Any
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, create_model
+
+from engine.errors import SpecError
+from engine.registry import get_stage
+from engine.spec import StageSpec, format_validation_error
+from tasks.outputs import UNSET, given_location, with_location
+
+
+def stage_options(stage: str, omit: frozenset[str] = frozenset(), name: str | None = None) -> type[BaseModel]:
+    """The spec model of `stage` without the (dotted) fields in `omit`."""
+    return _without(get_stage(stage).spec, frozenset(omit), name or f"{_camel(stage)}Options")
+
+
+@cache
+def _without(model: type[BaseModel], omit: frozenset[str], name: str) -> type[BaseModel]:
+    fields: dict[str, Any] = {}
+    for field_name, info in model.model_fields.items():
+        if field_name in omit:
+            continue
+        nested = frozenset(o.split(".", 1)[1] for o in omit if o.startswith(field_name + "."))
+        if not nested:
+            fields[field_name] = (info.annotation, copy.copy(info))
+            continue
+        sub = _without(info.annotation, nested, f"{name}{_camel(field_name)}")
+        optional = all(not f.is_required() for f in sub.model_fields.values())
+        fields[field_name] = (sub, Field(default_factory=sub, description=info.description)
+                              if optional else Field(description=info.description))
+    doc = (model.__doc__ or "").strip()
+    return create_model(name, __config__=ConfigDict(extra="forbid"), __doc__=doc or None, **fields)
+
+
+def _camel(name: str) -> str:
+    return "".join(part.capitalize() for part in name.replace("-", "_").split("_"))
+
+
+def validate_spec(stage: str, data: dict[str, Any], location: str | None = None) -> StageSpec:
+    """`data` through the engine's own model of `stage` (every validator; unknown fields refused;
+    errors name each field, as the engine's CLI does), its output set to `location`, or to the
+    one `data` names, or to a stand-in while the location is not known yet."""
+    data = with_location(stage, data, location or given_location(stage, data) or UNSET)
+    try:
+        return get_stage(stage).spec.model_validate(data)
+    except ValidationError as exc:
+        raise SpecError(format_validation_error(exc, f"<{stage} spec>")) from None

@@ -1,0 +1,232 @@
+"""MLflow layout: one experiment per flow, a parent run per flow run, one nested run per stage.
+
+The store is `MLFLOW_TRACKING_URI` when set (a server), else SQLite under LMFORGE_HOME
+(`sqlite:///<home>/mlflow.db`, artifacts in `<home>/mlartifacts/<experiment>/`). A stage's run
+holds its spec as params, the engine's step metrics (logged live by the job, completed from the
+JSON lines afterwards), its summary figures, and as artifacts the spec, the manifest, the small
+descriptive files of the artifact (evaluation reports, configs), the metrics file and a loss curve.
+Runs are found again through tags: `prefect.flow_run_id` on parents, `lmforge.fingerprint` and
+`lmforge.cached` on stage runs.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import os
+import re
+import time
+from dataclasses import dataclass
+from functools import cache
+from pathlib import Path
+from typing import Any, Iterator
+
+from mlflow.entities import Metric, Param, RunTag
+from mlflow.exceptions import MlflowException
+from mlflow.tracking import MlflowClient
+from prefect.runtime import flow_run, task_run
+from pydantic_core import to_jsonable_python
+
+from engine.manifest import Manifest
+from engine.metrics import flatten
+from tasks.home import lmforge_home
+from tasks.metrics import backfill, step_series
+from tasks.plots import loss_curve
+
+TRACKING_ENV = "MLFLOW_TRACKING_URI"
+UI_ENV = "LMFORGE_MLFLOW_UI"          # base URL of the MLflow UI used in links
+DEFAULT_UI = "http://127.0.0.1:5000"  # where `mlflow ui` listens by default
+STANDALONE = "lmforge-stages"         # experiment of stages run outside any flow
+FLOW_RUN_TAG = "prefect.flow_run_id"
+DESCRIPTIVE = (".json", ".md", ".yaml", ".txt")  # artifact files copied into the run ...
+DESCRIPTIVE_MAX_BYTES = 1 << 20                   # ... when this small
+PARAM_BATCH, PARAM_MAX = 100, 6000
+
+
+def tracking_uri() -> str:
+    return os.environ.get(TRACKING_ENV) or f"sqlite:///{lmforge_home() / 'mlflow.db'}"
+
+
+def ui_url() -> str:
+    uri = tracking_uri()
+    default = uri if uri.startswith(("http://", "https://")) else DEFAULT_UI
+    return os.environ.get(UI_ENV, default).rstrip("/")
+
+
+@cache
+def _client(uri: str) -> MlflowClient:
+    if uri.startswith("sqlite:///"):
+        Path(uri.removeprefix("sqlite:///")).parent.mkdir(parents=True, exist_ok=True)
+    return MlflowClient(tracking_uri=uri, registry_uri=uri)
+
+
+def client() -> MlflowClient:
+    return _client(tracking_uri())
+
+
+def experiment_id(name: str) -> str:
+    """The experiment called `name`, created on first use (artifacts under LMFORGE_HOME for a
+    local store; a server keeps its own artifact root)."""
+    mlflow = client()
+    found = mlflow.get_experiment_by_name(name)
+    if found is not None:
+        return found.experiment_id
+    local = not tracking_uri().startswith(("http://", "https://"))
+    location = (lmforge_home() / "mlartifacts" / name).as_uri() if local else None
+    try:
+        return mlflow.create_experiment(name, artifact_location=location)
+    except MlflowException:  # created meanwhile by another process
+        return mlflow.get_experiment_by_name(name).experiment_id
+
+
+def run_link(experiment: str, run_id: str) -> str:
+    return f"{ui_url()}/#/experiments/{experiment}/runs/{run_id}"
+
+
+def params(spec: dict[str, Any]) -> list[Param]:
+    """A spec as MLflow params: nested sections flattened with dots and values as strings, as
+    the engine's own sink logs them (so the two never disagree on a value)."""
+    return [Param(k, str(v)[:PARAM_MAX]) for k, v in flatten(spec).items()]
+
+
+def metric_name(name: str) -> str:
+    return re.sub(r"[^/\w.\- :]", "_", name).strip("/") or "_"
+
+
+# ------------------------------------------------------------------ flow runs
+_parents: dict[str, tuple[str, str]] = {}
+
+
+def flow_parent() -> tuple[str, str | None]:
+    """(experiment id, parent run id) for the Prefect flow run we are in, the parent created on
+    first use; outside a flow: the standalone experiment and no parent."""
+    run_id = flow_run.get_id()
+    if run_id is None:
+        return experiment_id(STANDALONE), None
+    if run_id not in _parents:
+        experiment = experiment_id(flow_run.get_flow_name())
+        found = client().search_runs([experiment], f"tags.`{FLOW_RUN_TAG}` = '{run_id}'",
+                                     max_results=1)
+        if found:
+            parent = found[0].info.run_id
+        else:
+            tags = {FLOW_RUN_TAG: run_id, "prefect.flow_run_name": flow_run.get_name() or "",
+                    "prefect.flow_run_url": flow_run.get_flow_run_ui_url() or ""}
+            parent = client().create_run(experiment, run_name=flow_run.get_name(), tags=tags).info.run_id
+        _parents[run_id] = (experiment, parent)
+    return _parents[run_id]
+
+
+@contextlib.contextmanager
+def tracked_flow(flow_params: dict[str, Any]) -> Iterator[str | None]:
+    """The flow run's parent MLflow run, with the flow's parameters (pydantic models welcome);
+    it ends FINISHED, or FAILED when the flow raises (KILLED when cancelled)."""
+    _, parent = flow_parent()
+    mlflow = client()
+    _log_params(mlflow, parent, params(to_jsonable_python(flow_params)))
+    try:
+        yield parent
+    except BaseException as exc:
+        mlflow.set_terminated(parent, "FAILED" if isinstance(exc, Exception) else "KILLED")
+        raise
+    mlflow.set_terminated(parent, "FINISHED")
+
+
+def _log_params(mlflow: MlflowClient, run_id: str, items: list[Param]) -> None:
+    for i in range(0, len(items), PARAM_BATCH):
+        mlflow.log_batch(run_id, params=items[i:i + PARAM_BATCH])
+
+
+# ------------------------------------------------------------------ stage runs
+@dataclass
+class StageRun:
+    experiment: str
+    run_id: str
+
+    @classmethod
+    def start(cls, stage: str, fingerprint: str, location: str, spec: dict[str, Any],
+              cached: bool) -> "StageRun":
+        experiment, parent = flow_parent()
+        tags = {"lmforge.stage": stage, "lmforge.fingerprint": fingerprint,
+                "lmforge.artifact": location, "lmforge.cached": str(cached).lower(),
+                "prefect.task_run_id": str(task_run.get_id() or "")}
+        if parent:
+            tags["mlflow.parentRunId"] = parent
+        name = f"{stage} (cached)" if cached else stage
+        run = cls(experiment, client().create_run(experiment, run_name=name, tags=tags).info.run_id)
+        if not cached:
+            _log_params(client(), run.run_id, params(spec))
+        return run
+
+    @property
+    def link(self) -> str:
+        return run_link(self.experiment, self.run_id)
+
+    def job_env(self) -> dict[str, str]:
+        """What the job needs to log into this run itself (engine/metrics.py)."""
+        return {TRACKING_ENV: tracking_uri(), "MLFLOW_RUN_ID": self.run_id,
+                "MLFLOW_EXPERIMENT_ID": self.experiment}
+
+    def tag(self, **tags: Any) -> None:
+        client().log_batch(self.run_id, tags=[RunTag(f"lmforge.{k}", str(v)) for k, v in tags.items()])
+
+    def cached(self, fingerprint: str) -> None:
+        """A cache hit: link the run that built the artifact, and end at once."""
+        built_by = _builder(fingerprint)
+        if built_by:
+            self.tag(built_by=built_by)
+        client().set_terminated(self.run_id, "FINISHED")
+
+    def failed(self, error: BaseException, job_log: Path | None) -> None:
+        self.tag(error=str(error)[:5000])
+        if job_log is not None and job_log.is_file():
+            client().log_artifact(self.run_id, str(job_log), "job")
+        killed = not isinstance(error, Exception)  # cancelled (CancelledError, KeyboardInterrupt)
+        client().set_terminated(self.run_id, "KILLED" if killed else "FAILED")
+
+    def finished(self, stage: str, spec: dict[str, Any], manifest: Manifest, location: str,
+                 metrics_file: Path | None, job_log: Path | None) -> None:
+        mlflow = client()
+        series = step_series(metrics_file) if metrics_file and metrics_file.is_file() else {}
+        backfill(mlflow, self.run_id, series)
+        last_step = max((s for points in series.values() for s in points), default=0)
+        now = int(time.time() * 1000)
+        figures = [Metric(metric_name(k), float(v), now, last_step)
+                   for k, v in flatten(manifest.summary).items()
+                   if _number(v) and metric_name(k) not in series]
+        mlflow.log_batch(self.run_id, metrics=figures[:1000])
+        mlflow.log_dict(self.run_id, spec, "spec.json")
+        mlflow.log_dict(self.run_id, manifest.model_dump(mode="json"), "manifest.json")
+        for path in _descriptive_files(manifest, location):
+            mlflow.log_artifact(self.run_id, str(path), "artifact")
+        if metrics_file and metrics_file.is_file():
+            mlflow.log_artifact(self.run_id, str(metrics_file), "metrics")
+        if job_log is not None and job_log.is_file():
+            mlflow.log_artifact(self.run_id, str(job_log), "job")
+        figure = loss_curve(series, f"{stage} {manifest.fingerprint[:12]}")
+        if figure is not None:
+            mlflow.log_figure(self.run_id, figure, "plots/loss.png")
+        mlflow.set_terminated(self.run_id, "FINISHED")
+
+
+def _number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
+
+def _descriptive_files(manifest: Manifest, location: str) -> list[Path]:
+    """Small text files the artifact lists (reports, configs), not its data."""
+    base = Path(location)
+    base = base if base.is_dir() else base.parent
+    return [base / name for name, entry in sorted(manifest.files.items())
+            if name.endswith(DESCRIPTIVE) and entry.bytes <= DESCRIPTIVE_MAX_BYTES
+            and (base / name).is_file()]
+
+
+def _builder(fingerprint: str) -> str | None:
+    """The finished, non-cached run that built the artifact with this fingerprint, if any."""
+    mlflow = client()
+    experiments = [e.experiment_id for e in mlflow.search_experiments()]
+    found = mlflow.search_runs(
+        experiments, f"tags.`lmforge.fingerprint` = '{fingerprint}' and "
+        f"tags.`lmforge.cached` = 'false' and attributes.status = 'FINISHED'", max_results=1)
+    return found[0].info.run_id if found else None

@@ -1,0 +1,222 @@
+"""Flows and the stage task under Prefect's test harness: the cache (miss, hit, force), the lease,
+parameters refused before any job, failures carrying the job's own error into the flow and into
+MLflow, the lifecycle end to end with its MLflow layout, registry entry and Prefect artifacts.
+
+Most flows use the `inline` profile (no job process: fast); the tests that need a real job (a
+failing engine, two flows racing for one artifact) use `local`."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import time
+
+import pytest
+from prefect import flow
+from prefect.client.orchestration import get_client
+from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterKey
+from prefect.exceptions import ParameterTypeError
+from prefect.testing.utilities import prefect_test_harness
+
+from cluster.jobs import JobFailed
+from cluster.profiles import ProfileError
+from engine.errors import SpecError
+from flows.data_prep import data_prep
+from flows.evaluate import evaluate
+from flows.lifecycle import lifecycle
+from tasks import submission, tracking
+from tasks.artifact import ArtifactRef
+from tasks.lease import Lease
+from tasks.stage import run_stage
+
+SMALL_DATA = {"generate": {"documents": 300}, "train_tokenizer": {"vocab_size": 400},
+              "tokenize": {"append_eod": True, "progress": False}}
+TINY_TRAIN = {"options": {
+    "model": {"vocab_size": 400, "hidden_size": 32, "intermediate_size": 64, "num_layers": 1,
+              "num_heads": 2, "num_kv_heads": 2, "max_position_embeddings": 64},
+    "data": {"split": "90,10,0", "seq_length": 32}, "optim": {"lr": 3e-3, "warmup_iters": 2},
+    "checkpoint": {"keep_last": 1}, "eval": {"interval": 10, "iters": 1}, "iters": 20,
+    "micro_batch_size": 4, "global_batch_size": 4, "precision": "fp32", "log_interval": 5}}
+TINY_EVAL = {"options": {"progress": False}, "heldout": {"documents": 30, "shards": 1, "seed": 7}}
+INLINE = {"profile": "inline"}
+
+
+@pytest.fixture(scope="session")
+def prefect_api():
+    with prefect_test_harness(server_startup_timeout=120):
+        yield
+
+
+@pytest.fixture
+def home(tmp_path, monkeypatch, prefect_api):
+    monkeypatch.setenv("LMFORGE_HOME", str(tmp_path / "home"))
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    monkeypatch.delenv("LMFORGE_CLUSTER_PROFILE", raising=False)
+    return tmp_path / "home"
+
+
+@flow
+async def one_stage(stage: str, spec: dict, profile: str, resources: dict | None = None) -> ArtifactRef:
+    return await run_stage(stage, spec, resources=resources, profile=profile)
+
+
+@flow
+async def same_stage_twice(spec: dict) -> list[ArtifactRef]:
+    return list(await asyncio.gather(run_stage("generate-corpus", spec, profile="local"),
+                                     run_stage("generate-corpus", spec, profile="local")))
+
+
+def job_dirs(home) -> list[str]:
+    return sorted(p.name for p in (home / "jobs").iterdir()) if (home / "jobs").exists() else []
+
+
+def stage_runs(experiment: str) -> list:
+    mlflow = tracking.client()
+    exp = mlflow.get_experiment_by_name(experiment)
+    return [r for r in mlflow.search_runs([exp.experiment_id], "tags.`lmforge.stage` != ''")]
+
+
+def test_cache_miss_hit_and_force(home):
+    first = asyncio.run(data_prep(SMALL_DATA, INLINE))
+    assert set(first) == {"generate-corpus", "train-tokenizer", "tokenize[0]", "tokenize[1]", "merge"}
+    assert not any(ref.cached for ref in first.values())
+    assert first["merge"].path.startswith(str(home / "artifacts" / "merge"))
+    assert first["merge"].summary["documents"] == 300
+    jobs = job_dirs(home)
+    assert len(jobs) == 5
+
+    second = asyncio.run(data_prep(SMALL_DATA, INLINE))
+    assert all(ref.cached for ref in second.values())
+    assert {k: r.path for k, r in second.items()} == {k: r.path for k, r in first.items()}
+    assert job_dirs(home) == jobs  # nothing submitted
+
+    forced = asyncio.run(data_prep(SMALL_DATA, {**INLINE, "force": ["merge"]}))
+    assert forced["merge"].cached is False and forced["tokenize[0]"].cached is True
+    assert forced["merge"].fingerprint == first["merge"].fingerprint
+    assert len(job_dirs(home)) == 6
+
+    # MLflow: each flow run is a parent run, each stage a nested run; hits name their builder
+    runs = stage_runs("data_prep")
+    built = {r.info.run_id: r for r in runs if r.data.tags["lmforge.cached"] == "false"}
+    hits = [r for r in runs if r.data.tags["lmforge.cached"] == "true"]
+    assert len(built) == 6 and len(hits) == 9
+    assert all(r.data.tags["lmforge.built_by"] in built for r in hits)
+    assert all(r.info.status == "FINISHED" for r in runs)
+    parents = {r.data.tags["mlflow.parentRunId"] for r in runs}
+    assert len(parents) == 3
+    merge = next(r for r in built.values() if r.data.tags["lmforge.stage"] == "merge")
+    assert merge.data.params["output_prefix"] == first["merge"].path
+    assert merge.data.metrics["documents"] == 300
+
+
+def test_bad_parameters_are_refused_before_any_job(home, tmp_path):
+    bad = json.loads(json.dumps(TINY_TRAIN))
+    bad["options"]["iters"] = -1
+    with pytest.raises(ParameterTypeError, match="iters"):
+        asyncio.run(lifecycle(data=SMALL_DATA, training=bad, run=INLINE))
+    # a value only the engine's complete model refuses: caught by the flow's dry run
+    hf = tmp_path / "model"
+    hf.mkdir()
+    (hf / "config.json").write_text("{}")
+    with pytest.raises(SpecError, match="fineval_shots"):
+        asyncio.run(evaluate(model=str(hf), evaluation={"options": {"fineval_shots": [-1]}},
+                             run=INLINE))
+    assert not (home / "jobs").exists() and not (home / "artifacts").exists()
+
+
+def test_failing_stage_fails_the_flow_with_the_jobs_error(home, tmp_path):
+    corpus = tmp_path / "bad.jsonl"
+    corpus.write_text('{"text": "a fine story"}\nthis line is not JSON\n')
+    with pytest.raises(JobFailed, match="bad.jsonl:2: not a JSON object") as failure:
+        asyncio.run(data_prep({"corpus": str(corpus)}, {"profile": "local"}))
+    assert "FAILED" in str(failure.value)
+    runs = stage_runs("data_prep")
+    assert [r.data.tags["lmforge.stage"] for r in runs] == ["train-tokenizer"]
+    assert runs[0].info.status == "FAILED"
+    assert "bad.jsonl:2" in runs[0].data.tags["lmforge.error"]
+    parent = tracking.client().get_run(runs[0].data.tags["mlflow.parentRunId"])
+    assert parent.info.status == "FAILED"
+    assert not list((home / "artifacts").rglob("*.lease"))
+
+
+def test_two_flows_building_one_artifact_build_it_once(home):
+    refs = asyncio.run(same_stage_twice({"documents": 50}))
+    assert sorted(ref.cached for ref in refs) == [False, True]
+    assert refs[0].path == refs[1].path
+    assert len(job_dirs(home)) == 1
+
+
+def test_lease_takeover_and_release(tmp_path):
+    path = tmp_path / "artifact.lease"
+    mine, theirs = Lease(path), Lease(path)
+    assert mine.try_acquire() and not theirs.try_acquire()
+    theirs.release()  # not the holder: leaves it
+    assert mine.held()
+    mine.release()
+    assert not path.exists()
+    # a holder whose process is gone
+    path.write_text(json.dumps({"pid": 2**22 + 12345, "host": os.uname().nodename, "token": "x"}))
+    assert theirs.try_acquire() and theirs.held()
+    # a holder on another host whose heartbeat stopped
+    path.write_text(json.dumps({"pid": 1, "host": "elsewhere", "token": "y"}))
+    assert not mine.try_acquire()
+    old = time.time() - 3600
+    os.utime(path, (old, old))
+    assert mine.try_acquire() and mine.held()
+
+
+def test_transient_submission_failures_are_retried(home, monkeypatch):
+    calls = []
+
+    def flaky(*args, **kwargs):
+        calls.append(args[0])
+        if len(calls) == 1:
+            raise OSError("sbatch: error: Batch job submission failed: Socket timed out")
+        return real(*args, **kwargs)
+
+    real = submission.submit
+    monkeypatch.setattr(submission, "submit", flaky)
+    monkeypatch.setattr(submission, "RETRY_DELAYS_S", (0.0,))
+    ref = asyncio.run(one_stage("generate-corpus", {"documents": 10}, "inline"))
+    assert len(calls) == 2 and not ref.cached
+    # a request the profile refuses is no transient failure
+    with pytest.raises(ProfileError, match="one rank"):
+        asyncio.run(one_stage("generate-corpus", {"documents": 11}, "inline", {"tasks_per_node": 2}))
+    assert len(calls) == 3
+
+
+def test_lifecycle_end_to_end(home):
+    kwargs = {"data": SMALL_DATA, "training": TINY_TRAIN, "evaluation": TINY_EVAL,
+              "register_as": "tiny-test", "run": INLINE}
+    refs = asyncio.run(lifecycle(**kwargs))
+    assert list(refs) == ["generate-corpus", "train-tokenizer", "tokenize[0]", "tokenize[1]",
+                          "merge", "pretrain", "convert", "generate-corpus (held-out)", "evaluate"]
+    assert (refs["convert"].kind, refs["evaluate"].kind) == ("hf-model", "eval-report")
+    ppl = refs["evaluate"].summary["metrics"]
+    assert len(ppl) == 1 and 1 < next(iter(ppl.values())) < 400
+
+    mlflow = tracking.client()
+    runs = {r.data.tags["lmforge.stage"]: r for r in stage_runs("lifecycle")}
+    train = runs["pretrain"]
+    assert train.data.params["iters"] == "20" and train.data.params["model.hidden_size"] == "32"
+    losses = mlflow.get_metric_history(train.info.run_id, "loss")
+    assert sorted(m.step for m in losses) == [5, 10, 15, 20]  # each step once: live + backfill
+    assert losses[-1].value < losses[0].value
+    files = {f.path for f in mlflow.list_artifacts(train.info.run_id)}
+    assert {"spec.json", "manifest.json", "plots", "metrics", "job"} <= files
+    assert [f.path for f in mlflow.list_artifacts(train.info.run_id, "plots")] == ["plots/loss.png"]
+    report = [f.path for f in mlflow.list_artifacts(runs["evaluate"].info.run_id, "artifact")]
+    assert {"artifact/report.json", "artifact/report.md"} <= set(report)
+    assert any(k.startswith("metrics.ppl/") for k in runs["evaluate"].data.metrics)
+
+    versions = mlflow.search_model_versions("name = 'tiny-test'")
+    assert [v.source for v in versions] == [f"file://{refs['convert'].path}"]
+    with get_client(sync_client=True) as client:
+        published = client.read_artifacts(
+            artifact_filter=ArtifactFilter(key=ArtifactFilterKey(any_=["lmforge-evaluate"])))
+    assert published and published[0].type == "table" and "MLflow run" in published[0].description
+
+    again = asyncio.run(lifecycle(**kwargs))
+    assert all(ref.cached for ref in again.values())
+    assert len(mlflow.search_model_versions("name = 'tiny-test'")) == 1

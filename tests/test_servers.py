@@ -1,0 +1,152 @@
+"""The orchestration against real servers, started by the project's own script (scripts/server.sh)
+on 127.0.0.1: a Prefect server with the deployments of prefect.yaml (cron schedules, a worker
+running a deployment), an MLflow server receiving a stage's params, step metrics, artifacts and
+registered model, and a stage of a flow run as a job on the Slurm test cluster."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import httpx
+import pytest
+from mlflow.tracking import MlflowClient
+from prefect import flow
+from prefect.settings import PREFECT_API_URL, temporary_settings
+
+from conftest import REPO
+from flows.data_prep import data_prep
+from flows.train import train
+from tasks.artifact import ArtifactRef
+from tasks.stage import run_stage
+from test_flows import INLINE, SMALL_DATA, TINY_TRAIN
+
+SERVER = REPO / "scripts" / "server.sh"
+PREFECT = str(Path(sys.executable).parent / "prefect")  # the CLI of this environment
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _server(kind: str, state: Path):
+    """Start a server with scripts/server.sh; yield its URL; stop it by its recorded PID."""
+    out = subprocess.run(["bash", str(SERVER), kind, "start", str(state), str(_free_port())],
+                         capture_output=True, text=True, timeout=200)
+    assert out.returncode == 0, out.stderr[-3000:]
+    url = out.stdout.strip().splitlines()[-1].split("=", 1)[1]
+    try:
+        yield url
+    finally:
+        subprocess.run(["bash", str(SERVER), kind, "stop", str(state)], capture_output=True,
+                       timeout=60)
+        assert not (state / "server.pid").exists()
+
+
+@pytest.fixture(scope="module")
+def prefect_server(tmp_path_factory):
+    yield from _server("prefect", tmp_path_factory.mktemp("prefect-server"))
+
+
+@pytest.fixture(scope="module")
+def mlflow_server(tmp_path_factory):
+    yield from _server("mlflow", tmp_path_factory.mktemp("mlflow-server"))
+
+
+@pytest.fixture
+def home(tmp_path, monkeypatch, prefect_server):
+    """LMFORGE_HOME in a temporary folder; flows of this process report to the real server."""
+    monkeypatch.setenv("LMFORGE_HOME", str(tmp_path / "home"))
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    monkeypatch.delenv("LMFORGE_CLUSTER_PROFILE", raising=False)
+    with temporary_settings(updates={PREFECT_API_URL: prefect_server}):
+        yield tmp_path / "home"
+
+
+def _cli(*args: str, env: dict, timeout: int) -> str:
+    out = subprocess.run(list(args), cwd=REPO, env=env, capture_output=True, text=True,
+                         timeout=timeout)
+    assert out.returncode == 0, f"{' '.join(args)}:\n{out.stdout[-3000:]}\n{out.stderr[-3000:]}"
+    return out.stdout
+
+
+def _api(url: str, path: str, body: dict) -> list[dict]:
+    response = httpx.post(f"{url}/{path}", json=body, timeout=30)
+    response.raise_for_status()
+    return response.json()
+
+
+def _runs(url: str, deployment_id: str, state: str) -> list[dict]:
+    return _api(url, "flow_runs/filter", {
+        "deployments": {"id": {"any_": [deployment_id]}},
+        "flow_runs": {"state": {"type": {"any_": [state]}}}})
+
+
+def test_deploy_schedule_and_worker_run(prefect_server, tmp_path):
+    env = {**os.environ, "PREFECT_API_URL": prefect_server, "PREFECT_HOME": str(tmp_path / "client"),
+           "PREFECT_SERVER_ANALYTICS_ENABLED": "false", "LMFORGE_HOME": str(tmp_path / "home")}
+    env.pop("MLFLOW_TRACKING_URI", None)
+    _cli(PREFECT, "work-pool", "create", "lmforge-local", "--type", "process", env=env, timeout=120)
+    _cli(PREFECT, "--no-prompt", "deploy", "--all", env=env, timeout=300)
+    deployments = {d["name"]: d for d in _api(prefect_server, "deployments/filter", {})}
+    assert set(deployments) == {"lifecycle-demo", "data-prep", "train", "evaluate", "nightly-finetune"}
+    assert deployments["data-prep"]["pull_steps"] == [
+        {"prefect.deployments.steps.set_working_directory": {"directory": str(REPO)}}]
+
+    nightly = deployments["nightly-finetune"]["id"]
+    deadline = time.monotonic() + 90
+    while not (scheduled := _runs(prefect_server, nightly, "SCHEDULED")):
+        assert time.monotonic() < deadline, "the cron schedule created no runs"
+        time.sleep(2)
+    assert all(r["expected_start_time"][11:16] == "02:00" for r in scheduled)
+
+    params = json.dumps({"data": SMALL_DATA, "run": INLINE})
+    _cli(PREFECT, "deployment", "run", "data_prep/data-prep", "--params", params, env=env, timeout=120)
+    _cli(PREFECT, "worker", "start", "--pool", "lmforge-local", "--run-once", env=env, timeout=400)
+    done = _runs(prefect_server, deployments["data-prep"]["id"], "COMPLETED")
+    assert len(done) == 1
+    assert list((tmp_path / "home" / "artifacts" / "merge").glob("*/data.manifest.json"))
+
+
+def test_stage_tracked_on_mlflow_server(home, mlflow_server, monkeypatch):
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", mlflow_server)
+    data = asyncio.run(data_prep(SMALL_DATA, INLINE))
+    refs = asyncio.run(train(dataset=data["merge"].path, tokenizer=data["train-tokenizer"].path,
+                             training=TINY_TRAIN, register_as="server-tiny",
+                             run={"profile": "local"}))
+    mlflow = MlflowClient(mlflow_server)
+    run = mlflow.get_run(refs["pretrain"].mlflow_run_id)
+    assert run.info.status == "FINISHED"
+    assert run.data.params["iters"] == "20" and run.data.params["data.seq_length"] == "32"
+    assert run.data.tags["mlflow.parentRunId"]
+    assert [m.step for m in mlflow.get_metric_history(run.info.run_id, "loss")] == [5, 10, 15, 20]
+    files = {f.path for f in mlflow.list_artifacts(run.info.run_id)}
+    assert {"spec.json", "manifest.json", "plots", "metrics", "job"} <= files
+    log = Path(refs["pretrain"].job_dir) / "logs" / "rank_00000.log"
+    assert "MLflow logging failed" not in log.read_text()  # the job logged live, without conflict
+    (version,) = mlflow.search_model_versions("name = 'server-tiny'")
+    assert version.tags["lmforge.path"] == refs["convert"].path
+    assert version.source.endswith("/reference")  # a server takes no source outside its runs
+
+
+@flow
+async def one_stage_on(profile: str, spec: dict) -> ArtifactRef:
+    return await run_stage("generate-corpus", spec, profile=profile)
+
+
+def test_stage_of_a_flow_on_the_slurm_cluster(slurm_cluster, home):
+    ref = asyncio.run(one_stage_on("testcluster", {"documents": 20, "shards": 1}))
+    job = json.loads((Path(ref.job_dir) / "job.json").read_text())
+    assert job["executor"] == "slurm" and job["job_id"].isdigit()
+    assert not ref.cached and ref.summary["documents"] == 20
+    again = asyncio.run(one_stage_on("testcluster", {"documents": 20, "shards": 1}))
+    assert again.cached and again.path == ref.path
+    assert len(list((home / "jobs").iterdir())) == 1
