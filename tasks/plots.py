@@ -28,3 +28,27 @@ def loss_curve(series: dict[str, dict[int, tuple[float, int]]], title: str) -> F
     ax.legend()
     fig.tight_layout()
     return fig
+
+
+def comparison_chart(names: list[str], reports: list[dict], most: int = 12) -> Figure | None:
+    """One small bar chart per metric (the first `most` metrics), a bar per model: evaluation
+    reports side by side, for the MLflow run of a comparison."""
+    metrics: list[str] = []
+    for report in reports:
+        metrics += [m for m, v in report["metrics"].items()
+                    if m not in metrics and isinstance(v, (int, float))]
+    metrics = metrics[:most]
+    if not metrics:
+        return None
+    cols = min(3, len(metrics))
+    rows = -(-len(metrics) // cols)
+    fig = Figure(figsize=(4 * cols, 3 * rows), dpi=100, layout="constrained")
+    FigureCanvasAgg(fig)
+    for i, metric in enumerate(metrics):
+        ax = fig.add_subplot(rows, cols, i + 1)
+        values = [r["metrics"].get(metric) for r in reports]
+        ax.bar(range(len(names)), [v if isinstance(v, (int, float)) else 0 for v in values])
+        ax.set_xticks(range(len(names)), names, rotation=20, ha="right", fontsize=7)
+        ax.set_title(metric, fontsize=8)
+        ax.grid(axis="y", alpha=0.3)
+    return fig

@@ -22,6 +22,7 @@ from prefect.testing.utilities import prefect_test_harness
 from cluster.jobs import JobFailed
 from cluster.profiles import ProfileError
 from engine.errors import SpecError
+from flows.compare import compare
 from flows.data_prep import data_prep
 from flows.evaluate import evaluate
 from flows.lifecycle import lifecycle
@@ -220,3 +221,19 @@ def test_lifecycle_end_to_end(home):
     again = asyncio.run(lifecycle(**kwargs))
     assert all(ref.cached for ref in again.values())
     assert len(mlflow.search_model_versions("name = 'tiny-test'")) == 1
+
+    # the HF export and the native checkpoint it came from, side by side: the same numbers
+    tok = refs["train-tokenizer"].path
+    table = asyncio.run(compare(models=[refs["convert"].path, refs["pretrain"].path], tokenizer=tok,
+                                evaluation=TINY_EVAL, run=INLINE))
+    header, _, *rows = table.strip().splitlines()
+    assert header.count("|") == 4 and rows
+    cells = [c.strip() for c in rows[0].strip("|").split("|")]
+    assert cells[1] == cells[2] and cells[1] not in ("", "-")
+    parent = mlflow.search_runs([tracking.experiment_id("compare")], "tags.`prefect.flow_run_id` != ''")
+    names = {f.path for f in mlflow.list_artifacts(parent[0].info.run_id)}
+    assert {"comparison.md", "comparison.png"} <= names
+    with get_client(sync_client=True) as client:
+        published = client.read_artifacts(
+            artifact_filter=ArtifactFilter(key=ArtifactFilterKey(any_=["model-comparison"])))
+    assert published and published[0].type == "markdown"

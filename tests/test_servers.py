@@ -97,7 +97,8 @@ def test_deploy_schedule_and_worker_run(prefect_server, tmp_path):
     _cli(PREFECT, "work-pool", "create", "lmforge-local", "--type", "process", env=env, timeout=120)
     _cli(PREFECT, "--no-prompt", "deploy", "--all", env=env, timeout=300)
     deployments = {d["name"]: d for d in _api(prefect_server, "deployments/filter", {})}
-    assert set(deployments) == {"lifecycle-demo", "data-prep", "train", "evaluate", "nightly-finetune"}
+    assert set(deployments) == {"lifecycle-demo", "data-prep", "train", "evaluate", "compare",
+                                "nightly-finetune"}
     assert deployments["data-prep"]["pull_steps"] == [
         {"prefect.deployments.steps.set_working_directory": {"directory": str(REPO)}}]
 

@@ -1,0 +1,53 @@
+"""The compare flow: several models evaluated on the same suites and shown side by side — one
+Markdown table (a Prefect artifact, and in the flow's MLflow run) and a bar chart per metric (an
+MLflow figure). Each model's evaluation is the evaluate flow's own step, so it is cached alike."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from prefect import flow
+from prefect.artifacts import acreate_markdown_artifact
+
+from engine.evaluate.report import REPORT_JSON, compare_reports
+from flows.params import EvalParams, RunParams
+from flows.runner import Runner
+from flows.steps import evaluate_model, given_model
+from tasks.plots import comparison_chart
+from tasks.tracking import client, tracked_flow
+
+
+@flow(name="compare")
+async def compare(models: list[str], tokenizer: str | None = None,
+                  evaluation: EvalParams = EvalParams(), run: RunParams = RunParams()) -> str:
+    """Returns the comparison table (Markdown).
+
+    Args:
+        models: HF folders, native checkpoints, or models:/NAME/VERSION|latest, two or more.
+        tokenizer: default: each model's own.
+        evaluation: suites and their data, the same for every model.
+        run: cluster profile, per-stage resources, forced rebuilds.
+    """
+    if len(models) < 2:
+        raise ValueError("compare needs at least two models")
+    targets = [given_model(m) for m in models]
+    for target in targets:  # every spec checked before the first job
+        await evaluate_model(Runner(run, dry=True), evaluation, target, tokenizer, {})
+    with tracked_flow({"models": models, "tokenizer": tokenizer, "evaluation": evaluation,
+                       "run": run}) as parent:
+        reports = []
+        for target in targets:
+            ref = await evaluate_model(Runner(run), evaluation, target, tokenizer, {})
+            reports.append(Path(ref.path) / REPORT_JSON)
+        table = compare_reports(reports)
+        await acreate_markdown_artifact(markdown=table, key="model-comparison",
+                                        description=f"{len(models)} models side by side")
+        mlflow = client()
+        mlflow.log_text(parent, table, "comparison.md")
+        labels = [Path(m.rstrip("/")).name or m for m in models]
+        labels = labels if len(set(labels)) == len(labels) else models
+        chart = comparison_chart(labels, [json.loads(p.read_text()) for p in reports])
+        if chart is not None:
+            mlflow.log_figure(parent, chart, "comparison.png")
+        return table
