@@ -183,6 +183,21 @@ def test_finetune_starts_fresh_from_weights(dataset, tmp_path):
     assert code == 2 and "not a checkpoint" in err
 
 
+@pytest.mark.parametrize("precision", ["bf16", "fp16"])
+def test_reduced_precision_trains_and_resumes(dataset, tmp_path, precision):
+    """Autocast over fp32 weights (fp16 with loss scaling, its scale kept in the checkpoint)."""
+    from engine.train.loop import train
+
+    save = tmp_path / precision
+    train(PretrainSpec.model_validate(_spec(dataset, save, iters=8, precision=precision,
+                                            checkpoint={"interval": 4})), "pretrain")
+    losses = _losses(save)
+    assert losses[8] < losses[1] - 0.5
+    meta = json.loads((ckpt.iter_dir(save, 8) / "meta.json").read_text())
+    assert ("grad_scaler" in meta) == (precision == "fp16")
+    assert all(p.dtype == torch.float32 for p in _weights(save, 8).values())  # fp32 master weights
+
+
 def test_eod_targets_are_masked(dataset, tmp_path):
     from engine.train.loop import Batches
 

@@ -214,6 +214,8 @@ def _train(spec: TrainSpec, stage: str, env: distributed.Env) -> Manifest:
                                     restore_rng=keep_optimizer)
         if keep_optimizer:
             iteration = int(meta["iteration"])
+            if scaler and meta.get("grad_scaler"):
+                scaler.load_state_dict(meta["grad_scaler"])
         log.info("%s from %s (iteration %d)", "resumed" if resume else "started", start, iteration)
 
     sink = MetricsSink(spec.metrics_file or save_dir / "metrics.jsonl", enabled=env.is_main)
@@ -226,8 +228,9 @@ def _train(spec: TrainSpec, stage: str, env: distributed.Env) -> Manifest:
     meta_common = {"spec": spec.model_dump(mode="json"), "stage": stage}
 
     def save(it: int) -> Path:
+        extra = {"grad_scaler": scaler.state_dict()} if scaler else {}
         return ckpt.save_checkpoint(save_dir, it, model, optimizer,
-                                    {**meta_common, "consumed_samples": it * G},
+                                    {**meta_common, "consumed_samples": it * G, **extra},
                                     cfg.model_dump(mode="json"), spec.checkpoint.keep_last)
 
     log.info("training %s: %d iterations of %d samples × %d tokens on %d rank(s), %s, %s",
