@@ -18,6 +18,8 @@ import logging
 import multiprocessing
 import os
 import signal
+import sys
+import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -162,11 +164,18 @@ class _Batch:
 _worker: dict = {}
 
 
-def _init_worker(tokenizer_path: str, keys: list[str], add_bos: bool, append_eod: bool) -> None:
-    signal.signal(signal.SIGINT, signal.SIG_IGN)  # the parent handles Ctrl-C and cleans up
-    tok = load_tokenizer(tokenizer_path)
+def _set_worker(tok: Tokenizer, keys: list[str], add_bos: bool, append_eod: bool) -> None:
     _worker.update(tok=tok, keys=keys, dtype=token_dtype(tok.vocab_size),
                    bos=[tok.bos_id] if add_bos else [], eod=[tok.eod_id] if append_eod else [])
+
+
+def _ignore_sigint() -> None:
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # the parent handles Ctrl-C and cleans up
+
+
+def _spawned_worker(tokenizer_path: str, keys: list[str], add_bos: bool, append_eod: bool) -> None:
+    _ignore_sigint()
+    _set_worker(load_tokenizer(tokenizer_path), keys, add_bos, append_eod)
 
 
 def _parse(line: bytes, keys: list[str]) -> list[str] | str:
@@ -215,28 +224,50 @@ def _encode_batch(first_line: int, lines: list[bytes]) -> _Batch:
     return out
 
 
-class _Interrupted(Exception):
-    pass
+class _StopSignals:
+    """Ctrl-C and SIGTERM only set a flag, which the main loop checks between batches: the stage
+    then stops at a known point, with the process pool in a clean state, and removes its
+    temporary files (an exception raised inside the pool's locking could hang the shutdown)."""
+
+    def __init__(self) -> None:
+        self.received: int | None = None
+        self._old: dict = {}
+
+    def __enter__(self) -> "_StopSignals":
+        if threading.current_thread() is threading.main_thread():
+            for sig in (signal.SIGINT, signal.SIGTERM):
+                self._old[sig] = signal.signal(sig, self._note)
+        return self
+
+    def _note(self, signum, frame) -> None:
+        self.received = signum
+
+    def check(self) -> None:
+        if self.received is not None:
+            raise KeyboardInterrupt(signal.Signals(self.received).name)
+
+    def __exit__(self, *exc) -> None:
+        for sig, handler in self._old.items():
+            signal.signal(sig, handler)
 
 
-def _raise_interrupt(signum, frame):
-    raise _Interrupted(f"signal {signum}")
-
-
-def _results(spec: Spec, files: list[Path], hashes: dict) -> Iterator[tuple[int, int, _Batch]]:
+def _results(spec: Spec, tok: Tokenizer, files: list[Path], hashes: dict
+             ) -> Iterator[tuple[int, int, _Batch]]:
     """Encoded batches in input order: inline for one worker, else a process pool with at most
-    2 batches per worker in flight."""
-    init = (spec.tokenizer, spec.json_keys, spec.add_bos, spec.append_eod)
+    2 batches per worker in flight. Where fork exists the workers inherit the loaded tokenizer
+    (starting one costs milliseconds instead of a second of imports)."""
     batches = _read_batches(files, spec.batch_lines, spec.batch_bytes, hashes)
+    _set_worker(tok, spec.json_keys, spec.add_bos, spec.append_eod)
     if spec.workers == 1:
-        _init_worker(*init)
-        signal.signal(signal.SIGINT, signal.default_int_handler)
         for fi, first, lines in batches:
             yield fi, first, _encode_batch(first, lines)
         return
-    ctx = multiprocessing.get_context("spawn")
-    pool = cf.ProcessPoolExecutor(spec.workers, mp_context=ctx, initializer=_init_worker,
-                                  initargs=init)
+    if "fork" in multiprocessing.get_all_start_methods() and sys.platform == "linux":
+        ctx, init, args = multiprocessing.get_context("fork"), _ignore_sigint, ()
+    else:
+        ctx, init = multiprocessing.get_context("spawn"), _spawned_worker
+        args = (spec.tokenizer, spec.json_keys, spec.add_bos, spec.append_eod)
+    pool = cf.ProcessPoolExecutor(spec.workers, mp_context=ctx, initializer=init, initargs=args)
     pending: collections.deque = collections.deque()
     try:
         for fi, first, lines in batches:
@@ -269,44 +300,40 @@ def run(spec: Spec) -> Manifest:
     skipped: list[str] = []
     empty = 0
     start = time.perf_counter()
-    old_term = signal.signal(signal.SIGTERM, _raise_interrupt)
-    try:
-        with StagedFiles() as staged, tqdm(unit="doc", disable=not spec.progress,
-                                           mininterval=1.0, smoothing=0.1) as bar:
-            writers, idx_tmp = {}, {}
-            for key in spec.json_keys:
-                bin_path, idx_path = output_files(spec.output_prefix, key)
-                writers[key] = IndexedDatasetWriter(open(staged.stage(bin_path), "wb"), dtype)
-                idx_tmp[key] = staged.stage(idx_path)
-            try:
-                for fi, _first, batch in _results(spec, files, hashes):
-                    for line, reason in batch.bad:
-                        where = f"{files[fi]}:{line}: {reason}"
-                        if not spec.skip_bad_lines:
-                            raise InputError(where)
-                        if len(skipped) < 20:
-                            log.warning("skipped %s", where)
-                        skipped.append(where)
-                    empty += batch.empty
-                    for key, w in writers.items():
-                        w.add_documents(batch.tokens[key], batch.lengths[key])
-                    w0 = writers[spec.json_keys[0]]
-                    bar.update(len(batch.lengths[spec.json_keys[0]]))
-                    elapsed = max(time.perf_counter() - start, 1e-9)
-                    bar.set_postfix_str(f"{w0.tokens / elapsed:,.0f} tok/s", refresh=False)
-            finally:
-                for w in writers.values():
-                    w.f.close()
-            if writers[spec.json_keys[0]].documents == 0:
-                raise InputError(f"{', '.join(map(str, files))}: no documents to tokenize")
-            for key, w in writers.items():
-                with open(idx_tmp[key], "wb") as f:
-                    w.finish(f)
-            staged.commit()
-    except _Interrupted as exc:
-        raise KeyboardInterrupt(str(exc)) from None
-    finally:
-        signal.signal(signal.SIGTERM, old_term)
+    with _StopSignals() as stop, StagedFiles() as staged, \
+            tqdm(unit="doc", disable=not spec.progress, mininterval=1.0, smoothing=0.1) as bar:
+        writers, idx_tmp = {}, {}
+        for key in spec.json_keys:
+            bin_path, idx_path = output_files(spec.output_prefix, key)
+            writers[key] = IndexedDatasetWriter(open(staged.stage(bin_path), "wb"), dtype)
+            idx_tmp[key] = staged.stage(idx_path)
+        try:
+            for fi, _first, batch in _results(spec, tok, files, hashes):
+                stop.check()
+                for line, reason in batch.bad:
+                    where = f"{files[fi]}:{line}: {reason}"
+                    if not spec.skip_bad_lines:
+                        raise InputError(where)
+                    if len(skipped) < 20:
+                        log.warning("skipped %s", where)
+                    skipped.append(where)
+                empty += batch.empty
+                for key, w in writers.items():
+                    w.add_documents(batch.tokens[key], batch.lengths[key])
+                w0 = writers[spec.json_keys[0]]
+                bar.update(len(batch.lengths[spec.json_keys[0]]))
+                elapsed = max(time.perf_counter() - start, 1e-9)
+                bar.set_postfix_str(f"{w0.tokens / elapsed:,.0f} tok/s", refresh=False)
+        finally:
+            for w in writers.values():
+                w.f.close()
+        stop.check()
+        if writers[spec.json_keys[0]].documents == 0:
+            raise InputError(f"{', '.join(map(str, files))}: no documents to tokenize")
+        for key, w in writers.items():
+            with open(idx_tmp[key], "wb") as f:
+                w.finish(f)
+        staged.commit()
     elapsed = time.perf_counter() - start
 
     out_files: dict[str, FileEntry] = {}
