@@ -19,7 +19,6 @@ import multiprocessing
 import os
 import signal
 import sys
-import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -34,6 +33,7 @@ from engine.data.indexed import IndexedDatasetWriter, token_dtype
 from engine.data.tokenizer import Tokenizer, load_tokenizer
 from engine.errors import InputError
 from engine.manifest import FileEntry, Manifest, fingerprint, sha256_file, write_manifest
+from engine.signals import StopSignals
 from engine.spec import StageSpec
 
 log = logging.getLogger(__name__)
@@ -224,33 +224,6 @@ def _encode_batch(first_line: int, lines: list[bytes]) -> _Batch:
     return out
 
 
-class _StopSignals:
-    """Ctrl-C and SIGTERM only set a flag, which the main loop checks between batches: the stage
-    then stops at a known point, with the process pool in a clean state, and removes its
-    temporary files (an exception raised inside the pool's locking could hang the shutdown)."""
-
-    def __init__(self) -> None:
-        self.received: int | None = None
-        self._old: dict = {}
-
-    def __enter__(self) -> "_StopSignals":
-        if threading.current_thread() is threading.main_thread():
-            for sig in (signal.SIGINT, signal.SIGTERM):
-                self._old[sig] = signal.signal(sig, self._note)
-        return self
-
-    def _note(self, signum, frame) -> None:
-        self.received = signum
-
-    def check(self) -> None:
-        if self.received is not None:
-            raise KeyboardInterrupt(signal.Signals(self.received).name)
-
-    def __exit__(self, *exc) -> None:
-        for sig, handler in self._old.items():
-            signal.signal(sig, handler)
-
-
 def _results(spec: Spec, tok: Tokenizer, files: list[Path], hashes: dict
              ) -> Iterator[tuple[int, int, _Batch]]:
     """Encoded batches in input order: inline for one worker, else a process pool with at most
@@ -300,7 +273,7 @@ def run(spec: Spec) -> Manifest:
     skipped: list[str] = []
     empty = 0
     start = time.perf_counter()
-    with _StopSignals() as stop, StagedFiles() as staged, \
+    with StopSignals(signal.SIGINT, signal.SIGTERM) as stop, StagedFiles() as staged, \
             tqdm(unit="doc", disable=not spec.progress, mininterval=1.0, smoothing=0.1) as bar:
         writers, idx_tmp = {}, {}
         for key in spec.json_keys:
@@ -309,7 +282,8 @@ def run(spec: Spec) -> Manifest:
             idx_tmp[key] = staged.stage(idx_path)
         try:
             for fi, _first, batch in _results(spec, tok, files, hashes):
-                stop.check()
+                if stop.received is not None:
+                    raise KeyboardInterrupt(stop.name)
                 for line, reason in batch.bad:
                     where = f"{files[fi]}:{line}: {reason}"
                     if not spec.skip_bad_lines:
@@ -327,7 +301,8 @@ def run(spec: Spec) -> Manifest:
         finally:
             for w in writers.values():
                 w.f.close()
-        stop.check()
+        if stop.received is not None:
+            raise KeyboardInterrupt(stop.name)
         if writers[spec.json_keys[0]].documents == 0:
             raise InputError(f"{', '.join(map(str, files))}: no documents to tokenize")
         for key, w in writers.items():

@@ -16,10 +16,9 @@ import contextlib
 import logging
 import math
 import signal
-import threading
 import time
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Iterator
 
 import numpy as np
 import torch
@@ -34,6 +33,7 @@ from engine.model.config import ModelConfig
 from engine.model.llama import LlamaModel
 from engine.parallel import distributed
 from engine.parallel.data_parallel import set_gradient_sync, wrap
+from engine.signals import StopSignals
 from engine.train import checkpoint as ckpt
 from engine.train.flops import flops_per_token, peak_flops
 from engine.train.spec import TrainSpec
@@ -44,29 +44,6 @@ _AUTOCAST = {"bf16": torch.bfloat16, "fp16": torch.float16}
 
 class NonFiniteLoss(LmforgeError):
     """Training diverged: too many steps in a row with a non-finite loss or gradient."""
-
-
-class _StopSignal:
-    """Remembers SIGTERM / SIGUSR2 (preemption, time limit) until the step ends."""
-
-    def __init__(self) -> None:
-        self.received: int | None = None
-        self._old: dict[int, Any] = {}
-
-    def __enter__(self) -> "_StopSignal":
-        if threading.current_thread() is threading.main_thread():
-            for sig in (signal.SIGTERM, signal.SIGUSR2):
-                self._old[sig] = signal.signal(sig, self._handle)
-        return self
-
-    def _handle(self, signum, frame) -> None:
-        self.received = signum
-        log.warning("received %s: will save a checkpoint after this step and stop",
-                    signal.Signals(signum).name)
-
-    def __exit__(self, *exc) -> None:
-        for sig, handler in self._old.items():
-            signal.signal(sig, handler)
 
 
 def input_paths(spec: TrainSpec) -> dict[str, str]:
@@ -246,7 +223,8 @@ def _train(spec: TrainSpec, stage: str, env: distributed.Env) -> Manifest:
         vloss, _ = evaluate(model, valid_batches, spec.eval.iters, spec.precision, spec.fused_loss)
         sink.log_metrics({"valid_loss": vloss, "valid_ppl": math.exp(min(vloss, 50))}, 0)
         log.info("iter 0 | valid loss %.4f", vloss)
-    with _StopSignal() as stop:
+    with StopSignals(signal.SIGTERM, signal.SIGUSR2,
+                     note="will save a checkpoint after this step and stop") as stop:
         while iteration < spec.iters:
             lr = spec.optim.at(iteration, spec.iters)
             for group in optimizer.param_groups:
