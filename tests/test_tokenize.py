@@ -56,6 +56,43 @@ def test_segment_cache_equals_sentencepiece(model):
     assert not mismatches, mismatches[:3]
 
 
+def test_segments_learned_by_one_process_serve_another(llama2_sp):
+    """What one worker's tokenizer learns is enough for another to encode the same text without
+    calling SentencePiece, and merging segments it already has changes nothing."""
+    sp = spm.SentencePieceProcessor(model_file=str(llama2_sp))
+    texts = _real_paragraphs(60_000)
+    first, second = SentencePieceTokenizer(llama2_sp), SentencePieceTokenizer(llama2_sp)
+    first.encode(texts)
+    second.encode(texts[: len(texts) // 2])  # knows part of the segments already
+    second.new_segments()
+    second.add_segments(first.new_segments())
+    assert first.new_segments()[0] == []  # everything was handed out
+    assert second.new_segments()[0] == []  # merged segments count as shared
+
+    def no_sentencepiece(*args, **kwargs):
+        raise AssertionError("a segment was missing")
+
+    second.sp.encode = no_sentencepiece
+    assert second.encode(texts) == [sp.encode(t) for t in texts]
+
+
+def test_small_blocks_and_long_lines_keep_line_numbers(tmp_path, write_jsonl, llama2_sp):
+    """Blocks smaller than a line, a bad line, a last line without a newline: same output and
+    line numbers as one big block."""
+    rows = [{"text": f"line {i} " + "long words " * (i % 13)} for i in range(40)]
+    src = write_jsonl("c.jsonl", rows, raw_lines=[b'{"text": 7}'])
+    src.write_bytes(src.read_bytes() + b'{"text": "no newline at the end"}')
+    outs = []
+    for label, block in (("big", 1 << 20), ("small", 64)):
+        m = run(Spec(input=[str(src)], output_prefix=str(tmp_path / label), tokenizer=str(llama2_sp),
+                     append_eod=True, batch_bytes=block, batch_lines=3, skip_bad_lines=True,
+                     workers=2, progress=False))
+        assert m.summary["skipped_examples"] == [f"{src}:41: key 'text' is int, not a string"]
+        assert m.summary["documents"] == 41
+        outs.append((tmp_path / f"{label}_text_document.bin").read_bytes())
+    assert outs[0] == outs[1]
+
+
 def _read_docs(prefix) -> list[list[int]]:
     ds = IndexedDataset(prefix)
     return [ds[i].tolist() for i in range(len(ds))]

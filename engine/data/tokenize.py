@@ -30,7 +30,7 @@ from tqdm import tqdm
 
 from engine.atomic import StagedFiles
 from engine.data.indexed import IndexedDatasetWriter, token_dtype
-from engine.data.tokenizer import Tokenizer, load_tokenizer
+from engine.data.tokenizer import Segments, Tokenizer, load_tokenizer
 from engine.errors import InputError
 from engine.manifest import FileEntry, Manifest, fingerprint, sha256_file, write_manifest
 from engine.signals import StopSignals
@@ -115,7 +115,7 @@ def resolve_inputs(patterns: list[str]) -> list[Path]:
 
 
 class _HashingReader:
-    """File wrapper that hashes the raw bytes as gzip pulls them through."""
+    """File wrapper that hashes the raw bytes as they are read (through gzip or not)."""
 
     def __init__(self, f: BinaryIO, h) -> None:
         self.f, self.h = f, h
@@ -127,29 +127,43 @@ class _HashingReader:
 
 
 def _read_batches(files: list[Path], batch_lines: int, batch_bytes: int,
-                  hashes: dict[str, "hashlib._Hash"]) -> Iterator[tuple[int, int, list[bytes]]]:
-    """(file index, first line number, lines) in input order; fills `hashes` with raw-file sha256."""
+                  hashes: dict[str, "hashlib._Hash"]) -> Iterator[tuple[int, int, bytes]]:
+    """(file index, first line number, whole lines as one bytes object) in input order; fills
+    `hashes` with each raw file's sha256. Reads blocks, not lines: the main process stays light,
+    and the workers split lines."""
     for fi, path in enumerate(files):
         h = hashes[str(path)] = hashlib.sha256()
         with open(path, "rb") as raw:
-            if path.name.endswith(".gz"):
-                lines: Iterator[bytes] = gzip.GzipFile(fileobj=_HashingReader(raw, h), mode="rb")
-            else:
-                lines = (h.update(line) or line for line in raw)
-            batch: list[bytes] = []
-            first, size = 1, 0
+            reader = _HashingReader(raw, h)
+            stream = gzip.GzipFile(fileobj=reader, mode="rb") if path.name.endswith(".gz") else reader
+            line, rest = 1, b""
             try:
-                for n, line in enumerate(lines, 1):
-                    batch.append(line)
-                    size += len(line)
-                    if len(batch) == batch_lines or size >= batch_bytes:
-                        yield fi, first, batch
-                        batch, first, size = [], n + 1, 0
+                while chunk := stream.read(batch_bytes):
+                    data = rest + chunk if rest else chunk
+                    end = data.rfind(b"\n") + 1  # 0 while one line is longer than a block
+                    rest = data[end:]
+                    for piece in _at_most_lines(data[:end], batch_lines):
+                        yield fi, line, piece
+                        line += piece.count(b"\n")
             except (OSError, EOFError) as exc:  # a corrupt .gz
                 raise InputError(f"{path}: cannot read: {exc}") from None
-            if batch:
-                yield fi, first, batch
+            if rest:
+                yield fi, line, rest
             h.update(raw.read())  # bytes after the last complete gzip member
+
+
+def _at_most_lines(data: bytes, n: int) -> Iterator[bytes]:
+    """`data` (whole lines) in pieces of at most n lines."""
+    start = 0
+    while start < len(data):
+        end = start
+        for _ in range(n):
+            end = data.find(b"\n", end) + 1
+            if end == 0:
+                end = len(data)
+                break
+        yield data[start:end]
+        start = end
 
 
 @dataclass
@@ -159,13 +173,15 @@ class _Batch:
     lengths: dict[str, np.ndarray] = field(default_factory=dict)
     bad: list[tuple[int, str]] = field(default_factory=list)
     empty: int = 0
+    learned: Segments | None = None  # the tokenizer's new cache entries, for the other workers
 
 
 _worker: dict = {}
 
 
-def _set_worker(tok: Tokenizer, keys: list[str], add_bos: bool, append_eod: bool) -> None:
-    _worker.update(tok=tok, keys=keys, dtype=token_dtype(tok.vocab_size),
+def _set_worker(tok: Tokenizer, keys: list[str], add_bos: bool, append_eod: bool,
+                share: bool = True) -> None:
+    _worker.update(tok=tok, keys=keys, dtype=token_dtype(tok.vocab_size), share=share,
                    bos=[tok.bos_id] if add_bos else [], eod=[tok.eod_id] if append_eod else [])
 
 
@@ -200,12 +216,14 @@ def _parse(line: bytes, keys: list[str]) -> list[str] | str:
     return texts
 
 
-def _encode_batch(first_line: int, lines: list[bytes]) -> _Batch:
+def _encode_batch(first_line: int, data: bytes, shared: list[Segments] = ()) -> _Batch:
     tok: Tokenizer = _worker["tok"]
+    for segments in shared:
+        tok.add_segments(segments)
     keys, bos, eod, dtype = _worker["keys"], _worker["bos"], _worker["eod"], _worker["dtype"]
     out = _Batch()
     rows: list[list[str]] = []
-    for n, line in enumerate(lines, first_line):
+    for n, line in enumerate(data.split(b"\n"), first_line):
         if not line.strip():
             continue  # blank lines (a trailing newline) are not documents
         parsed = _parse(line, keys)
@@ -215,25 +233,44 @@ def _encode_batch(first_line: int, lines: list[bytes]) -> _Batch:
             out.empty += 1
         else:
             rows.append(parsed)
-    extra = len(bos) + len(eod)
     for k, key in enumerate(keys):
-        docs = [ids for ids in tok.encode([r[k] for r in rows]) if len(ids)]
-        out.lengths[key] = np.fromiter((len(d) + extra for d in docs), dtype=np.int32, count=len(docs))
-        out.tokens[key] = np.fromiter(itertools.chain.from_iterable(
-            itertools.chain(bos, d, eod) for d in docs), dtype=dtype, count=int(out.lengths[key].sum()))
+        tokens, lengths = tok.encode_flat([r[k] for r in rows])
+        out.tokens[key], out.lengths[key] = _with_specials(tokens, lengths[lengths > 0], bos, eod, dtype)
+    if _worker["share"]:
+        out.learned = tok.new_segments()
     return out
+
+
+def _with_specials(tokens: np.ndarray, lengths: np.ndarray, bos: list[int], eod: list[int],
+                   dtype: np.dtype) -> tuple[np.ndarray, np.ndarray]:
+    """Documents laid end to end with BOS before and EOD after each: (tokens, lengths)."""
+    extra = len(bos) + len(eod)
+    lengths = (lengths + extra).astype(np.int32)
+    if not extra:
+        return tokens.astype(dtype), lengths
+    out = np.empty(int(lengths.sum(dtype=np.int64)), dtype=dtype)
+    ends = np.cumsum(lengths, dtype=np.int64)
+    shift = np.repeat(np.arange(len(lengths), dtype=np.int64) * extra + len(bos), lengths - extra)
+    out[np.arange(len(tokens)) + shift] = tokens
+    if bos:
+        out[ends - lengths] = bos[0]
+    if eod:
+        out[ends - 1] = eod[0]
+    return out, lengths
 
 
 def _results(spec: Spec, tok: Tokenizer, files: list[Path], hashes: dict
              ) -> Iterator[tuple[int, int, _Batch]]:
     """Encoded batches in input order: inline for one worker, else a process pool with at most
     2 batches per worker in flight. Where fork exists the workers inherit the loaded tokenizer
-    (starting one costs milliseconds instead of a second of imports)."""
+    (starting one costs milliseconds instead of a second of imports). What a worker's tokenizer
+    learns (new cache entries) rides along with the next `workers` batches submitted, so that
+    every worker does not have to learn the whole vocabulary of segments by itself."""
     batches = _read_batches(files, spec.batch_lines, spec.batch_bytes, hashes)
-    _set_worker(tok, spec.json_keys, spec.add_bos, spec.append_eod)
+    _set_worker(tok, spec.json_keys, spec.add_bos, spec.append_eod, share=spec.workers > 1)
     if spec.workers == 1:
-        for fi, first, lines in batches:
-            yield fi, first, _encode_batch(first, lines)
+        for fi, first, data in batches:
+            yield fi, first, _encode_batch(first, data)
         return
     if "fork" in multiprocessing.get_all_start_methods() and sys.platform == "linux":
         ctx, init, args = multiprocessing.get_context("fork"), _ignore_sigint, ()
@@ -242,15 +279,23 @@ def _results(spec: Spec, tok: Tokenizer, files: list[Path], hashes: dict
         args = (spec.tokenizer, spec.json_keys, spec.add_bos, spec.append_eod)
     pool = cf.ProcessPoolExecutor(spec.workers, mp_context=ctx, initializer=init, initargs=args)
     pending: collections.deque = collections.deque()
+    learned: collections.deque = collections.deque(maxlen=spec.workers)
+
+    def done() -> tuple[int, int, _Batch]:
+        fi0, first0, fut = pending.popleft()
+        batch = fut.result()
+        if batch.learned is not None and batch.learned[0]:
+            learned.append(batch.learned)
+        batch.learned = None
+        return fi0, first0, batch
+
     try:
-        for fi, first, lines in batches:
-            pending.append((fi, first, pool.submit(_encode_batch, first, lines)))
+        for fi, first, data in batches:
+            pending.append((fi, first, pool.submit(_encode_batch, first, data, list(learned))))
             while len(pending) >= 2 * spec.workers:
-                fi0, first0, fut = pending.popleft()
-                yield fi0, first0, fut.result()
+                yield done()
         while pending:
-            fi0, first0, fut = pending.popleft()
-            yield fi0, first0, fut.result()
+            yield done()
     finally:
         pool.shutdown(wait=not pending, cancel_futures=True)
 

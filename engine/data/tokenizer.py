@@ -9,7 +9,6 @@ from __future__ import annotations
 import hashlib
 import itertools
 import json
-import re
 from pathlib import Path
 from typing import Sequence
 
@@ -17,9 +16,8 @@ import numpy as np
 
 from engine.errors import InputError
 
-# A run of spaces and the word after it; trailing spaces stay with the last word.
-_SEGMENT = re.compile(r" *[^ ]+(?: +$)?| +$")
 _CACHE_LIMIT = 1 << 20
+Segments = tuple[list[str], np.ndarray, np.ndarray]  # keys, token counts, their tokens end to end
 
 
 class Tokenizer:
@@ -33,6 +31,22 @@ class Tokenizer:
 
     def encode(self, texts: Sequence[str]) -> list[Sequence[int]]:
         raise NotImplementedError
+
+    def encode_flat(self, texts: Sequence[str]) -> tuple[np.ndarray, np.ndarray]:
+        """All texts' ids concatenated, and each text's count: the form dataset writers want."""
+        docs = self.encode(texts)
+        lengths = np.fromiter(map(len, docs), dtype=np.int64, count=len(docs))
+        tokens = np.fromiter(itertools.chain.from_iterable(docs), dtype=np.int64,
+                             count=int(lengths.sum()))
+        return tokens, lengths
+
+    def new_segments(self) -> Segments | None:
+        """What this tokenizer learned since the last call, for `add_segments` in another
+        process that encodes the same corpus (None: nothing to share)."""
+        return None
+
+    def add_segments(self, segments: Segments) -> None:
+        """Take in what another process's `new_segments` gave."""
 
     def decode(self, ids: Sequence[int]) -> str:
         raise NotImplementedError
@@ -72,7 +86,7 @@ class SentencePieceTokenizer(Tokenizer):
         self.bos_id = self.sp.bos_id() if self.sp.bos_id() >= 0 else None
         self.eod_id = self.sp.eos_id() if self.sp.eos_id() >= 0 else None
         self.cached = self._segments_are_independent()
-        self._cache: dict[str, tuple[int, ...]] = {}
+        self._table = _SegmentTable()
 
     def _segments_are_independent(self) -> bool:
         try:
@@ -85,11 +99,7 @@ class SentencePieceTokenizer(Tokenizer):
         if (norm.name != "identity" or not norm.escape_whitespaces
                 or trainer.model_type != pb.TrainerSpec.BPE or trainer.treat_whitespace_as_suffix):
             return False
-        for i in range(self.vocab_size):
-            piece = self.sp.id_to_piece(i)
-            if re.search("[^▁]▁", piece):
-                return False
-        return True
+        return not any("▁" in p.piece.lstrip("▁") for p in proto.pieces)
 
     def decode(self, ids: Sequence[int]) -> str:
         return self.sp.decode(list(ids))
@@ -97,28 +107,137 @@ class SentencePieceTokenizer(Tokenizer):
     def encode(self, texts: Sequence[str]) -> list[Sequence[int]]:
         if not self.cached:
             return self.sp.encode(list(texts))
-        return [self._encode_cached(text) for text in texts]
+        tokens, lengths = self.encode_flat(texts)
+        return [a.tolist() for a in np.split(tokens, np.cumsum(lengths)[:-1])] if len(texts) else []
 
-    def _encode_cached(self, text: str) -> list[int]:
-        """Cache keys are what SentencePiece is asked to encode: a segment without the one space
-        that the dummy prefix stands for. Ordinary text (single spaces) splits with str.split;
-        runs of spaces and leading/trailing spaces take the regex."""
-        keys = text.split(" ")
-        head: tuple[int, ...] = ()
-        if "" in keys:
-            segments = _SEGMENT.findall(text)
-            if text.startswith(" "):  # leading spaces meet the dummy prefix: encode as SentencePiece does
-                head, segments = tuple(self.sp.encode(segments[0])), segments[1:]
-            keys = [s[1:] if s[0] == " " else s for s in segments]
-        cache = self._cache
-        ids = [cache.get(k) for k in keys]
-        if None in ids:
-            if len(cache) > _CACHE_LIMIT:
-                cache.clear()
-            misses = list({k for k, v in zip(keys, ids) if v is None})
-            cache.update(zip(misses, map(tuple, self.sp.encode(misses))))
-            ids = [cache[k] for k in keys]
-        return list(itertools.chain(head, *ids))
+    def encode_flat(self, texts: Sequence[str]) -> tuple[np.ndarray, np.ndarray]:
+        """Split every text into cache keys (what SentencePiece is asked to encode: a segment
+        without the one space that the dummy prefix stands for), encode the keys not seen yet in
+        one call, then gather all tokens with numpy."""
+        if not self.cached:
+            return super().encode_flat(texts)
+        keys: list[str] = []
+        counts = np.empty(len(texts), dtype=np.int64)
+        for i, text in enumerate(texts):
+            parts = text.split(" ")
+            if "" in parts:
+                parts = _merge_space_runs(parts, text)
+            keys += parts
+            counts[i] = len(parts)
+        table = self._table
+        try:
+            ids = np.fromiter(map(table.index.get, keys), dtype=np.int64, count=len(keys))
+        except TypeError:  # a key not seen yet (get gave None)
+            if len(table.index) > _CACHE_LIMIT:  # bound memory: start afresh
+                table.clear()
+            misses = [k for k in dict.fromkeys(keys) if k not in table.index]
+            encodings = self.sp.encode(misses)
+            lengths = np.fromiter(map(len, encodings), dtype=np.int64, count=len(misses))
+            table.add(misses, lengths, np.fromiter(itertools.chain.from_iterable(encodings),
+                                                   dtype=np.int32, count=int(lengths.sum())))
+            ids = np.fromiter(map(table.index.__getitem__, keys), dtype=np.int64, count=len(keys))
+        return table.gather(ids, counts)
+
+
+    def new_segments(self) -> Segments | None:
+        return self._table.take_new() if self.cached else None
+
+    def add_segments(self, segments: Segments) -> None:
+        if self.cached:
+            self._table.merge(segments)
+
+
+def _merge_space_runs(parts: list[str], text: str) -> list[str]:
+    """`text.split(" ")` -> cache keys where the text has runs of spaces: k spaces between two
+    words leave k - 1 empty parts, which become the spaces of the next key; leading spaces stay
+    whole in the first key and trailing spaces join the last one (as SentencePiece sees them).
+    Jumps from empty part to empty part, copying the words between them in bulk."""
+    keys: list[str] = []
+    start, pad, n = 0, 0, len(parts)
+    while True:
+        try:
+            i = parts.index("", start)
+        except ValueError:
+            i = n
+        if i > start:
+            if pad:
+                keys.append(" " * pad + parts[start])
+                start, pad = start + 1, 0
+            keys += parts[start:i]
+        if i == n:
+            break
+        pad, start = pad + 1, i + 1
+    if pad and keys:
+        keys[-1] += " " * pad
+    elif not keys and text:  # nothing but spaces
+        keys.append(text)
+    return keys
+
+
+class _SegmentTable:
+    """Distinct segments and their token ids, kept flat in numpy arrays so that a batch's tokens
+    are gathered by vectorised indexing rather than per token in Python. Segments are numbered
+    in the order they were added; those from `shared` on have not been handed to other
+    processes yet."""
+
+    def __init__(self) -> None:
+        self.clear()
+
+    def clear(self) -> None:
+        self.index: dict[str, int] = {}
+        self.keys: list[str] = []
+        self.tokens = np.empty(1 << 16, dtype=np.int32)
+        self.start = np.empty(1 << 14, dtype=np.int64)
+        self.length = np.empty(1 << 14, dtype=np.int64)
+        self.used = self.shared = 0
+
+    def add(self, keys: list[str], lengths: np.ndarray, tokens: np.ndarray) -> None:
+        n, m, total = len(self.keys), len(keys), len(tokens)
+        self.tokens = _ensure(self.tokens, self.used + total)
+        self.start, self.length = _ensure(self.start, n + m), _ensure(self.length, n + m)
+        self.tokens[self.used:self.used + total] = tokens
+        self.start[n:n + m] = self.used + np.cumsum(lengths) - lengths
+        self.length[n:n + m] = lengths
+        self.used += total
+        self.keys += keys
+        self.index.update(zip(keys, range(n, n + m)))
+
+    def take_new(self) -> Segments:
+        """The segments added since the last call."""
+        a, b = self.shared, len(self.keys)
+        self.shared = b
+        t0 = self.start[a] if b > a else 0
+        return self.keys[a:b], self.length[a:b].copy(), self.tokens[t0:self.used].copy()
+
+    def merge(self, segments: Segments) -> None:
+        """Add another process's segments that are not here yet (they count as shared)."""
+        keys, lengths, tokens = segments
+        new = np.fromiter((k not in self.index for k in keys), dtype=bool, count=len(keys))
+        caught_up = self.shared == len(self.keys)
+        if not new.all():
+            keys = [k for k, keep in zip(keys, new) if keep]
+            tokens, lengths = tokens[np.repeat(new, lengths)], lengths[new]
+        self.add(keys, lengths, tokens)
+        if caught_up:
+            self.shared = len(self.keys)
+
+    def gather(self, ids: np.ndarray, counts: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """Tokens of the segments `ids`, concatenated, and tokens per text (`counts` segments each)."""
+        lengths = self.length[ids]
+        ends = np.cumsum(lengths)
+        offsets = np.repeat(self.start[ids] - (ends - lengths), lengths)
+        tokens = self.tokens[offsets + np.arange(len(offsets))]
+        bounds = np.concatenate(([0], ends))[np.cumsum(counts)]
+        return tokens, np.diff(bounds, prepend=0)
+
+
+def _ensure(a: np.ndarray, size: int) -> np.ndarray:
+    """`a`, grown (doubling) to hold at least `size` items."""
+    if size <= len(a):
+        return a
+    grown = np.empty(max(size, 2 * len(a)), dtype=a.dtype)
+    grown[:len(a)] = a
+    return grown
 
 
 class HFTokenizer(Tokenizer):
