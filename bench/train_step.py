@@ -19,6 +19,7 @@ import torch
 import torch.nn.functional as F
 
 from engine.model import LlamaModel, ModelConfig
+from engine.model.hf_names import to_hf_name
 from engine.train.flops import flops_per_token, peak_flops
 
 SHAPES = {
@@ -29,14 +30,30 @@ SHAPES = {
 }
 
 
+_initial: dict[tuple, dict[str, torch.Tensor]] = {}
+
+
+def initial_state(cfg: ModelConfig) -> dict[str, torch.Tensor]:
+    """The engine's seeded initialisation (on the CPU, kept per shape): both implementations start
+    from the same weights, so the loss column compares them too."""
+    key = (cfg.vocab_size, cfg.hidden_size, cfg.intermediate_size, cfg.num_layers, cfg.num_heads,
+           cfg.num_kv_heads)
+    if key not in _initial:
+        _initial.clear()
+        model = LlamaModel(cfg)
+        model.init_weights(0)
+        _initial[key] = model.state_dict()
+    return _initial[key]
+
+
 def build(impl: str, cfg: ModelConfig, numerics: str, compile_mode: str, loss: str, device):
     dtype = torch.bfloat16 if numerics == "bf16" else torch.float32
+    state = initial_state(cfg)
     if impl == "ours":
         with torch.device("meta"):
             model = LlamaModel(cfg)
-        model.to_empty(device=device)
-        model.init_weights(0)
-        model.to(dtype)
+        model.load_state_dict(state, assign=True)
+        model.to(device=device, dtype=dtype)
         if compile_mode == "block":
             for block in model.layers.values():
                 block.compile()
@@ -57,6 +74,7 @@ def build(impl: str, cfg: ModelConfig, numerics: str, compile_mode: str, loss: s
         hf_cfg = LlamaConfig(**cfg.to_hf(), attn_implementation="sdpa")
         with torch.device(device):
             model = LlamaForCausalLM(hf_cfg).to(dtype)
+        model.load_state_dict({to_hf_name(k): v for k, v in state.items()})
         if compile_mode == "block":
             for layer in model.model.layers:
                 layer.compile()
@@ -106,9 +124,14 @@ def main() -> None:
     p.add_argument("--shape", choices=SHAPES, default="tinyllama-1.1b")
     p.add_argument("--seq", type=int, nargs="+", default=[4096])
     p.add_argument("--micro-batch", type=int, default=4)
+    p.add_argument("--tokens-per-micro-batch", type=int, default=None,
+                   help="instead of --micro-batch: micro-batch = this // seq, for each seq")
     p.add_argument("--impl", nargs="+", default=["hf", "ours"], choices=["hf", "ours"])
     p.add_argument("--numerics", nargs="+", default=["autocast"], choices=["autocast", "bf16"])
-    p.add_argument("--compile", nargs="+", default=["off"], choices=["off", "block", "model"])
+    p.add_argument("--compile", nargs="+", default=["off"], choices=["off", "block", "model"],
+                   help="torch.compile modes for ours")
+    p.add_argument("--hf-compile", nargs="+", default=None, choices=["off", "block", "model"],
+                   help="torch.compile modes for HF (default: those of --compile)")
     p.add_argument("--loss", default="fused", choices=["fused", "full"],
                    help="ours: chunked head + CE (the engine's default) or full fp32 logits")
     p.add_argument("--sdpa", default="auto", choices=["auto", "cudnn", "flash"],
@@ -125,27 +148,29 @@ def main() -> None:
                                        SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH) if b != first]
         sdpa_kernel(order, set_priority=True).__enter__()
     print(f"# {torch.cuda.get_device_name()} | torch {torch.__version__} | shape {args.shape} | "
-          f"micro-batch {args.micro_batch} | loss {args.loss} | sdpa {args.sdpa} | "
-          f"median of {args.steps} steps after {args.warmup} warm-up")
-    print("| impl | numerics | compile | seq | tokens/s | TFLOP/s | MFU | peak mem GiB | loss |")
-    print("|---|---|---|---|---|---|---|---|---|")
+          f"loss {args.loss} | sdpa {args.sdpa} | median of {args.steps} steps after {args.warmup} warm-up")
+    print("| impl | numerics | compile | seq | micro-batch | tokens/s | TFLOP/s | MFU | peak mem GiB | loss |")
+    print("|---|---|---|---|---|---|---|---|---|---|")
+    modes = {"hf": args.hf_compile or args.compile, "ours": args.compile}
     for seq in args.seq:
         cfg = ModelConfig(**SHAPES[args.shape], max_position_embeddings=max(seq, 4096))
+        mb = max(1, args.tokens_per_micro_batch // seq) if args.tokens_per_micro_batch else args.micro_batch
         for numerics in args.numerics:
-            for comp in args.compile:
-                for impl in args.impl:
+            for impl in args.impl:
+                for comp in modes[impl]:
+                    row = f"| {impl} | {numerics} | {comp} | {seq} | {mb} |"
                     try:
-                        r = measure(impl, cfg, numerics, comp, args.loss, seq, args.micro_batch,
+                        r = measure(impl, cfg, numerics, comp, args.loss, seq, mb,
                                     args.steps, args.warmup, device)
                     except torch.OutOfMemoryError:
-                        print(f"| {impl} | {numerics} | {comp} | {seq} | OOM | | | | |", flush=True)
+                        r = None
+                    if r is None:  # outside the except: its traceback no longer holds the model
+                        print(f"{row} OOM | | | | |", flush=True)
                         gc.collect()
                         torch.cuda.empty_cache()
                         continue
-                    print(f"| {impl} | {numerics} | {comp} | {seq} | {r['tokens_per_s']:,.0f} | "
-                          f"{r['tflops']:.1f} | {r['mfu']:.1%} | {r['peak_mem_gib']:.1f} | "
-                          f"{r['loss']:.3f} |", flush=True)
-
+                    print(f"{row} {r['tokens_per_s']:,.0f} | {r['tflops']:.1f} | {r['mfu']:.1%} | "
+                          f"{r['peak_mem_gib']:.1f} | {r['loss']:.3f} |", flush=True)
 
 if __name__ == "__main__":
     main()

@@ -37,6 +37,25 @@ def test_fused_loss_and_grads_equal_full_logits(chunk):
     assert torch.allclose(h.grad, gh, atol=1e-5) and torch.allclose(w.grad, gw, atol=1e-5)
 
 
+def test_compiled_chunk_arithmetic_equals_eager():
+    """What CUDA runs by default (each chunk's softmax arithmetic compiled) against eager."""
+    torch.manual_seed(2)
+    h = torch.randn(2, 50, 32, requires_grad=True)
+    w = torch.randn(97, 32, requires_grad=True)
+    t, m = torch.randint(0, 97, (2, 50)), torch.rand(2, 50) > 0.2
+    results = []
+    for compiled in (False, True):
+        h.grad = w.grad = None
+        out = linear_cross_entropy(h, w, t, m, chunk_rows=64, compiled=compiled)  # 64 + 36 rows
+        out.backward()
+        with torch.no_grad():
+            scored = linear_cross_entropy(h, w, t, m, chunk_rows=64, compiled=compiled)
+        results.append((out.item(), scored.item(), h.grad.clone(), w.grad.clone()))
+    (a, a_eval, ah, aw), (b, b_eval, bh, bw) = results
+    assert abs(a - b) / a < 1e-6 and abs(a_eval - b_eval) / a_eval < 1e-6 and abs(a - a_eval) / a < 1e-6
+    assert torch.allclose(ah, bh, atol=1e-5) and torch.allclose(aw, bw, atol=1e-5)
+
+
 def test_fused_loss_bf16_matches_bf16_logits():
     """In bf16 the fused path rounds where the full-logits path does: logits in bf16, loss in fp32."""
     torch.manual_seed(1)

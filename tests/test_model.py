@@ -262,3 +262,29 @@ def test_stories260k_greedy_and_nll_match_llama2c(stories260k):
         logprobs = model(ids)[0, :-1].double().log_softmax(-1)
     nll = -logprobs.gather(-1, ids[0, 1:, None]).mean().item()
     assert nll == pytest.approx(reference["nll_example"]["mean_nll_nats"], abs=1e-5)
+
+
+@pytest.mark.parametrize("dtype,residual", [(torch.bfloat16, torch.bfloat16), (torch.float16, torch.float32)])
+def test_autocast_residual_stream_dtype(dtype, residual):
+    """Under bf16 autocast the residual stream and the norms' outputs are bf16 (Megatron's bf16),
+    as with bf16 weights; fp16 keeps the residual stream in fp32. Weights stay fp32."""
+    cfg = ModelConfig(vocab_size=97, hidden_size=32, intermediate_size=64, num_layers=2,
+                      num_heads=4, num_kv_heads=2, max_position_embeddings=64)
+    model = LlamaModel(cfg)
+    model.init_weights(0)
+    seen = {}
+    model.layers["1"].register_forward_pre_hook(lambda m, args: seen.update(block=args[0].dtype))
+    model.norm.register_forward_hook(lambda m, args, out: seen.update(norm=out.dtype))
+    ids = torch.randint(0, 97, (2, 9))
+    with torch.autocast("cpu", dtype=dtype):
+        loss = model(ids[:, :-1], targets=ids[:, 1:])
+    loss.backward()
+    assert seen == {"block": residual, "norm": residual}
+    assert loss.dtype == torch.float32
+    assert all(p.dtype == torch.float32 and p.grad.dtype == torch.float32 for p in model.parameters())
+    bf16 = LlamaModel(cfg)
+    bf16.load_state_dict(model.state_dict())
+    bf16.to(dtype)
+    if dtype == torch.bfloat16:  # the same rounding points as pure bf16 weights, up to the weights' own rounding
+        pure = bf16(ids[:, :-1], targets=ids[:, 1:])
+        assert abs(pure.item() - loss.item()) / loss.item() < 2e-2

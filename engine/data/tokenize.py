@@ -12,7 +12,6 @@ import concurrent.futures as cf
 import glob
 import gzip
 import hashlib
-import itertools
 import json
 import logging
 import multiprocessing

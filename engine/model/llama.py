@@ -32,7 +32,9 @@ _WRAPPER_SEGMENTS = ("_orig_mod.", "_checkpoint_wrapped_module.")
 
 
 class RMSNorm(nn.Module):
-    """x / rms(x) * weight, normalised in fp32 and cast back before the weight (as HF Llama)."""
+    """x / rms(x) * weight, normalised in fp32 and cast back before the weight (as HF Llama); the
+    weight multiplies in the input's dtype, so under autocast the output stays bf16 as with
+    bf16 weights."""
 
     def __init__(self, dim: int, eps: float):
         super().__init__()
@@ -42,7 +44,7 @@ class RMSNorm(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x32 = x.float()
         x32 = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)
-        return self.weight * x32.to(x.dtype)
+        return self.weight.to(x.dtype) * x32.to(x.dtype)
 
 
 class SwiGLU(nn.Module):
@@ -92,6 +94,9 @@ class LlamaModel(nn.Module):
         if position_ids is None:
             position_ids = torch.arange(input_ids.shape[1], device=input_ids.device)[None]
         h = self.embed(input_ids)
+        device = h.device.type
+        if torch.is_autocast_enabled(device) and torch.get_autocast_dtype(device) == torch.bfloat16:
+            h = h.to(torch.bfloat16)  # a bf16 residual stream, as Megatron's bf16 (fp16 keeps fp32)
         cos, sin = rope_cos_sin(self.cfg, position_ids, h.dtype)
         for block in self.layers.values():
             h = block(h, cos, sin)

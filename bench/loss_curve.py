@@ -1,0 +1,92 @@
+"""The optimised training path learns what the plain one learns: the engine's own pretrain stage,
+from the same initialisation on the same batches, with its defaults (compiled blocks, fused
+chunked head + cross-entropy) and plain (eager blocks, fp32 cross-entropy over full logits), or
+with one of the two changed; all bf16 autocast over fp32 master weights and optimizer state.
+Prints the loss curves side by side, their differences, and each run's tokens/s as the training
+loop logged it.
+
+    python -m bench.loss_curve --corpus corpus.jsonl --tokenizer tokenizer.model --iters 300
+
+Tokenizes the corpus with the engine first (the engine's tokenize stage).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shutil
+import statistics
+from pathlib import Path
+
+from bench.train_step import SHAPES
+from engine.data import tokenize
+from engine.model import ModelConfig
+from engine.train import pretrain
+
+
+# name -> (compiled blocks, fused chunked head + cross-entropy)
+RUNS = {"optimised": (True, True), "plain": (False, False),
+        "compiled-full-logits": (True, False), "eager-fused": (False, True)}
+
+
+def train(name: str, work: Path, prefix: str, args, compiled: bool, fused: bool) -> list[dict]:
+    save = work / name
+    shutil.rmtree(save, ignore_errors=True)
+    spec = pretrain.Spec(
+        model=ModelConfig(**SHAPES[args.shape], max_position_embeddings=args.seq),
+        data={"blend": [prefix], "split": "99,1,0", "seq_length": args.seq},
+        checkpoint={"save": str(save), "keep_last": 1},
+        optim={"lr": args.lr, "min_lr": args.lr / 10, "warmup_iters": args.iters // 10},
+        iters=args.iters, micro_batch_size=args.micro_batch, global_batch_size=args.micro_batch,
+        precision="bf16", compile=compiled, fused_loss=fused, log_interval=args.log_interval,
+        seed=1234)
+    pretrain.run(spec)
+    rows = [json.loads(line) for line in (save / "metrics.jsonl").read_text().splitlines()]
+    return [{"step": r["step"], **r["data"]} for r in rows
+            if r["kind"] == "metrics" and "loss" in r["data"]]
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--corpus", required=True, help="JSONL with a 'text' field")
+    p.add_argument("--tokenizer", required=True)
+    p.add_argument("--work", default="/tmp/lmforge-loss-curve")
+    p.add_argument("--shape", choices=SHAPES, default="tinyllama-1.1b")
+    p.add_argument("--seq", type=int, default=4096)
+    p.add_argument("--micro-batch", type=int, default=4)
+    p.add_argument("--iters", type=int, default=300)
+    p.add_argument("--lr", type=float, default=3e-4)
+    p.add_argument("--log-interval", type=int, default=10)
+    p.add_argument("--runs", nargs="+", choices=RUNS, default=["optimised", "plain"],
+                   help="the first is compared with each of the others")
+    args = p.parse_args()
+    work = Path(args.work)
+    work.mkdir(parents=True, exist_ok=True)
+    prefix = str(work / "data" / "corpus")
+    tokenize.run(tokenize.Spec(input=[args.corpus], output_prefix=prefix, tokenizer=args.tokenizer,
+                               append_eod=True, workers=8, progress=False))
+    prefix += "_text_document"
+    curves = {name: train(name, work, prefix, args, *RUNS[name]) for name in args.runs}
+
+    first, others = args.runs[0], args.runs[1:]
+    print(f"\n| iteration | {' | '.join(args.runs)} | " + " | ".join(f"{first} − {o}" for o in others) + " |")
+    print("|---:|" + "---:|" * (len(args.runs) + len(others)))
+    diffs: dict[str, list[float]] = {o: [] for o in others}
+    for rows in zip(*(curves[n] for n in args.runs)):
+        for o, row in zip(others, rows[1:]):
+            diffs[o].append(rows[0]["loss"] - row["loss"])
+        print(f"| {rows[0]['step']} | " + " | ".join(f"{r['loss']:.4f}" for r in rows) + " | "
+              + " | ".join(f"{diffs[o][-1]:+.4f}" for o in others) + " |")
+    for o, d in diffs.items():
+        late = d[len(d) // 2:]
+        print(f"\n{first} − {o}: largest |difference| {max(map(abs, d)):.4f}; mean over the second "
+              f"half {statistics.mean(late):+.4f} (sd {statistics.pstdev(late):.4f})")
+    for name, rows in curves.items():
+        tps = [r["tokens_per_s"] for r in rows[1:]]  # the first window holds compilation
+        mfu = [r["mfu"] for r in rows[1:] if "mfu" in r]
+        print(f"{name}: median {statistics.median(tps):,.0f} tokens/s"
+              + (f", MFU {statistics.median(mfu):.1%}" if mfu else "") + " (training loop's log)")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,193 @@
+"""Where a training step's GPU time goes: torch.profiler over a few steps of bench.train_step's
+model, kernels grouped by class (GEMM, attention forward/backward, compiled fused kernels, eager
+elementwise, copies/casts, optimizer), plus the idle time between kernels and the top kernels.
+
+    python -m bench.profile_step --numerics autocast --compile block --seq 4096 --micro-batch 4
+
+`--kernels` also times the attention backends and the step's GEMM shapes alone (TFLOP/s), to
+say how far each class is from what the card can do.
+"""
+
+from __future__ import annotations
+
+import argparse
+import collections
+import contextlib
+import time
+
+import torch
+import torch.nn.functional as F
+
+from bench.train_step import SHAPES, build
+from engine.model import ModelConfig
+
+# Kernel-name substrings per class, checked in order.
+CLASSES = [
+    ("attention backward", ("flash_bwd", "fmha_bwd", "bprop", "dot_do_o", "convert_dq",
+                            "attention_backward", "bwd_kernel", "dq_dk_dv")),
+    ("attention forward", ("flash_fwd", "fmha", "cudnn", "attention", "fwd_kernel")),
+    ("GEMM", ("gemm", "nvjet", "sm90_xmma", "cutlass", "xmma", "cublas", "splitk")),
+    ("optimizer", ("multi_tensor", "adam", "foreach")),
+    ("compiled (triton)", ("triton",)),
+    ("copy / cast", ("copy", "memcpy", "memset", "cast", "fill")),
+    ("eager elementwise / reduce", ("elementwise", "reduce", "vectorized", "softmax", "index", "scatter", "gather")),
+]
+
+
+def kernel_class(name: str) -> str:
+    low = name.lower()
+    for cls, keys in CLASSES:
+        if any(k in low for k in keys):
+            return cls
+    return "other"
+
+
+def profile(args, device) -> None:
+    cfg = ModelConfig(**SHAPES[args.shape], max_position_embeddings=max(args.seq, 4096))
+    torch.manual_seed(0)
+    model, opt, loss_fn = build("ours", cfg, args.numerics, args.compile, "fused", device)
+    tokens = torch.randint(0, cfg.vocab_size, (args.micro_batch, args.seq + 1), device=device)
+    ctx = (torch.autocast("cuda", dtype=torch.bfloat16) if args.numerics == "autocast"
+           else contextlib.nullcontext())
+
+    def step():
+        with ctx:
+            loss = loss_fn(tokens)
+        loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+
+    for _ in range(args.warmup):
+        step()
+    torch.cuda.synchronize()
+    from torch.profiler import ProfilerActivity, profile as torch_profile
+
+    with torch_profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+        t = time.perf_counter()
+        for _ in range(args.steps):
+            step()
+        torch.cuda.synchronize()
+        wall = (time.perf_counter() - t) / args.steps
+    events = [e for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA
+              and e.device_time > 0 and not getattr(e, "is_user_annotation", False)
+              and "#" not in e.name and e.name != "Command Buffer Full"]  # ranges, not kernels
+    busy = collections.Counter()
+    count = collections.Counter()
+    per_kernel = collections.Counter()
+    for e in events:
+        us = e.device_time
+        busy[kernel_class(e.name)] += us
+        count[kernel_class(e.name)] += 1
+        per_kernel[e.name] += us
+    total_busy = sum(busy.values()) / args.steps / 1e3
+    print(f"# {torch.cuda.get_device_name()} | torch {torch.__version__} | {args.shape} | seq {args.seq} | "
+          f"micro-batch {args.micro_batch} | {args.numerics} | compile {args.compile}")
+    print(f"step {wall * 1e3:.1f} ms wall, kernels busy {total_busy:.1f} ms "
+          f"({total_busy / (wall * 1e3):.1%}); {args.micro_batch * args.seq / wall:,.0f} tokens/s\n")
+    print("| class | ms / step | share of step | kernels / step |")
+    print("|---|---:|---:|---:|")
+    for cls, us in busy.most_common():
+        ms = us / args.steps / 1e3
+        print(f"| {cls} | {ms:.1f} | {ms / (wall * 1e3):.1%} | {count[cls] // args.steps} |")
+    idle = wall * 1e3 - total_busy
+    print(f"| idle (no kernel running) | {idle:.1f} | {idle / (wall * 1e3):.1%} | |")
+    print("\ntop kernels:\n")
+    print("| kernel | class | ms / step |")
+    print("|---|---|---:|")
+    for name, us in per_kernel.most_common(args.top):
+        print(f"| {name[:90]} | {kernel_class(name)} | {us / args.steps / 1e3:.2f} |")
+    print_ops(prof, args.steps, args.top)
+
+
+def print_ops(prof, steps: int, top: int) -> None:
+    """The operators that launched the kernels (self device time), e.g. which aten::copy_."""
+    rows = sorted((e for e in prof.key_averages() if e.key.startswith("aten::")),
+                  key=lambda e: e.self_device_time_total, reverse=True)
+    print("\ntop operators (their own kernels' time):\n")
+    print("| operator | ms / step | calls / step |")
+    print("|---|---:|---:|")
+    for e in rows[:top]:
+        if e.self_device_time_total <= 0:
+            break
+        print(f"| {e.key[:80]} | {e.self_device_time_total / steps / 1e3:.2f} | {e.count // steps} |")
+
+
+def _time(fn, iters: int = 20) -> float:
+    for _ in range(3):
+        fn()
+    torch.cuda.synchronize()
+    t = time.perf_counter()
+    for _ in range(iters):
+        fn()
+    torch.cuda.synchronize()
+    return (time.perf_counter() - t) / iters
+
+
+def kernels(args, device) -> None:
+    """Attention backends and the step's GEMMs, alone."""
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    s = SHAPES[args.shape]
+    b, n, h, kv = args.micro_batch, args.seq, s["num_heads"], s["num_kv_heads"]
+    d = s["hidden_size"] // h
+    q = torch.randn(b, h, n, d, device=device, dtype=torch.bfloat16, requires_grad=True)
+    k = torch.randn(b, kv, n, d, device=device, dtype=torch.bfloat16, requires_grad=True)
+    v = torch.randn(b, kv, n, d, device=device, dtype=torch.bfloat16, requires_grad=True)
+    flops_fwd = 4 * b * h * n * n * d / 2  # causal: half the score matrix
+    print(f"\nattention alone: [{b}, {h} heads ({kv} KV), {n}, {d}] bf16, causal\n")
+    print("| backend | GQA | forward TFLOP/s | forward+backward TFLOP/s |")
+    print("|---|---|---:|---:|")
+    for name, backend in (("flash", SDPBackend.FLASH_ATTENTION), ("cudnn", SDPBackend.CUDNN_ATTENTION),
+                          ("efficient", SDPBackend.EFFICIENT_ATTENTION)):
+        for gqa in ("enable_gqa", "expanded"):
+            def fwd():
+                kk, vv = (k, v) if gqa == "enable_gqa" else (k.repeat_interleave(h // kv, 1),
+                                                              v.repeat_interleave(h // kv, 1))
+                return F.scaled_dot_product_attention(q, kk, vv, is_causal=True,
+                                                      enable_gqa=gqa == "enable_gqa")
+
+            def fwd_bwd():
+                fwd().sum().backward()
+
+            try:
+                with sdpa_kernel([backend]):
+                    tf = flops_fwd / _time(fwd) / 1e12
+                    tfb = 3.5 * flops_fwd / _time(fwd_bwd) / 1e12  # backward = 2.5x forward
+                print(f"| {name} | {gqa} | {tf:.0f} | {tfb:.0f} |")
+            except RuntimeError as exc:
+                print(f"| {name} | {gqa} | n/a ({str(exc).splitlines()[0][:60]}) | |")
+    tokens = b * n
+    hid, ffn, vocab = s["hidden_size"], s["intermediate_size"], s["vocab_size"]
+    kvd = kv * d
+    print(f"\nGEMMs alone ({tokens} tokens, bf16): [M, K] x [K, N]\n")
+    print("| GEMM | M | K | N | TFLOP/s |")
+    print("|---|---:|---:|---:|---:|")
+    for label, m_, k_, n_ in (("q / o", tokens, hid, hid), ("k or v", tokens, hid, kvd),
+                              ("qkv fused", tokens, hid, hid + 2 * kvd), ("gate or up", tokens, hid, ffn),
+                              ("gate+up fused", tokens, hid, 2 * ffn), ("down", tokens, ffn, hid),
+                              ("lm head chunk", 4096, hid, vocab), ("8192 cube", 8192, 8192, 8192)):
+        x = torch.randn(m_, k_, device=device, dtype=torch.bfloat16)
+        w = torch.randn(k_, n_, device=device, dtype=torch.bfloat16)
+        print(f"| {label} | {m_} | {k_} | {n_} | {2 * m_ * k_ * n_ / _time(lambda: x @ w) / 1e12:.0f} |")
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--shape", choices=SHAPES, default="tinyllama-1.1b")
+    p.add_argument("--seq", type=int, default=4096)
+    p.add_argument("--micro-batch", type=int, default=4)
+    p.add_argument("--numerics", default="autocast", choices=["autocast", "bf16"])
+    p.add_argument("--compile", default="block", choices=["off", "block", "model"])
+    p.add_argument("--steps", type=int, default=3)
+    p.add_argument("--warmup", type=int, default=3)
+    p.add_argument("--top", type=int, default=15)
+    p.add_argument("--kernels", action="store_true", help="also time attention backends and GEMMs alone")
+    args = p.parse_args()
+    device = torch.device("cuda")
+    profile(args, device)
+    if args.kernels:
+        kernels(args, device)
+
+
+if __name__ == "__main__":
+    main()
