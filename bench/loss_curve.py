@@ -13,10 +13,14 @@ Tokenizes the corpus with the engine first (the engine's tokenize stage).
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import shutil
 import statistics
 from pathlib import Path
+
+import torch
+import torch._inductor.config as inductor
 
 from bench.train_step import SHAPES
 from engine.data import tokenize
@@ -24,12 +28,28 @@ from engine.model import ModelConfig
 from engine.train import pretrain
 
 
-# name -> (compiled blocks, fused chunked head + cross-entropy)
-RUNS = {"optimised": (True, True), "plain": (False, False),
-        "compiled-full-logits": (True, False), "eager-fused": (False, True)}
+# name -> (compiled blocks, fused chunked head + cross-entropy, numerics probe)
+RUNS = {"optimised": (True, True, None), "plain": (False, False, None),
+        "compiled-full-logits": (True, False, None), "eager-fused": (False, True, None),
+        # a probe of where the optimised and plain paths part: inductor made to round to bf16
+        # wherever eager would
+        "optimised-eager-rounding": (True, True, "eager-rounding")}
 
 
-def train(name: str, work: Path, prefix: str, args, compiled: bool, fused: bool) -> list[dict]:
+@contextlib.contextmanager
+def probe(name: str | None):
+    saved = inductor.emulate_precision_casts
+    inductor.emulate_precision_casts = name == "eager-rounding"
+    torch._dynamo.reset()  # compile again under this setting
+    try:
+        yield
+    finally:
+        inductor.emulate_precision_casts = saved
+        torch._dynamo.reset()
+
+
+def train(name: str, work: Path, prefix: str, args, compiled: bool, fused: bool,
+          numerics_probe: str | None) -> list[dict]:
     save = work / name
     shutil.rmtree(save, ignore_errors=True)
     spec = pretrain.Spec(
@@ -40,7 +60,8 @@ def train(name: str, work: Path, prefix: str, args, compiled: bool, fused: bool)
         iters=args.iters, micro_batch_size=args.micro_batch, global_batch_size=args.micro_batch,
         precision="bf16", compile=compiled, fused_loss=fused, log_interval=args.log_interval,
         seed=1234)
-    pretrain.run(spec)
+    with probe(numerics_probe):
+        pretrain.run(spec)
     rows = [json.loads(line) for line in (save / "metrics.jsonl").read_text().splitlines()]
     return [{"step": r["step"], **r["data"]} for r in rows
             if r["kind"] == "metrics" and "loss" in r["data"]]

@@ -136,10 +136,15 @@ def main() -> None:
                    help="ours: chunked head + CE (the engine's default) or full fp32 logits")
     p.add_argument("--sdpa", default="auto", choices=["auto", "cudnn", "flash"],
                    help="scaled_dot_product_attention backend preference")
+    p.add_argument("--bf16-reductions", default="off", choices=["on", "off"],
+                   help="let cuBLAS reduce split-K partial sums in bf16/fp16 (torch's default: on; "
+                        "the engine's training loop turns it off)")
     p.add_argument("--steps", type=int, default=10)
     p.add_argument("--warmup", type=int, default=3)
     args = p.parse_args()
     device = "cuda"
+    torch.backends.cuda.matmul.allow_bf16_reduced_precision_reduction = args.bf16_reductions == "on"
+    torch.backends.cuda.matmul.allow_fp16_reduced_precision_reduction = args.bf16_reductions == "on"
     if args.sdpa != "auto":
         from torch.nn.attention import SDPBackend, sdpa_kernel
 
@@ -148,7 +153,7 @@ def main() -> None:
                                        SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH) if b != first]
         sdpa_kernel(order, set_priority=True).__enter__()
     print(f"# {torch.cuda.get_device_name()} | torch {torch.__version__} | shape {args.shape} | "
-          f"loss {args.loss} | sdpa {args.sdpa} | median of {args.steps} steps after {args.warmup} warm-up")
+          f"loss {args.loss} | sdpa {args.sdpa} | bf16 reductions {args.bf16_reductions} | median of {args.steps} steps after {args.warmup} warm-up")
     print("| impl | numerics | compile | seq | micro-batch | tokens/s | TFLOP/s | MFU | peak mem GiB | loss |")
     print("|---|---|---|---|---|---|---|---|---|---|")
     modes = {"hf": args.hf_compile or args.compile, "ours": args.compile}

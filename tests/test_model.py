@@ -288,3 +288,35 @@ def test_autocast_residual_stream_dtype(dtype, residual):
     if dtype == torch.bfloat16:  # the same rounding points as pure bf16 weights, up to the weights' own rounding
         pure = bf16(ids[:, :-1], targets=ids[:, 1:])
         assert abs(pure.item() - loss.item()) / loss.item() < 2e-2
+
+
+def test_training_steps_equal_hf():
+    """Ten AdamW steps from the same weights on the same batch: our fused loss path and HF's
+    model with the same cross-entropy give the same losses and weights (fp32)."""
+    import torch.nn.functional as F
+
+    cfg = config("llama-gqa")
+    hf = random_hf_model(cfg).train()
+    ours = LlamaModel(cfg)
+    load_hf_state_dict(ours, hf.state_dict())
+    ids = batch(cfg.vocab_size, seed=3)
+    inputs, targets = ids[:, :-1], ids[:, 1:]
+    losses = {}
+    for name, model in (("ours", ours), ("hf", hf)):
+        opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
+        losses[name] = []
+        for _ in range(10):
+            if name == "ours":
+                loss = model(inputs, targets=targets) / targets.numel()
+            else:
+                logits = model(inputs, use_cache=False).logits
+                loss = F.cross_entropy(logits.flatten(0, 1), targets.flatten())
+            loss.backward()
+            opt.step()
+            opt.zero_grad()
+            losses[name].append(loss.item())
+    assert losses["ours"][-1] < losses["ours"][0] - 0.5  # it learns
+    assert max(abs(a - b) for a, b in zip(losses["ours"], losses["hf"])) < 1e-5, losses
+    hf_state = hf.state_dict()
+    for name, tensor in ours.state_dict().items():
+        assert torch.allclose(tensor, hf_state[to_hf_name(name)], atol=1e-4), name

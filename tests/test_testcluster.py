@@ -148,4 +148,4 @@ def test_exception_in_job_reaches_caller(slurm_cluster, tmp_path):
         job.result()
     text = str(excinfo.value)
     assert "boom" in text and "ValueError" in text, text
-    assert job.watcher.get_state(job.job_id, mode="force") == "FAILED"
+    _wait_state(job, "FAILED", 30)  # the result file can be there before slurmdbd records the end

@@ -61,7 +61,8 @@ class Spec(StageSpec):
                          json_schema_extra=_NOT_OUTPUT)
     batch_lines: int = Field(default=2048, ge=1, description="most lines per unit of work",
                              json_schema_extra=_NOT_OUTPUT)
-    batch_bytes: int = Field(default=1 << 20, ge=1, description="most bytes per unit of work",
+    batch_bytes: int = Field(default=1 << 20, ge=1,
+                             description="bytes read per unit of work (cut at a line end)",
                              json_schema_extra=_NOT_OUTPUT)
     skip_bad_lines: bool = Field(default=False,
                                  description="skip and count malformed lines instead of failing")

@@ -158,6 +158,9 @@ def _train(spec: TrainSpec, stage: str, env: distributed.Env) -> Manifest:
         ckpt.checkpoint_path(spec.load) if spec.load else None)
     cfg = _resolve_model_config(spec, start)
     eod_id = _eod_id(spec)
+    if env.device.type == "cuda":  # split-K partial sums in fp32: see docs/benchmarks.md (loss curves)
+        torch.backends.cuda.matmul.allow_bf16_reduced_precision_reduction = False
+        torch.backends.cuda.matmul.allow_fp16_reduced_precision_reduction = False
 
     n_valid = spec.eval.iters * G if spec.eval.interval or spec.eval.initial else 0
     num = {"train": spec.iters * G, "valid": n_valid}
