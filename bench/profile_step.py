@@ -29,7 +29,7 @@ CLASSES = [
     ("GEMM", ("gemm", "nvjet", "sm90_xmma", "cutlass", "xmma", "cublas", "splitk")),
     ("optimizer", ("multi_tensor", "adam", "foreach")),
     ("compiled (triton)", ("triton",)),
-    ("copy / cast", ("copy", "memcpy", "memset", "cast", "fill")),
+    ("copy / cast", ("copy", "memcpy", "memset", "fill")),  # dtype casts run direct_copy_kernel
     ("eager elementwise / reduce", ("elementwise", "reduce", "vectorized", "softmax", "index", "scatter", "gather")),
 ]
 
@@ -81,7 +81,8 @@ def profile(args, device) -> None:
         per_kernel[e.name] += us
     total_busy = sum(busy.values()) / args.steps / 1e3
     print(f"# {torch.cuda.get_device_name()} | torch {torch.__version__} | {args.shape} | seq {args.seq} | "
-          f"micro-batch {args.micro_batch} | {args.numerics} | compile {args.compile}")
+          f"micro-batch {args.micro_batch} | {args.numerics} | compile {args.compile} | "
+          f"bf16 reductions {args.bf16_reductions}")
     print(f"step {wall * 1e3:.1f} ms wall, kernels busy {total_busy:.1f} ms "
           f"({total_busy / (wall * 1e3):.1%}); {args.micro_batch * args.seq / wall:,.0f} tokens/s\n")
     print("| class | ms / step | share of step | kernels / step |")
@@ -182,8 +183,13 @@ def main() -> None:
     p.add_argument("--warmup", type=int, default=3)
     p.add_argument("--top", type=int, default=15)
     p.add_argument("--kernels", action="store_true", help="also time attention backends and GEMMs alone")
+    p.add_argument("--bf16-reductions", default="off", choices=["on", "off"],
+                   help="let cuBLAS reduce split-K partial sums in bf16/fp16 (torch's default: on; "
+                        "the engine's training loop turns it off)")
     args = p.parse_args()
     device = torch.device("cuda")
+    torch.backends.cuda.matmul.allow_bf16_reduced_precision_reduction = args.bf16_reductions == "on"
+    torch.backends.cuda.matmul.allow_fp16_reduced_precision_reduction = args.bf16_reductions == "on"
     profile(args, device)
     if args.kernels:
         kernels(args, device)
