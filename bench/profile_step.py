@@ -18,8 +18,9 @@ import time
 import torch
 import torch.nn.functional as F
 
-from bench.train_step import SHAPES, build
+from bench.train_step import SHAPES, add_reductions_argument, build
 from engine.model import ModelConfig
+from engine.train.loop import set_split_k_reductions
 
 # Kernel-name substrings per class, checked in order.
 CLASSES = [
@@ -183,13 +184,10 @@ def main() -> None:
     p.add_argument("--warmup", type=int, default=3)
     p.add_argument("--top", type=int, default=15)
     p.add_argument("--kernels", action="store_true", help="also time attention backends and GEMMs alone")
-    p.add_argument("--bf16-reductions", default="off", choices=["on", "off"],
-                   help="let cuBLAS reduce split-K partial sums in bf16/fp16 (torch's default: on; "
-                        "the engine's training loop turns it off)")
+    add_reductions_argument(p)
     args = p.parse_args()
     device = torch.device("cuda")
-    torch.backends.cuda.matmul.allow_bf16_reduced_precision_reduction = args.bf16_reductions == "on"
-    torch.backends.cuda.matmul.allow_fp16_reduced_precision_reduction = args.bf16_reductions == "on"
+    set_split_k_reductions(low_precision=args.bf16_reductions == "on")
     profile(args, device)
     if args.kernels:
         kernels(args, device)

@@ -21,6 +21,7 @@ import torch.nn.functional as F
 from engine.model import LlamaModel, ModelConfig
 from engine.model.hf_names import to_hf_name
 from engine.train.flops import flops_per_token, peak_flops
+from engine.train.loop import set_split_k_reductions
 
 SHAPES = {
     "tinyllama-1.1b": dict(vocab_size=32000, hidden_size=2048, intermediate_size=5632, num_layers=22,
@@ -44,6 +45,12 @@ def initial_state(cfg: ModelConfig) -> dict[str, torch.Tensor]:
         model.init_weights(0)
         _initial[key] = model.state_dict()
     return _initial[key]
+
+
+def add_reductions_argument(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--bf16-reductions", default="off", choices=["on", "off"],
+                   help="let cuBLAS reduce split-K partial sums in bf16/fp16 (torch's default: on; "
+                        "the engine's training loop turns it off)")
 
 
 def build(impl: str, cfg: ModelConfig, numerics: str, compile_mode: str, loss: str, device):
@@ -136,15 +143,12 @@ def main() -> None:
                    help="ours: chunked head + CE (the engine's default) or full fp32 logits")
     p.add_argument("--sdpa", default="auto", choices=["auto", "cudnn", "flash"],
                    help="scaled_dot_product_attention backend preference")
-    p.add_argument("--bf16-reductions", default="off", choices=["on", "off"],
-                   help="let cuBLAS reduce split-K partial sums in bf16/fp16 (torch's default: on; "
-                        "the engine's training loop turns it off)")
+    add_reductions_argument(p)
     p.add_argument("--steps", type=int, default=10)
     p.add_argument("--warmup", type=int, default=3)
     args = p.parse_args()
     device = "cuda"
-    torch.backends.cuda.matmul.allow_bf16_reduced_precision_reduction = args.bf16_reductions == "on"
-    torch.backends.cuda.matmul.allow_fp16_reduced_precision_reduction = args.bf16_reductions == "on"
+    set_split_k_reductions(low_precision=args.bf16_reductions == "on")
     if args.sdpa != "auto":
         from torch.nn.attention import SDPBackend, sdpa_kernel
 

@@ -138,7 +138,6 @@ class SentencePieceTokenizer(Tokenizer):
             ids = np.fromiter(map(table.index.__getitem__, keys), dtype=np.int64, count=len(keys))
         return table.gather(ids, counts)
 
-
     def new_segments(self) -> Segments | None:
         return self._table.take_new() if self.cached else None
 

@@ -14,14 +14,23 @@ arithmetic is compiled, on its own (one fused kernel instead of a dozen passes o
 
 from __future__ import annotations
 
+import functools
+
 import torch
+
+
+def _lse_and_loss(logits: torch.Tensor, targets: torch.Tensor,
+                  mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The chunk's fp32 logits, their log-sum-exp, and the sum of its masked token losses."""
+    x = logits.float()
+    lse = torch.logsumexp(x, dim=-1)
+    target_logit = x.gather(1, targets[:, None]).squeeze(1)
+    return x, lse, ((lse - target_logit) * mask).sum()
 
 
 def _chunk_loss(logits: torch.Tensor, targets: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     """Sum of the masked token losses of one chunk, in fp32."""
-    x = logits.float()
-    target_logit = x.gather(1, targets[:, None]).squeeze(1)
-    return ((torch.logsumexp(x, dim=-1) - target_logit) * mask).sum()
+    return _lse_and_loss(logits, targets, mask)[2]
 
 
 def _chunk_loss_and_grad(logits: torch.Tensor, targets: torch.Tensor,
@@ -29,27 +38,21 @@ def _chunk_loss_and_grad(logits: torch.Tensor, targets: torch.Tensor,
     """The chunk's loss sum and its gradient with respect to the logits, (softmax − one-hot) ·
     mask, in the logits' dtype. One fused kernel once compiled: the fp32 logits never reach
     memory."""
-    x = logits.float()
-    lse = torch.logsumexp(x, dim=-1)
-    target_logit = x.gather(1, targets[:, None]).squeeze(1)
-    loss = ((lse - target_logit) * mask).sum()
+    x, lse, loss = _lse_and_loss(logits, targets, mask)
     columns = torch.arange(x.shape[1], device=x.device)
     grad = (torch.exp(x - lse[:, None]) - (columns[None, :] == targets[:, None]).float()) * mask[:, None]
     return loss, grad.to(logits.dtype)
 
 
-_compiled: dict[str, object] = {}
+@functools.cache
+def _compiled_chunk_fns():
+    return torch.compile(_chunk_loss, dynamic=False), torch.compile(_chunk_loss_and_grad, dynamic=False)
 
 
 def _chunk_fns(compiled: bool):
     """The chunk functions, eager or compiled once per process (compiled by default on CUDA,
     where the step's time goes; on CPU inductor's build would cost more than it saves)."""
-    if not compiled:
-        return _chunk_loss, _chunk_loss_and_grad
-    if not _compiled:
-        _compiled["loss"] = torch.compile(_chunk_loss, dynamic=False)
-        _compiled["grad"] = torch.compile(_chunk_loss_and_grad, dynamic=False)
-    return _compiled["loss"], _compiled["grad"]
+    return _compiled_chunk_fns() if compiled else (_chunk_loss, _chunk_loss_and_grad)
 
 
 class _LinearCrossEntropy(torch.autograd.Function):

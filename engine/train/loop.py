@@ -42,6 +42,14 @@ log = logging.getLogger(__name__)
 _AUTOCAST = {"bf16": torch.bfloat16, "fp16": torch.float16}
 
 
+def set_split_k_reductions(low_precision: bool) -> None:
+    """Whether cuBLAS may add split-K partial sums of bf16/fp16 GEMMs in that precision (torch's
+    default). Training turns it off: the weight gradients' long reductions lose enough to slow
+    learning (docs/benchmarks.md, loss curves)."""
+    torch.backends.cuda.matmul.allow_bf16_reduced_precision_reduction = low_precision
+    torch.backends.cuda.matmul.allow_fp16_reduced_precision_reduction = low_precision
+
+
 class NonFiniteLoss(LmforgeError):
     """Training diverged: too many steps in a row with a non-finite loss or gradient."""
 
@@ -158,9 +166,8 @@ def _train(spec: TrainSpec, stage: str, env: distributed.Env) -> Manifest:
         ckpt.checkpoint_path(spec.load) if spec.load else None)
     cfg = _resolve_model_config(spec, start)
     eod_id = _eod_id(spec)
-    if env.device.type == "cuda":  # split-K partial sums in fp32: see docs/benchmarks.md (loss curves)
-        torch.backends.cuda.matmul.allow_bf16_reduced_precision_reduction = False
-        torch.backends.cuda.matmul.allow_fp16_reduced_precision_reduction = False
+    if env.device.type == "cuda":
+        set_split_k_reductions(low_precision=False)
 
     n_valid = spec.eval.iters * G if spec.eval.interval or spec.eval.initial else 0
     num = {"train": spec.iters * G, "valid": n_valid}
