@@ -1,7 +1,8 @@
 """The optimised training path learns what the plain one learns: the engine's own pretrain stage,
 from the same initialisation on the same batches, with its defaults (compiled blocks, fused
-chunked head + cross-entropy) and plain (eager blocks, fp32 cross-entropy over full logits), or
-with one of the two changed; all bf16 autocast over fp32 master weights and optimizer state.
+chunked head + cross-entropy; `--attention flash_attn_4` for FlashAttention-4 there) and plain
+(eager blocks, fp32 cross-entropy over full logits, SDPA), or with one of the two changed; all
+bf16 autocast over fp32 master weights and optimizer state.
 Prints the loss curves side by side, their differences, and each run's tokens/s as the training
 loop logged it.
 
@@ -53,7 +54,8 @@ def train(name: str, work: Path, prefix: str, args, compiled: bool, fused: bool,
     save = work / name
     shutil.rmtree(save, ignore_errors=True)
     spec = pretrain.Spec(
-        model=ModelConfig(**SHAPES[args.shape], max_position_embeddings=args.seq),
+        model=ModelConfig(**SHAPES[args.shape], max_position_embeddings=args.seq,
+                          attention_backend=args.attention if compiled else "sdpa"),
         data={"blend": [prefix], "split": "99,1,0", "seq_length": args.seq},
         checkpoint={"save": str(save), "keep_last": 1},
         optim={"lr": args.lr, "min_lr": args.lr / 10, "warmup_iters": args.iters // 10},
@@ -78,6 +80,8 @@ def main() -> None:
     p.add_argument("--iters", type=int, default=300)
     p.add_argument("--lr", type=float, default=3e-4)
     p.add_argument("--log-interval", type=int, default=10)
+    p.add_argument("--attention", default="sdpa", choices=["sdpa", "flash_attn_4"],
+                   help="attention backend of the runs with compiled blocks (the eager ones keep SDPA)")
     p.add_argument("--runs", nargs="+", choices=RUNS, default=["optimised", "plain"],
                    help="the first is compared with each of the others")
     args = p.parse_args()

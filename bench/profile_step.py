@@ -46,7 +46,7 @@ def kernel_class(name: str) -> str:
 def profile(args, device) -> None:
     cfg = ModelConfig(**SHAPES[args.shape], max_position_embeddings=max(args.seq, 4096))
     torch.manual_seed(0)
-    model, opt, loss_fn = build("ours", cfg, args.numerics, args.compile, "fused", device)
+    model, opt, loss_fn = build("ours", cfg, args.numerics, args.compile, "fused", device, args.attention)
     tokens = torch.randint(0, cfg.vocab_size, (args.micro_batch, args.seq + 1), device=device)
     ctx = (torch.autocast("cuda", dtype=torch.bfloat16) if args.numerics == "autocast"
            else contextlib.nullcontext())
@@ -83,6 +83,7 @@ def profile(args, device) -> None:
     total_busy = sum(busy.values()) / args.steps / 1e3
     print(f"# {torch.cuda.get_device_name()} | torch {torch.__version__} | {args.shape} | seq {args.seq} | "
           f"micro-batch {args.micro_batch} | {args.numerics} | compile {args.compile} | "
+          f"attention {args.attention} | "
           f"bf16 reductions {args.bf16_reductions}")
     print(f"step {wall * 1e3:.1f} ms wall, kernels busy {total_busy:.1f} ms "
           f"({total_busy / (wall * 1e3):.1%}); {args.micro_batch * args.seq / wall:,.0f} tokens/s\n")
@@ -125,39 +126,64 @@ def _time(fn, iters: int = 20) -> float:
     return (time.perf_counter() - t) / iters
 
 
-def kernels(args, device) -> None:
-    """Attention backends and the step's GEMMs, alone."""
+def _attention_candidates(h: int, kv: int):
+    """(name, causal attention on [batch, seq, heads, head_dim] tensors, as the model calls it)."""
     from torch.nn.attention import SDPBackend, sdpa_kernel
 
+    def sdpa(backend, gqa):
+        def run(q, k, v):
+            if not gqa:
+                k, v = k.repeat_interleave(h // kv, 2), v.repeat_interleave(h // kv, 2)
+            with sdpa_kernel([backend]):
+                return F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2),
+                                                      v.transpose(1, 2), is_causal=True,
+                                                      enable_gqa=gqa).transpose(1, 2)
+        return run
+
+    for name, backend in (("flash", SDPBackend.FLASH_ATTENTION), ("cudnn", SDPBackend.CUDNN_ATTENTION),
+                          ("efficient", SDPBackend.EFFICIENT_ATTENTION)):
+        for gqa in (True, False):
+            yield f"sdpa {name}, {'enable_gqa' if gqa else 'KV heads expanded'}", sdpa(backend, gqa)
+    try:
+        from engine.model.flash_attention_4 import flash_attention_4
+    except ImportError:
+        return
+    yield "flash_attn_4 (the engine's custom op)", flash_attention_4
+
+
+def kernels(args, device) -> None:
+    """Attention backends and the step's GEMMs, alone. Each attention backend's output and
+    gradients are compared with fp32 attention on the same bf16 inputs."""
     s = SHAPES[args.shape]
     b, n, h, kv = args.micro_batch, args.seq, s["num_heads"], s["num_kv_heads"]
     d = s["hidden_size"] // h
-    q = torch.randn(b, h, n, d, device=device, dtype=torch.bfloat16, requires_grad=True)
-    k = torch.randn(b, kv, n, d, device=device, dtype=torch.bfloat16, requires_grad=True)
-    v = torch.randn(b, kv, n, d, device=device, dtype=torch.bfloat16, requires_grad=True)
+    gen = torch.Generator(device).manual_seed(0)
+    q, k, v = (torch.randn(b, n, heads, d, device=device, dtype=torch.bfloat16, generator=gen)
+               .requires_grad_() for heads in (h, kv, kv))
+    dout = torch.randn(b, n, h, d, device=device, dtype=torch.bfloat16, generator=gen)
+    exact = [t.detach().float().requires_grad_() for t in (q, k, v)]
+    ref = F.scaled_dot_product_attention(*(t.transpose(1, 2) for t in exact), is_causal=True,
+                                         enable_gqa=True).transpose(1, 2)
+    ref_grads = torch.autograd.grad(ref, exact, dout.float())
     flops_fwd = 4 * b * h * n * n * d / 2  # causal: half the score matrix
-    print(f"\nattention alone: [{b}, {h} heads ({kv} KV), {n}, {d}] bf16, causal\n")
-    print("| backend | GQA | forward TFLOP/s | forward+backward TFLOP/s |")
-    print("|---|---|---:|---:|")
-    for name, backend in (("flash", SDPBackend.FLASH_ATTENTION), ("cudnn", SDPBackend.CUDNN_ATTENTION),
-                          ("efficient", SDPBackend.EFFICIENT_ATTENTION)):
-        for gqa in ("enable_gqa", "expanded"):
-            def fwd():
-                kk, vv = (k, v) if gqa == "enable_gqa" else (k.repeat_interleave(h // kv, 1),
-                                                              v.repeat_interleave(h // kv, 1))
-                return F.scaled_dot_product_attention(q, kk, vv, is_causal=True,
-                                                      enable_gqa=gqa == "enable_gqa")
+    print(f"\nattention alone: [{b}, {n}, {h} heads ({kv} KV), {d}] bf16, causal; error = max |x − fp32 "
+          "attention| for the output and dq, dk, dv\n")
+    print("| backend | forward TFLOP/s | forward+backward TFLOP/s | error out | dq | dk | dv |")
+    print("|---|---:|---:|---:|---:|---:|---:|")
+    for name, attention in _attention_candidates(h, kv):
+        def fwd_bwd():
+            return torch.autograd.grad(attention(q, k, v), (q, k, v), dout)
 
-            def fwd_bwd():
-                fwd().sum().backward()
-
-            try:
-                with sdpa_kernel([backend]):
-                    tf = flops_fwd / _time(fwd) / 1e12
-                    tfb = 3.5 * flops_fwd / _time(fwd_bwd) / 1e12  # backward = 2.5x forward
-                print(f"| {name} | {gqa} | {tf:.0f} | {tfb:.0f} |")
-            except RuntimeError as exc:
-                print(f"| {name} | {gqa} | n/a ({str(exc).splitlines()[0][:60]}) | |")
+        try:
+            out = attention(q, k, v)
+            errors = [(x.float() - r).abs().max().item()
+                      for x, r in zip((out, *fwd_bwd()), (ref, *ref_grads))]
+            tf = flops_fwd / _time(lambda: attention(q, k, v)) / 1e12
+            tfb = 3.5 * flops_fwd / _time(fwd_bwd) / 1e12  # backward = 2.5x forward
+        except RuntimeError as exc:
+            print(f"| {name} | n/a ({str(exc).splitlines()[0][:60]}) | | | | | |")
+            continue
+        print(f"| {name} | {tf:.0f} | {tfb:.0f} | " + " | ".join(f"{e:.2e}" for e in errors) + " |")
     tokens = b * n
     hid, ffn, vocab = s["hidden_size"], s["intermediate_size"], s["vocab_size"]
     kvd = kv * d
@@ -183,6 +209,7 @@ def main() -> None:
     p.add_argument("--steps", type=int, default=3)
     p.add_argument("--warmup", type=int, default=3)
     p.add_argument("--top", type=int, default=15)
+    p.add_argument("--attention", default="sdpa", choices=["sdpa", "flash_attn_4"])
     p.add_argument("--kernels", action="store_true", help="also time attention backends and GEMMs alone")
     add_reductions_argument(p)
     args = p.parse_args()

@@ -1,11 +1,13 @@
 """Training-step throughput: the engine's model and loss vs Hugging Face transformers'
 LlamaForCausalLM, same shape, same numerics, same fused AdamW, in one run.
 
-    python -m bench.train_step --shape tinyllama-1.1b --seq 4096 --micro-batch 4
+    python -m bench.train_step --shape tinyllama-1.1b --seq 4096 --micro-batch 4 \
+        --attention flash_attn_4
 
 Numerics: `autocast` = bf16 autocast over fp32 weights and optimizer state (what users train
 with); `bf16` = pure bf16 weights. MFU = (6·N + 12·L·h·s)·tokens/s / peak, N = non-embedding
-parameters + LM head (engine/train/flops.py); peak from the GPU's name.
+parameters + LM head (engine/train/flops.py); peak from the GPU's name. `--attention` sets our
+model's attention_backend (flash_attn_4 needs the flash-attn-4 package).
 """
 
 from __future__ import annotations
@@ -53,12 +55,13 @@ def add_reductions_argument(p: argparse.ArgumentParser) -> None:
                         "the engine's training loop turns it off)")
 
 
-def build(impl: str, cfg: ModelConfig, numerics: str, compile_mode: str, loss: str, device):
+def build(impl: str, cfg: ModelConfig, numerics: str, compile_mode: str, loss: str, device,
+          attention: str = "sdpa"):
     dtype = torch.bfloat16 if numerics == "bf16" else torch.float32
     state = initial_state(cfg)
     if impl == "ours":
         with torch.device("meta"):
-            model = LlamaModel(cfg)
+            model = LlamaModel(cfg.model_copy(update={"attention_backend": attention}))
         model.load_state_dict(state, assign=True)
         model.to(device=device, dtype=dtype)
         if compile_mode == "block":
@@ -94,9 +97,9 @@ def build(impl: str, cfg: ModelConfig, numerics: str, compile_mode: str, loss: s
     return model, opt, loss_fn
 
 
-def measure(impl, cfg, numerics, compile_mode, loss, seq, mb, steps, warmup, device):
+def measure(impl, cfg, numerics, compile_mode, loss, seq, mb, steps, warmup, device, attention):
     torch.manual_seed(0)
-    model, opt, loss_fn = build(impl, cfg, numerics, compile_mode, loss, device)
+    model, opt, loss_fn = build(impl, cfg, numerics, compile_mode, loss, device, attention)
     tokens = torch.randint(0, cfg.vocab_size, (mb, seq + 1), device=device)
     ctx = torch.autocast("cuda", dtype=torch.bfloat16) if numerics == "autocast" else contextlib.nullcontext()
     torch.cuda.reset_peak_memory_stats()
@@ -117,13 +120,27 @@ def measure(impl, cfg, numerics, compile_mode, loss, seq, mb, steps, warmup, dev
     tps = mb * seq / step
     flops = flops_per_token(cfg, seq) * tps
     peak = peak_flops(torch.device(device))
-    result = dict(impl=impl, numerics=numerics, compile=compile_mode, seq=seq, mb=mb,
+    result = dict(impl=impl, numerics=numerics, compile=compile_mode, seq=seq, mb=mb, attention=attention,
                   tokens_per_s=tps, tflops=flops / 1e12, mfu=flops / peak if peak else float("nan"),
                   peak_mem_gib=torch.cuda.max_memory_allocated() / 2**30, loss=losses[-1])
     del model, opt
     gc.collect()
     torch.cuda.empty_cache()
     return result
+
+
+def gemm_ceiling(device) -> float:
+    """TFLOP/s of a bf16 8192³ matmul on this card now (mean of 10 after 3 warm-ups): machines of
+    one GPU model differ by several percent, so each table carries its own ceiling."""
+    a, b = (torch.randn(8192, 8192, device=device, dtype=torch.bfloat16) for _ in range(2))
+    for _ in range(3):
+        a @ b
+    torch.cuda.synchronize()
+    t = time.perf_counter()
+    for _ in range(10):
+        a @ b
+    torch.cuda.synchronize()
+    return 10 * 2 * 8192**3 / (time.perf_counter() - t) / 1e12
 
 
 def main() -> None:
@@ -141,6 +158,8 @@ def main() -> None:
                    help="torch.compile modes for HF (default: those of --compile)")
     p.add_argument("--loss", default="fused", choices=["fused", "full"],
                    help="ours: chunked head + CE (the engine's default) or full fp32 logits")
+    p.add_argument("--attention", nargs="+", default=["sdpa"], choices=["sdpa", "flash_attn_4"],
+                   help="ours: the model's attention_backend(s) (HF always uses SDPA)")
     p.add_argument("--sdpa", default="auto", choices=["auto", "cudnn", "flash"],
                    help="scaled_dot_product_attention backend preference")
     add_reductions_argument(p)
@@ -156,21 +175,23 @@ def main() -> None:
         order = [first] + [b for b in (SDPBackend.FLASH_ATTENTION, SDPBackend.CUDNN_ATTENTION,
                                        SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH) if b != first]
         sdpa_kernel(order, set_priority=True).__enter__()
-    print(f"# {torch.cuda.get_device_name()} | torch {torch.__version__} | shape {args.shape} | "
+    print(f"# {torch.cuda.get_device_name()} (bf16 8192³ matmul {gemm_ceiling(device):.0f} TFLOP/s) | "
+          f"torch {torch.__version__} | shape {args.shape} | "
           f"loss {args.loss} | sdpa {args.sdpa} | bf16 reductions {args.bf16_reductions} | median of {args.steps} steps after {args.warmup} warm-up")
-    print("| impl | numerics | compile | seq | micro-batch | tokens/s | TFLOP/s | MFU | peak mem GiB | loss |")
-    print("|---|---|---|---|---|---|---|---|---|---|")
-    modes = {"hf": args.hf_compile or args.compile, "ours": args.compile}
+    print("| impl | numerics | compile | attention | seq | micro-batch | tokens/s | TFLOP/s | MFU | peak mem GiB | loss |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|")
+    runs = {"hf": [(c, "sdpa") for c in args.hf_compile or args.compile],
+            "ours": [(c, a) for c in args.compile for a in args.attention]}
     for seq in args.seq:
         cfg = ModelConfig(**SHAPES[args.shape], max_position_embeddings=max(seq, 4096))
         mb = max(1, args.tokens_per_micro_batch // seq) if args.tokens_per_micro_batch else args.micro_batch
         for numerics in args.numerics:
             for impl in args.impl:
-                for comp in modes[impl]:
-                    row = f"| {impl} | {numerics} | {comp} | {seq} | {mb} |"
+                for comp, attention in runs[impl]:
+                    row = f"| {impl} | {numerics} | {comp} | {attention} | {seq} | {mb} |"
                     try:
                         r = measure(impl, cfg, numerics, comp, args.loss, seq, mb,
-                                    args.steps, args.warmup, device)
+                                    args.steps, args.warmup, device, attention)
                     except torch.OutOfMemoryError:
                         r = None
                     if r is None:  # outside the except: its traceback no longer holds the model

@@ -73,7 +73,8 @@ def test_stories260k_hf_native_hf_is_bitwise(stories, tmp_path):
 
     for manifest in (native, back):
         check = manifest.summary["verification"]
-        assert check["max_abs_diff"] <= 1e-5 and check["mean_abs_diff"] <= 1e-6
+        # fp32 rounding only: our fused gate/up GEMM reduces in another order than HF's
+        assert check["max_abs_diff"] <= 5e-5 and check["mean_abs_diff"] <= 5e-6
         assert check["tolerance_max_abs"] == 1e-4 and check["batch"] == [2, 64]
     assert native.summary["verification"]["reference"]["source"].startswith("transformers")
     assert back.summary["verification"]["reference"] == {

@@ -220,14 +220,23 @@ def test_from_hf_errors_name_the_problem():
         ModelConfig.from_hf({k: v for k, v in hf.items() if k != "vocab_size"})
 
 
-def test_unavailable_backend_says_what_to_install():
+@pytest.mark.parametrize("backend,module,package", [("flash_attn", "flash_attn", "flash-attn"),
+                                                     ("flash_attn_4", "flash_attn.cute", "flash-attn-4")])
+def test_unavailable_backend_says_what_to_install(backend, module, package):
     try:
-        import flash_attn  # noqa: F401
-        pytest.skip("flash-attn is installed here")
+        __import__(module)
+        pytest.skip(f"{package} is installed here")
     except ImportError:
         pass
-    with pytest.raises(SpecError, match=r"needs the flash-attn package \(pip install \.\[gpu\]\)"):
-        LlamaModel(config("llama-gqa", attention_backend="flash_attn"))
+    with pytest.raises(SpecError, match=rf"needs the {package} package \(pip install \.\[gpu\]\)"):
+        LlamaModel(config("llama-gqa", attention_backend=backend))
+
+
+def test_flash_attn_4_refuses_head_dims_its_kernels_lack():
+    """flash-attn-4 on Hopper takes head_dim 8..256 in steps of 8 (the 3B shape's 100 is not):
+    said when the model is built, before any job runs."""
+    with pytest.raises(SpecError, match=r"flash_attn_4' needs head_dim a multiple of 8 .* not 100"):
+        LlamaModel(config("llama-gqa", hidden_size=400, head_dim=100, attention_backend="flash_attn_4"))
 
 
 @pytest.fixture(scope="module")
@@ -249,7 +258,7 @@ def test_stories260k_logits_match_hf(stories260k):
     ids = torch.tensor([reference["greedy_from_bos"]["ids"]])  # 257 real tokens
     with torch.no_grad():
         diff = (model(ids) - hf(ids, use_cache=False).logits).abs().max().item()
-    assert diff <= 1e-5
+    assert diff <= 1e-4  # fp32 rounding: our fused gate/up GEMM reduces in another order
 
 
 def test_stories260k_greedy_and_nll_match_llama2c(stories260k):

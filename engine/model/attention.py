@@ -1,4 +1,4 @@
-"""Causal self-attention with grouped KV heads: projections, RoPE, and one of three kernels.
+"""Causal self-attention with grouped KV heads: projections, RoPE, and one of four kernels.
 
 Tensors stay in [batch, seq, heads, head_dim] between projections and kernel, and head counts are
 read from the tensors (`view(b, s, -1, head_dim)`), so tensor parallelism can shard the
@@ -53,21 +53,37 @@ def _flash_attn_kernel() -> Kernel:
     return flash_attention
 
 
-def attention_kernel(backend: str) -> Kernel:
+def _flash_attn_4_kernel(head_dim: int) -> Kernel:
+    if head_dim % 8 or not 8 <= head_dim <= 256:  # flash-attn-4's kernels on Hopper
+        raise SpecError(f"attention_backend 'flash_attn_4' needs head_dim a multiple of 8 between "
+                        f"8 and 256, not {head_dim}: use 'sdpa'")
+    try:
+        from engine.model.flash_attention_4 import flash_attention_4
+    except ImportError:
+        raise SpecError("attention_backend 'flash_attn_4' needs the flash-attn-4 package "
+                        "(pip install .[gpu]) and a Hopper or Blackwell GPU") from None
+    return flash_attention_4
+
+
+def attention_kernel(backend: str, head_dim: int) -> Kernel:
     """The kernel for `ModelConfig.attention_backend`; an error that says what to install if the
-    chosen one is unavailable."""
+    chosen one is unavailable, or why it does not fit the model."""
     if backend == "sdpa":
         return sdpa_attention
     if backend == "eager":
         return eager_attention
     if backend == "flash_attn":
         return _flash_attn_kernel()
-    raise SpecError(f"unknown attention_backend {backend!r} (sdpa, flash_attn, eager)")
+    if backend == "flash_attn_4":
+        return _flash_attn_4_kernel(head_dim)
+    raise SpecError(f"unknown attention_backend {backend!r} (sdpa, flash_attn, flash_attn_4, eager)")
 
 
 class Attention(nn.Module):
     """q/k/v projections (biased for Qwen2), RoPE on q and k, causal attention, output
-    projection."""
+    projection. The projections stay three GEMMs: one over the stacked weights measured 1.2%
+    slower a training step (its backward's RoPE-and-concatenate kernel costs more than the wider
+    GEMM saves; docs/benchmarks.md)."""
 
     def __init__(self, cfg: ModelConfig):
         super().__init__()
@@ -77,7 +93,7 @@ class Attention(nn.Module):
         self.wk = nn.Linear(cfg.hidden_size, kv_size, bias=cfg.qkv_bias)
         self.wv = nn.Linear(cfg.hidden_size, kv_size, bias=cfg.qkv_bias)
         self.wo = nn.Linear(q_size, cfg.hidden_size, bias=False)
-        self.kernel = attention_kernel(cfg.attention_backend)
+        self.kernel = attention_kernel(cfg.attention_backend, cfg.head_dim)
 
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
         batch, seq, _ = x.shape

@@ -112,7 +112,7 @@ class ModelConfig(_Record):
     tie_word_embeddings: bool = False
     qkv_bias: bool | None = Field(default=None, description="None: as the family has it")
     init_std: float = Field(default=0.02, gt=0)
-    attention_backend: Literal["sdpa", "flash_attn", "eager"] = "sdpa"
+    attention_backend: Literal["sdpa", "flash_attn", "flash_attn_4", "eager"] = "sdpa"
 
     @model_validator(mode="before")
     @classmethod

@@ -48,7 +48,10 @@ class RMSNorm(nn.Module):
 
 
 class SwiGLU(nn.Module):
-    """w_down(silu(w_gate x) * w_up x)."""
+    """w_down(silu(w_gate x) * w_up x), gate and up computed as one GEMM over their stacked
+    weights (0.6% faster a training step on the 1.1B shape). The parameters stay separate, so
+    names, checkpoints, HF conversion and sharding are unchanged; once compiled, stacking the
+    weights and autocast's cast of them are one kernel (`fused__to_copy_cat` in the profile)."""
 
     def __init__(self, cfg: ModelConfig):
         super().__init__()
@@ -57,7 +60,9 @@ class SwiGLU(nn.Module):
         self.w_down = nn.Linear(cfg.intermediate_size, cfg.hidden_size, bias=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.w_down(F.silu(self.w_gate(x)) * self.w_up(x))
+        stacked = torch.cat((self.w_gate.weight, self.w_up.weight))
+        gate, up = F.linear(x, stacked).chunk(2, dim=-1)
+        return self.w_down(F.silu(gate) * up)
 
 
 class Block(nn.Module):
