@@ -2,10 +2,12 @@
 model, kernels grouped by class (GEMM, attention forward/backward, compiled fused kernels, eager
 elementwise, copies/casts, optimizer), plus the idle time between kernels and the top kernels.
 
-    python -m bench.profile_step --numerics autocast --compile block --seq 4096 --micro-batch 4
+    python -m bench.profile_step --numerics autocast --compile block --seq 4096 --micro-batch 4 \
+        --attention flash_attn_4
 
-`--kernels` also times the attention backends and the step's GEMM shapes alone (TFLOP/s), to
-say how far each class is from what the card can do.
+`--kernels` also times the attention backends (SDPA's, and FlashAttention-4 when installed, each
+checked against fp32 attention) and the step's GEMM shapes alone (TFLOP/s), to say how far each
+class is from what the card can do.
 """
 
 from __future__ import annotations
