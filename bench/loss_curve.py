@@ -23,7 +23,7 @@ from pathlib import Path
 import torch
 import torch._inductor.config as inductor
 
-from bench.train_step import SHAPES
+from bench.train_step import ATTENTION, SHAPES
 from engine.data import tokenize
 from engine.model import ModelConfig
 from engine.train import pretrain
@@ -80,7 +80,7 @@ def main() -> None:
     p.add_argument("--iters", type=int, default=300)
     p.add_argument("--lr", type=float, default=3e-4)
     p.add_argument("--log-interval", type=int, default=10)
-    p.add_argument("--attention", default="sdpa", choices=["sdpa", "flash_attn_4"],
+    p.add_argument("--attention", default="sdpa", choices=ATTENTION,
                    help="attention backend of the runs with compiled blocks (the eager ones keep SDPA)")
     p.add_argument("--runs", nargs="+", choices=RUNS, default=["optimised", "plain"],
                    help="the first is compared with each of the others")

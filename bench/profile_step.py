@@ -20,7 +20,7 @@ import time
 import torch
 import torch.nn.functional as F
 
-from bench.train_step import SHAPES, add_reductions_argument, build
+from bench.train_step import ATTENTION, SHAPES, add_reductions_argument, build, mean_time
 from engine.model import ModelConfig
 from engine.train.loop import set_split_k_reductions
 
@@ -117,17 +117,6 @@ def print_ops(prof, steps: int, top: int) -> None:
         print(f"| {e.key[:80]} | {e.self_device_time_total / steps / 1e3:.2f} | {e.count // steps} |")
 
 
-def _time(fn, iters: int = 20) -> float:
-    for _ in range(3):
-        fn()
-    torch.cuda.synchronize()
-    t = time.perf_counter()
-    for _ in range(iters):
-        fn()
-    torch.cuda.synchronize()
-    return (time.perf_counter() - t) / iters
-
-
 def _attention_candidates(h: int, kv: int):
     """(name, causal attention on [batch, seq, heads, head_dim] tensors, as the model calls it)."""
     from torch.nn.attention import SDPBackend, sdpa_kernel
@@ -180,8 +169,8 @@ def kernels(args, device) -> None:
             out = attention(q, k, v)
             errors = [(x.float() - r).abs().max().item()
                       for x, r in zip((out, *fwd_bwd()), (ref, *ref_grads))]
-            tf = flops_fwd / _time(lambda: attention(q, k, v)) / 1e12
-            tfb = 3.5 * flops_fwd / _time(fwd_bwd) / 1e12  # backward = 2.5x forward
+            tf = flops_fwd / mean_time(lambda: attention(q, k, v)) / 1e12
+            tfb = 3.5 * flops_fwd / mean_time(fwd_bwd) / 1e12  # backward = 2.5x forward
         except RuntimeError as exc:
             print(f"| {name} | n/a ({str(exc).splitlines()[0][:60]}) | | | | | |")
             continue
@@ -198,7 +187,7 @@ def kernels(args, device) -> None:
                               ("lm head chunk", 4096, hid, vocab), ("8192 cube", 8192, 8192, 8192)):
         x = torch.randn(m_, k_, device=device, dtype=torch.bfloat16)
         w = torch.randn(k_, n_, device=device, dtype=torch.bfloat16)
-        print(f"| {label} | {m_} | {k_} | {n_} | {2 * m_ * k_ * n_ / _time(lambda: x @ w) / 1e12:.0f} |")
+        print(f"| {label} | {m_} | {k_} | {n_} | {2 * m_ * k_ * n_ / mean_time(lambda: x @ w) / 1e12:.0f} |")
 
 
 def main() -> None:
@@ -211,7 +200,7 @@ def main() -> None:
     p.add_argument("--steps", type=int, default=3)
     p.add_argument("--warmup", type=int, default=3)
     p.add_argument("--top", type=int, default=15)
-    p.add_argument("--attention", default="sdpa", choices=["sdpa", "flash_attn_4"])
+    p.add_argument("--attention", default="sdpa", choices=ATTENTION)
     p.add_argument("--kernels", action="store_true", help="also time attention backends and GEMMs alone")
     add_reductions_argument(p)
     args = p.parse_args()

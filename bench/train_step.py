@@ -33,6 +33,9 @@ SHAPES = {
 }
 
 
+# Our model's attention backends the benches can choose (flash_attn_4 needs flash-attn-4).
+ATTENTION = ("sdpa", "flash_attn_4")
+
 _initial: dict[tuple, dict[str, torch.Tensor]] = {}
 
 
@@ -129,18 +132,23 @@ def measure(impl, cfg, numerics, compile_mode, loss, seq, mb, steps, warmup, dev
     return result
 
 
+def mean_time(fn, iters: int = 20) -> float:
+    """Mean seconds of `fn` on the GPU over `iters` calls, after 3 warm-up calls."""
+    for _ in range(3):
+        fn()
+    torch.cuda.synchronize()
+    t = time.perf_counter()
+    for _ in range(iters):
+        fn()
+    torch.cuda.synchronize()
+    return (time.perf_counter() - t) / iters
+
+
 def gemm_ceiling(device) -> float:
     """TFLOP/s of a bf16 8192³ matmul on this card now (mean of 10 after 3 warm-ups): machines of
     one GPU model differ by several percent, so each table carries its own ceiling."""
     a, b = (torch.randn(8192, 8192, device=device, dtype=torch.bfloat16) for _ in range(2))
-    for _ in range(3):
-        a @ b
-    torch.cuda.synchronize()
-    t = time.perf_counter()
-    for _ in range(10):
-        a @ b
-    torch.cuda.synchronize()
-    return 10 * 2 * 8192**3 / (time.perf_counter() - t) / 1e12
+    return 2 * 8192**3 / mean_time(lambda: a @ b, iters=10) / 1e12
 
 
 def main() -> None:
@@ -158,7 +166,7 @@ def main() -> None:
                    help="torch.compile modes for HF (default: those of --compile)")
     p.add_argument("--loss", default="fused", choices=["fused", "full"],
                    help="ours: chunked head + CE (the engine's default) or full fp32 logits")
-    p.add_argument("--attention", nargs="+", default=["sdpa"], choices=["sdpa", "flash_attn_4"],
+    p.add_argument("--attention", nargs="+", default=["sdpa"], choices=ATTENTION,
                    help="ours: the model's attention_backend(s) (HF always uses SDPA)")
     p.add_argument("--sdpa", default="auto", choices=["auto", "cudnn", "flash"],
                    help="scaled_dot_product_attention backend preference")
