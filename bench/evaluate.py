@@ -21,6 +21,7 @@ import time
 
 import torch
 
+from bench.train_step import ATTENTION
 from engine.data.tokenizer import load_tokenizer
 from engine.evaluate import fineval, fineval_data
 from engine.evaluate.scoring import Scorer
@@ -70,11 +71,13 @@ def main() -> None:
     parser.add_argument("--batch-tokens", type=int, default=32768)
     parser.add_argument("--limit", type=int, default=None, help="questions per subject")
     parser.add_argument("--compile", action="store_true", help="torch.compile each block")
+    parser.add_argument("--attention", default="sdpa", choices=ATTENTION,
+                        help="the model's attention_backend (flash_attn_4 needs flash-attn-4)")
     args = parser.parse_args()
 
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
-    cfg = ModelConfig(**SHAPES["tiny" if args.tiny else "1b"])
+    cfg = ModelConfig(**SHAPES["tiny" if args.tiny else "1b"], attention_backend=args.attention)
     limit = args.limit or (2 if args.tiny else None)
     with torch.device("meta"):
         model = LlamaModel(cfg)
@@ -114,7 +117,8 @@ def main() -> None:
     name = torch.cuda.get_device_name() if device.type == "cuda" else "CPU"
     params = sum(p.numel() for p in model.parameters())
     print(f"device {name}, {dtype}, model {params / 1e9:.3f}B parameters, "
-          f"context {cfg.max_position_embeddings}, {args.shots}-shot, methods {args.methods}")
+          f"context {cfg.max_position_embeddings}, {args.shots}-shot, methods {args.methods}, "
+          f"attention {args.attention}, compile {args.compile}")
     print(f"questions {questions}, sequences {STATS['sequences']}, tokens {STATS['tokens']:,}, "
           f"prompts truncated {truncated}")
     print(f"total {total:.1f} s: {questions / total:.1f} questions/s, "

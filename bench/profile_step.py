@@ -1,6 +1,7 @@
 """Where a training step's GPU time goes: torch.profiler over a few steps of bench.train_step's
 model, kernels grouped by class (GEMM, attention forward/backward, compiled fused kernels, eager
-elementwise, copies/casts, optimizer), plus the idle time between kernels and the top kernels.
+elementwise, copies/casts, optimizer), the top kernels and operators, each GEMM shape's rate
+inside the step, and the idle time between kernels summed by the kernels on either side.
 
     python -m bench.profile_step --numerics autocast --compile block --seq 4096 --micro-batch 4 \
         --attention flash_attn_4
@@ -65,7 +66,8 @@ def profile(args, device) -> None:
     torch.cuda.synchronize()
     from torch.profiler import ProfilerActivity, profile as torch_profile
 
-    with torch_profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+    with torch_profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA],
+                       record_shapes=True) as prof:
         t = time.perf_counter()
         for _ in range(args.steps):
             step()
@@ -96,12 +98,36 @@ def profile(args, device) -> None:
         print(f"| {cls} | {ms:.1f} | {ms / (wall * 1e3):.1%} | {count[cls] // args.steps} |")
     idle = wall * 1e3 - total_busy
     print(f"| idle (no kernel running) | {idle:.1f} | {idle / (wall * 1e3):.1%} | |")
+    print_idle(events, wall * 1e3, args.steps, args.top)
     print("\ntop kernels:\n")
     print("| kernel | class | ms / step |")
     print("|---|---|---:|")
     for name, us in per_kernel.most_common(args.top):
         print(f"| {name[:90]} | {kernel_class(name)} | {us / args.steps / 1e3:.2f} |")
     print_ops(prof, args.steps, args.top)
+    print_gemms(prof, args.steps)
+
+
+def print_idle(events, wall_ms: float, steps: int, top: int) -> None:
+    """Where the GPU waits: the gaps between kernels, summed by the kernels on either side (the
+    host work in between is what to shorten), and the time outside the first and last kernel."""
+    spans = sorted((e.time_range.start, e.time_range.end, e.name) for e in events)
+    gaps, count = collections.Counter(), collections.Counter()
+    end, before = spans[0][1], spans[0][2]
+    for start, stop, name in spans[1:]:
+        if start > end:
+            key = (before[:60], name[:60])
+            gaps[key] += start - end
+            count[key] += 1
+        if stop > end:
+            end, before = stop, name
+    edges = wall_ms - (end - spans[0][0]) / 1e3 / steps
+    print(f"\nidle between kernels, by the kernels on either side (outside the first and last "
+          f"kernel: {edges:.2f} ms / step):\n")
+    print("| after | before | ms / step | gaps / step |")
+    print("|---|---|---:|---:|")
+    for (after, nxt), us in gaps.most_common(top):
+        print(f"| {after} | {nxt} | {us / steps / 1e3:.2f} | {count[(after, nxt)] / steps:g} |")
 
 
 def print_ops(prof, steps: int, top: int) -> None:
@@ -115,6 +141,22 @@ def print_ops(prof, steps: int, top: int) -> None:
         if e.self_device_time_total <= 0:
             break
         print(f"| {e.key[:80]} | {e.self_device_time_total / steps / 1e3:.2f} | {e.count // steps} |")
+
+
+def print_gemms(prof, steps: int) -> None:
+    """Each GEMM shape's rate inside the step (the same shapes alone: `--kernels`)."""
+    rows = []
+    for e in prof.key_averages(group_by_input_shape=True):
+        if e.key != "aten::mm" or e.self_device_time_total <= 0 or len(e.input_shapes) < 2:
+            continue
+        (m, k), (_, n) = e.input_shapes[0], e.input_shapes[1]
+        rows.append((e.self_device_time_total / steps / 1e3, m, k, n, e.count // steps,
+                     2 * m * k * n * e.count / e.self_device_time_total / 1e6))
+    print("\nGEMMs by shape ([M, K] x [K, N]):\n")
+    print("| M | K | N | calls / step | ms / step | TFLOP/s |")
+    print("|---:|---:|---:|---:|---:|---:|")
+    for ms, m, k, n, calls, tflops in sorted(rows, reverse=True):
+        print(f"| {m} | {k} | {n} | {calls} | {ms:.2f} | {tflops:.0f} |")
 
 
 def _attention_candidates(h: int, kv: int):

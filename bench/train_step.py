@@ -64,7 +64,7 @@ def build(impl: str, cfg: ModelConfig, numerics: str, compile_mode: str, loss: s
     state = initial_state(cfg)
     if impl == "ours":
         with torch.device("meta"):
-            model = LlamaModel(cfg.model_copy(update={"attention_backend": attention}))
+            model = LlamaModel(ModelConfig.model_validate({**cfg.model_dump(), "attention_backend": attention}))
         model.load_state_dict(state, assign=True)
         model.to(device=device, dtype=dtype)
         if compile_mode == "block":

@@ -139,6 +139,9 @@ class ModelConfig(_Record):
                              f"({self.num_kv_heads})")
         if self.head_dim % 2:
             raise ValueError(f"head_dim ({self.head_dim}) must be even for RoPE")
+        if self.attention_backend == "flash_attn_4" and (self.head_dim % 8 or not 8 <= self.head_dim <= 256):
+            raise ValueError(f"attention_backend 'flash_attn_4' needs head_dim a multiple of 8 "
+                             f"between 8 and 256 (its Hopper kernels), not {self.head_dim}: use 'sdpa'")
         if self.qkv_bias != (self.family == "qwen2"):
             raise ValueError(f"qkv_bias={self.qkv_bias} does not fit family {self.family!r}: "
                              "only qwen2 has q/k/v biases (and always has them)")
