@@ -105,7 +105,10 @@ def profile(args, device) -> None:
     for name, us in per_kernel.most_common(args.top):
         print(f"| {name[:90]} | {kernel_class(name)} | {us / args.steps / 1e3:.2f} |")
     print_ops(prof, args.steps, args.top)
-    print_gemms(prof, args.steps)
+    print_gemms(prof, args.steps, device)
+    if args.trace:
+        prof.export_chrome_trace(args.trace)
+        print(f"\ntrace: {args.trace}")
 
 
 def print_idle(events, wall_ms: float, steps: int, top: int) -> None:
@@ -143,8 +146,10 @@ def print_ops(prof, steps: int, top: int) -> None:
         print(f"| {e.key[:80]} | {e.self_device_time_total / steps / 1e3:.2f} | {e.count // steps} |")
 
 
-def print_gemms(prof, steps: int) -> None:
-    """Each GEMM shape's rate inside the step (the same shapes alone: `--kernels`)."""
+def print_gemms(prof, steps: int, device) -> None:
+    """Each GEMM shape's rate inside the step, and the same shape alone (row-major operands,
+    back to back): a shape slower in the step than alone loses time to its neighbours (clocks,
+    caches), not to cuBLAS's choice of kernel."""
     rows = []
     for e in prof.key_averages(group_by_input_shape=True):
         if e.key != "aten::mm" or e.self_device_time_total <= 0 or len(e.input_shapes) < 2:
@@ -152,11 +157,14 @@ def print_gemms(prof, steps: int) -> None:
         (m, k), (_, n) = e.input_shapes[0], e.input_shapes[1]
         rows.append((e.self_device_time_total / steps / 1e3, m, k, n, e.count // steps,
                      2 * m * k * n * e.count / e.self_device_time_total / 1e6))
-    print("\nGEMMs by shape ([M, K] x [K, N]):\n")
-    print("| M | K | N | calls / step | ms / step | TFLOP/s |")
-    print("|---:|---:|---:|---:|---:|---:|")
+    print("\nGEMMs by shape ([M, K] x [K, N]), in the step and alone:\n")
+    print("| M | K | N | calls / step | ms / step | TFLOP/s in step | TFLOP/s alone |")
+    print("|---:|---:|---:|---:|---:|---:|---:|")
     for ms, m, k, n, calls, tflops in sorted(rows, reverse=True):
-        print(f"| {m} | {k} | {n} | {calls} | {ms:.2f} | {tflops:.0f} |")
+        a = torch.randn(m, k, device=device, dtype=torch.bfloat16)
+        b = torch.randn(k, n, device=device, dtype=torch.bfloat16)
+        alone = 2 * m * k * n / mean_time(lambda: a @ b) / 1e12
+        print(f"| {m} | {k} | {n} | {calls} | {ms:.2f} | {tflops:.0f} | {alone:.0f} |")
 
 
 def _attention_candidates(h: int, kv: int):
@@ -244,6 +252,9 @@ def main() -> None:
     p.add_argument("--top", type=int, default=15)
     p.add_argument("--attention", default="sdpa", choices=ATTENTION)
     p.add_argument("--kernels", action="store_true", help="also time attention backends and GEMMs alone")
+    p.add_argument("--trace", default=None,
+                   help="also write the profiled steps as a Chrome/Perfetto trace (.json or .json.gz): "
+                        "the host's timeline shows what it was doing in each idle gap")
     add_reductions_argument(p)
     args = p.parse_args()
     device = torch.device("cuda")
