@@ -10,7 +10,7 @@ k and v as one (`kv`), or all three grouped per KV head as Megatron-LM lays them
     python -m bench.layouts --mlp stacked rows blocks64 triton --attention flash_attn_4
     python -m bench.layouts --mlp blocks64 --qkv separate kv grouped --attention flash_attn_4
 
-Each run swaps SwiGLU.forward / Attention.forward and then times bench.train_step's step (1.1B
+Each run swaps SwiGLU.forward (and SwiGLU.BLOCK) / Attention.forward and then times bench.train_step's step (1.1B
 shape, autocast, compiled blocks). Every layout computes the same function: the engine's is
 checked against the plain formula in tests/test_model.py.
 """
@@ -20,12 +20,11 @@ from __future__ import annotations
 import argparse
 import functools
 import itertools
-import time
 
 import torch
 import torch.nn.functional as F
 
-from bench.train_step import ATTENTION, SHAPES, gemm_ceiling, measure
+from bench.train_step import ATTENTION, SHAPES, gemm_ceiling, mean_time, measure
 from engine.model import ModelConfig
 from engine.model.attention import Attention
 from engine.model.llama import SwiGLU
@@ -38,22 +37,16 @@ def _stacked(mlp, x):
     return mlp.w_down(F.silu(gate) * up)
 
 
-def _blocks(block: int):
-    def forward(mlp, x):
-        rows, hidden = mlp.w_gate.weight.shape
-        w = torch.stack((mlp.w_gate.weight.view(rows // block, block, hidden),
-                         mlp.w_up.weight.view(rows // block, block, hidden)), dim=1)
-        both = F.linear(x, w.flatten(0, 2)).unflatten(-1, (rows // block, 2, block))
-        return mlp.w_down((F.silu(both[..., 0, :]) * both[..., 1, :]).flatten(-2))
-    return forward
-
-
 def _separate(mlp, x):
     return mlp.w_down(F.silu(mlp.w_gate(x)) * mlp.w_up(x))
 
 
-MLP = {"stacked": _stacked, "rows": _blocks(1), "blocks32": _blocks(32),
-       "blocks64": SwiGLU.forward, "blocks128": _blocks(128), "separate": _separate}
+# name -> (SwiGLU.forward, SwiGLU.BLOCK): the interleaved layouts are the engine's own forward
+# with another block of rows (1 = row by row).
+ENGINE_BLOCK = SwiGLU.BLOCK
+MLP = {"stacked": (_stacked, ENGINE_BLOCK), "rows": (SwiGLU.forward, 1),
+       "blocks32": (SwiGLU.forward, 32), "blocks64": (SwiGLU.forward, 64),
+       "blocks128": (SwiGLU.forward, 128), "separate": (_separate, ENGINE_BLOCK)}
 
 
 @functools.cache
@@ -142,8 +135,10 @@ def _grouped(attn, x, cos, sin):
 QKV = {"separate": Attention.forward, "kv": _kv, "grouped": _grouped}
 
 
-def mlp_forward(name: str):
-    return _triton_swiglu() if name == "triton" else MLP[name]
+def use_mlp(name: str):
+    """Set SwiGLU's forward (and block of interleaved rows) to the layout `name`; return it."""
+    SwiGLU.forward, SwiGLU.BLOCK = (_triton_swiglu(), ENGINE_BLOCK) if name == "triton" else MLP[name]
+    return SwiGLU.forward
 
 
 def mlp_alone(names: list[str], tokens: int, cfg: ModelConfig) -> None:
@@ -156,21 +151,14 @@ def mlp_alone(names: list[str], tokens: int, cfg: ModelConfig) -> None:
         torch.manual_seed(0)
         mlp = SwiGLU(cfg).cuda()
         x = torch.randn(tokens, cfg.hidden_size, device="cuda", dtype=torch.bfloat16, requires_grad=True)
-        forward = torch.compile(mlp_forward(name))
+        forward = torch.compile(use_mlp(name))
 
         def step():
             with torch.autocast("cuda", dtype=torch.bfloat16):
                 out = forward(mlp, x)
             out.float().square().mean().backward()
 
-        for _ in range(3):
-            step()
-        torch.cuda.synchronize()
-        start = time.perf_counter()
-        for _ in range(20):
-            step()
-        torch.cuda.synchronize()
-        ms = (time.perf_counter() - start) / 20 * 1e3
+        ms = mean_time(step) * 1e3
         with profile(activities=[ProfilerActivity.CUDA]) as prof:
             for _ in range(5):
                 step()
@@ -200,7 +188,8 @@ def main() -> None:
           f"autocast | compiled blocks | attention {args.attention}")
     print("| MLP layout | q/k/v layout | tokens/s | MFU |\n|---|---|---:|---:|")
     for mlp, qkv in itertools.product(args.mlp, args.qkv):
-        SwiGLU.forward, Attention.forward = mlp_forward(mlp), QKV[qkv]
+        use_mlp(mlp)
+        Attention.forward = QKV[qkv]
         torch._dynamo.reset()
         r = measure("ours", cfg, "autocast", "block", "fused", args.seq, args.micro_batch, 10, 3,
                     "cuda", args.attention)

@@ -21,7 +21,7 @@ import time
 import torch
 import torch.nn.functional as F
 
-from bench.train_step import ATTENTION, SHAPES, add_reductions_argument, build, mean_time
+from bench.train_step import ATTENTION, SHAPES, add_reductions_argument, build, gemm_rate, mean_time
 from engine.model import ModelConfig
 from engine.train.loop import set_split_k_reductions
 
@@ -161,10 +161,7 @@ def print_gemms(prof, steps: int, device) -> None:
     print("| M | K | N | calls / step | ms / step | TFLOP/s in step | TFLOP/s alone |")
     print("|---:|---:|---:|---:|---:|---:|---:|")
     for ms, m, k, n, calls, tflops in sorted(rows, reverse=True):
-        a = torch.randn(m, k, device=device, dtype=torch.bfloat16)
-        b = torch.randn(k, n, device=device, dtype=torch.bfloat16)
-        alone = 2 * m * k * n / mean_time(lambda: a @ b) / 1e12
-        print(f"| {m} | {k} | {n} | {calls} | {ms:.2f} | {tflops:.0f} | {alone:.0f} |")
+        print(f"| {m} | {k} | {n} | {calls} | {ms:.2f} | {tflops:.0f} | {gemm_rate(m, k, n, device):.0f} |")
 
 
 def _attention_candidates(h: int, kv: int):
@@ -235,9 +232,7 @@ def kernels(args, device) -> None:
                               ("qkv fused", tokens, hid, hid + 2 * kvd), ("gate or up", tokens, hid, ffn),
                               ("gate+up fused", tokens, hid, 2 * ffn), ("down", tokens, ffn, hid),
                               ("lm head chunk", 4096, hid, vocab), ("8192 cube", 8192, 8192, 8192)):
-        x = torch.randn(m_, k_, device=device, dtype=torch.bfloat16)
-        w = torch.randn(k_, n_, device=device, dtype=torch.bfloat16)
-        print(f"| {label} | {m_} | {k_} | {n_} | {2 * m_ * k_ * n_ / mean_time(lambda: x @ w) / 1e12:.0f} |")
+        print(f"| {label} | {m_} | {k_} | {n_} | {gemm_rate(m_, k_, n_, device):.0f} |")
 
 
 def main() -> None:

@@ -147,11 +147,17 @@ def mean_time(fn, iters: int = 20) -> float:
     return (time.perf_counter() - t) / iters
 
 
+def gemm_rate(m: int, k: int, n: int, device, iters: int = 20) -> float:
+    """TFLOP/s of a bf16 [m, k] x [k, n] matmul alone (row-major operands, back to back)."""
+    a = torch.randn(m, k, device=device, dtype=torch.bfloat16)
+    b = torch.randn(k, n, device=device, dtype=torch.bfloat16)
+    return 2 * m * k * n / mean_time(lambda: a @ b, iters) / 1e12
+
+
 def gemm_ceiling(device) -> float:
     """TFLOP/s of a bf16 8192³ matmul on this card now (mean of 10 after 3 warm-ups): machines of
     one GPU model differ by several percent, so each table carries its own ceiling."""
-    a, b = (torch.randn(8192, 8192, device=device, dtype=torch.bfloat16) for _ in range(2))
-    return 2 * 8192**3 / mean_time(lambda: a @ b, iters=10) / 1e12
+    return gemm_rate(8192, 8192, 8192, device, iters=10)
 
 
 def main() -> None:

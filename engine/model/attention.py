@@ -81,7 +81,8 @@ class Attention(nn.Module):
     """q/k/v projections (biased for Qwen2), RoPE on q and k, causal attention, output
     projection. The projections stay three GEMMs: one over the stacked weights measured 1.2%
     slower a training step (its backward's RoPE-and-concatenate kernel costs more than the wider
-    GEMM saves; docs/benchmarks.md)."""
+    GEMM saves), k and v as one, or q/k/v grouped per KV head, 0.4–0.5% slower
+    (docs/benchmarks.md)."""
 
     def __init__(self, cfg: ModelConfig):
         super().__init__()
