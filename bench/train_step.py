@@ -21,6 +21,7 @@ import torch
 import torch.nn.functional as F
 from pydantic import ValidationError
 
+from bench.clocks import ClockSampler, ClockSummary
 from engine.model import LlamaModel, ModelConfig
 from engine.model.hf_names import to_hf_name
 from engine.train.flops import flops_per_token, peak_flops
@@ -103,36 +104,46 @@ def build(impl: str, cfg: ModelConfig, numerics: str, compile_mode: str, loss: s
     return model, opt, loss_fn
 
 
+def timed_step(loss_fn, opt, tokens, ctx) -> tuple[float, torch.Tensor]:
+    """Seconds of one forward + backward + optimizer step, from an idle GPU to an idle GPU."""
+    torch.cuda.synchronize()
+    t = time.perf_counter()
+    with ctx:
+        loss = loss_fn(tokens)
+    loss.backward()
+    opt.step()
+    opt.zero_grad(set_to_none=True)
+    torch.cuda.synchronize()
+    return time.perf_counter() - t, loss.detach()
+
+
 def measure(impl, cfg, numerics, compile_mode, loss, seq, mb, steps, warmup, device, attention):
     torch.manual_seed(0)
     model, opt, loss_fn = build(impl, cfg, numerics, compile_mode, loss, device, attention)
     tokens = torch.randint(0, cfg.vocab_size, (mb, seq + 1), device=device)
     ctx = torch.autocast("cuda", dtype=torch.bfloat16) if numerics == "autocast" else contextlib.nullcontext()
     torch.cuda.reset_peak_memory_stats()
-    times, losses = [], []
-    for i in range(warmup + steps):
-        torch.cuda.synchronize()
-        t = time.perf_counter()
-        with ctx:
-            loss = loss_fn(tokens)
-        loss.backward()
-        opt.step()
-        opt.zero_grad(set_to_none=True)
-        torch.cuda.synchronize()
-        if i >= warmup:
-            times.append(time.perf_counter() - t)
-            losses.append(loss.item())
-    step = sorted(times)[len(times) // 2]
-    tps = mb * seq / step
+    for _ in range(warmup):
+        timed_step(loss_fn, opt, tokens, ctx)
+    with ClockSampler(torch.cuda.current_device()) as clocks:
+        times, losses = zip(*(timed_step(loss_fn, opt, tokens, ctx) for _ in range(steps)))
+    step_time = sorted(times)[len(times) // 2]
+    tps = mb * seq / step_time
     flops = flops_per_token(cfg, seq) * tps
     peak = peak_flops(torch.device(device))
     result = dict(impl=impl, numerics=numerics, compile=compile_mode, seq=seq, mb=mb, attention=attention,
                   tokens_per_s=tps, tflops=flops / 1e12, mfu=flops / peak if peak else float("nan"),
-                  peak_mem_gib=torch.cuda.max_memory_allocated() / 2**30, loss=losses[-1])
+                  peak_mem_gib=torch.cuda.max_memory_allocated() / 2**30, loss=losses[-1].item(),
+                  clocks=clocks.summary)
     del model, opt
     gc.collect()
     torch.cuda.empty_cache()
     return result
+
+
+def clock_columns(c: ClockSummary | None) -> str:
+    """The SM MHz and power columns of a row: median clock; mean draw (share of samples capped)."""
+    return "n/a | n/a" if c is None else f"{c.sm_mhz:.0f} | {c.power_w:.0f} ({c.capped:.0%})"
 
 
 def mean_time(fn, iters: int = 20) -> float:
@@ -195,8 +206,8 @@ def main() -> None:
     print(f"# {torch.cuda.get_device_name()} (bf16 8192³ matmul {gemm_ceiling(device):.0f} TFLOP/s) | "
           f"torch {torch.__version__} | shape {args.shape} | "
           f"loss {args.loss} | sdpa {args.sdpa} | bf16 reductions {args.bf16_reductions} | median of {args.steps} steps after {args.warmup} warm-up")
-    print("| impl | numerics | compile | attention | seq | micro-batch | tokens/s | TFLOP/s | MFU | peak mem GiB | loss |")
-    print("|---|---|---|---|---|---|---|---|---|---|---|")
+    print("| impl | numerics | compile | attention | seq | micro-batch | tokens/s | TFLOP/s | MFU | peak mem GiB | SM MHz | W (power-capped) | loss |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|---|---|")
     runs = {"hf": [(c, "sdpa") for c in args.hf_compile or args.compile],
             "ours": [(c, a) for c in args.compile for a in args.attention]}
     for seq in args.seq:
@@ -212,15 +223,16 @@ def main() -> None:
                     except torch.OutOfMemoryError:
                         r = None
                     except ValidationError as exc:  # flash_attn_4 with a head_dim it lacks (3B)
-                        print(f"{row} n/a: {exc.errors()[0]['msg']} | | | | |", flush=True)
+                        print(f"{row} n/a: {exc.errors()[0]['msg']} | | | | | | |", flush=True)
                         continue
                     if r is None:  # outside the except: its traceback no longer holds the model
-                        print(f"{row} OOM | | | | |", flush=True)
+                        print(f"{row} OOM | | | | | | |", flush=True)
                         gc.collect()
                         torch.cuda.empty_cache()
                         continue
                     print(f"{row} {r['tokens_per_s']:,.0f} | {r['tflops']:.1f} | {r['mfu']:.1%} | "
-                          f"{r['peak_mem_gib']:.1f} | {r['loss']:.3f} |", flush=True)
+                          f"{r['peak_mem_gib']:.1f} | {clock_columns(r['clocks'])} | {r['loss']:.3f} |",
+                          flush=True)
 
 if __name__ == "__main__":
     main()
