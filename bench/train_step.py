@@ -15,6 +15,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import gc
+import statistics
 import time
 
 import torch
@@ -117,6 +118,22 @@ def timed_step(loss_fn, opt, tokens, ctx) -> tuple[float, torch.Tensor]:
     return time.perf_counter() - t, loss.detach()
 
 
+def back_to_back(loss_fn, opt, tokens, ctx, steps: int) -> tuple[list[float], torch.Tensor]:
+    """Seconds of each of `steps` steps queued one after another with no synchronisation, as the
+    training loop runs them (CUDA events between steps), and the last step's loss."""
+    marks = [torch.cuda.Event(enable_timing=True) for _ in range(steps + 1)]
+    marks[0].record()
+    for mark in marks[1:]:
+        with ctx:
+            loss = loss_fn(tokens)
+        loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        mark.record()
+    torch.cuda.synchronize()
+    return [a.elapsed_time(b) / 1e3 for a, b in zip(marks, marks[1:])], loss.detach()
+
+
 def measure(impl, cfg, numerics, compile_mode, loss, seq, mb, steps, warmup, device, attention):
     torch.manual_seed(0)
     model, opt, loss_fn = build(impl, cfg, numerics, compile_mode, loss, device, attention)
@@ -126,14 +143,14 @@ def measure(impl, cfg, numerics, compile_mode, loss, seq, mb, steps, warmup, dev
     for _ in range(warmup):
         timed_step(loss_fn, opt, tokens, ctx)
     with ClockSampler(torch.cuda.current_device()) as clocks:
-        times, losses = zip(*(timed_step(loss_fn, opt, tokens, ctx) for _ in range(steps)))
-    step_time = sorted(times)[len(times) // 2]
+        times, loss = back_to_back(loss_fn, opt, tokens, ctx, steps)
+    step_time = statistics.median(times)
     tps = mb * seq / step_time
     flops = flops_per_token(cfg, seq) * tps
     peak = peak_flops(torch.device(device))
     result = dict(impl=impl, numerics=numerics, compile=compile_mode, seq=seq, mb=mb, attention=attention,
                   tokens_per_s=tps, tflops=flops / 1e12, mfu=flops / peak if peak else float("nan"),
-                  peak_mem_gib=torch.cuda.max_memory_allocated() / 2**30, loss=losses[-1].item(),
+                  peak_mem_gib=torch.cuda.max_memory_allocated() / 2**30, loss=loss.item(),
                   clocks=clocks.summary)
     del model, opt
     gc.collect()
@@ -205,7 +222,7 @@ def main() -> None:
         sdpa_kernel(order, set_priority=True).__enter__()
     print(f"# {torch.cuda.get_device_name()} (bf16 8192³ matmul {gemm_ceiling(device):.0f} TFLOP/s) | "
           f"torch {torch.__version__} | shape {args.shape} | "
-          f"loss {args.loss} | sdpa {args.sdpa} | bf16 reductions {args.bf16_reductions} | median of {args.steps} steps after {args.warmup} warm-up")
+          f"loss {args.loss} | sdpa {args.sdpa} | bf16 reductions {args.bf16_reductions} | median of {args.steps} back-to-back steps after {args.warmup} warm-up")
     print("| impl | numerics | compile | attention | seq | micro-batch | tokens/s | TFLOP/s | MFU | peak mem GiB | SM MHz | W (power-capped) | loss |")
     print("|---|---|---|---|---|---|---|---|---|---|---|---|---|")
     runs = {"hf": [(c, "sdpa") for c in args.hf_compile or args.compile],
