@@ -6,10 +6,11 @@ machine's drift (its power cap, its temperature) falls on all of them alike.
 Variants of the 1.1B step (autocast, compiled blocks, the engine's fused loss):
 - `synced`: the GPU idle at both ends of each step (bench.train_step's timing before it
   switched to the next one);
-- `back-to-back`: no synchronisation between steps, each step timed by CUDA events (how the
-  training loop runs them, and bench.train_step's timing now);
+- `back-to-back`: no synchronisation between steps, each step timed by CUDA events
+  (bench.train_step's timing now);
 - `bf16-reductions`: cuBLAS allowed to reduce split-K partial sums in bf16;
-- `chunk-16384`: the fused loss over chunks of 16,384 rows instead of 4,096 (one chunk here).
+- `chunk-16384`: the fused loss over chunks of 16,384 rows instead of 4,096 (one chunk here);
+  these two are timed back to back.
 Each row gives tokens/s, MFU and the SM clock and power it ran at (bench/clocks.py).
 """
 

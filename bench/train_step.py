@@ -119,8 +119,8 @@ def timed_step(loss_fn, opt, tokens, ctx) -> tuple[float, torch.Tensor]:
 
 
 def back_to_back(loss_fn, opt, tokens, ctx, steps: int) -> tuple[list[float], torch.Tensor]:
-    """Seconds of each of `steps` steps queued one after another with no synchronisation, as the
-    training loop runs them (CUDA events between steps), and the last step's loss."""
+    """Seconds of each of `steps` steps queued one after another with no synchronisation (CUDA
+    events between steps), and the last step's loss."""
     marks = [torch.cuda.Event(enable_timing=True) for _ in range(steps + 1)]
     marks[0].record()
     for mark in marks[1:]:
