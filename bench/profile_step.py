@@ -25,7 +25,8 @@ import time
 import torch
 import torch.nn.functional as F
 
-from bench.train_step import ATTENTION, SHAPES, add_reductions_argument, build, gemm_rate, mean_time
+from bench.train_step import (ATTENTION, SHAPES, add_reductions_argument, build, gemm_rate, mean_time,
+                              train_step)
 from engine.model import ModelConfig
 from engine.train.loop import set_split_k_reductions
 
@@ -58,15 +59,8 @@ def profile(args, device) -> None:
     ctx = (torch.autocast("cuda", dtype=torch.bfloat16) if args.numerics == "autocast"
            else contextlib.nullcontext())
 
-    def step():
-        with ctx:
-            loss = loss_fn(tokens)
-        loss.backward()
-        opt.step()
-        opt.zero_grad(set_to_none=True)
-
     for _ in range(args.warmup):
-        step()
+        train_step(loss_fn, opt, tokens, ctx)
     torch.cuda.synchronize()
     from torch.profiler import ProfilerActivity, profile as torch_profile
 
@@ -74,7 +68,7 @@ def profile(args, device) -> None:
                        record_shapes=True) as prof:
         t = time.perf_counter()
         for _ in range(args.steps):
-            step()
+            train_step(loss_fn, opt, tokens, ctx)
         torch.cuda.synchronize()
         wall = (time.perf_counter() - t) / args.steps
     with tempfile.TemporaryDirectory() as tmp:

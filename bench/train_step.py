@@ -105,17 +105,23 @@ def build(impl: str, cfg: ModelConfig, numerics: str, compile_mode: str, loss: s
     return model, opt, loss_fn
 
 
-def timed_step(loss_fn, opt, tokens, ctx) -> tuple[float, torch.Tensor]:
-    """Seconds of one forward + backward + optimizer step, from an idle GPU to an idle GPU."""
-    torch.cuda.synchronize()
-    t = time.perf_counter()
+def train_step(loss_fn, opt, tokens, ctx) -> torch.Tensor:
+    """One forward + backward + optimizer step, queued on the GPU; the loss, detached."""
     with ctx:
         loss = loss_fn(tokens)
     loss.backward()
     opt.step()
     opt.zero_grad(set_to_none=True)
+    return loss.detach()
+
+
+def timed_step(loss_fn, opt, tokens, ctx) -> tuple[float, torch.Tensor]:
+    """Seconds of one step from an idle GPU to an idle GPU, and its loss."""
     torch.cuda.synchronize()
-    return time.perf_counter() - t, loss.detach()
+    t = time.perf_counter()
+    loss = train_step(loss_fn, opt, tokens, ctx)
+    torch.cuda.synchronize()
+    return time.perf_counter() - t, loss
 
 
 def back_to_back(loss_fn, opt, tokens, ctx, steps: int) -> tuple[list[float], torch.Tensor]:
@@ -124,14 +130,10 @@ def back_to_back(loss_fn, opt, tokens, ctx, steps: int) -> tuple[list[float], to
     marks = [torch.cuda.Event(enable_timing=True) for _ in range(steps + 1)]
     marks[0].record()
     for mark in marks[1:]:
-        with ctx:
-            loss = loss_fn(tokens)
-        loss.backward()
-        opt.step()
-        opt.zero_grad(set_to_none=True)
+        loss = train_step(loss_fn, opt, tokens, ctx)
         mark.record()
     torch.cuda.synchronize()
-    return [a.elapsed_time(b) / 1e3 for a, b in zip(marks, marks[1:])], loss.detach()
+    return [a.elapsed_time(b) / 1e3 for a, b in zip(marks, marks[1:])], loss
 
 
 def measure(impl, cfg, numerics, compile_mode, loss, seq, mb, steps, warmup, device, attention):
