@@ -16,6 +16,8 @@ import shutil
 import statistics
 import subprocess
 
+import torch
+
 # nvidia-smi's clocks_throttle_reasons.active bit for "SW Power Cap" (the board's power limit).
 POWER_CAP = 0x4
 FIELDS = "clocks.sm,power.draw,power.limit,clocks_throttle_reasons.active"
@@ -52,8 +54,6 @@ def summarise(lines: list[str]) -> ClockSummary | None:
 
 def _gpu_id(device_index: int) -> str:
     """nvidia-smi's name for torch's device: its UUID (CUDA_VISIBLE_DEVICES renumbers devices)."""
-    import torch
-
     if torch.cuda.is_available():
         return f"GPU-{torch.cuda.get_device_properties(device_index).uuid}"
     return str(device_index)

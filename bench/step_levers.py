@@ -58,7 +58,7 @@ def main() -> None:
         llama.linear_cross_entropy = functools.partial(fused_loss.linear_cross_entropy, chunk_rows=rows)
         for _ in range(3):  # warm-up (and the chunk shape's compilation)
             timed_step(loss_fn, opt, tokens, ctx)
-        with ClockSampler(device.index or 0) as clocks:
+        with ClockSampler(torch.cuda.current_device()) as clocks:
             if variant == "synced":
                 times = [timed_step(loss_fn, opt, tokens, ctx)[0] for _ in range(args.steps)]
             else:
