@@ -2,7 +2,8 @@
 from the same initialisation on the same batches, with its defaults (compiled blocks, fused
 chunked head + cross-entropy; `--attention flash_attn_4` for FlashAttention-4 there) and plain
 (eager blocks, fp32 cross-entropy over full logits, SDPA), or with one of the two changed; all
-bf16 autocast over fp32 master weights and optimizer state.
+with `precision: bf16` (autocast over fp32 weights and optimizer state) but `optimised-master`
+(the optimised path with `bf16-master`: bf16 weights, fp32 masters in the optimizer).
 Prints the loss curves side by side, their differences, and each run's tokens/s as the training
 loop logged it.
 
@@ -29,12 +30,13 @@ from engine.model import ModelConfig
 from engine.train import pretrain
 
 
-# name -> (compiled blocks, fused chunked head + cross-entropy, numerics probe)
-RUNS = {"optimised": (True, True, None), "plain": (False, False, None),
-        "compiled-full-logits": (True, False, None), "eager-fused": (False, True, None),
+# name -> (compiled blocks, fused chunked head + cross-entropy, numerics probe, precision)
+RUNS = {"optimised": (True, True, None, "bf16"), "plain": (False, False, None, "bf16"),
+        "optimised-master": (True, True, None, "bf16-master"),
+        "compiled-full-logits": (True, False, None, "bf16"), "eager-fused": (False, True, None, "bf16"),
         # a probe of where the optimised and plain paths part: inductor made to round to bf16
         # wherever eager would
-        "optimised-eager-rounding": (True, True, "eager-rounding")}
+        "optimised-eager-rounding": (True, True, "eager-rounding", "bf16")}
 
 
 @contextlib.contextmanager
@@ -50,7 +52,7 @@ def probe(name: str | None):
 
 
 def train(name: str, work: Path, prefix: str, args, compiled: bool, fused: bool,
-          numerics_probe: str | None) -> list[dict]:
+          numerics_probe: str | None, precision: str) -> list[dict]:
     save = work / name
     shutil.rmtree(save, ignore_errors=True)
     spec = pretrain.Spec(
@@ -60,7 +62,7 @@ def train(name: str, work: Path, prefix: str, args, compiled: bool, fused: bool,
         checkpoint={"save": str(save), "keep_last": 1},
         optim={"lr": args.lr, "min_lr": args.lr / 10, "warmup_iters": args.iters // 10},
         iters=args.iters, micro_batch_size=args.micro_batch, global_batch_size=args.micro_batch,
-        precision="bf16", compile=compiled, fused_loss=fused, log_interval=args.log_interval,
+        precision=precision, compile=compiled, fused_loss=fused, log_interval=args.log_interval,
         seed=1234)
     with probe(numerics_probe):
         pretrain.run(spec)

@@ -258,7 +258,7 @@ def main() -> None:
     p.add_argument("--shape", choices=SHAPES, default="tinyllama-1.1b")
     p.add_argument("--seq", type=int, default=4096)
     p.add_argument("--micro-batch", type=int, default=4)
-    p.add_argument("--numerics", default="autocast", choices=["autocast", "bf16"])
+    p.add_argument("--numerics", default="autocast", choices=["autocast", "master", "bf16"])
     p.add_argument("--compile", default="block", choices=["off", "block", "model"])
     p.add_argument("--steps", type=int, default=3)
     p.add_argument("--warmup", type=int, default=3)

@@ -1,13 +1,15 @@
 """Training-step throughput: the engine's model and loss vs Hugging Face transformers'
-LlamaForCausalLM, same shape, same numerics, same fused AdamW, in one run.
+LlamaForCausalLM, same shape, same numerics, same optimizer, in one run.
 
     python -m bench.train_step --shape tinyllama-1.1b --seq 4096 --micro-batch 4 \
         --attention flash_attn_4
 
-Numerics: `autocast` = bf16 autocast over fp32 weights and optimizer state (what users train
-with); `bf16` = pure bf16 weights. MFU = (6·N + 12·L·h·s)·tokens/s / peak, N = non-embedding
-parameters + LM head (engine/train/flops.py); peak from the GPU's name. `--attention` sets our
-model's attention_backend (flash_attn_4 needs the flash-attn-4 package).
+Numerics: `autocast` = bf16 autocast over fp32 weights and optimizer state (the engine's
+`precision: bf16`, what users train with); `master` = bf16 weights with fp32 master weights and
+optimizer state in MasterAdamW (`precision: bf16-master`); `bf16` = pure bf16 weights and state.
+MFU = (6·N + 12·L·h·s)·tokens/s / peak, N = non-embedding parameters + LM head
+(engine/train/flops.py); peak from the GPU's name. `--attention` sets our model's
+attention_backend (flash_attn_4 needs the flash-attn-4 package).
 """
 
 from __future__ import annotations
@@ -27,6 +29,7 @@ from engine.model import LlamaModel, ModelConfig
 from engine.model.hf_names import to_hf_name
 from engine.train.flops import flops_per_token, peak_flops
 from engine.train.loop import set_split_k_reductions
+from engine.train.master_adamw import MasterAdamW
 
 SHAPES = {
     "tinyllama-1.1b": dict(vocab_size=32000, hidden_size=2048, intermediate_size=5632, num_layers=22,
@@ -101,7 +104,10 @@ def build(impl: str, cfg: ModelConfig, numerics: str, compile_mode: str, loss: s
 
         def loss_fn(tokens):
             return model(input_ids=tokens[:, :-1], labels=tokens[:, :-1]).loss
-    opt = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=True)
+    if numerics == "master":  # the model's weights become bf16, their fp32 masters stay in opt
+        opt = MasterAdamW(model.parameters(), lr=1e-4, compile=compile_mode != "off")
+    else:
+        opt = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=True)
     return model, opt, loss_fn
 
 
@@ -198,7 +204,7 @@ def main() -> None:
     p.add_argument("--tokens-per-micro-batch", type=int, default=None,
                    help="instead of --micro-batch: micro-batch = this // seq, for each seq")
     p.add_argument("--impl", nargs="+", default=["hf", "ours"], choices=["hf", "ours"])
-    p.add_argument("--numerics", nargs="+", default=["autocast"], choices=["autocast", "bf16"])
+    p.add_argument("--numerics", nargs="+", default=["autocast"], choices=["autocast", "master", "bf16"])
     p.add_argument("--compile", nargs="+", default=["off"], choices=["off", "block", "model"],
                    help="torch.compile modes for ours")
     p.add_argument("--hf-compile", nargs="+", default=None, choices=["off", "block", "model"],

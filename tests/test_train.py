@@ -183,9 +183,11 @@ def test_finetune_starts_fresh_from_weights(dataset, tmp_path):
     assert code == 2 and "not a checkpoint" in err
 
 
-@pytest.mark.parametrize("precision", ["bf16", "fp16"])
+@pytest.mark.parametrize("precision", ["bf16", "fp16", "bf16-master"])
 def test_reduced_precision_trains_and_resumes(dataset, tmp_path, precision):
-    """Autocast over fp32 weights (fp16 with loss scaling, its scale kept in the checkpoint)."""
+    """Autocast over fp32 weights (fp16 with loss scaling, its scale kept in the checkpoint), or
+    bf16 weights with fp32 masters in the optimizer (4 micro-batches a step summed in fp32); the
+    checkpoint holds fp32 weights either way, and a resumed run repeats the straight one."""
     from engine.train.loop import train
 
     save = tmp_path / precision
@@ -196,6 +198,20 @@ def test_reduced_precision_trains_and_resumes(dataset, tmp_path, precision):
     meta = json.loads((ckpt.iter_dir(save, 8) / "meta.json").read_text())
     assert ("grad_scaler" in meta) == (precision == "fp16")
     assert all(p.dtype == torch.float32 for p in _weights(save, 8).values())  # fp32 master weights
+
+    resumed = tmp_path / f"{precision}-resumed"
+    for iters in (4, 8):
+        train(PretrainSpec.model_validate(_spec(dataset, resumed, iters=iters, precision=precision,
+                                                checkpoint={"interval": 4})), "pretrain")
+    assert _losses(resumed) == losses
+    assert all(torch.equal(a, b) for a, b in zip(_weights(save, 8).values(),
+                                                 _weights(resumed, 8).values()))
+
+
+def test_master_weights_need_ddp(dataset, tmp_path):
+    with pytest.raises(ValueError, match="bf16-master needs data_parallel ddp"):
+        PretrainSpec.model_validate(_spec(dataset, tmp_path, precision="bf16-master",
+                                          data_parallel="fsdp"))
 
 
 def test_eod_targets_are_masked(dataset, tmp_path):

@@ -26,7 +26,23 @@ def wrap(model: nn.Module, mode: DataParallel, device: torch.device) -> nn.Modul
         return model
     from torch.nn.parallel import DistributedDataParallel
 
-    return DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
+    ddp = DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
+    if any(p.dtype != torch.float32 for p in model.parameters()):
+        ddp.register_comm_hook(None, _fp32_mean)
+    return ddp
+
+
+def _fp32_mean(_state, bucket):  # no annotations: DDP checks them, and they would be strings here
+    """DDP communication hook for bf16 gradients (a dist.GradBucket in, a Future of its tensor
+    out): the mean over ranks is summed in fp32 and rounded to bf16 once (NCCL would round after
+    every addition of a bf16 sum)."""
+    buffer = bucket.buffer()
+    total = buffer.float().div_(dist.get_world_size())
+
+    def write_back(fut: torch.futures.Future) -> torch.Tensor:
+        return buffer.copy_(fut.value()[0])
+
+    return dist.all_reduce(total, async_op=True).get_future().then(write_back)
 
 
 def set_gradient_sync(model: nn.Module, enabled: bool) -> None:

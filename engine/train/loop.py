@@ -8,6 +8,10 @@ optimizer, iteration and RNG come back from the checkpoint and nothing else is n
 
 One small all-reduce and host read per step carries two flags to every rank at once: "the
 gradient is not finite" (skip the step) and "a stop signal arrived" (save and exit).
+
+Numerics (`precision`): bf16 and fp16 autocast over fp32 weights and optimizer state (fp16 with
+loss scaling); bf16-master keeps the model's weights in bf16 and their fp32 masters, moments and
+multi-micro-batch gradient sums in the optimizer (MasterAdamW); fp32 is plain fp32.
 """
 
 from __future__ import annotations
@@ -36,6 +40,7 @@ from engine.parallel.data_parallel import set_gradient_sync, wrap
 from engine.signals import StopSignals
 from engine.train import checkpoint as ckpt
 from engine.train.flops import flops_per_token, peak_flops
+from engine.train.master_adamw import MasterAdamW, total_norm
 from engine.train.spec import TrainSpec
 
 log = logging.getLogger(__name__)
@@ -85,14 +90,23 @@ def _eod_id(spec: TrainSpec) -> int | None:
 
 
 def _optimizer(model: torch.nn.Module, spec: TrainSpec, device: torch.device) -> torch.optim.Optimizer:
+    """AdamW with weight decay on the matrices but the embedding; MasterAdamW (built before the
+    data-parallel wrapper, which then sees bf16 weights) or torch's fused AdamW."""
     decay, no_decay = [], []
     for name, p in model.named_parameters():
         (decay if p.ndim >= 2 and "embed" not in name else no_decay).append(p)
     o = spec.optim
-    return torch.optim.AdamW([{"params": decay, "weight_decay": o.weight_decay},
-                              {"params": no_decay, "weight_decay": 0.0}],
-                             lr=o.lr, betas=(o.beta1, o.beta2), eps=o.eps,
+    groups = [{"params": decay, "weight_decay": o.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    if spec.precision == "bf16-master":
+        return MasterAdamW(groups, lr=o.lr, betas=(o.beta1, o.beta2), eps=o.eps, compile=spec.compile)
+    return torch.optim.AdamW(groups, lr=o.lr, betas=(o.beta1, o.beta2), eps=o.eps,
                              fused=device.type == "cuda")
+
+
+def _fp32_weights(optimizer: torch.optim.Optimizer):
+    """The model's fp32 weights in its parameters for a checkpoint's save or load: MasterAdamW's
+    masters swapped in, or the parameters themselves."""
+    return optimizer.masters_in_model() if isinstance(optimizer, MasterAdamW) else contextlib.nullcontext()
 
 
 class Batches:
@@ -118,10 +132,11 @@ class Batches:
         return (self.micro(it, a) for a in range(self.accum))
 
 
-def _loss_sum(model, inputs, targets, mask, precision: str, fused: bool = True) -> torch.Tensor:
+def _loss_sum(model, inputs, targets, mask, autocast: torch.dtype | None,
+              fused: bool = True) -> torch.Tensor:
     """Sum of the masked token losses (fp32), through the fused chunked head + cross-entropy or
-    over full fp32 logits."""
-    ctx = (torch.autocast(inputs.device.type, dtype=_AUTOCAST[precision]) if precision in _AUTOCAST
+    over full fp32 logits; under autocast to `autocast` if given."""
+    ctx = (torch.autocast(inputs.device.type, dtype=autocast) if autocast
            else contextlib.nullcontext())
     with ctx:
         if fused:
@@ -132,13 +147,14 @@ def _loss_sum(model, inputs, targets, mask, precision: str, fused: bool = True) 
 
 
 @torch.no_grad()
-def evaluate(model, batches: Batches, iters: int, precision: str, fused: bool = True) -> tuple[float, int]:
+def evaluate(model, batches: Batches, iters: int, autocast: torch.dtype | None,
+             fused: bool = True) -> tuple[float, int]:
     """Mean token loss over `iters` validation global batches (all ranks), and tokens scored."""
     model.eval()
     total = torch.zeros(2, dtype=torch.float64, device=batches.device)
     for it in range(iters):
         for inputs, targets, mask in batches.iteration(it):
-            total[0] += _loss_sum(model, inputs, targets, mask, precision, fused).double()
+            total[0] += _loss_sum(model, inputs, targets, mask, autocast, fused).double()
             total[1] += mask.sum()
     model.train()
     distributed.all_reduce_sum(total)
@@ -190,15 +206,22 @@ def _train(spec: TrainSpec, stage: str, env: distributed.Env) -> Manifest:
     if spec.compile:
         for block in model.layers.values():
             block.compile()
-    model = wrap(model, spec.data_parallel, env.device)
-    optimizer = _optimizer(model, spec, env.device)
+    master = spec.precision == "bf16-master"
+    if master:  # the wrapper must see the bf16 weights that MasterAdamW makes
+        optimizer = _optimizer(model, spec, env.device)
+        model = wrap(model, spec.data_parallel, env.device)
+    else:  # FSDP replaces the parameters: the optimizer takes the wrapped ones
+        model = wrap(model, spec.data_parallel, env.device)
+        optimizer = _optimizer(model, spec, env.device)
+    autocast = _AUTOCAST.get(spec.precision)
     scaler = torch.amp.GradScaler(env.device.type) if spec.precision == "fp16" else None
 
     iteration = 0
     if start is not None:
         keep_optimizer = resume or stage == "pretrain"
-        meta = ckpt.load_checkpoint(start, model, optimizer if keep_optimizer else None,
-                                    restore_rng=keep_optimizer)
+        with _fp32_weights(optimizer):
+            meta = ckpt.load_checkpoint(start, model, optimizer if keep_optimizer else None,
+                                        restore_rng=keep_optimizer)
         if keep_optimizer:
             iteration = int(meta["iteration"])
             if scaler and meta.get("grad_scaler"):
@@ -216,9 +239,10 @@ def _train(spec: TrainSpec, stage: str, env: distributed.Env) -> Manifest:
 
     def save(it: int) -> Path:
         extra = {"grad_scaler": scaler.state_dict()} if scaler else {}
-        return ckpt.save_checkpoint(save_dir, it, model, optimizer,
-                                    {**meta_common, "consumed_samples": it * G, **extra},
-                                    cfg.model_dump(mode="json"), spec.checkpoint.keep_last)
+        with _fp32_weights(optimizer):
+            return ckpt.save_checkpoint(save_dir, it, model, optimizer,
+                                        {**meta_common, "consumed_samples": it * G, **extra},
+                                        cfg.model_dump(mode="json"), spec.checkpoint.keep_last)
 
     log.info("training %s: %d iterations of %d samples × %d tokens on %d rank(s), %s, %s",
              stage, spec.iters, G, spec.data.seq_length, W, env.device, spec.precision)
@@ -230,7 +254,7 @@ def _train(spec: TrainSpec, stage: str, env: distributed.Env) -> Manifest:
         torch.cuda.reset_peak_memory_stats(env.device)
     model.train()
     if valid_batches and spec.eval.initial and iteration == 0:
-        vloss, _ = evaluate(model, valid_batches, spec.eval.iters, spec.precision, spec.fused_loss)
+        vloss, _ = evaluate(model, valid_batches, spec.eval.iters, autocast, spec.fused_loss)
         sink.log_metrics({"valid_loss": vloss, "valid_ppl": math.exp(min(vloss, 50))}, 0)
         log.info("iter 0 | valid loss %.4f", vloss)
     with StopSignals(signal.SIGTERM, signal.SIGUSR2,
@@ -244,16 +268,25 @@ def _train(spec: TrainSpec, stage: str, env: distributed.Env) -> Manifest:
             distributed.all_reduce_sum(count)
             step_loss = torch.zeros((), dtype=torch.float64, device=env.device)
             for a, (inputs, targets, mask) in enumerate(micro):
-                set_gradient_sync(model, a == len(micro) - 1)
-                loss_sum = _loss_sum(model, inputs, targets, mask, spec.precision, spec.fused_loss)
+                last_micro = a == len(micro) - 1
+                # MasterAdamW sums micro-batches in fp32, each one reduced across ranks first
+                set_gradient_sync(model, last_micro or master)
+                loss_sum = _loss_sum(model, inputs, targets, mask, autocast, spec.fused_loss)
                 loss = loss_sum * W / count  # DP averages gradients over W ranks
                 (scaler.scale(loss) if scaler else loss).backward()
                 step_loss += loss_sum.detach().double()
+                if master and not last_micro:
+                    optimizer.accumulate_grads()
             if scaler:
                 scaler.unscale_(optimizer)
-            grad_norm = torch.nn.utils.clip_grad_norm_(
-                model.parameters(), spec.optim.clip_grad or float("inf"), foreach=True)
-            grad_norm = grad_norm.full_tensor() if hasattr(grad_norm, "full_tensor") else grad_norm
+            if master:  # clipping's coefficient is applied inside the fp32 update
+                grad_norm = total_norm(optimizer.grads())
+                clip_scale = ((spec.optim.clip_grad / (grad_norm + 1e-6)).clamp(max=1.0)
+                              if spec.optim.clip_grad else None)
+            else:
+                grad_norm = torch.nn.utils.clip_grad_norm_(
+                    model.parameters(), spec.optim.clip_grad or float("inf"), foreach=True)
+                grad_norm = grad_norm.full_tensor() if hasattr(grad_norm, "full_tensor") else grad_norm
             distributed.all_reduce_sum(step_loss)
             bad = ~(torch.isfinite(step_loss) & torch.isfinite(grad_norm))
             flags = torch.stack([bad.float() if not scaler else torch.zeros((), device=env.device),
@@ -276,6 +309,8 @@ def _train(spec: TrainSpec, stage: str, env: distributed.Env) -> Manifest:
             if scaler:
                 scaler.step(optimizer)
                 scaler.update()
+            elif master:
+                optimizer.step(grad_scale=clip_scale)
             else:
                 optimizer.step()
             optimizer.zero_grad(set_to_none=True)
@@ -303,7 +338,7 @@ def _train(spec: TrainSpec, stage: str, env: distributed.Env) -> Manifest:
             paused = time.perf_counter()  # evaluation and saving do not count against throughput
             if valid_batches and spec.eval.interval and (iteration % spec.eval.interval == 0
                                                          or iteration == spec.iters):
-                vloss, _ = evaluate(model, valid_batches, spec.eval.iters, spec.precision, spec.fused_loss)
+                vloss, _ = evaluate(model, valid_batches, spec.eval.iters, autocast, spec.fused_loss)
                 last.update(valid_loss=vloss, valid_ppl=math.exp(min(vloss, 50)))
                 sink.log_metrics({"valid_loss": vloss, "valid_ppl": last["valid_ppl"]}, iteration)
                 log.info("iter %d | valid loss %.4f | valid ppl %.3f", iteration, vloss, last["valid_ppl"])

@@ -64,8 +64,10 @@ class TrainSpec(StageSpec):
     iters: int = Field(gt=0, description="training iterations (optimizer steps)")
     micro_batch_size: int = Field(1, gt=0)
     global_batch_size: int = Field(gt=0, description="samples per optimizer step, all ranks")
-    precision: Literal["bf16", "fp16", "fp32"] = Field(
-        "bf16", description="bf16/fp16: autocast over fp32 master weights and optimizer state")
+    precision: Literal["bf16", "bf16-master", "fp16", "fp32"] = Field(
+        "bf16", description="bf16/fp16: autocast over fp32 weights and optimizer state; "
+                            "bf16-master: bf16 weights, fp32 master weights, moments and "
+                            "gradient sums in the optimizer (ddp only)")
     seed: int = 1234
     data_parallel: DataParallel = Field("ddp", description="ddp, or fsdp (sharded, ZeRO-3 style)")
     fused_loss: bool = Field(True, description="chunked LM head + cross-entropy, no full logits")
@@ -82,6 +84,13 @@ class TrainSpec(StageSpec):
         fields = super().fingerprint_fields()
         fields["data"]["blend_weights"] = [w for w, _ in parse_blend(self.data.blend)]
         return fields
+
+    @model_validator(mode="after")
+    def _master_weights_need_ddp(self) -> "TrainSpec":
+        if self.precision == "bf16-master" and self.data_parallel != "ddp":
+            raise ValueError("precision bf16-master needs data_parallel ddp (FSDP keeps its own "
+                             "fp32 shards: use bf16)")
+        return self
 
     @model_validator(mode="after")
     def _source(self) -> "TrainSpec":

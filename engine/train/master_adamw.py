@@ -1,0 +1,156 @@
+"""AdamW over fp32 master weights for a model whose parameters are bf16 — Megatron-LM's bf16
+numerics, what `precision: bf16-master` trains with (docs/training.md: 1.6% faster a step than
+autocast over fp32 weights, and its 300-step loss curve ran above autocast's).
+
+Under autocast over fp32 weights every micro-batch casts each weight to bf16 in the forward and
+each bf16 weight gradient back to fp32 in the backward. Here the model holds the bf16 weights
+and neither cast happens: the update reads the bf16 gradient and writes the new bf16 weight in
+the same pass that updates the fp32 master and moments (fused kernels once compiled,
+`compile=True`). Each micro-batch's gradient is bf16, as under autocast (the weight-gradient
+GEMM's output); summing several micro-batches happens in fp32 (`accumulate_grads`).
+
+The state keeps torch.optim.AdamW's layout (`step`, `exp_avg`, `exp_avg_sq` per parameter) and
+the masters live beside it: `masters_in_model()` swaps them into the parameters, so that a
+checkpoint saved or loaded inside it holds fp32 weights and fp32 moments, the same checkpoint as
+autocast training writes.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+from typing import Iterable, Iterator
+
+import torch
+
+
+def _update(params: list[torch.Tensor], grads: list[torch.Tensor], masters: list[torch.Tensor],
+            exp_avgs: list[torch.Tensor], exp_avg_sqs: list[torch.Tensor], scalars: torch.Tensor,
+            beta1: float, beta2: float, eps: float, weight_decay: float) -> None:
+    """torch.optim.AdamW's update of the fp32 masters from bf16 (or fp32) gradients, then the
+    bf16 parameters rounded from the masters. `scalars` = [lr, lr / bias_correction1,
+    1 / sqrt(bias_correction2), gradient scale] as one tensor, so that a compiled update is not
+    rebuilt when they change."""
+    grads = torch._foreach_mul([g.float() for g in grads], scalars[3])
+    torch._foreach_lerp_(exp_avgs, grads, 1 - beta1)
+    torch._foreach_mul_(exp_avg_sqs, beta2)
+    torch._foreach_addcmul_(exp_avg_sqs, grads, grads, 1 - beta2)
+    if weight_decay:
+        torch._foreach_mul_(masters, 1 - scalars[0] * weight_decay)
+    denom = torch._foreach_sqrt(exp_avg_sqs)
+    torch._foreach_mul_(denom, scalars[2])
+    torch._foreach_add_(denom, eps)
+    steps = torch._foreach_div(exp_avgs, denom)
+    torch._foreach_mul_(steps, scalars[1])
+    torch._foreach_sub_(masters, steps)
+    for p, w in zip(params, masters):
+        p.copy_(w)
+
+
+def total_norm(grads: list[torch.Tensor]) -> torch.Tensor:
+    """The gradients' global L2 norm, computed in fp32."""
+    return torch.linalg.vector_norm(torch.stack(torch._foreach_norm(grads, 2, dtype=torch.float32)))
+
+
+_compiled_update = None
+
+
+def _compiled() -> callable:
+    global _compiled_update
+    if _compiled_update is None:
+        _compiled_update = torch.compile(_update, fullgraph=True, dynamic=False)
+    return _compiled_update
+
+
+class MasterAdamW(torch.optim.Optimizer):
+    """AdamW (decoupled weight decay, as torch.optim.AdamW) for fp32 parameters that it turns into
+    bf16 ones: at construction each parameter's fp32 value becomes its master and the parameter
+    itself its bf16 rounding. Build it before wrapping the model for data parallelism, so that
+    the wrapper sees bf16 parameters."""
+
+    def __init__(self, params: Iterable, lr: float = 1e-3, betas: tuple[float, float] = (0.9, 0.999),
+                 eps: float = 1e-8, weight_decay: float = 0.01, dtype: torch.dtype = torch.bfloat16,
+                 compile: bool = False) -> None:
+        super().__init__(params, dict(lr=lr, betas=betas, eps=eps, weight_decay=weight_decay))
+        self.compile = compile
+        self.masters: dict[torch.Tensor, torch.Tensor] = {}
+        self.grad_sums: dict[torch.Tensor, torch.Tensor] = {}  # fp32, while micro-batches add up
+        for group in self.param_groups:
+            for p in group["params"]:
+                if p.dtype != torch.float32:
+                    raise ValueError(f"MasterAdamW takes fp32 parameters (their masters), got {p.dtype}")
+                self.masters[p] = p.detach().clone()
+                p.data = p.data.to(dtype)
+
+    @contextlib.contextmanager
+    def masters_in_model(self) -> Iterator[None]:
+        """The fp32 masters in place of the bf16 parameters (to save or load them); on exit the
+        parameters are again bf16, rounded from the masters (which a load may have changed)."""
+        low = {p: p.data for p in self.masters}
+        for p, w in self.masters.items():
+            p.data = w
+        try:
+            yield
+        finally:
+            with torch.no_grad():
+                for p, data in low.items():
+                    p.data = data
+                    data.copy_(self.masters[p])
+
+    @torch.no_grad()
+    def accumulate_grads(self) -> None:
+        """Move the parameters' gradients into fp32 sums (call after each micro-batch's backward
+        but the last): the gradients of several micro-batches add up in fp32, not in bf16."""
+        params = [p for p in self.masters if p.grad is not None]
+        for p in params:
+            if p in self.grad_sums:
+                self.grad_sums[p].add_(p.grad)
+            else:
+                self.grad_sums[p] = p.grad.float()
+            p.grad = None
+
+    def grads(self) -> list[torch.Tensor]:
+        """The gradients the next step applies: each parameter's current gradient plus its fp32
+        sum of earlier micro-batches (folded into the sum)."""
+        if self.grad_sums:
+            self.accumulate_grads()
+        return [self.grad_sums.get(p, p.grad) for p in self.masters
+                if p.grad is not None or p in self.grad_sums]
+
+    def zero_grad(self, set_to_none: bool = True) -> None:
+        super().zero_grad(set_to_none)
+        self.grad_sums.clear()
+
+    @torch.no_grad()
+    def step(self, closure=None, grad_scale: torch.Tensor | None = None) -> None:
+        """One update from the gradients (`grads()`), each multiplied by `grad_scale` (a scalar
+        tensor: gradient clipping's coefficient, applied in fp32 inside the update)."""
+        if closure is not None:
+            raise ValueError("MasterAdamW takes no closure")
+        if self.grad_sums:
+            self.accumulate_grads()
+        for group in self.param_groups:
+            params = [p for p in group["params"] if p.grad is not None or p in self.grad_sums]
+            if not params:
+                continue
+            for p in params:
+                state = self.state[p]
+                if not state:
+                    state["step"] = torch.zeros((), dtype=torch.float32)
+                    state["exp_avg"] = torch.zeros_like(self.masters[p])
+                    state["exp_avg_sq"] = torch.zeros_like(self.masters[p])
+                state["step"] += 1
+            step = self.state[params[0]]["step"].item()  # every parameter steps together
+            beta1, beta2 = group["betas"]
+            lr = group["lr"]
+            device = params[0].device
+            scalars = torch.tensor([lr, lr / (1 - beta1 ** step), 1 / math.sqrt(1 - beta2 ** step), 1.0],
+                                   dtype=torch.float32).to(device, non_blocking=True)
+            if grad_scale is not None:
+                scalars[3] = grad_scale
+            update = _compiled() if self.compile else _update
+            update(params, [self.grad_sums.get(p, p.grad) for p in params],
+                   [self.masters[p] for p in params],
+                   [self.state[p]["exp_avg"] for p in params],
+                   [self.state[p]["exp_avg_sq"] for p in params], scalars,
+                   beta1, beta2, group["eps"], group["weight_decay"])
