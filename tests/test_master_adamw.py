@@ -1,5 +1,5 @@
-"""MasterAdamW (`precision: bf16-master`): torch.optim.AdamW's update on fp32 masters, bf16 weights
-rounded from them, micro-batch gradients summed in fp32, compiled = eager, checkpoints through the
+"""MasterAdamW (`precision: bf16-master`): torch.optim.AdamW's update on fp32 masters, bf16 matrices
+rounded from them (those kept fp32 left alone), micro-batch gradients summed in fp32, compiled = eager, checkpoints through the
 masters, and DDP's fp32 reduction of bf16 gradients."""
 
 from __future__ import annotations
@@ -54,39 +54,42 @@ def test_fp32_masters_follow_torch_adamw(compile):
     assert [k for k in opt.state[ours[0]]] == [k for k in ref_opt.state[ref[0]]]
 
 
-def test_bf16_weights_are_the_rounded_masters():
-    """The model sees bf16 weights; the update happens on fp32 masters from the bf16 gradients,
-    as torch.optim.AdamW updates fp32 weights from those gradients."""
+@pytest.mark.parametrize("compile", [False, True])
+def test_bf16_weights_are_the_rounded_masters(compile):
+    """The model sees bf16 weights (but those kept fp32: their own masters); the update
+    happens on fp32 masters from the bf16 gradients, as torch.optim.AdamW updates fp32 weights
+    from those gradients."""
     ref, ours = _params(), _params()
     ref_opt = torch.optim.AdamW(_groups(ref), lr=1e-3, foreach=False)
-    opt = MasterAdamW(_groups(ours), lr=1e-3)
-    assert all(p.dtype == torch.bfloat16 for p in ours)
+    opt = MasterAdamW(_groups(ours), lr=1e-3, keep_fp32=ours[1:], compile=compile)
+    assert [p.dtype for p in ours] == [torch.bfloat16, torch.float32]
+    assert opt.masters[ours[1]] is ours[1]
     for step in range(4):
         grads = [g.bfloat16() for g in _grads(step)]
         for p, g in zip(ref, grads):
             p.grad = g.float()
         for p, g in zip(ours, grads):
-            p.grad = g
+            p.grad = g.to(p.dtype)
         ref_opt.step()
         opt.step()
     for a, b in zip(ref, ours):
         torch.testing.assert_close(opt.masters[b], a.detach(), rtol=1e-6, atol=1e-7)
-        assert torch.equal(b.detach(), a.detach().bfloat16())
+        assert torch.equal(b.detach(), a.detach().to(b.dtype))
     # a step of lr 1e-3 moves a weight of ~1 by less than bf16's spacing: only the master keeps it
     assert not torch.equal(opt.masters[ours[0]], opt.masters[ours[0]].bfloat16().float())
 
 
 def test_micro_batch_gradients_add_up_in_fp32():
     """1 + 3 · 2⁻⁹: in bf16 each 2⁻⁹ would round away (bf16 spacing at 1 is 2⁻⁷)."""
-    p = torch.nn.Parameter(torch.zeros(4))
+    p = torch.nn.Parameter(torch.zeros(2, 2))
     opt = MasterAdamW([p])
     for g in (1.0, 2.0 ** -9, 2.0 ** -9):
-        p.grad = torch.full((4,), g, dtype=torch.bfloat16)
+        p.grad = torch.full((2, 2), g, dtype=torch.bfloat16)
         opt.accumulate_grads()
         assert p.grad is None
-    p.grad = torch.full((4,), 2.0 ** -9, dtype=torch.bfloat16)  # the last micro-batch stays
+    p.grad = torch.full((2, 2), 2.0 ** -9, dtype=torch.bfloat16)  # the last micro-batch stays
     (summed,) = opt.grads()
-    assert summed.dtype == torch.float32 and summed.tolist() == [1 + 3 * 2.0 ** -9] * 4
+    assert summed.dtype == torch.float32 and summed.flatten().tolist() == [1 + 3 * 2.0 ** -9] * 4
     assert total_norm([summed]).item() == pytest.approx(2 * (1 + 3 * 2.0 ** -9))
     opt.zero_grad()
     assert opt.grads() == []
@@ -96,16 +99,16 @@ def test_masters_in_model_for_checkpoints():
     """Inside: the parameters are the fp32 masters (what a checkpoint saves, what a load writes);
     after: bf16 again, rounded from the masters as the load left them."""
     params = _params()
-    opt = MasterAdamW(params)
+    opt = MasterAdamW(params, keep_fp32=params[1:])
     with opt.masters_in_model():
         assert all(p.dtype == torch.float32 for p in params)
-        saved = {i: p.detach().clone() for i, p in enumerate(params)}
         with torch.no_grad():
             params[0].copy_(torch.full_like(params[0], 1 + 2.0 ** -12))  # what a load does
-    assert all(p.dtype == torch.bfloat16 for p in params)
+            params[1].copy_(torch.full_like(params[1], 1 + 2.0 ** -12))
+    assert [p.dtype for p in params] == [torch.bfloat16, torch.float32]
     assert torch.equal(opt.masters[params[0]], torch.full((16, 8), 1 + 2.0 ** -12))
     assert torch.equal(params[0].detach(), torch.ones(16, 8, dtype=torch.bfloat16))
-    assert torch.equal(saved[1], opt.masters[params[1]])
+    assert torch.equal(params[1].detach(), torch.full((8,), 1 + 2.0 ** -12))
 
 
 def test_refuses_low_precision_parameters():

@@ -113,14 +113,18 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-@pytest.mark.parametrize("mode", ["ddp", "fsdp"])
-def test_two_ranks_match_one_rank(dataset, tmp_path, mode):
+@pytest.mark.parametrize("mode,precision", [("ddp", "fp32"), ("fsdp", "fp32"), ("ddp", "bf16-master")])
+def test_two_ranks_match_one_rank(dataset, tmp_path, mode, precision):
+    """fp32: equal up to summation order. bf16-master: each rank's micro-batch gradient is bf16
+    and their mean is rounded to bf16 once, so the runs part by bf16 rounding only."""
     one = tmp_path / "one"
-    code, _, err = _engine("pretrain", _spec(dataset, one, iters=6, data_parallel=mode), tmp_path)
+    code, _, err = _engine("pretrain", _spec(dataset, one, iters=6, data_parallel=mode,
+                                             precision=precision), tmp_path)
     assert code == 0, err
     two = tmp_path / "two"
     port = str(_free_port())
-    procs = [_engine("pretrain", _spec(dataset, two, iters=6, data_parallel=mode), tmp_path,
+    procs = [_engine("pretrain", _spec(dataset, two, iters=6, data_parallel=mode, precision=precision),
+                     tmp_path,
                      env={"RANK": str(r), "LOCAL_RANK": str(r), "WORLD_SIZE": "2",
                           "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": port}, wait=False)
              for r in range(2)]
@@ -128,9 +132,11 @@ def test_two_ranks_match_one_rank(dataset, tmp_path, mode):
     assert [p.returncode for p in procs] == [0, 0], results[0][1] + results[1][1]
     a, b = _losses(one), _losses(two)
     assert sorted(a) == sorted(b) == list(range(1, 7))
-    assert max(abs(a[i] - b[i]) for i in a) < 1e-6
+    # bf16-master measured 6e-5 and 3.5e-3; without each micro-batch's reduction, 0.07 in the loss
+    loss_tol, weight_tol = (1e-6, 1e-5) if precision == "fp32" else (1e-3, 2e-2)
+    assert max(abs(a[i] - b[i]) for i in a) < loss_tol
     wa, wb = _weights(one, 6), _weights(two, 6)
-    assert max((wa[k] - wb[k]).abs().max().item() for k in wa) < 1e-5
+    assert max((wa[k] - wb[k]).abs().max().item() for k in wa) < weight_tol
 
 
 def test_sigterm_saves_then_resume_finishes(dataset, tmp_path):

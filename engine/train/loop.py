@@ -98,7 +98,9 @@ def _optimizer(model: torch.nn.Module, spec: TrainSpec, device: torch.device) ->
     o = spec.optim
     groups = [{"params": decay, "weight_decay": o.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
     if spec.precision == "bf16-master":
-        return MasterAdamW(groups, lr=o.lr, betas=(o.beta1, o.beta2), eps=o.eps, compile=spec.compile)
+        gains = [p for name, p in model.named_parameters() if name.endswith("norm.weight")]
+        return MasterAdamW(groups, lr=o.lr, betas=(o.beta1, o.beta2), eps=o.eps, keep_fp32=gains,
+                           compile=spec.compile)
     return torch.optim.AdamW(groups, lr=o.lr, betas=(o.beta1, o.beta2), eps=o.eps,
                              fused=device.type == "cuda")
 

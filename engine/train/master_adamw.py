@@ -1,6 +1,7 @@
 """AdamW over fp32 master weights for a model whose parameters are bf16 — Megatron-LM's bf16
-numerics, what `precision: bf16-master` trains with (docs/training.md: 1.6% faster a step than
-autocast over fp32 weights, and its 300-step loss curve ran above autocast's).
+numerics, what `precision: bf16-master` trains with (docs/training.md: with every parameter bf16
+it measured 1.6% faster a step than autocast over fp32 weights, and its 300-step loss curve ran
+above autocast's; norm gains now stay fp32, see the class).
 
 Under autocast over fp32 weights every micro-batch casts each weight to bf16 in the forward and
 each bf16 weight gradient back to fp32 in the backward. Here the model holds the bf16 weights
@@ -24,11 +25,12 @@ from typing import Iterable, Iterator
 import torch
 
 
-def _update(params: list[torch.Tensor], grads: list[torch.Tensor], masters: list[torch.Tensor],
-            exp_avgs: list[torch.Tensor], exp_avg_sqs: list[torch.Tensor], scalars: torch.Tensor,
-            beta1: float, beta2: float, eps: float, weight_decay: float) -> None:
+def _update(masters: list[torch.Tensor], grads: list[torch.Tensor], exp_avgs: list[torch.Tensor],
+            exp_avg_sqs: list[torch.Tensor], scalars: torch.Tensor, beta1: float, beta2: float,
+            eps: float, weight_decay: float, lows: list[torch.Tensor],
+            low_masters: list[torch.Tensor]) -> None:
     """torch.optim.AdamW's update of the fp32 masters from bf16 (or fp32) gradients, then the
-    bf16 parameters rounded from the masters. `scalars` = [lr, lr / bias_correction1,
+    bf16 parameters `lows` rounded from their masters. `scalars` = [lr, lr / bias_correction1,
     1 / sqrt(bias_correction2), gradient scale] as one tensor, so that a compiled update is not
     rebuilt when they change."""
     grads = torch._foreach_mul([g.float() for g in grads], scalars[3])
@@ -43,7 +45,7 @@ def _update(params: list[torch.Tensor], grads: list[torch.Tensor], masters: list
     steps = torch._foreach_div(exp_avgs, denom)
     torch._foreach_mul_(steps, scalars[1])
     torch._foreach_sub_(masters, steps)
-    for p, w in zip(params, masters):
+    for p, w in zip(lows, low_masters):
         p.copy_(w)
 
 
@@ -64,21 +66,31 @@ def _compiled() -> callable:
 
 class MasterAdamW(torch.optim.Optimizer):
     """AdamW (decoupled weight decay, as torch.optim.AdamW) for fp32 parameters that it turns into
-    bf16 ones: at construction each parameter's fp32 value becomes its master and the parameter
+    bf16 ones: at construction each matrix's fp32 value becomes its master and the parameter
     itself its bf16 rounding. Build it before wrapping the model for data parallelism, so that
-    the wrapper sees bf16 parameters."""
+    the wrapper sees bf16 parameters.
+
+    `keep_fp32`: parameters that stay fp32 in the model, their own masters. The training loop
+    passes the norm gains: they are tiny, and autocast never rounds them in a compiled block
+    either (inductor multiplies the fp32 gain inside the fused norm kernel), so in bf16 they
+    would make the model compute differently from autocast's. (Biases feed matmuls, which
+    autocast rounds: they go bf16.)"""
 
     def __init__(self, params: Iterable, lr: float = 1e-3, betas: tuple[float, float] = (0.9, 0.999),
                  eps: float = 1e-8, weight_decay: float = 0.01, dtype: torch.dtype = torch.bfloat16,
-                 compile: bool = False) -> None:
+                 keep_fp32: Iterable[torch.Tensor] = (), compile: bool = False) -> None:
         super().__init__(params, dict(lr=lr, betas=betas, eps=eps, weight_decay=weight_decay))
         self.compile = compile
         self.masters: dict[torch.Tensor, torch.Tensor] = {}
         self.grad_sums: dict[torch.Tensor, torch.Tensor] = {}  # fp32, while micro-batches add up
+        keep = set(keep_fp32)
         for group in self.param_groups:
             for p in group["params"]:
                 if p.dtype != torch.float32:
                     raise ValueError(f"MasterAdamW takes fp32 parameters (their masters), got {p.dtype}")
+                if p in keep:
+                    self.masters[p] = p
+                    continue
                 self.masters[p] = p.detach().clone()
                 p.data = p.data.to(dtype)
 
@@ -86,9 +98,9 @@ class MasterAdamW(torch.optim.Optimizer):
     def masters_in_model(self) -> Iterator[None]:
         """The fp32 masters in place of the bf16 parameters (to save or load them); on exit the
         parameters are again bf16, rounded from the masters (which a load may have changed)."""
-        low = {p: p.data for p in self.masters}
-        for p, w in self.masters.items():
-            p.data = w
+        low = {p: p.data for p, w in self.masters.items() if w is not p}
+        for p in low:
+            p.data = self.masters[p]
         try:
             yield
         finally:
@@ -149,8 +161,9 @@ class MasterAdamW(torch.optim.Optimizer):
             if grad_scale is not None:
                 scalars[3] = grad_scale
             update = _compiled() if self.compile else _update
-            update(params, [self.grad_sums.get(p, p.grad) for p in params],
-                   [self.masters[p] for p in params],
+            lows = [p for p in params if self.masters[p] is not p]
+            update([self.masters[p] for p in params], [self.grad_sums.get(p, p.grad) for p in params],
                    [self.state[p]["exp_avg"] for p in params],
                    [self.state[p]["exp_avg_sq"] for p in params], scalars,
-                   beta1, beta2, group["eps"], group["weight_decay"])
+                   beta1, beta2, group["eps"], group["weight_decay"],
+                   lows, [self.masters[p] for p in lows])
