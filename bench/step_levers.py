@@ -12,7 +12,7 @@ summary compares each with the first one given:
 - `bf16-reductions`: cuBLAS allowed to reduce split-K partial sums in bf16;
 - `chunk-16384`: the fused loss over chunks of 16,384 rows instead of 4,096 (one chunk here);
 - `master-weights`: bf16 weights with fp32 masters in the optimizer instead of autocast over fp32
-  weights (bench/master_weights.py; a second model, from the same initial weights);
+  weights (engine/train/master_adamw.py; a second model, from the same initial weights);
 - `pure-bf16`: bf16 weights and optimizer state (a third model), the bound for the one above;
   these four are timed back to back.
 Each row gives tokens/s, MFU and the SM clock and power it ran at (bench/clocks.py).

@@ -29,7 +29,7 @@ from engine.model import LlamaModel, ModelConfig
 from engine.model.hf_names import to_hf_name
 from engine.train.flops import flops_per_token, peak_flops
 from engine.train.loop import set_split_k_reductions
-from engine.train.master_adamw import MasterAdamW
+from engine.train.master_adamw import MasterAdamW, norm_gains
 
 SHAPES = {
     "tinyllama-1.1b": dict(vocab_size=32000, hidden_size=2048, intermediate_size=5632, num_layers=22,
@@ -105,9 +105,9 @@ def build(impl: str, cfg: ModelConfig, numerics: str, compile_mode: str, loss: s
         def loss_fn(tokens):
             return model(input_ids=tokens[:, :-1], labels=tokens[:, :-1]).loss
     if numerics == "master":  # the model's weights become bf16, their fp32 masters stay in opt
-        gains = [p for name, p in model.named_parameters() if name.endswith("norm.weight")]
         # as the training loop: our norm gains stay fp32 (HF's norm would then return fp32)
-        opt = MasterAdamW(model.parameters(), lr=1e-4, keep_fp32=gains if impl == "ours" else (),
+        opt = MasterAdamW(model.parameters(), lr=1e-4,
+                          keep_fp32=norm_gains(model) if impl == "ours" else (),
                           compile=compile_mode != "off")
     else:
         opt = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=True)

@@ -40,7 +40,7 @@ from engine.parallel.data_parallel import set_gradient_sync, wrap
 from engine.signals import StopSignals
 from engine.train import checkpoint as ckpt
 from engine.train.flops import flops_per_token, peak_flops
-from engine.train.master_adamw import MasterAdamW, total_norm
+from engine.train.master_adamw import MasterAdamW, norm_gains, total_norm
 from engine.train.spec import TrainSpec
 
 log = logging.getLogger(__name__)
@@ -98,9 +98,8 @@ def _optimizer(model: torch.nn.Module, spec: TrainSpec, device: torch.device) ->
     o = spec.optim
     groups = [{"params": decay, "weight_decay": o.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
     if spec.precision == "bf16-master":
-        gains = [p for name, p in model.named_parameters() if name.endswith("norm.weight")]
-        return MasterAdamW(groups, lr=o.lr, betas=(o.beta1, o.beta2), eps=o.eps, keep_fp32=gains,
-                           compile=spec.compile)
+        return MasterAdamW(groups, lr=o.lr, betas=(o.beta1, o.beta2), eps=o.eps,
+                           keep_fp32=norm_gains(model), compile=spec.compile)
     return torch.optim.AdamW(groups, lr=o.lr, betas=(o.beta1, o.beta2), eps=o.eps,
                              fused=device.type == "cuda")
 

@@ -19,6 +19,7 @@ autocast training writes.
 from __future__ import annotations
 
 import contextlib
+import functools
 import math
 from typing import Iterable, Iterator
 
@@ -54,14 +55,14 @@ def total_norm(grads: list[torch.Tensor]) -> torch.Tensor:
     return torch.linalg.vector_norm(torch.stack(torch._foreach_norm(grads, 2, dtype=torch.float32)))
 
 
-_compiled_update = None
+def norm_gains(model: torch.nn.Module) -> list[torch.nn.Parameter]:
+    """The norm layers' gains (`*norm.weight`): what the training loop keeps fp32."""
+    return [p for name, p in model.named_parameters() if name.endswith("norm.weight")]
 
 
-def _compiled() -> callable:
-    global _compiled_update
-    if _compiled_update is None:
-        _compiled_update = torch.compile(_update, fullgraph=True, dynamic=False)
-    return _compiled_update
+@functools.cache
+def _compiled_update():
+    return torch.compile(_update, fullgraph=True, dynamic=False)
 
 
 class MasterAdamW(torch.optim.Optimizer):
@@ -160,7 +161,7 @@ class MasterAdamW(torch.optim.Optimizer):
                                    dtype=torch.float32).to(device, non_blocking=True)
             if grad_scale is not None:
                 scalars[3] = grad_scale
-            update = _compiled() if self.compile else _update
+            update = _compiled_update() if self.compile else _update
             lows = [p for p in params if self.masters[p] is not p]
             update([self.masters[p] for p in params], [self.grad_sums.get(p, p.grad) for p in params],
                    [self.state[p]["exp_avg"] for p in params],
