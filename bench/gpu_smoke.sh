@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
-# The engine alone on a GPU node: data stages, then bf16 pretraining with compiled blocks, then a
-# resume of the same run to more iterations. Needs only torch and the engine's light deps.
+# The engine alone on a GPU node: data stages, then pretraining with compiled blocks and the
+# default numerics (bf16 weights, fp32 masters). Needs only torch and the engine's light deps.
 set -euo pipefail
 W=/tmp/lmforge-gpu
 rm -rf "$W"

@@ -27,27 +27,36 @@ import torch._inductor.config as inductor
 from bench.train_step import ATTENTION, SHAPES
 from engine.data import tokenize
 from engine.model import ModelConfig
-from engine.train import pretrain
+from engine.train import loop, pretrain
+from engine.train.master_adamw import norm_gains
 
 
 # name -> (compiled blocks, fused chunked head + cross-entropy, numerics probe, precision)
 RUNS = {"optimised": (True, True, None, "bf16"), "plain": (False, False, None, "bf16"),
         "optimised-master": (True, True, None, "bf16-master"),
+        # a probe: bf16-master with the LM head also kept fp32 (its gradient never rounded to bf16)
+        "optimised-master-fp32-head": (True, True, "fp32-head", "bf16-master"),
         "compiled-full-logits": (True, False, None, "bf16"), "eager-fused": (False, True, None, "bf16"),
         # a probe of where the optimised and plain paths part: inductor made to round to bf16
         # wherever eager would
         "optimised-eager-rounding": (True, True, "eager-rounding", "bf16")}
 
 
+def _gains_and_head(model: torch.nn.Module) -> list[torch.nn.Parameter]:
+    return norm_gains(model) + [p for n, p in model.named_parameters() if n.endswith("lm_head.weight")]
+
+
 @contextlib.contextmanager
 def probe(name: str | None):
-    saved = inductor.emulate_precision_casts
+    saved = inductor.emulate_precision_casts, loop.norm_gains
     inductor.emulate_precision_casts = name == "eager-rounding"
+    if name == "fp32-head":  # what the training loop keeps fp32 under bf16-master
+        loop.norm_gains = _gains_and_head
     torch._dynamo.reset()  # compile again under this setting
     try:
         yield
     finally:
-        inductor.emulate_precision_casts = saved
+        inductor.emulate_precision_casts, loop.norm_gains = saved
         torch._dynamo.reset()
 
 

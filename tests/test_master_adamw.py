@@ -131,14 +131,26 @@ def _ddp_rank(rank: int, port: int, out) -> None:
     grads = [torch.empty_like(local.weight.grad) for _ in range(3)]
     dist.all_gather(grads, local.weight.grad)
     expected = (sum(g.float() for g in grads) / 3).bfloat16()
+    # several micro-batches: each rank's fp32 sum, then one fp32 mean over the ranks
+    summed = torch.nn.Parameter(torch.zeros(4, 8))
+    opt = MasterAdamW([summed, torch.nn.Parameter(torch.zeros(2))])  # the second gets no gradient
+    micro = torch.randn(2, 4, 8, generator=torch.Generator().manual_seed(10 + rank)).bfloat16()
+    for g in micro:
+        summed.grad = g.clone()
+        opt.accumulate_grads()
+    opt.all_reduce_grads()
+    sums = [torch.empty(4, 8) for _ in range(3)]
+    dist.all_gather(sums, micro.float().sum(0))
+    (reduced,) = opt.grads()
     out.put((rank, model.weight.grad.dtype, torch.equal(model.weight.grad, expected),
-             torch.equal(grads[0], grads[1])))
+             torch.equal(grads[0], grads[1]), torch.equal(reduced, sum(sums) / 3)))
     dist.destroy_process_group()
 
 
 def test_ddp_averages_bf16_gradients_in_fp32():
     """Over 3 ranks, DDP's own bf16 mean (each gradient divided by 3 and summed in bf16) differs
-    from the fp32 mean rounded once in some elements of these gradients."""
+    from the fp32 mean rounded once in some elements of these gradients. Sums of several
+    micro-batches are reduced by MasterAdamW itself, as one fp32 mean."""
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
@@ -151,4 +163,5 @@ def test_ddp_averages_bf16_gradients_in_fp32():
     for p in procs:
         p.join(timeout=60)
     assert [r[1:3] for r in results] == [(torch.bfloat16, True)] * 3
+    assert [r[4] for r in results] == [True] * 3
     assert not results[0][3], "the ranks' own gradients differ, so the mean is a real reduction"

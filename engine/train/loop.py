@@ -10,8 +10,9 @@ One small all-reduce and host read per step carries two flags to every rank at o
 gradient is not finite" (skip the step) and "a stop signal arrived" (save and exit).
 
 Numerics (`precision`): bf16 and fp16 autocast over fp32 weights and optimizer state (fp16 with
-loss scaling); bf16-master keeps the model's weights in bf16 and their fp32 masters, moments and
-multi-micro-batch gradient sums in the optimizer (MasterAdamW); fp32 is plain fp32.
+loss scaling); bf16-master (the default under DDP) keeps the model's weights in bf16 and their
+fp32 masters, moments and multi-micro-batch gradient sums in the optimizer (MasterAdamW, which
+also reduces those sums across ranks); fp32 is plain fp32.
 """
 
 from __future__ import annotations
@@ -91,7 +92,8 @@ def _eod_id(spec: TrainSpec) -> int | None:
 
 def _optimizer(model: torch.nn.Module, spec: TrainSpec, device: torch.device) -> torch.optim.Optimizer:
     """AdamW with weight decay on the matrices but the embedding; MasterAdamW (built before the
-    data-parallel wrapper, which then sees bf16 weights) or torch's fused AdamW."""
+    data-parallel wrapper, which then sees bf16 weights; its update compiled on CUDA, where
+    torch's AdamW is fused) or torch's fused AdamW."""
     decay, no_decay = [], []
     for name, p in model.named_parameters():
         (decay if p.ndim >= 2 and "embed" not in name else no_decay).append(p)
@@ -99,7 +101,7 @@ def _optimizer(model: torch.nn.Module, spec: TrainSpec, device: torch.device) ->
     groups = [{"params": decay, "weight_decay": o.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
     if spec.precision == "bf16-master":
         return MasterAdamW(groups, lr=o.lr, betas=(o.beta1, o.beta2), eps=o.eps,
-                           keep_fp32=norm_gains(model), compile=spec.compile)
+                           keep_fp32=norm_gains(model), compile=device.type == "cuda")
     return torch.optim.AdamW(groups, lr=o.lr, betas=(o.beta1, o.beta2), eps=o.eps,
                              fused=device.type == "cuda")
 
@@ -268,16 +270,19 @@ def _train(spec: TrainSpec, stage: str, env: distributed.Env) -> Manifest:
             count = torch.stack([mask.sum() for _, _, mask in micro]).sum().double()
             distributed.all_reduce_sum(count)
             step_loss = torch.zeros((), dtype=torch.float64, device=env.device)
+            # MasterAdamW sums several micro-batches in fp32 and reduces the sums once, after them;
+            # a single micro-batch is reduced by the wrapper, overlapped with the backward
+            summing = master and len(micro) > 1
             for a, (inputs, targets, mask) in enumerate(micro):
-                last_micro = a == len(micro) - 1
-                # MasterAdamW sums micro-batches in fp32, each one reduced across ranks first
-                set_gradient_sync(model, last_micro or master)
+                set_gradient_sync(model, a == len(micro) - 1 and not summing)
                 loss_sum = _loss_sum(model, inputs, targets, mask, autocast, spec.fused_loss)
                 loss = loss_sum * W / count  # DP averages gradients over W ranks
                 (scaler.scale(loss) if scaler else loss).backward()
                 step_loss += loss_sum.detach().double()
-                if master and not last_micro:
+                if summing:
                     optimizer.accumulate_grads()
+            if summing:
+                optimizer.all_reduce_grads()
             if scaler:
                 scaler.unscale_(optimizer)
             if master:  # clipping's coefficient is applied inside the fp32 update

@@ -1,14 +1,15 @@
 """AdamW over fp32 master weights for a model whose parameters are bf16 — Megatron-LM's bf16
-numerics, what `precision: bf16-master` trains with (docs/training.md: with every parameter bf16
-it measured 1.6% faster a step than autocast over fp32 weights, and its 300-step loss curve ran
-above autocast's; norm gains now stay fp32, see the class).
+numerics, what `precision: bf16-master` (the default under DDP) trains with (docs/training.md: on
+the 1.1B model 0.9–1.6% faster a step than autocast over fp32 weights, the same 300-step loss
+curve within run-to-run spread).
 
 Under autocast over fp32 weights every micro-batch casts each weight to bf16 in the forward and
 each bf16 weight gradient back to fp32 in the backward. Here the model holds the bf16 weights
 and neither cast happens: the update reads the bf16 gradient and writes the new bf16 weight in
 the same pass that updates the fp32 master and moments (fused kernels once compiled,
 `compile=True`). Each micro-batch's gradient is bf16, as under autocast (the weight-gradient
-GEMM's output); summing several micro-batches happens in fp32 (`accumulate_grads`).
+GEMM's output); summing several micro-batches happens in fp32 (`accumulate_grads`), and so does
+their mean over data-parallel ranks (`all_reduce_grads`, one collective a step).
 
 The state keeps torch.optim.AdamW's layout (`step`, `exp_avg`, `exp_avg_sq` per parameter) and
 the masters live beside it: `masters_in_model()` swaps them into the parameters, so that a
@@ -24,6 +25,7 @@ import math
 from typing import Iterable, Iterator
 
 import torch
+import torch.distributed as dist
 
 
 def _update(masters: list[torch.Tensor], grads: list[torch.Tensor], exp_avgs: list[torch.Tensor],
@@ -83,7 +85,9 @@ class MasterAdamW(torch.optim.Optimizer):
         super().__init__(params, dict(lr=lr, betas=betas, eps=eps, weight_decay=weight_decay))
         self.compile = compile
         self.masters: dict[torch.Tensor, torch.Tensor] = {}
-        self.grad_sums: dict[torch.Tensor, torch.Tensor] = {}  # fp32, while micro-batches add up
+        self._flat_sum: torch.Tensor | None = None  # fp32 gradient sums, one buffer (made on first use)
+        self._sum_of: dict[torch.Tensor, torch.Tensor] = {}  # parameter -> its view of that buffer
+        self._summed: set[torch.Tensor] = set()  # parameters with a sum in this step
         keep = set(keep_fp32)
         for group in self.param_groups:
             for p in group["params"]:
@@ -112,27 +116,53 @@ class MasterAdamW(torch.optim.Optimizer):
 
     @torch.no_grad()
     def accumulate_grads(self) -> None:
-        """Move the parameters' gradients into fp32 sums (call after each micro-batch's backward
-        but the last): the gradients of several micro-batches add up in fp32, not in bf16."""
-        params = [p for p in self.masters if p.grad is not None]
-        for p in params:
-            if p in self.grad_sums:
-                self.grad_sums[p].add_(p.grad)
+        """Move the parameters' gradients into fp32 sums (call after each micro-batch's backward):
+        the gradients of several micro-batches add up in fp32, not in bf16. The sums live in one
+        flat buffer, so that `all_reduce_grads` reduces them in one collective."""
+        if self._flat_sum is None:
+            params = list(self.masters)
+            device = params[0].device
+            self._flat_sum = torch.empty(sum(p.numel() for p in params), dtype=torch.float32, device=device)
+            views = self._flat_sum.split([p.numel() for p in params])
+            self._sum_of = {p: v.view(p.shape) for p, v in zip(params, views)}
+        for p in self.masters:
+            if p.grad is None:
+                continue
+            if p in self._summed:
+                self._sum_of[p].add_(p.grad)
             else:
-                self.grad_sums[p] = p.grad.float()
+                self._sum_of[p].copy_(p.grad)
+                self._summed.add(p)
             p.grad = None
+
+    @torch.no_grad()
+    def all_reduce_grads(self) -> None:
+        """The mean over data-parallel ranks of every rank's fp32 sums (the current gradients
+        folded in first), as one fp32 all-reduce; nothing in a single process. Every rank must
+        hold gradients for the same parameters (it does in data parallelism)."""
+        self.accumulate_grads()
+        if not (dist.is_initialized() and dist.get_world_size() > 1) or not self._summed:
+            return
+        # parameters without a sum this step hold stale values: zero them so the sum stays exact
+        for p in self.masters:
+            if p not in self._summed:
+                self._sum_of[p].zero_()
+        dist.all_reduce(self._flat_sum)
+        self._flat_sum.div_(dist.get_world_size())
+
+    def _grad(self, p: torch.Tensor) -> torch.Tensor | None:
+        return self._sum_of[p] if p in self._summed else p.grad
 
     def grads(self) -> list[torch.Tensor]:
         """The gradients the next step applies: each parameter's current gradient plus its fp32
         sum of earlier micro-batches (folded into the sum)."""
-        if self.grad_sums:
+        if self._summed:
             self.accumulate_grads()
-        return [self.grad_sums.get(p, p.grad) for p in self.masters
-                if p.grad is not None or p in self.grad_sums]
+        return [g for g in map(self._grad, self.masters) if g is not None]
 
     def zero_grad(self, set_to_none: bool = True) -> None:
         super().zero_grad(set_to_none)
-        self.grad_sums.clear()
+        self._summed.clear()
 
     @torch.no_grad()
     def step(self, closure=None, grad_scale: torch.Tensor | None = None) -> None:
@@ -140,10 +170,10 @@ class MasterAdamW(torch.optim.Optimizer):
         tensor: gradient clipping's coefficient, applied in fp32 inside the update)."""
         if closure is not None:
             raise ValueError("MasterAdamW takes no closure")
-        if self.grad_sums:
+        if self._summed:
             self.accumulate_grads()
         for group in self.param_groups:
-            params = [p for p in group["params"] if p.grad is not None or p in self.grad_sums]
+            params = [p for p in group["params"] if self._grad(p) is not None]
             if not params:
                 continue
             for p in params:
@@ -163,7 +193,7 @@ class MasterAdamW(torch.optim.Optimizer):
                 scalars[3] = grad_scale
             update = _compiled_update() if self.compile else _update
             lows = [p for p in params if self.masters[p] is not p]
-            update([self.masters[p] for p in params], [self.grad_sums.get(p, p.grad) for p in params],
+            update([self.masters[p] for p in params], [self._grad(p) for p in params],
                    [self.state[p]["exp_avg"] for p in params],
                    [self.state[p]["exp_avg_sq"] for p in params], scalars,
                    beta1, beta2, group["eps"], group["weight_decay"],

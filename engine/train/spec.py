@@ -65,9 +65,10 @@ class TrainSpec(StageSpec):
     micro_batch_size: int = Field(1, gt=0)
     global_batch_size: int = Field(gt=0, description="samples per optimizer step, all ranks")
     precision: Literal["bf16", "bf16-master", "fp16", "fp32"] = Field(
-        "bf16", description="bf16/fp16: autocast over fp32 weights and optimizer state; "
-                            "bf16-master: bf16 weights, fp32 master weights, moments and "
-                            "gradient sums in the optimizer (ddp only)")
+        "bf16-master", description="bf16-master (default with ddp): bf16 weights, fp32 master "
+                                   "weights, moments and gradient sums in the optimizer (ddp "
+                                   "only); bf16 (default with fsdp)/fp16: autocast over fp32 "
+                                   "weights and optimizer state")
     seed: int = 1234
     data_parallel: DataParallel = Field("ddp", description="ddp, or fsdp (sharded, ZeRO-3 style)")
     fused_loss: bool = Field(True, description="chunked LM head + cross-entropy, no full logits")
@@ -84,6 +85,14 @@ class TrainSpec(StageSpec):
         fields = super().fingerprint_fields()
         fields["data"]["blend_weights"] = [w for w, _ in parse_blend(self.data.blend)]
         return fields
+
+    @model_validator(mode="before")
+    @classmethod
+    def _default_precision(cls, data):
+        """bf16 master weights need DDP; FSDP keeps fp32 shards and computes under autocast."""
+        if isinstance(data, dict) and "precision" not in data and data.get("data_parallel") == "fsdp":
+            return {**data, "precision": "bf16"}
+        return data
 
     @model_validator(mode="after")
     def _master_weights_need_ddp(self) -> "TrainSpec":
