@@ -105,10 +105,10 @@ def build(impl: str, cfg: ModelConfig, numerics: str, compile_mode: str, loss: s
         def loss_fn(tokens):
             return model(input_ids=tokens[:, :-1], labels=tokens[:, :-1]).loss
     if numerics == "master":  # the model's weights become bf16, their fp32 masters stay in opt
-        # as the training loop: our norm gains stay fp32 (HF's norm would then return fp32)
+        # as the training loop on CUDA: our norm gains stay fp32 (HF's norm would then return
+        # fp32), the update is compiled
         opt = MasterAdamW(model.parameters(), lr=1e-4,
-                          keep_fp32=norm_gains(model) if impl == "ours" else (),
-                          compile=compile_mode != "off")
+                          keep_fp32=norm_gains(model) if impl == "ours" else (), compile=True)
     else:
         opt = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=True)
     return model, opt, loss_fn

@@ -143,11 +143,7 @@ class MasterAdamW(torch.optim.Optimizer):
         self.accumulate_grads()
         if not (dist.is_initialized() and dist.get_world_size() > 1) or not self._summed:
             return
-        # parameters without a sum this step hold stale values: zero them so the sum stays exact
-        for p in self.masters:
-            if p not in self._summed:
-                self._sum_of[p].zero_()
-        dist.all_reduce(self._flat_sum)
+        dist.all_reduce(self._flat_sum)  # views of parameters without a sum are reduced unused
         self._flat_sum.div_(dist.get_world_size())
 
     def _grad(self, p: torch.Tensor) -> torch.Tensor | None:
