@@ -11,12 +11,11 @@ are bench.train_step's (same initial weights, same optimizers).
 from __future__ import annotations
 
 import argparse
-import contextlib
 import gc
 
 import torch
 
-from bench.train_step import ATTENTION, SHAPES, build
+from bench.train_step import ATTENTION, SHAPES, build, numerics_context
 from engine.model import ModelConfig
 
 GIB = 2 ** 30
@@ -36,7 +35,7 @@ def measure(cfg: ModelConfig, numerics: str, args) -> list[str]:
     torch.manual_seed(0)
     model, opt, loss_fn = build("ours", cfg, numerics, "block", "fused", "cuda", args.attention)
     tokens = torch.randint(0, cfg.vocab_size, (args.micro_batch, args.seq + 1), device="cuda")
-    ctx = torch.autocast("cuda", dtype=torch.bfloat16) if numerics == "autocast" else contextlib.nullcontext()
+    ctx = numerics_context(numerics)
     loss: list[torch.Tensor] = []
 
     def forward() -> None:

@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import argparse
 import collections
-import contextlib
 import gzip
 import json
 import os
@@ -26,7 +25,7 @@ import torch
 import torch.nn.functional as F
 
 from bench.train_step import (ATTENTION, SHAPES, add_reductions_argument, build, gemm_rate, mean_time,
-                              train_step)
+                              numerics_context, train_step)
 from engine.model import ModelConfig
 from engine.train.loop import set_split_k_reductions
 
@@ -56,8 +55,7 @@ def profile(args, device) -> None:
     torch.manual_seed(0)
     model, opt, loss_fn = build("ours", cfg, args.numerics, args.compile, "fused", device, args.attention)
     tokens = torch.randint(0, cfg.vocab_size, (args.micro_batch, args.seq + 1), device=device)
-    ctx = (torch.autocast("cuda", dtype=torch.bfloat16) if args.numerics == "autocast"
-           else contextlib.nullcontext())
+    ctx = numerics_context(args.numerics)
 
     for _ in range(args.warmup):
         train_step(loss_fn, opt, tokens, ctx)

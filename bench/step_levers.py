@@ -21,7 +21,6 @@ Each row gives tokens/s, MFU and the SM clock and power it ran at (bench/clocks.
 from __future__ import annotations
 
 import argparse
-import contextlib
 import functools
 import statistics
 
@@ -29,7 +28,7 @@ import torch
 
 from bench.clocks import ClockSampler, ClockSummary
 from bench.train_step import (ATTENTION, SHAPES, back_to_back, build, clock_columns, gemm_ceiling,
-                              timed_step)
+                              numerics_context, timed_step)
 from engine.model import ModelConfig
 from engine.model import fused_loss, llama
 from engine.train.flops import flops_per_token, peak_flops
@@ -54,7 +53,6 @@ def main() -> None:
     steps = {numerics: build("ours", cfg, numerics, "block", "fused", device, args.attention)[1:]
              for numerics in {NUMERICS.get(v, "autocast") for v in args.variants}}
     tokens = torch.randint(0, cfg.vocab_size, (args.micro_batch, args.seq + 1), device=device)
-    autocast = torch.autocast("cuda", dtype=torch.bfloat16)
     per_token = flops_per_token(cfg, args.seq)
     peak = peak_flops(device)
 
@@ -65,7 +63,7 @@ def main() -> None:
         llama.linear_cross_entropy = functools.partial(fused_loss.linear_cross_entropy, chunk_rows=rows)
         numerics = NUMERICS.get(variant, "autocast")
         opt, loss_fn = steps[numerics]
-        ctx = autocast if numerics == "autocast" else contextlib.nullcontext()
+        ctx = numerics_context(numerics)
         for _ in range(3):  # warm-up (and the chunk shape's compilation)
             timed_step(loss_fn, opt, tokens, ctx)
         with ClockSampler(torch.cuda.current_device()) as clocks:

@@ -118,6 +118,11 @@ def build(impl: str, cfg: ModelConfig, numerics: str, compile_mode: str, loss: s
     return model, opt, loss_fn
 
 
+def numerics_context(numerics: str):
+    """bf16 autocast for `autocast`; the other modes hold their compute dtype in the weights."""
+    return torch.autocast("cuda", dtype=torch.bfloat16) if numerics == "autocast" else contextlib.nullcontext()
+
+
 def train_step(loss_fn, opt, tokens, ctx) -> torch.Tensor:
     """One forward + backward + optimizer step, queued on the GPU; the loss, detached."""
     with ctx:
@@ -153,7 +158,7 @@ def measure(impl, cfg, numerics, compile_mode, loss, seq, mb, steps, warmup, dev
     torch.manual_seed(0)
     model, opt, loss_fn = build(impl, cfg, numerics, compile_mode, loss, device, attention)
     tokens = torch.randint(0, cfg.vocab_size, (mb, seq + 1), device=device)
-    ctx = torch.autocast("cuda", dtype=torch.bfloat16) if numerics == "autocast" else contextlib.nullcontext()
+    ctx = numerics_context(numerics)
     torch.cuda.reset_peak_memory_stats()
     for _ in range(warmup):
         timed_step(loss_fn, opt, tokens, ctx)

@@ -1,7 +1,7 @@
 """AdamW over fp32 master weights for a model whose parameters are bf16 — Megatron-LM's bf16
-numerics, what `precision: bf16-master` (the default under DDP) trains with (docs/training.md: on
-the 1.1B model 0.9–1.6% faster a step than autocast over fp32 weights, the same 300-step loss
-curve within run-to-run spread).
+numerics, what `precision: bf16-master` (the default under DDP) trains with (docs/training.md: a
+little faster a step than autocast over fp32 weights, the same 300-step loss curve within
+run-to-run spread).
 
 Under autocast over fp32 weights every micro-batch casts each weight to bf16 in the forward and
 each bf16 weight gradient back to fp32 in the backward. Here the model holds the bf16 weights
