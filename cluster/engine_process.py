@@ -4,7 +4,8 @@ A child rather than an in-process call, so that the job's Python (submitit's) st
 signals and survives the engine crashing, and so that the engine runs exactly as on a laptop.
 Its stderr (the engine's log) goes, line by line, to the rank's log file (which the caller
 streams) and to this process's stderr (submitit's per-task logs); its stdout, where the engine
-prints only its manifest, is kept for the caller and echoed to this process's stdout.
+prints only its manifest, is kept for the caller and echoed to this process's stdout. What goes
+to a log has URL passwords masked (engine/redact.py); the manifest kept for the caller does not.
 """
 
 from __future__ import annotations
@@ -17,6 +18,8 @@ import threading
 import time
 from pathlib import Path
 from typing import IO, Callable
+
+from engine.redact import redact_text
 
 _PR_SET_PDEATHSIG = 1
 _prctl = ctypes.CDLL(None, use_errno=True).prctl if sys.platform.startswith("linux") else None
@@ -49,6 +52,7 @@ class EngineProcess:
         threading.Thread(target=self._reap, daemon=True).start()
 
     def _write(self, line: str, echo: IO[str]) -> None:
+        line = redact_text(line)
         with self._lock:
             if not self._log.closed:  # a pump outliving the reaper's join writes nowhere
                 self._log.write(line)
@@ -61,7 +65,7 @@ class EngineProcess:
         for line in stream:
             if keep:
                 self._stdout.append(line)
-                echo.write(line)
+                echo.write(redact_text(line))
                 echo.flush()
             else:
                 self._write(line, echo)

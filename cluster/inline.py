@@ -12,10 +12,18 @@ from typing import Iterator
 from cluster.attempts import begin_attempt, read_attempts, with_attempts
 from cluster.layout import RunDir
 from engine.manifest import Manifest
+from engine.redact import redact_text
 from engine.registry import get_stage
 from engine.spec import StageSpec
 
 _LOG_FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"  # as the engine's CLI logs
+
+
+class _RedactingFormatter(logging.Formatter):
+    """URL passwords masked, as in a job's rank logs (cluster/engine_process.py)."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        return redact_text(super().format(record))
 
 
 @contextlib.contextmanager
@@ -37,7 +45,7 @@ def _engine_log_to(path) -> Iterator[None]:
     """The engine's INFO log also goes to rank 0's log file while the stage runs."""
     logger = logging.getLogger("engine")
     handler = logging.FileHandler(path, encoding="utf-8")
-    handler.setFormatter(logging.Formatter(_LOG_FORMAT))
+    handler.setFormatter(_RedactingFormatter(_LOG_FORMAT))
     level = logger.level
     logger.addHandler(handler)
     logger.setLevel(logging.INFO)

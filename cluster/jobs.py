@@ -21,6 +21,7 @@ from cluster.attempts import Attempt, read_attempts
 from cluster.layout import RunDir
 from cluster.logs import LogFollower, tail
 from engine.manifest import Manifest
+from engine.redact import redact_text
 
 # Slurm states of a job that may still run (or run again); anything else is final.
 IN_PROGRESS = {"PENDING", "RUNNING", "REQUEUED", "REQUEUE_FED", "REQUEUE_HOLD", "RESIZING",
@@ -38,10 +39,11 @@ _WATCHER_LOCK = threading.Lock()
 
 
 class JobFailed(RuntimeError):
-    """A job ended without a result; the message carries the cause."""
+    """A job ended without a result; the message carries the cause (URL passwords masked: it
+    ends up in the flow's log and in MLflow)."""
 
     def __init__(self, message: str, job_id: str, state: str, rank: int | None = None) -> None:
-        super().__init__(message)
+        super().__init__(redact_text(message))
         self.job_id, self.state, self.rank = job_id, state, rank
 
 

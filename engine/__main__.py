@@ -8,14 +8,17 @@ from __future__ import annotations
 
 import argparse
 import logging
+import signal
 import sys
+import threading
 import typing
 from typing import Any
 
 from pydantic.fields import FieldInfo
 
-from engine.registry import STAGES, get_stage
+from engine.atomic import out_of_space
 from engine.errors import LmforgeError, Preempted
+from engine.registry import STAGES, get_stage
 from engine.spec import load_spec
 
 
@@ -59,24 +62,45 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+class _Stopped(BaseException):
+    """A stop signal reached a stage that does not hold signals itself: unwind, so that its
+    temporary output is removed on the way out."""
+
+
+def _stop(signum, frame) -> None:
+    raise _Stopped(signal.Signals(signum).name)
+
+
 def main(argv: list[str] | None = None) -> int:
     args = vars(build_parser().parse_args(argv))
     logging.basicConfig(level=args.pop("log_level").upper(),
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     stage = get_stage(args.pop("stage"))
     config = args.pop("config", None)
+    spec = None
+    previous = ({sig: signal.signal(sig, _stop) for sig in (signal.SIGTERM, signal.SIGUSR2)}
+                if threading.current_thread() is threading.main_thread() else {})
     try:
         spec = load_spec(stage.spec, config, args)
         manifest = stage.run(spec)
     except LmforgeError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
-    except Preempted as exc:
+    except (Preempted, _Stopped) as exc:
         print(f"stopped: {exc}; run the same command again to resume", file=sys.stderr)
         return Preempted.exit_code
     except KeyboardInterrupt:
         print("interrupted: no output was left under its final name", file=sys.stderr)
         return 130
+    except Exception as exc:
+        full = out_of_space(exc, stage.output(spec)) if spec is not None else None
+        if full is None:
+            raise
+        print(f"error: {full}", file=sys.stderr)
+        return 2
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
     if manifest is not None:  # ranks other than 0 of a distributed stage return None
         print(manifest.model_dump_json(indent=2))
     return 0

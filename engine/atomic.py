@@ -1,8 +1,14 @@
-"""Nothing half-written: files are built under a temporary name and renamed into place at the end."""
+"""Nothing half-written: files are built under a temporary name and renamed into place at the end.
+
+A temporary name carries its writer's host and pid (`<name>.tmp-<host>-<pid>-<random>`), so the
+next writer of the same output removes what a killed writer left (kill -9, a node restart) and
+never what a live one is still writing.
+"""
 
 from __future__ import annotations
 
 import contextlib
+import errno
 import os
 import shutil
 import uuid
@@ -10,19 +16,54 @@ from pathlib import Path
 from typing import Iterator
 
 from engine.errors import InputError
+from engine.process import pid_alive, this_host
+
+_TEMP = ".tmp-"
 
 
 def temp_name(path: str | Path) -> Path:
     """A sibling of `path` that no other writer uses (same filesystem, so rename is atomic)."""
     path = Path(path)
-    return path.with_name(f"{path.name}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}")
+    sweep_stale_temps(path)
+    return path.with_name(f"{path.name}{_TEMP}{this_host()}-{os.getpid()}-{uuid.uuid4().hex[:8]}")
+
+
+def sweep_stale_temps(path: str | Path) -> None:
+    """Remove temporaries of `path` whose writer, on this host, is gone."""
+    path = Path(path)
+    if not path.parent.is_dir():
+        return
+    for tmp in path.parent.glob(f"{path.name}{_TEMP}*"):
+        writer = tmp.name[len(path.name) + len(_TEMP):].rpartition("-")[0]  # <host>-<pid>
+        host, _, pid = writer.rpartition("-")
+        if host == this_host() and pid.isdigit() and not pid_alive(int(pid)):
+            remove_path(tmp)
+
+
+def remove_path(path: Path) -> None:
+    if path.is_dir() and not path.is_symlink():
+        shutil.rmtree(path, ignore_errors=True)
+    else:
+        path.unlink(missing_ok=True)
+
+
+def fsync_dir(path: str | Path) -> None:
+    """Make a rename inside `path` survive a power loss, not only a killed process."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
 
 
 def atomic_write_text(path: str | Path, text: str) -> None:
     path = Path(path)
     tmp = temp_name(path)
     try:
-        tmp.write_text(text, encoding="utf-8")
+        with open(tmp, "w", encoding="utf-8") as f:
+            f.write(text)
+            f.flush()
+            os.fsync(f.fileno())
         os.replace(tmp, path)
     finally:
         tmp.unlink(missing_ok=True)
@@ -80,3 +121,32 @@ def staged_dir(final: str | Path) -> Iterator[Path]:
     finally:
         if tmp.exists():
             shutil.rmtree(tmp, ignore_errors=True)
+
+
+_NO_SPACE = (errno.ENOSPC, errno.EDQUOT)
+_NO_SPACE_WORDS = ("no space left", "os error 28", "disk quota exceeded")
+
+
+def out_of_space(exc: BaseException, where: str | Path) -> InputError | None:
+    """The user's error for a write that failed because `where`'s filesystem is full, or None.
+
+    Writers report it differently: an OSError with ENOSPC, a Rust error's text, or (torch.save's
+    zip writer) only "unexpected pos": then the filesystem's free space, read before the partial
+    output is removed, tells.
+    """
+    chain, seen = [exc], set()
+    while chain[-1].__cause__ or chain[-1].__context__:
+        nxt = chain[-1].__cause__ or chain[-1].__context__
+        if id(nxt) in seen:
+            break
+        seen.add(id(nxt))
+        chain.append(nxt)
+    full = any(getattr(e, "errno", None) in _NO_SPACE
+               or any(w in str(e).lower() for w in _NO_SPACE_WORDS) for e in chain)
+    if not full:
+        existing = Path(where)
+        while not existing.exists() and existing != existing.parent:
+            existing = existing.parent
+        full = shutil.disk_usage(existing).free < (1 << 20)
+    return InputError(f"{where}: no space left on the device while writing it; "
+                      f"nothing was left under its final name") if full else None

@@ -13,10 +13,11 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from engine import __version__
 from engine.atomic import atomic_write_text
+from engine.errors import InputError
 
 ArtifactKind = Literal["dataset", "checkpoint", "hf-model", "corpus", "tokenizer", "eval-report"]
 
@@ -72,8 +73,62 @@ def write_manifest(artifact: str | Path, manifest: Manifest) -> Path:
 
 
 def read_manifest(artifact: str | Path) -> Manifest | None:
-    """The artifact's manifest, or None when there is none (then it is not a complete artifact)."""
+    """The artifact's manifest, or None when there is none. Its presence alone does not make the
+    artifact complete: see `complete`."""
     path = manifest_path(artifact)
     if not path.is_file():
         return None
-    return Manifest.model_validate_json(path.read_text(encoding="utf-8"))
+    try:
+        return Manifest.model_validate_json(path.read_text(encoding="utf-8"))
+    except (ValidationError, UnicodeDecodeError) as exc:
+        raise InputError(f"{path}: not a valid manifest: {str(exc).splitlines()[0]}") from None
+
+
+def files_root(artifact: str | Path) -> Path:
+    """The folder a manifest's file names are relative to: the artifact folder, or a dataset
+    prefix's folder."""
+    artifact = Path(artifact)
+    return artifact if artifact.is_dir() else artifact.parent
+
+
+def check_files(root: str | Path, files: dict[str, FileEntry], checksums: bool = True) -> None:
+    """Every listed file present at its recorded size and, with `checksums`, with its recorded
+    sha256; an InputError naming the first file that is not."""
+    root = Path(root)
+    for name, entry in files.items():
+        path = root / name
+        try:
+            size = path.stat().st_size
+        except FileNotFoundError:
+            raise InputError(f"{path}: missing (listed in the artifact's checksums)") from None
+        if size != entry.bytes:
+            raise InputError(f"{path}: {size} bytes, the recorded size is {entry.bytes}: the file "
+                             f"is truncated or was changed")
+    if checksums:
+        for name, entry in files.items():
+            actual = sha256_file(root / name).sha256
+            if actual != entry.sha256:
+                raise InputError(f"{root / name}: checksum mismatch (sha256 {actual[:16]}…, "
+                                 f"recorded {entry.sha256[:16]}…): the file is corrupt")
+
+
+def complete(artifact: str | Path) -> Manifest | None:
+    """The manifest of a complete artifact — written last, readable, and every file it lists
+    present at its recorded size — or None. The one test of "complete" for the engine and tasks/."""
+    try:
+        manifest = read_manifest(artifact)
+        if manifest is not None:
+            check_files(files_root(artifact), manifest.files, checksums=False)
+    except InputError:
+        return None
+    return manifest
+
+
+def verify_artifact(artifact: str | Path) -> Manifest | None:
+    """Check an input artifact before it is read: every file its manifest lists, by checksum
+    (an InputError naming the file otherwise). Inputs without a manifest of their own (a foreign
+    model or dataset) have nothing to check against: None."""
+    manifest = read_manifest(artifact)
+    if manifest is not None:
+        check_files(files_root(artifact), manifest.files)
+    return manifest

@@ -1,7 +1,8 @@
 """The metrics sink: how the engine reports params, step metrics and artifacts without knowing
 about any tracking server. The default writes JSON lines into the run folder (a task can always
 re-read them); when the job's environment names an MLflow run and mlflow is importable, rank 0
-also logs there."""
+also logs there. Params are redacted (engine/redact.py) before either sees them: a spec may name
+a URL with a password, and these are logs."""
 
 from __future__ import annotations
 
@@ -13,6 +14,8 @@ import os
 import time
 from pathlib import Path
 from typing import Any
+
+from engine.redact import redact, redact_text
 
 log = logging.getLogger(__name__)
 
@@ -34,9 +37,10 @@ class MetricsSink:
             f.write(json.dumps(record, default=str) + "\n")
 
     def log_params(self, params: dict[str, Any]) -> None:
-        self._write({"kind": "params", "time": time.time(), "data": params})
+        shown = redact(params)
+        self._write({"kind": "params", "time": time.time(), "data": shown})
         if self._mlflow:
-            self._mlflow.log_params(params)
+            self._mlflow.log_params(shown)
 
     def log_metrics(self, metrics: dict[str, float], step: int) -> None:
         clean = {k: float(v) for k, v in metrics.items() if v is not None}
@@ -72,7 +76,8 @@ class _MLflowRun:
         try:
             fn(*args, **kwargs)
         except Exception as exc:  # tracking down must never stop training; JSON lines keep it all
-            log.warning("MLflow logging failed (%s); the JSON-lines log has the data", exc)
+            log.warning("MLflow logging failed (%s); the JSON-lines log has the data",
+                        redact_text(str(exc)))  # errors quote the tracking URI
 
 
 def flatten(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:

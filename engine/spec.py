@@ -15,14 +15,16 @@ from engine.errors import SpecError
 
 
 class StageSpec(BaseModel):
-    """Base of every stage spec: unknown fields are errors, values are validated on assignment.
+    """Base of every stage spec: unknown fields are errors, values are validated on assignment,
+    and no float may be inf or NaN (YAML's `.inf` passes `gt=0` and would reach the job).
 
     Fields marked `json_schema_extra={"affects_output": False}` (worker counts, the output's own
     path) and input paths marked `{"input": True}` (their content enters the fingerprint through
     engine.lineage instead) are left out of the stage fingerprint.
     """
 
-    model_config = ConfigDict(extra="forbid", validate_assignment=True, populate_by_name=True)
+    model_config = ConfigDict(extra="forbid", validate_assignment=True, populate_by_name=True,
+                              allow_inf_nan=False)
 
     def fingerprint_fields(self) -> dict[str, Any]:
         """The spec's fields that change the output, as JSON-able data (nested sections too)."""
@@ -71,20 +73,21 @@ def _compose_with_lines(text: str, source: str) -> tuple[Any, dict[tuple, int]]:
 
 def format_validation_error(exc: ValidationError, source: str, lines: dict[tuple, int] | None = None,
                             cli_fields: set[str] = frozenset()) -> str:
-    """One line per problem: `file:line: field: message`, or `--flag: message` for a value that
-    came from the command line."""
+    """One line per problem: `file:line: field: message` (`file:line: message` for a check of the
+    whole spec), or `--flag: message` for a value that came from the command line."""
     out = []
     for err in exc.errors():
         loc = tuple(err["loc"])
+        msg = err["msg"].removeprefix("Value error, ")  # our validators' messages say it all
         if loc and loc[0] in cli_fields:
             flag = "--" + str(loc[0]).replace("_", "-") + "".join(f"[{p}]" for p in loc[1:])
-            out.append(f"<command line>: {flag}: {err['msg']}")
+            out.append(f"<command line>: {flag}: {msg}")
             continue
-        field = ".".join(str(p) for p in loc) or "(spec)"
         line = next((lines[loc[:n]] for n in range(len(loc), -1, -1) if lines and loc[:n] in lines),
                     None)
         where = f"{source}:{line}" if line else source
-        out.append(f"{where}: {field}: {err['msg']}")
+        # a whole-spec check (a model validator) names its fields in the message
+        out.append(f"{where}: {'.'.join(map(str, loc))}: {msg}" if loc else f"{where}: {msg}")
     return "\n".join(out)
 
 

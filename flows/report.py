@@ -7,6 +7,7 @@ import os
 import shlex
 
 from flows.steps import Refs
+from engine.redact import redact_text
 from tasks.home import lmforge_home
 from tasks.tracking import tracking_uri
 
@@ -24,7 +25,7 @@ def print_report(refs: Refs) -> None:
         for name, value in refs["evaluate"].summary.get("metrics", {}).items():
             print(f"evaluation: {name} = {value:.4f}")
     prefect_home = os.environ.get("PREFECT_HOME", "~/.prefect")
-    uri = tracking_uri()
+    uri = redact_text(tracking_uri())  # printed: a server's password stays out of the terminal
     print("\nPrefect UI (flow runs, task logs, artifacts): run\n"
           f"  PREFECT_HOME={shlex.quote(prefect_home)} .venv/bin/prefect server start\n"
           "and open http://127.0.0.1:4200")

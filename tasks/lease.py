@@ -20,6 +20,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from engine.process import pid_alive
+
 HEARTBEAT_S = 30.0
 STALE_AFTER_S = 300.0
 
@@ -119,25 +121,5 @@ def _stale(holder: dict[str, Any] | None, age_s: float, stale_after_s: float) ->
     if holder is None:
         return True
     if holder.get("host") == socket.gethostname():
-        return not _alive(int(holder.get("pid", -1)))
+        return not pid_alive(int(holder.get("pid", -1)))
     return age_s > stale_after_s
-
-
-def _alive(pid: int) -> bool:
-    if pid <= 0:
-        return False
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return _state(pid) != "Z"
-
-
-def _state(pid: int) -> str:
-    """A zombie (exited, not reaped) holds no lease."""
-    try:
-        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
-    except (OSError, IndexError):
-        return ""

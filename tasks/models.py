@@ -5,6 +5,8 @@ or `models:/NAME/latest` resolves back to that folder, so a flow can start from 
 A local store (SQLite) takes the folder's `file://` URI as the version's source. An MLflow server
 refuses local sources outside a run's artifact folder; there the version's source is a small
 `reference/` artifact of the run that names the folder. Either way the tag `lmforge.path` holds it.
+Only folders inside LMFORGE_HOME are registered: the registry is shared, and an entry is a promise
+that lmforge keeps the folder (a resolved `models:/` URI is an input, read wherever it lies).
 """
 
 from __future__ import annotations
@@ -20,6 +22,7 @@ from prefect.cache_policies import NO_CACHE
 from prefect.logging import get_run_logger
 
 from tasks.artifact import ArtifactRef
+from tasks.home import inside_home
 from tasks.tracking import client
 
 SCHEME = "models:/"
@@ -35,6 +38,7 @@ async def register_model(ref: ArtifactRef, name: str) -> int:
 
 
 def _register(ref: ArtifactRef, name: str) -> int:
+    inside_home(ref.path, f"registered model {name!r}: source")
     mlflow = client()
     try:
         mlflow.create_registered_model(name, description="lmforge models (sources are folders on "

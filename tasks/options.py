@@ -19,7 +19,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, create_model
 from engine.errors import SpecError
 from engine.registry import get_stage
 from engine.spec import StageSpec, format_validation_error
-from tasks.outputs import UNSET, given_location, with_location
+from tasks.outputs import UNSET, check_written, given_location, with_location
 
 
 def stage_options(stage: str, omit: frozenset[str] = frozenset(), name: str | None = None) -> type[BaseModel]:
@@ -52,9 +52,12 @@ def _camel(name: str) -> str:
 def validate_spec(stage: str, data: dict[str, Any], location: str | None = None) -> StageSpec:
     """`data` through the engine's own model of `stage` (every validator; unknown fields refused;
     errors name each field, as the engine's CLI does), its output set to `location`, or to the
-    one `data` names, or to a stand-in while the location is not known yet."""
+    one `data` names, or to a stand-in while the location is not known yet; what it writes must
+    lie inside LMFORGE_HOME."""
     data = with_location(stage, data, location or given_location(stage, data) or UNSET)
     try:
-        return get_stage(stage).spec.model_validate(data)
+        spec = get_stage(stage).spec.model_validate(data)
     except ValidationError as exc:
         raise SpecError(format_validation_error(exc, f"<{stage} spec>")) from None
+    check_written(stage, data)
+    return spec

@@ -4,7 +4,8 @@ one the task chooses by fingerprint; and clearing it for a forced re-run.
 Two output shapes exist (engine/manifest.py): a folder with `manifest.json` inside, and a token
 dataset prefix `<p>` (stages of kind `dataset`) with `<p>.manifest.json` beside its `.bin/.idx`
 files. A location holds a complete artifact exactly when its manifest exists (the engine writes
-it last).
+it last). Whatever a spec names for a stage to write must lie inside LMFORGE_HOME
+(`check_written`); its inputs may lie anywhere.
 """
 
 from __future__ import annotations
@@ -18,10 +19,11 @@ from typing import Any
 from engine.manifest import manifest_path, read_manifest
 from engine.registry import get_stage
 from tasks.fields import get_field, set_field
-from tasks.home import artifact_folder
+from tasks.home import artifact_folder, inside_home
 
 PREFIX_NAME = "data"  # a dataset artifact's prefix inside its folder: <folder>/data.bin, ...
 UNSET = "<chosen by the task>"  # stands in for the output while the spec is validated
+ALSO_WRITTEN = ("metrics_file",)  # spec fields besides the output that name a file to write
 
 
 def _is_prefix(stage: str) -> bool:
@@ -34,6 +36,15 @@ def given_location(stage: str, spec: dict[str, Any]) -> str | None:
 
 def with_location(stage: str, spec: dict[str, Any], location: str) -> dict[str, Any]:
     return set_field(spec, get_stage(stage).output_field, location)
+
+
+def check_written(stage: str, spec: dict[str, Any]) -> None:
+    """SpecError unless every location the spec names for writing lies inside LMFORGE_HOME
+    (symlinks and `..` resolved): checked before anything is submitted or removed."""
+    for field in (get_stage(stage).output_field, *ALSO_WRITTEN):
+        path = get_field(spec, field)
+        if path and path != UNSET:
+            inside_home(path, f"<{stage} spec>: {field}")
 
 
 def auto_location(stage: str, fingerprint: str) -> str:

@@ -1,5 +1,6 @@
 """A Prefect artifact per stage run: its key figures as a table, with where the artifact lies and a
-link to its MLflow run, so the Prefect UI answers "what did this stage produce" without a shell."""
+link to its MLflow run, so the Prefect UI answers "what did this stage produce" without a shell.
+Shown redacted (engine/redact.py), as everything lmforge shows."""
 
 from __future__ import annotations
 
@@ -8,6 +9,7 @@ from typing import Any
 from prefect.artifacts import acreate_table_artifact
 
 from engine.metrics import flatten
+from engine.redact import redact, redact_text
 from tasks.artifact import ArtifactRef
 
 MAX_ROWS = 30
@@ -16,7 +18,7 @@ MAX_ROWS = 30
 def key_figures(summary: dict[str, Any]) -> list[dict[str, Any]]:
     """Scalar summary entries (numbers, short strings), nested sections flattened."""
     rows = []
-    for name, value in flatten(summary).items():
+    for name, value in flatten(redact(summary)).items():
         if isinstance(value, bool) or not isinstance(value, (int, float, str)):
             continue
         if isinstance(value, float):
@@ -34,4 +36,5 @@ async def publish(ref: ArtifactRef, mlflow_link: str | None) -> None:
     if mlflow_link:
         lines += ["", f"[MLflow run]({mlflow_link})"]
     await acreate_table_artifact(table=key_figures(ref.summary) or [{"figure": "-", "value": "-"}],
-                                 key=f"lmforge-{ref.stage}", description="\n".join(lines))
+                                 key=f"lmforge-{ref.stage}",
+                                 description=redact_text("\n".join(lines)))

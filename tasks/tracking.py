@@ -6,7 +6,8 @@ holds its spec as params, the engine's step metrics (logged live by the job, com
 JSON lines afterwards), its summary figures, and as artifacts the spec, the manifest, the small
 descriptive files of the artifact (evaluation reports, configs), the metrics file and a loss curve.
 Runs are found again through tags: `prefect.flow_run_id` on parents, `lmforge.fingerprint` and
-`lmforge.cached` on stage runs.
+`lmforge.cached` on stage runs. Everything shown there — params, tags, the spec and manifest
+artifacts, links — goes through engine/redact.py: secret-named fields and URL passwords masked.
 """
 
 from __future__ import annotations
@@ -29,7 +30,8 @@ from pydantic_core import to_jsonable_python
 
 from engine.manifest import Manifest
 from engine.metrics import flatten
-from tasks.home import lmforge_home
+from engine.redact import redact, redact_text
+from tasks.home import inside_home, lmforge_home
 from tasks.metrics import backfill, step_series
 from tasks.plots import loss_curve
 
@@ -40,7 +42,7 @@ STANDALONE = "lmforge-stages"         # experiment of stages run outside any flo
 FLOW_RUN_TAG = "prefect.flow_run_id"
 DESCRIPTIVE = (".json", ".md", ".yaml", ".txt")  # artifact files copied into the run ...
 DESCRIPTIVE_MAX_BYTES = 1 << 20                   # ... when this small
-PARAM_BATCH, PARAM_MAX = 100, 6000
+PARAM_BATCH, PARAM_MAX, TAG_MAX = 100, 6000, 5000
 
 
 def tracking_uri() -> str:
@@ -48,9 +50,10 @@ def tracking_uri() -> str:
 
 
 def ui_url() -> str:
+    """For links people see (Prefect artifacts): a tracking URI's password masked."""
     uri = tracking_uri()
     default = uri if uri.startswith(("http://", "https://")) else DEFAULT_UI
-    return os.environ.get(UI_ENV, default).rstrip("/")
+    return redact_text(os.environ.get(UI_ENV, default).rstrip("/"))
 
 
 @cache
@@ -66,13 +69,15 @@ def client() -> MlflowClient:
 
 def experiment_id(name: str) -> str:
     """The experiment called `name`, created on first use (artifacts under LMFORGE_HOME for a
-    local store; a server keeps its own artifact root)."""
+    local store, refused if the name leads out of it; a server keeps its own artifact root)."""
     mlflow = client()
     found = mlflow.get_experiment_by_name(name)
     if found is not None:
         return found.experiment_id
     local = not tracking_uri().startswith(("http://", "https://"))
-    location = (lmforge_home() / "mlartifacts" / name).as_uri() if local else None
+    location = (inside_home(lmforge_home() / "mlartifacts" / name,
+                            f"MLflow artifact location of experiment {name!r}").as_uri()
+                if local else None)
     try:
         return mlflow.create_experiment(name, artifact_location=location)
     except MlflowException:  # created meanwhile by another process
@@ -84,9 +89,9 @@ def run_link(experiment: str, run_id: str) -> str:
 
 
 def params(spec: dict[str, Any]) -> list[Param]:
-    """A spec as MLflow params: nested sections flattened with dots and values as strings, as
-    the engine's own sink logs them (so the two never disagree on a value)."""
-    return [Param(k, str(v)[:PARAM_MAX]) for k, v in flatten(spec).items()]
+    """A spec as MLflow params: redacted, nested sections flattened with dots and values as
+    strings, as the engine's own sink logs them (so the two never disagree on a value)."""
+    return [Param(k, str(v)[:PARAM_MAX]) for k, v in flatten(redact(spec)).items()]
 
 
 def metric_name(name: str) -> str:
@@ -112,7 +117,8 @@ def flow_parent() -> tuple[str, str | None]:
         else:
             tags = {FLOW_RUN_TAG: run_id, "prefect.flow_run_name": flow_run.get_name() or "",
                     "prefect.flow_run_url": flow_run.get_flow_run_ui_url() or ""}
-            parent = client().create_run(experiment, run_name=flow_run.get_name(), tags=tags).info.run_id
+            parent = client().create_run(experiment, run_name=flow_run.get_name(),
+                                         tags=redact(tags)).info.run_id
         _parents[run_id] = (experiment, parent)
     return _parents[run_id]
 
@@ -153,7 +159,8 @@ class StageRun:
         if parent:
             tags["mlflow.parentRunId"] = parent
         name = f"{stage} (cached)" if cached else stage
-        run = cls(experiment, client().create_run(experiment, run_name=name, tags=tags).info.run_id)
+        run = cls(experiment, client().create_run(experiment, run_name=name,
+                                                  tags=redact(tags)).info.run_id)
         if not cached:
             _log_params(client(), run.run_id, params(spec))
         return run
@@ -168,7 +175,9 @@ class StageRun:
                 "MLFLOW_EXPERIMENT_ID": self.experiment}
 
     def tag(self, **tags: Any) -> None:
-        client().log_batch(self.run_id, tags=[RunTag(f"lmforge.{k}", str(v)) for k, v in tags.items()])
+        # redacted before cut: a cut could leave a URL's password without the `@` that marks it
+        shown = redact({f"lmforge.{k}": str(v) for k, v in tags.items()})
+        client().log_batch(self.run_id, tags=[RunTag(k, v[:TAG_MAX]) for k, v in shown.items()])
 
     def cached(self, fingerprint: str) -> None:
         """A cache hit: link the run that built the artifact, and end at once."""
@@ -178,7 +187,7 @@ class StageRun:
         client().set_terminated(self.run_id, "FINISHED")
 
     def failed(self, error: BaseException, job_log: Path | None) -> None:
-        self.tag(error=str(error)[:5000])
+        self.tag(error=error)
         if job_log is not None and job_log.is_file():
             client().log_artifact(self.run_id, str(job_log), "job")
         killed = not isinstance(error, Exception)  # cancelled (CancelledError, KeyboardInterrupt)
@@ -195,8 +204,8 @@ class StageRun:
                    for k, v in flatten(manifest.summary).items()
                    if _number(v) and metric_name(k) not in series]
         mlflow.log_batch(self.run_id, metrics=figures[:1000])
-        mlflow.log_dict(self.run_id, spec, "spec.json")
-        mlflow.log_dict(self.run_id, manifest.model_dump(mode="json"), "manifest.json")
+        mlflow.log_dict(self.run_id, redact(spec), "spec.json")
+        mlflow.log_dict(self.run_id, redact(manifest.model_dump(mode="json")), "manifest.json")
         for path in _descriptive_files(manifest, location):
             mlflow.log_artifact(self.run_id, str(path), "artifact")
         if metrics_file and metrics_file.is_file():

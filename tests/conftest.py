@@ -18,6 +18,8 @@ START_TIMEOUT_S = 900  # a cold start installs packages (~20 s on a CI-class mac
 
 
 def shared(*parts: str) -> Path:
+    """A path in ../shared/data; the test skips if it is missing (fails under CI: see
+    pytest_runtest_makereport)."""
     path = SHARED_DATA.joinpath(*parts)
     if not path.exists():
         pytest.skip(f"test material {path} is not present")
@@ -80,6 +82,19 @@ def write_jsonl(tmp_path):
 
 def _in_ci() -> bool:
     return os.environ.get("CI", "").strip().lower() not in ("", "0", "false", "no")
+
+
+@pytest.hookimpl(wrapper=True)
+def pytest_runtest_makereport(item, call):
+    """Under CI a test skipped for want of ../shared/data fails: CI must not pass by testing
+    less. Such a skip is one whose reason names that folder — shared()'s, or a test's own."""
+    report = yield
+    if report.skipped and not hasattr(report, "wasxfail") and _in_ci():
+        reason = report.longrepr[2] if isinstance(report.longrepr, tuple) else str(report.longrepr)
+        if str(SHARED_DATA) in reason:
+            report.outcome = "failed"
+            report.longrepr = f"test material missing, and CI is set: {reason}"
+    return report
 
 
 def _unavailable(reason: str) -> None:

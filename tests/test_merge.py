@@ -7,7 +7,7 @@ import pytest
 
 from conftest import shared
 from engine.data import merge, tokenize
-from engine.data.indexed import IndexedDataset, IndexedDatasetWriter
+from engine.data.indexed import HEADER, IndexedDataset, IndexedDatasetWriter
 from engine.errors import InputError
 
 
@@ -73,3 +73,26 @@ def test_mismatched_dtypes_refused_before_writing(tmp_path, write_jsonl, llama2_
     assert not list(tmp_path.glob("o*"))
     with pytest.raises(InputError, match="no such file"):
         merge.run(merge.Spec(input=[a, str(tmp_path / "absent")], output_prefix=str(tmp_path / "o")))
+
+
+def test_corrupt_inputs_refused_before_writing(tmp_path, write_jsonl, llama2_sp):
+    """F5: a halved sequence count in a header, or one flipped bit in a dataset that has a
+    manifest, fails the merge before anything is written."""
+    a = _tokenize(tmp_path, write_jsonl, "a", [f"doc {i}" for i in range(8)], llama2_sp)
+    b = _tokenize(tmp_path, write_jsonl, "b", ["one story", "two stories"], llama2_sp)
+    idx = tmp_path / "a_text_document.idx"
+    original = idx.read_bytes()
+    magic, version, code, n_seq, n_doc = HEADER.unpack(original[:HEADER.size])
+    idx.write_bytes(HEADER.pack(magic, version, code, n_seq // 2, n_doc) + original[HEADER.size:])
+    with pytest.raises(InputError, match=r"a_text_document\.idx: header says 4 sequences, but "
+                                         r"the file holds 8"):
+        merge.run(merge.Spec(input=[b, a], output_prefix=str(tmp_path / "out" / "ab")))
+    assert not (tmp_path / "out").exists()
+
+    idx.write_bytes(original)
+    data = bytearray((tmp_path / "a_text_document.bin").read_bytes())
+    data[3] ^= 0x04
+    (tmp_path / "a_text_document.bin").write_bytes(bytes(data))
+    with pytest.raises(InputError, match=r"a_text_document\.bin: checksum mismatch"):
+        merge.run(merge.Spec(input=[b, a], output_prefix=str(tmp_path / "out" / "ab")))
+    assert not (tmp_path / "out").exists()

@@ -203,6 +203,10 @@ def test_config_errors_are_clear():
         ModelConfig(**BASE, rope_scaling={"type": "yarn", "factor": 2.0})
     with pytest.raises(ValidationError, match="rope_scaling.linear.beta_fast"):
         ModelConfig(**BASE, rope_scaling={"type": "linear", "factor": 2.0, "beta_fast": 4})
+    with pytest.raises(ValidationError, match="rms_norm_eps\n.*finite number"):
+        ModelConfig(**{**BASE, "rms_norm_eps": float("nan")})
+    with pytest.raises(ValidationError, match="rope_scaling.linear.factor\n.*finite number"):
+        ModelConfig(**BASE, rope_scaling={"type": "linear", "factor": float("inf")})
 
 
 def test_from_hf_errors_name_the_problem():
@@ -218,6 +222,10 @@ def test_from_hf_errors_name_the_problem():
         ModelConfig.from_hf({**hf, "rope_scaling": {"rope_type": "longrope", "factor": 2.0}})
     with pytest.raises(InputError, match="lacks vocab_size"):
         ModelConfig.from_hf({k: v for k, v in hf.items() if k != "vocab_size"})
+    # values are reported under config.json's names, one line for all
+    with pytest.raises(InputError, match=r"^num_hidden_layers: Input should be greater than 0; "
+                                         r"rope_theta: Input should be a finite number$"):
+        ModelConfig.from_hf({**hf, "num_hidden_layers": 0, "rope_theta": float("inf")})
 
 
 @pytest.mark.parametrize("backend,module,package", [("flash_attn", "flash_attn", "flash-attn"),

@@ -3,6 +3,7 @@ blends, the on-disk index cache, and (slow) identity with Megatron-LM's GPTDatas
 
 from __future__ import annotations
 
+import logging
 import math
 import os
 
@@ -15,6 +16,7 @@ from engine.data.samples import (BlendedSamples, GPTSamples, blend_count_bound, 
                                  build_indices, build_samples, parse_blend, parse_split,
                                  split_ranges)
 from engine.errors import InputError, SpecError
+from engine.manifest import Manifest, sha256_file, write_manifest
 
 
 def write_dataset(prefix, lengths, seed=0, vocab=30000) -> list[np.ndarray]:
@@ -336,3 +338,25 @@ def test_identical_to_megatron_gpt_dataset(tmp_path, seq_len, num_samples, doc_r
     np.testing.assert_array_equal(ours.shuffle_index, ref.shuffle_index)
     for i in range(num_samples):
         np.testing.assert_array_equal(ours[i], ref._query_document_sample_shuffle_indices(i)[0])
+
+
+def test_datasets_are_verified_once_before_any_index_is_built(tmp_path, caplog):
+    """Training opens each prefix of a blend once, checking its manifest's checksums; a corrupt
+    dataset stops it before a sample index is written."""
+    prefix = tmp_path / "ds"
+    write_dataset(prefix, random_lengths(40))
+    files = {f"ds.{ext}": sha256_file(f"{prefix}.{ext}") for ext in ("bin", "idx")}
+    write_manifest(prefix, Manifest(kind="dataset", stage="merge", spec={}, fingerprint="f",
+                                    files=files))
+    blend = ["0.5", str(prefix), "0.5", str(prefix)]
+    with caplog.at_level(logging.INFO, logger="engine.data.indexed"):
+        build_samples(blend, "1", 8, (20, 0, 0), seed=1)
+    assert caplog.text.count("checksums of") == 1
+    data = bytearray((tmp_path / "ds.bin").read_bytes())
+    data[5] ^= 0x80
+    (tmp_path / "ds.bin").write_bytes(bytes(data))
+    for old in tmp_path.glob("*.samples-*"):
+        old.unlink()
+    with pytest.raises(InputError, match=r"ds\.bin: checksum mismatch"):
+        build_samples(blend, "1", 8, (20, 0, 0), seed=2)
+    assert cache_files(tmp_path) == []

@@ -6,21 +6,27 @@ from __future__ import annotations
 import gzip
 import hashlib
 import json
+import re
 import signal
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import pytest
 import sentencepiece as spm
 from tokenizers import Tokenizer as RustTokenizer
 
 from conftest import REPO, shared
+from engine.__main__ import main
+from engine.data import train_tokenizer
 from engine.data.indexed import IndexedDataset
 from engine.data.tokenize import Spec, run
 from engine.data.tokenizer import SentencePieceTokenizer, load_tokenizer
-from engine.errors import InputError
+from engine.errors import InputError, SpecError
 from engine.manifest import read_manifest
+from tests.bad_inputs_data import ROWS
+from tests.badinput import BadInput
 
 
 def _real_paragraphs(limit_chars: int = 400_000) -> list[str]:
@@ -185,6 +191,23 @@ def test_bad_line_names_file_and_line(tmp_path, write_jsonl, llama2_sp, line, re
     assert sorted(p.name for p in tmp_path.iterdir()) == ["bad.jsonl"]  # nothing else, not even temps
 
 
+@pytest.mark.parametrize("line,reason", BAD_LINES)
+def test_train_tokenizer_names_file_and_line_as_tokenize_does(tmp_path, write_jsonl, line, reason):
+    """One parser for both stages; SentencePiece reads through C++, yet the error stays ours."""
+    src = write_jsonl("bad.jsonl", [{"text": "fine"}] * 3, raw_lines=[line, b'{"text": "after"}'])
+    with pytest.raises(InputError, match=rf"bad\.jsonl:4: {reason}"):
+        train_tokenizer.run(train_tokenizer.Spec(input=[str(src)], output=str(tmp_path / "tok")))
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["bad.jsonl"]
+
+
+def test_train_tokenizer_vocab_larger_than_the_corpus(tmp_path, write_jsonl):
+    src = write_jsonl("small.jsonl", [{"text": "hi"}, {"text": ""}])
+    message = r"vocab_size: 512 is more than the corpus \(.*small\.jsonl\) can fill; at most \d+"
+    with pytest.raises(SpecError, match=message):
+        train_tokenizer.run(train_tokenizer.Spec(input=[str(src)], output=str(tmp_path / "tok")))
+    assert not (tmp_path / "tok").exists()
+
+
 def test_skip_bad_lines_counts_them(tmp_path, write_jsonl, llama2_sp):
     src = write_jsonl("bad.jsonl", [{"text": "one"}, {"text": ""}],
                       raw_lines=[line for line, _ in BAD_LINES] + [b'{"text": "two"}'])
@@ -275,3 +298,28 @@ def test_load_tokenizer_identity(llama2_sp):
     tok = load_tokenizer(llama2_sp)
     assert tok.identity()["sha256"] == hashlib.sha256(llama2_sp.read_bytes()).hexdigest()
     assert (tok.bos_id, tok.eod_id, tok.vocab_size) == (1, 2, 32000)
+
+
+@pytest.fixture(scope="module")
+def bad_input_fixtures(tiny_dataset) -> dict:
+    root = Path(tiny_dataset).parent
+    return {"corpus": root / "corpus", "tokenizer": root / "tok" / "tokenizer.model",
+            "dataset": tiny_dataset}
+
+
+def run_bad_input(row: BadInput, tmp: Path, fixtures: dict, capsys) -> None:
+    """One row of the bad-input table, in-process: exit 2, its message on stderr, none of its
+    outputs and no temporary file left."""
+    argv = row.argv(tmp, fixtures)
+    capsys.readouterr()
+    code = main([row.stage, *argv])
+    err = capsys.readouterr().err
+    assert code == 2, err
+    assert re.search(row.message.replace("{tmp}", re.escape(str(tmp))), err), err
+    assert [o for o in row.outputs if (tmp / o).exists()] == []
+    assert list(tmp.rglob("*.tmp*")) == []
+
+
+@pytest.mark.parametrize("row", ROWS, ids=[f"{r.stage}: {r.case}" for r in ROWS])
+def test_bad_input_rows(row, tmp_path, bad_input_fixtures, capsys):
+    run_bad_input(row, tmp_path, bad_input_fixtures, capsys)

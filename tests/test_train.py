@@ -18,6 +18,7 @@ import yaml
 
 from conftest import REPO, TINY_MODEL
 from engine.errors import InputError, SpecError
+from engine.manifest import sha256_file
 from engine.model import LlamaModel, ModelConfig
 from engine.spec import load_spec
 from engine.train import checkpoint as ckpt
@@ -167,8 +168,10 @@ def test_non_finite_loss_stops_with_last_good_checkpoint(dataset, tmp_path):
     code, _, err = _engine("pretrain", spec, tmp_path)
     assert code == 2, err
     assert "non-finite in 3 consecutive steps at iteration 2" in err
-    assert ckpt.latest_iteration(save) == 1
-    assert f"Last good checkpoint: {ckpt.iter_dir(save, 1)}" in err
+    # iter_0000001's weights (after the blow-up) gave the non-finite loss: not a good checkpoint
+    assert ckpt.latest_iteration(save) is None
+    assert "Last good checkpoint: none" in err
+    assert (save / "iter_0000001.nonfinite" / "meta.json").is_file()
     assert err.count("step skipped") == 3
     assert not (save / "manifest.json").exists()
 
@@ -283,6 +286,12 @@ def test_bad_batch_and_mismatched_checkpoint(dataset, tmp_path):
     path = ckpt.iter_dir(base, 2)
     cfg = json.loads((path / "model_config.json").read_text())
     (path / "model_config.json").write_text(json.dumps({**cfg, "intermediate_size": 96}))
+    from_base = PretrainSpec.model_validate({**_spec(dataset, tmp_path / "c", load=str(base)),
+                                             "model": None})
+    with pytest.raises(InputError, match="model_config.json: .* the file is truncated or was changed"):
+        train(from_base, "pretrain")  # the edit itself is caught by the recorded sizes/checksums
+    meta = json.loads((path / "meta.json").read_text())
+    meta["files"]["model_config.json"] = sha256_file(path / "model_config.json").model_dump()
+    (path / "meta.json").write_text(json.dumps(meta))
     with pytest.raises(InputError, match="does not fit the model"):
-        train(PretrainSpec.model_validate({**_spec(dataset, tmp_path / "c", load=str(base)),
-                                           "model": None}), "pretrain")
+        train(from_base, "pretrain")

@@ -3,11 +3,11 @@ Neither is needed to compute logits, so both are copied, never interpreted."""
 
 from __future__ import annotations
 
-import json
 import shutil
 from pathlib import Path
 from typing import Any
 
+from engine.convert.hf import read_json_object
 from engine.errors import InputError
 
 # Everything `AutoTokenizer` / `GenerationConfig.from_pretrained` may read from a model folder.
@@ -43,6 +43,6 @@ def token_ids(config: dict[str, Any], folder: Path | None) -> dict[str, Any]:
     ids = {key: config[key] for key in TOKEN_ID_KEYS if config.get(key) is not None}
     generation = folder / "generation_config.json" if folder is not None else None
     if generation is not None and generation.is_file():
-        extra = json.loads(generation.read_text())
+        extra = read_json_object(generation)
         ids.update({k: extra[k] for k in TOKEN_ID_KEYS if k not in ids and extra.get(k) is not None})
     return ids

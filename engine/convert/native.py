@@ -10,23 +10,26 @@ from typing import Any
 import torch
 from pydantic import ValidationError
 
+from engine.convert.hf import read_json_object
 from engine.errors import InputError
 from engine.model.config import ModelConfig
 from engine.model.llama import LlamaModel
-from engine.train.checkpoint import (checkpoint_path, load_checkpoint, read_meta,
-                                     read_model_config, save_checkpoint)
+from engine.spec import format_validation_error
+from engine.train.checkpoint import checkpoint_path, load_checkpoint, read_meta, save_checkpoint
 
 TOKENIZER_DIR = "tokenizer"
+MODEL_CONFIG = "model_config.json"  # as the checkpoint code writes it
 
 
 def load_native(folder: Path) -> tuple[ModelConfig, LlamaModel, dict[str, Any], Path]:
     """(config, model in fp32 on the CPU, meta.json, checkpoint root) of the latest checkpoint
     under `folder`, or of `folder` itself when it is an iter_* folder."""
     path = checkpoint_path(folder)
+    file = path / MODEL_CONFIG
     try:
-        cfg = ModelConfig.model_validate(read_model_config(path))
+        cfg = ModelConfig.model_validate(read_json_object(file))
     except ValidationError as exc:
-        raise InputError(f"{path / 'model_config.json'}: not a valid model config: {exc}") from None
+        raise InputError(format_validation_error(exc, str(file))) from None
     # Built for the CPU: a flash-attn checkpoint converts on a machine without flash-attn.
     with torch.device("meta"):
         model = LlamaModel(cfg.model_copy(update={"attention_backend": "sdpa"}))

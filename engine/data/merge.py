@@ -1,6 +1,7 @@
 """merge: several Megatron indexed datasets -> one (`<output_prefix>.bin/.idx`), like Megatron-LM's
-tools/merge_datasets.py. Every check (files present, one token dtype, one tokenizer) runs before a
-byte is written; the output carries temporary names until it is complete."""
+tools/merge_datasets.py. Every check (each input's structure and, where it has a manifest, its
+checksums; one token dtype; one tokenizer) runs before a byte is written; the output carries
+temporary names until it is complete."""
 
 from __future__ import annotations
 

@@ -290,7 +290,9 @@ def build_samples(blend: Sequence[str], split: str, seq_len: int,
         wanted = dict(num_samples)
     else:
         wanted = dict(zip(SPLITS, num_samples))
-    datasets = [IndexedDataset(prefix) for _, prefix in sources]
+    # opened once per prefix: opening verifies the files, which costs a read of them
+    opened = {prefix: IndexedDataset(prefix) for prefix in dict.fromkeys(p for _, p in sources)}
+    datasets = [opened[prefix] for _, prefix in sources]
     result: dict[str, GPTSamples | BlendedSamples] = {}
     for i, name in enumerate(SPLITS):
         n = int(wanted.get(name, 0))

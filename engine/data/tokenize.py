@@ -194,16 +194,16 @@ def _spawned_worker(tokenizer_path: str, keys: list[str], add_bos: bool, append_
     _set_worker(load_tokenizer(tokenizer_path), keys, add_bos, append_eod)
 
 
-def _parse(line: bytes, keys: list[str]) -> list[str] | str:
-    """The texts of one line, or the reason it is malformed."""
+def parse_line(line: bytes, keys: list[str]) -> list[str] | str:
+    """The texts of one JSONL line, or the reason it is malformed."""
     try:
         text = line.decode("utf-8").rstrip("\r\n")
     except UnicodeDecodeError as exc:
         return f"invalid UTF-8 at byte {exc.start}"
     try:
         obj = json.loads(text)
-    except json.JSONDecodeError as exc:
-        return f"malformed JSON ({exc.msg} at column {exc.colno})"
+    except json.JSONDecodeError as exc:  # one message ends "starting at" (the column follows)
+        return f"malformed JSON ({exc.msg.removesuffix(' at')} at column {exc.colno})"
     if not isinstance(obj, dict):
         return f"expected a JSON object, got {type(obj).__name__}"
     texts = []
@@ -216,23 +216,45 @@ def _parse(line: bytes, keys: list[str]) -> list[str] | str:
     return texts
 
 
+def parse_lines(first_line: int, data: bytes, keys: list[str]
+                ) -> tuple[list[list[str]], list[tuple[int, str]]]:
+    """The texts of each line of `data` (numbered from `first_line`), and the (line number,
+    reason) of each malformed one. Blank lines (a trailing newline) are not documents."""
+    rows: list[list[str]] = []
+    bad: list[tuple[int, str]] = []
+    for n, line in enumerate(data.split(b"\n"), first_line):
+        if line.strip():
+            parsed = parse_line(line, keys)
+            if isinstance(parsed, str):
+                bad.append((n, parsed))
+            else:
+                rows.append(parsed)
+    return rows, bad
+
+
+def bad_line(path: Path, line: int, reason: str) -> str:
+    """How every stage that reads JSONL names a malformed line."""
+    return f"{path}:{line}: {reason}"
+
+
+def documents(files: list[Path], keys: list[str]) -> Iterator[list[str]]:
+    """The texts of every line of `files`, in order, for a stage that reads them in one process;
+    the first malformed line is an InputError naming file and line."""
+    for fi, first, data in _read_batches(files, 2048, 1 << 20, {}):
+        rows, bad = parse_lines(first, data, keys)
+        if bad:
+            raise InputError(bad_line(files[fi], *bad[0]))
+        yield from rows
+
+
 def _encode_batch(first_line: int, data: bytes, shared: list[Segments] = ()) -> _Batch:
     tok: Tokenizer = _worker["tok"]
     for segments in shared:
         tok.add_segments(segments)
     keys, bos, eod, dtype = _worker["keys"], _worker["bos"], _worker["eod"], _worker["dtype"]
-    out = _Batch()
-    rows: list[list[str]] = []
-    for n, line in enumerate(data.split(b"\n"), first_line):
-        if not line.strip():
-            continue  # blank lines (a trailing newline) are not documents
-        parsed = _parse(line, keys)
-        if isinstance(parsed, str):
-            out.bad.append((n, parsed))
-        elif not any(parsed):
-            out.empty += 1
-        else:
-            rows.append(parsed)
+    parsed, bad = parse_lines(first_line, data, keys)
+    rows = [r for r in parsed if any(r)]
+    out = _Batch(bad=bad, empty=len(parsed) - len(rows))
     for k, key in enumerate(keys):
         tokens, lengths = tok.encode_flat([r[k] for r in rows])
         out.tokens[key], out.lengths[key] = _with_specials(tokens, lengths[lengths > 0], bos, eod, dtype)
@@ -330,7 +352,7 @@ def run(spec: Spec) -> Manifest:
                 if stop.received is not None:
                     raise KeyboardInterrupt(stop.name)
                 for line, reason in batch.bad:
-                    where = f"{files[fi]}:{line}: {reason}"
+                    where = bad_line(files[fi], line, reason)
                     if not spec.skip_bad_lines:
                         raise InputError(where)
                     if len(skipped) < 20:

@@ -5,21 +5,28 @@ from __future__ import annotations
 
 import io
 import itertools
-import json
 from pathlib import Path
 from typing import Iterator
 
 from pydantic import Field
 
 from engine.atomic import staged_dir
-from engine.data.tokenize import resolve_inputs
-from engine.errors import InputError
+from engine.data.tokenize import documents, resolve_inputs
+from engine.errors import InputError, SpecError
 from engine.lineage import stage_fingerprint
 from engine.manifest import Manifest, sha256_file, write_manifest
 from engine.spec import StageSpec
 
 KIND = "tokenizer"
 OUTPUT = "output"  # the spec field naming the artifact this stage writes
+
+
+# Llama's: BPE with byte fallback and split digits, BOS=1, EOS=2, text kept as it is
+_OPTIONS = dict(model_type="bpe", byte_fallback=True, split_digits=True, unk_id=0, bos_id=1,
+                eos_id=2, pad_id=-1, character_coverage=1.0, shuffle_input_sentence=False,
+                max_sentence_length=1 << 16, num_threads=1, minloglevel=2,
+                normalization_rule_name="identity", remove_extra_whitespaces=False,
+                allow_whitespace_only_pieces=True)
 
 
 class Spec(StageSpec):
@@ -33,36 +40,15 @@ class Spec(StageSpec):
                                description="train on the first N documents (deterministic)")
 
 
-def _texts(files: list[Path], key: str) -> Iterator[str]:
-    for path in files:
-        with open(path, encoding="utf-8") as f:
-            for n, line in enumerate(f, 1):
-                if line.strip():
-                    try:
-                        yield json.loads(line)[key]
-                    except (ValueError, KeyError, TypeError):
-                        raise InputError(f"{path}:{n}: not a JSON object with a string {key!r}") from None
-
-
 def input_paths(spec: Spec) -> dict[str, Path]:
     return {f"input[{i}]": p for i, p in enumerate(resolve_inputs(spec.input))}
 
 
 def run(spec: Spec) -> Manifest:
-    import sentencepiece as spm
-
     files = resolve_inputs(spec.input)
-    model = io.BytesIO()
-    spm.SentencePieceTrainer.train(
-        sentence_iterator=itertools.islice(_texts(files, spec.json_key), spec.max_sentences),
-        model_writer=model,
-        vocab_size=spec.vocab_size, model_type="bpe", byte_fallback=True, split_digits=True,
-        unk_id=0, bos_id=1, eos_id=2, pad_id=-1, character_coverage=1.0,
-        shuffle_input_sentence=False, max_sentence_length=1 << 16, num_threads=1, minloglevel=2,
-        normalization_rule_name="identity", remove_extra_whitespaces=False,
-        allow_whitespace_only_pieces=True)
+    model = _train(files, spec)
     with staged_dir(spec.output) as tmp:
-        (tmp / "tokenizer.model").write_bytes(model.getvalue())
+        (tmp / "tokenizer.model").write_bytes(model)
         fp, inputs = stage_fingerprint("train-tokenizer", spec, input_paths(spec))
         manifest = Manifest(kind=KIND, stage="train-tokenizer", spec=spec.model_dump(mode="json"),
                             inputs=inputs, fingerprint=fp,
@@ -70,3 +56,39 @@ def run(spec: Spec) -> Manifest:
                             files={"tokenizer.model": sha256_file(tmp / "tokenizer.model")})
         write_manifest(tmp, manifest)
     return manifest
+
+
+def _train(files: list[Path], spec: Spec) -> bytes:
+    """The trained model. SentencePiece pulls the texts from C++, which turns an exception raised
+    while reading them into a RuntimeError: the InputError is kept aside and raised as itself."""
+    import sentencepiece as spm
+
+    errors: list[InputError] = []
+    used = 0
+
+    def texts() -> Iterator[str]:
+        nonlocal used
+        rows = (row[0] for row in documents(files, [spec.json_key]) if row[0])
+        try:
+            for used, text in enumerate(itertools.islice(rows, spec.max_sentences), 1):
+                yield text
+        except InputError as exc:
+            errors.append(exc)
+            raise
+
+    model = io.BytesIO()
+    try:
+        spm.SentencePieceTrainer.train(sentence_iterator=texts(), model_writer=model,
+                                       vocab_size=spec.vocab_size, **_OPTIONS)
+    except RuntimeError as exc:
+        if errors:
+            raise errors[0] from None
+        if used == 0:
+            raise InputError(f"{', '.join(map(str, files))}: no documents with a non-empty "
+                             f"{spec.json_key!r}") from None
+        if "Vocabulary size too high" in str(exc):  # the corpus has fewer distinct pieces
+            limit = str(exc).rpartition("<=")[2].strip(" .")
+            raise SpecError(f"vocab_size: {spec.vocab_size} is more than the corpus "
+                            f"({', '.join(map(str, files))}) can fill; at most {limit}") from None
+        raise
+    return model.getvalue()

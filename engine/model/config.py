@@ -10,15 +10,16 @@ from __future__ import annotations
 
 from typing import Annotated, Any, Literal, Union
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from engine.errors import InputError
 
 
 class _Record(BaseModel):
-    """Unknown fields are errors; a built model's config never changes under it."""
+    """Unknown fields are errors, floats are finite (JSON's Infinity / NaN included); a built
+    model's config never changes under it."""
 
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    model_config = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False)
 
 
 class NoScaling(_Record):
@@ -89,6 +90,8 @@ HF_FAMILIES = {
 }
 _FAMILY_OF_ARCH = {arch: family for family, (arch, _) in HF_FAMILIES.items()}
 _FAMILY_OF_TYPE = {mtype: family for family, (_, mtype) in HF_FAMILIES.items()}
+_HF_NAME = {"num_layers": "num_hidden_layers", "num_heads": "num_attention_heads",
+            "num_kv_heads": "num_key_value_heads", "init_std": "initializer_range"}
 _HF_REQUIRED = ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers",
                 "num_attention_heads", "max_position_embeddings", "rms_norm_eps")
 
@@ -173,7 +176,10 @@ class ModelConfig(_Record):
             tie_word_embeddings=hf.get("tie_word_embeddings", False),
             init_std=hf.get("initializer_range", 0.02),
         )
-        return cls.model_validate({**fields, **overrides})
+        try:
+            return cls.model_validate({**fields, **overrides})
+        except ValidationError as exc:
+            raise InputError("; ".join(map(_hf_problem, exc.errors()))) from None
 
     def to_hf(self) -> dict[str, Any]:
         """The `config.json` dict that transformers (4.57+ and 5.x) and vLLM load as this model."""
@@ -204,6 +210,13 @@ class ModelConfig(_Record):
         else:
             out.update(use_sliding_window=False)
         return out
+
+
+def _hf_problem(error: dict[str, Any]) -> str:
+    """A validation error of a config read from HF, under config.json's names."""
+    loc = [_HF_NAME.get(str(part), str(part)) for part in error["loc"]]
+    msg = error["msg"].removeprefix("Value error, ")
+    return f"{'.'.join(loc)}: {msg}" if loc else msg
 
 
 def _hf_family(hf: dict[str, Any]) -> str:

@@ -77,15 +77,21 @@ def load_hf_state_dict(model: LlamaModel, hf_state: dict[str, torch.Tensor]) -> 
         except KeyError:
             unknown.append(hf_name)
     expected = model.state_dict()
-    missing = sorted(set(expected) - set(state))
+    missing = sorted(to_hf_name(name) for name in set(expected) - set(state))
     unknown += sorted(to_hf_name(name) for name in set(state) - set(expected))
-    if unknown or missing:
-        raise InputError("HF state dict does not fit the model config: "
-                         f"unexpected {unknown or 'none'}; missing "
-                         f"{[to_hf_name(name) for name in missing] or 'none'}")
+    problems = [f"{kind} tensors {_some(names)}"
+                for kind, names in (("missing", missing), ("unexpected", unknown)) if names]
+    if problems:
+        raise InputError(f"does not fit the model config: {'; '.join(problems)}")
     wrong = [f"{to_hf_name(n)} {tuple(t.shape)} (expected {tuple(expected[n].shape)})"
              for n, t in state.items() if t.shape != expected[n].shape]
     if wrong:
         raise InputError(f"HF tensors of the wrong shape: {'; '.join(wrong)}")
     on_meta = any(p.is_meta for p in model.parameters())
     model.load_state_dict(state, strict=True, assign=on_meta)
+
+
+def _some(names: list[str], shown: int = 5) -> str:
+    """The first names of a list that may be as long as a model's (a config of another model)."""
+    more = f" and {len(names) - shown} more" if len(names) > shown else ""
+    return ", ".join(names[:shown]) + more

@@ -3,26 +3,33 @@ torch.distributed.checkpoint, so any data/tensor/pipeline layout can load any ot
 
     <dir>/latest_checkpointed_iteration.txt
     <dir>/iter_0000100/  .metadata, __*.distcp   model (+ optimizer) state, sharded per rank
-                         model_config.json       the architecture, for loaders that build the model
-                         meta.json               iteration, consumed samples, spec, world size
                          rng/rank_00000.pt        each rank's RNG state (restored when ranks match)
+                         model_config.json       the architecture, for loaders that build the model
+                         meta.json               iteration, consumed samples, spec, world size and
+                                                 every other file's size and sha256; written last
 
-A checkpoint is written into `iter_N.tmp` by every rank, then renamed by rank 0 after a barrier,
-and only then named in latest_checkpointed_iteration.txt: a crash at any point leaves the previous
-checkpoint as the latest complete one.
+The save protocol: every rank writes into `iter_N.tmp` and hashes the files it wrote; rank 0
+writes meta.json last, renames the folder to `iter_N`, and only then names it in
+latest_checkpointed_iteration.txt. A checkpoint is complete when its meta.json is there and every
+file it lists has its recorded size; loading also checks the sha256s. A complete checkpoint is
+never removed to make room for its replacement: saving an iteration that already has one keeps
+it (exact resume makes both the same state). Old checkpoints are renamed `iter_N.removing` before
+they are deleted, so a kill midway never leaves a folder that looks complete. Whatever a killed
+save or prune left is swept at the next save. A reader whose latest file names a checkpoint that
+is not complete falls back to the newest complete one before it.
 """
 
 from __future__ import annotations
 
 import json
 import logging
-import random
+import os
+import re
 import shutil
 import warnings
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
@@ -31,11 +38,15 @@ from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model
                                                      get_optimizer_state_dict, set_model_state_dict,
                                                      set_optimizer_state_dict)
 
-from engine.atomic import atomic_write_text
+from engine.atomic import atomic_write_text, fsync_dir, out_of_space
 from engine.errors import InputError
-from engine.train.latest import LATEST, latest_iteration  # noqa: F401  (re-exported)
+from engine.manifest import FileEntry, check_files, sha256_file
+from engine.train.latest import LATEST, latest_iteration
+from engine.train.safe_load import SafePlanner, SafeReader, rng_state, set_rng_state
 
 log = logging.getLogger(__name__)
+_NAME = re.compile(r"iter_(\d{7,})")
+_LATER = ("meta.json", "model_config.json")  # written by rank 0 after the shards are hashed
 
 
 def iter_dir(root: str | Path, iteration: int) -> Path:
@@ -55,25 +66,77 @@ def _barrier() -> None:
         dist.barrier()
 
 
+def _all_gather(obj: Any) -> list[Any]:
+    if not dist.is_initialized():
+        return [obj]
+    out: list[Any] = [None] * dist.get_world_size()
+    dist.all_gather_object(out, obj)
+    return out
+
+
+def read_meta(path: str | Path) -> dict[str, Any]:
+    file = Path(path) / "meta.json"
+    try:
+        return json.loads(file.read_text())
+    except FileNotFoundError:
+        raise InputError(f"{file}: missing: not a complete checkpoint") from None
+    except (ValueError, UnicodeDecodeError) as exc:
+        raise InputError(f"{file}: not valid JSON: {exc}") from None
+
+
+def _files(path: Path, meta: dict[str, Any]) -> dict[str, FileEntry]:
+    if "files" not in meta:
+        raise InputError(f"{path / 'meta.json'}: lists no file checksums (written by an older "
+                         f"lmforge): not a complete checkpoint")
+    return {name: FileEntry.model_validate(entry) for name, entry in meta["files"].items()}
+
+
+def check_complete(path: str | Path) -> dict[str, Any]:
+    """meta.json of a complete checkpoint folder, or an InputError saying what is missing."""
+    path = Path(path)
+    meta = read_meta(path)
+    check_files(path, _files(path, meta), checksums=False)
+    return meta
+
+
+def is_complete(path: str | Path) -> bool:
+    try:
+        check_complete(path)
+    except InputError:
+        return False
+    return True
+
+
+def complete_iterations(root: str | Path) -> list[int]:
+    root = Path(root)
+    found = (_NAME.fullmatch(p.name) for p in root.iterdir()) if root.is_dir() else ()
+    return sorted(int(m.group(1)) for m in found if m and is_complete(root / m.group(0)))
+
+
 def checkpoint_path(root: str | Path, iteration: int | None = None) -> Path:
     """The folder of a complete checkpoint: `root` itself if it is an iter_* folder, else the
     requested or latest iteration under `root`; a clear error otherwise."""
     root = Path(root)
     if (root / "meta.json").is_file():
+        check_complete(root)
         return root
     if not root.is_dir():
         raise InputError(f"{root}: no such checkpoint folder")
-    iteration = latest_iteration(root) if iteration is None else iteration
-    if iteration is None:
+    named = latest_iteration(root) if iteration is None else iteration
+    if named is None:
         raise InputError(f"{root}: not a checkpoint (no {LATEST} and no meta.json)")
-    path = iter_dir(root, iteration)
-    if not (path / "meta.json").is_file():
-        raise InputError(f"{path}: checkpoint named in {LATEST} is missing or incomplete")
-    return path
-
-
-def read_meta(path: str | Path) -> dict[str, Any]:
-    return json.loads((Path(path) / "meta.json").read_text())
+    path = iter_dir(root, named)
+    try:
+        check_complete(path)
+        return path
+    except InputError as exc:
+        older = [i for i in complete_iterations(root) if i < named]
+        if iteration is not None or not older:
+            raise InputError(f"{path}: the checkpoint named in {root / LATEST} is not complete "
+                             f"({exc}) and no older complete checkpoint is there") from None
+        log.warning("%s is not complete (%s); using %s, the newest complete one before it",
+                    path, exc, iter_dir(root, older[-1]))
+        return iter_dir(root, older[-1])
 
 
 def read_model_config(path: str | Path) -> dict[str, Any]:
@@ -83,70 +146,163 @@ def read_model_config(path: str | Path) -> dict[str, Any]:
     return json.loads(file.read_text())
 
 
-def _rng_state() -> dict[str, Any]:
-    state = {"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "python": random.getstate()}
-    if torch.cuda.is_available():
-        state["cuda"] = torch.cuda.get_rng_state()
-    return state
-
-
-def _set_rng_state(state: dict[str, Any]) -> None:
-    torch.set_rng_state(state["torch"])
-    np.random.set_state(state["numpy"])
-    random.setstate(state["python"])
-    if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state(state["cuda"])
-
-
 def save_checkpoint(root: str | Path, iteration: int, model: torch.nn.Module,
                     optimizer: torch.optim.Optimizer | None, meta: dict[str, Any],
                     model_config: dict[str, Any], keep_last: int | None = None) -> Path:
     root = Path(root)
     final = iter_dir(root, iteration)
+    if is_complete(final):
+        if _rank() == 0:
+            _point_latest(root, iteration)
+            log.info("checkpoint %s is already complete: kept", final)
+        _barrier()
+        return final
     tmp = final.with_name(final.name + ".tmp")
     if _rank() == 0:
         root.mkdir(parents=True, exist_ok=True)
-        shutil.rmtree(tmp, ignore_errors=True)  # leftovers of a crashed save
+        _sweep(root)
         (tmp / "rng").mkdir(parents=True)
     _barrier()
+    try:
+        files = _write_shards(tmp, model, optimizer)
+        if _rank() == 0:
+            _commit(root, tmp, final, files, {**meta, "iteration": iteration, "world_size": _world(),
+                                              "has_optimizer": optimizer is not None}, model_config)
+            if keep_last:
+                _prune(root, keep_last)
+            log.info("saved checkpoint %s", final)
+    except BaseException as exc:
+        full = out_of_space(exc, root) if isinstance(exc, Exception) else None
+        if _rank() == 0:
+            shutil.rmtree(tmp, ignore_errors=True)
+        if full:
+            raise full from exc
+        raise
+    _barrier()
+    return final
+
+
+def _write_shards(tmp: Path, model, optimizer) -> dict[str, FileEntry]:
+    """Every rank writes its shards and RNG state and hashes them; rank 0 gets all hashes."""
     state: dict[str, Any] = {"model": get_model_state_dict(model)}
     if optimizer is not None:
         state["optim"] = get_optimizer_state_dict(model, optimizer)
     with warnings.catch_warnings():  # single-process saves are intended, not a mistake
         warnings.filterwarnings("ignore", message="torch.distributed is disabled")
         dcp.save(state, checkpoint_id=str(tmp))
-    torch.save(_rng_state(), tmp / "rng" / f"rank_{_rank():05d}.pt")
-    _barrier()
+    torch.save(rng_state(), tmp / "rng" / f"rank_{_rank():05d}.pt")
+    mine = {str(p.relative_to(tmp)): sha256_file(p) for p in sorted(tmp.rglob("*"))
+            if p.is_file() and _written_by(p.name, _rank())}
+    _barrier()  # every rank's files are on disk before rank 0 hashes the rest
+    files = {name: entry for part in _all_gather(mine) for name, entry in part.items()}
     if _rank() == 0:
-        atomic_write_text(tmp / "model_config.json", json.dumps(model_config, indent=2))
-        atomic_write_text(tmp / "meta.json", json.dumps(
-            {**meta, "iteration": iteration, "world_size": _world(),
-             "has_optimizer": optimizer is not None}, indent=2, default=str))
-        if final.exists():
-            shutil.rmtree(final)
-        tmp.rename(final)
-        atomic_write_text(root / LATEST, f"{iteration}\n")
-        if keep_last:
-            _prune(root, keep_last)
-        log.info("saved checkpoint %s", final)
-    _barrier()
-    return final
+        for p in sorted(tmp.rglob("*")):
+            name = str(p.relative_to(tmp))
+            if p.is_file() and name not in files:
+                files[name] = sha256_file(p)
+    return files
+
+
+def _written_by(name: str, rank: int) -> bool:
+    return name.startswith(f"__{rank}_") or name == f"rank_{rank:05d}.pt"
+
+
+def _commit(root: Path, tmp: Path, final: Path, files: dict[str, FileEntry],
+            meta: dict[str, Any], model_config: dict[str, Any]) -> None:
+    atomic_write_text(tmp / "model_config.json", json.dumps(model_config, indent=2))
+    files["model_config.json"] = sha256_file(tmp / "model_config.json")
+    atomic_write_text(tmp / "meta.json", json.dumps(
+        {**meta, "files": {k: v.model_dump() for k, v in sorted(files.items())}},
+        indent=2, default=str))
+    if final.exists():  # not complete (it was checked): a leftover of damage from before
+        _remove(final)
+    os.replace(tmp, final)
+    fsync_dir(root)
+    _point_latest(root, int(meta["iteration"]))
+
+
+def _point_latest(root: Path, iteration: int) -> None:
+    atomic_write_text(root / LATEST, f"{iteration}\n")
+    fsync_dir(root)
+
+
+def _rename_aside(path: Path, suffix: str) -> Path:
+    aside = path.with_name(path.name + suffix)
+    shutil.rmtree(aside, ignore_errors=True)
+    os.replace(path, aside)
+    return aside
+
+
+def _remove(path: Path) -> None:
+    """Rename first: a folder half deleted never keeps the name of a checkpoint."""
+    shutil.rmtree(_rename_aside(path, ".removing"))
+
+
+def _partial(path: Path) -> bool:
+    """Left by a killed save or prune: no meta.json, or files it lists are missing. A folder of
+    an older format (meta.json without checksums) is not touched."""
+    try:
+        meta = read_meta(path)
+        if "files" in meta:
+            check_files(path, _files(path, meta), checksums=False)
+    except InputError:
+        return True
+    return False
+
+
+def _sweep(root: Path) -> None:
+    for path in root.glob("iter_*"):
+        leftover = path.name.endswith((".tmp", ".removing"))
+        if leftover or (_NAME.fullmatch(path.name) and path.is_dir() and _partial(path)):
+            log.warning("removing %s, left by an interrupted save", path)
+            shutil.rmtree(path, ignore_errors=True)
 
 
 def _prune(root: Path, keep_last: int) -> None:
-    done = sorted(p for p in root.glob("iter_*") if p.is_dir() and (p / "meta.json").is_file()
-                  and not p.name.endswith(".tmp"))
-    for old in done[:-keep_last]:
-        shutil.rmtree(old, ignore_errors=True)
+    for iteration in complete_iterations(root)[:-keep_last]:
+        _remove(iter_dir(root, iteration))
+
+
+def set_aside_from(root: str | Path, iteration: int) -> Path | None:
+    """After training diverged at `iteration`: checkpoints from it on hold weights whose loss was
+    not finite. Rename them `iter_N.nonfinite` (kept for inspection, never loaded), point the
+    latest file at the newest remaining one and return it (None: none is left)."""
+    root = Path(root)
+    for it in complete_iterations(root):
+        if it >= iteration:
+            aside = _rename_aside(iter_dir(root, it), ".nonfinite")
+            log.warning("moved %s aside as %s: its weights give a non-finite loss",
+                        iter_dir(root, it), aside.name)
+    remaining = complete_iterations(root)
+    if not remaining:
+        (root / LATEST).unlink(missing_ok=True)
+        return None
+    _point_latest(root, remaining[-1])
+    return iter_dir(root, remaining[-1])
+
+
+def _verify(path: Path, meta: dict[str, Any]) -> None:
+    """Every file's sha256, the files spread over the ranks; all ranks raise the same error."""
+    files = sorted(_files(path, meta).items())
+    try:
+        check_files(path, dict(files[_rank()::_world()]))
+        error = None
+    except InputError as exc:
+        error = str(exc)
+    errors = [e for e in _all_gather(error) if e]
+    if errors:
+        raise InputError(errors[0])
 
 
 def load_checkpoint(path: str | Path, model: torch.nn.Module,
                     optimizer: torch.optim.Optimizer | None = None,
                     restore_rng: bool = True) -> dict[str, Any]:
-    """Load a checkpoint folder (see checkpoint_path) into `model` (and `optimizer`); returns meta.
-    RNG states are restored only when the world size is unchanged."""
+    """Load a checkpoint folder (see checkpoint_path) into `model` (and `optimizer`) after
+    checking every file's checksum; returns meta. RNG states are restored only when the world
+    size is unchanged."""
     path = Path(path)
-    meta = read_meta(path)
+    meta = check_complete(path)
+    _verify(path, meta)
     state: dict[str, Any] = {"model": get_model_state_dict(model)}
     if optimizer is not None:
         if not meta.get("has_optimizer"):
@@ -155,7 +311,9 @@ def load_checkpoint(path: str | Path, model: torch.nn.Module,
     try:
         with warnings.catch_warnings():
             warnings.filterwarnings("ignore", message="torch.distributed is disabled")
-            dcp.load(state, checkpoint_id=str(path))
+            dcp.load(state, storage_reader=SafeReader(str(path)), planner=SafePlanner())
+    except InputError:
+        raise
     except (Exception, CheckpointException) as exc:  # CheckpointException is a BaseException
         reason = [line for line in str(exc).splitlines() if line.strip()][-1]
         raise InputError(f"{path}: checkpoint does not fit the model: {reason}") from None
@@ -164,5 +322,5 @@ def load_checkpoint(path: str | Path, model: torch.nn.Module,
         set_optimizer_state_dict(model, optimizer, state["optim"])
     rng_file = path / "rng" / f"rank_{_rank():05d}.pt"
     if restore_rng and meta.get("world_size") == _world() and rng_file.is_file():
-        _set_rng_state(torch.load(rng_file, weights_only=False))
+        set_rng_state(torch.load(rng_file, weights_only=True))
     return meta

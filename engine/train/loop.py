@@ -7,7 +7,16 @@ step. The data position is a function of the iteration, which makes resume exact
 optimizer, iteration and RNG come back from the checkpoint and nothing else is needed.
 
 One small all-reduce and host read per step carries two flags to every rank at once: "the
-gradient is not finite" (skip the step) and "a stop signal arrived" (save and exit).
+step is not finite" (skip it) and "a stop signal arrived" (save and exit). Stop signals are held
+from start-up to the end of the final save: one during start-up stops before the first step, one
+during a save lets it finish.
+
+Non-finite steps, one policy for every precision: a step whose loss is not finite, or whose
+gradient is not finite, is skipped; under fp16 loss scaling an overflowing gradient is the
+scaler's business (it lowers the scale) until the scale is down to 1. More than `max_nan_skips`
+skips in a row stop the run. Weights are checked finite before every save, and when the run
+stops, the checkpoints whose weights gave the non-finite loss are set aside, so the last good
+checkpoint — the one resume and finetune start from — has finite weights that give a finite loss.
 
 Numerics (`precision`): bf16 and fp16 autocast over fp32 weights and optimizer state (fp16 with
 loss scaling); bf16-master (the default under DDP) keeps the model's weights in bf16 and their
@@ -32,7 +41,7 @@ import torch.nn.functional as F
 from engine.data.samples import build_samples, parse_blend
 from engine.errors import InputError, LmforgeError, Preempted
 from engine.lineage import artifact_manifest, stage_fingerprint
-from engine.manifest import Manifest, sha256_file, write_manifest
+from engine.manifest import Manifest, complete, sha256_file, write_manifest
 from engine.metrics import MetricsSink
 from engine.model.config import ModelConfig
 from engine.model.llama import LlamaModel
@@ -75,6 +84,9 @@ def _resolve_model_config(spec: TrainSpec, start: Path | None) -> ModelConfig:
     if spec.model is not None and spec.model != stored:
         raise InputError(f"{start}: checkpoint architecture differs from the spec's model: "
                          f"{stored.model_dump()} vs {spec.model.model_dump()}")
+    if spec.data.seq_length > stored.max_position_embeddings:
+        raise InputError(f"data.seq_length {spec.data.seq_length} is above the checkpoint's "
+                         f"max_position_embeddings {stored.max_position_embeddings} ({start})")
     return stored
 
 
@@ -167,14 +179,33 @@ def evaluate(model, batches: Batches, iters: int, autocast: torch.dtype | None,
 
 def train(spec: TrainSpec, stage: str) -> Manifest | None:
     """Run training; rank 0 returns the manifest, other ranks None."""
-    env = distributed.setup(spec.device)
-    try:
-        return _train(spec, stage, env)
-    finally:
-        distributed.teardown()
+    with StopSignals(signal.SIGTERM, signal.SIGUSR2,
+                     note="will save a checkpoint after this step and stop") as stop:
+        env = distributed.setup(spec.device)
+        try:
+            done = _finished(spec, stage)
+            if done is not None:
+                return done if env.is_main else None
+            return _train(spec, stage, env, stop)
+        finally:
+            distributed.teardown()
 
 
-def _train(spec: TrainSpec, stage: str, env: distributed.Env) -> Manifest:
+def _finished(spec: TrainSpec, stage: str) -> Manifest | None:
+    """The manifest of this very run if it already finished (a requeued or repeated command):
+    nothing is trained or saved again."""
+    save_dir = Path(spec.checkpoint.save)
+    manifest = complete(save_dir)
+    if manifest is None or ckpt.latest_iteration(save_dir) != spec.iters:
+        return None
+    if manifest.fingerprint != stage_fingerprint(stage, spec, input_paths(spec))[0]:
+        return None
+    log.info("%s already finished: %s holds its %d iterations; nothing to do", stage, save_dir,
+             spec.iters)
+    return manifest
+
+
+def _train(spec: TrainSpec, stage: str, env: distributed.Env, stop: StopSignals) -> Manifest:
     G, m, W = spec.global_batch_size, spec.micro_batch_size, env.world_size
     if G % (m * W):
         raise InputError(f"global_batch_size {G} is not a multiple of micro_batch_size {m} × "
@@ -243,12 +274,18 @@ def _train(spec: TrainSpec, stage: str, env: distributed.Env) -> Manifest:
     def save(it: int) -> Path:
         extra = {"grad_scaler": scaler.state_dict()} if scaler else {}
         with _fp32_weights(optimizer):
+            if not _weights_finite(model):
+                raise _diverged(save_dir, it, f"weights not finite after iteration {it}",
+                                env.is_main)
             return ckpt.save_checkpoint(save_dir, it, model, optimizer,
                                         {**meta_common, "consumed_samples": it * G, **extra},
                                         cfg.model_dump(mode="json"), spec.checkpoint.keep_last)
 
     log.info("training %s: %d iterations of %d samples × %d tokens on %d rank(s), %s, %s",
              stage, spec.iters, G, spec.data.seq_length, W, env.device, spec.precision)
+    if _agree(stop.received is not None, env.device):
+        raise Preempted(f"{stop.name or 'a stop signal'} received during start-up, before "
+                        f"iteration {iteration + 1}; nothing new to save")
     nan_skips = 0
     last: dict[str, float] = {}
     window_loss = torch.zeros((), dtype=torch.float64, device=env.device)
@@ -260,110 +297,133 @@ def _train(spec: TrainSpec, stage: str, env: distributed.Env) -> Manifest:
         vloss, _ = evaluate(model, valid_batches, spec.eval.iters, autocast, spec.fused_loss)
         sink.log_metrics({"valid_loss": vloss, "valid_ppl": math.exp(min(vloss, 50))}, 0)
         log.info("iter 0 | valid loss %.4f", vloss)
-    with StopSignals(signal.SIGTERM, signal.SIGUSR2,
-                     note="will save a checkpoint after this step and stop") as stop:
-        while iteration < spec.iters:
-            lr = spec.optim.at(iteration, spec.iters)
-            for group in optimizer.param_groups:
-                group["lr"] = lr
-            micro = list(train_batches.iteration(iteration))
-            count = torch.stack([mask.sum() for _, _, mask in micro]).sum().double()
-            distributed.all_reduce_sum(count)
-            step_loss = torch.zeros((), dtype=torch.float64, device=env.device)
-            # MasterAdamW sums several micro-batches in fp32 and reduces the sums once, after them;
-            # a single micro-batch is reduced by the wrapper, overlapped with the backward
-            summing = master and len(micro) > 1
-            for a, (inputs, targets, mask) in enumerate(micro):
-                set_gradient_sync(model, a == len(micro) - 1 and not summing)
-                loss_sum = _loss_sum(model, inputs, targets, mask, autocast, spec.fused_loss)
-                loss = loss_sum * W / count  # DP averages gradients over W ranks
-                (scaler.scale(loss) if scaler else loss).backward()
-                step_loss += loss_sum.detach().double()
-                if summing:
-                    optimizer.accumulate_grads()
+    while iteration < spec.iters:
+        lr = spec.optim.at(iteration, spec.iters)
+        for group in optimizer.param_groups:
+            group["lr"] = lr
+        micro = list(train_batches.iteration(iteration))
+        count = torch.stack([mask.sum() for _, _, mask in micro]).sum().double()
+        distributed.all_reduce_sum(count)
+        step_loss = torch.zeros((), dtype=torch.float64, device=env.device)
+        # MasterAdamW sums several micro-batches in fp32 and reduces the sums once, after them;
+        # a single micro-batch is reduced by the wrapper, overlapped with the backward
+        summing = master and len(micro) > 1
+        for a, (inputs, targets, mask) in enumerate(micro):
+            set_gradient_sync(model, a == len(micro) - 1 and not summing)
+            loss_sum = _loss_sum(model, inputs, targets, mask, autocast, spec.fused_loss)
+            loss = loss_sum * W / count  # DP averages gradients over W ranks
+            (scaler.scale(loss) if scaler else loss).backward()
+            step_loss += loss_sum.detach().double()
             if summing:
-                optimizer.all_reduce_grads()
-            if scaler:
-                scaler.unscale_(optimizer)
-            if master:  # clipping's coefficient is applied inside the fp32 update
-                grad_norm = total_norm(optimizer.grads())
-                clip_scale = ((spec.optim.clip_grad / (grad_norm + 1e-6)).clamp(max=1.0)
-                              if spec.optim.clip_grad else None)
-            else:
-                grad_norm = torch.nn.utils.clip_grad_norm_(
-                    model.parameters(), spec.optim.clip_grad or float("inf"), foreach=True)
-                grad_norm = grad_norm.full_tensor() if hasattr(grad_norm, "full_tensor") else grad_norm
-            distributed.all_reduce_sum(step_loss)
-            bad = ~(torch.isfinite(step_loss) & torch.isfinite(grad_norm))
-            flags = torch.stack([bad.float() if not scaler else torch.zeros((), device=env.device),
-                                 torch.tensor(float(stop.received is not None), device=env.device)])
-            distributed.all_reduce_sum(flags)
-            nonfinite, stopping = (bool(v) for v in flags.tolist())
-            if nonfinite:
-                nan_skips += 1
-                optimizer.zero_grad(set_to_none=True)
-                log.warning("iteration %d: non-finite loss or gradient, step skipped (%d/%d)",
-                            iteration + 1, nan_skips, spec.max_nan_skips)
-                if nan_skips > spec.max_nan_skips:
-                    latest = ckpt.latest_iteration(save_dir)
-                    raise NonFiniteLoss(
-                        f"loss or gradient non-finite in {nan_skips} consecutive steps at "
-                        f"iteration {iteration + 1}; stopping. Last good checkpoint: "
-                        f"{ckpt.iter_dir(save_dir, latest) if latest is not None else 'none'}")
-                continue
-            nan_skips = 0
-            if scaler:
-                scaler.step(optimizer)
-                scaler.update()
-            elif master:
-                optimizer.step(grad_scale=clip_scale)
-            else:
-                optimizer.step()
+                optimizer.accumulate_grads()
+        if summing:
+            optimizer.all_reduce_grads()
+        if scaler:
+            scaler.unscale_(optimizer)
+        if master:  # clipping's coefficient is applied inside the fp32 update
+            grad_norm = total_norm(optimizer.grads())
+            clip_scale = ((spec.optim.clip_grad / (grad_norm + 1e-6)).clamp(max=1.0)
+                          if spec.optim.clip_grad else None)
+        else:
+            grad_norm = torch.nn.utils.clip_grad_norm_(
+                model.parameters(), spec.optim.clip_grad or float("inf"), foreach=True)
+            grad_norm = grad_norm.full_tensor() if hasattr(grad_norm, "full_tensor") else grad_norm
+        distributed.all_reduce_sum(step_loss)
+        grad_bad = ~torch.isfinite(grad_norm)
+        if scaler:  # an overflow is the scaler's to handle while lowering the scale can help
+            grad_bad &= scaler.get_scale() <= 1.0
+        bad = ~torch.isfinite(step_loss) | grad_bad
+        flags = torch.stack([bad.float(),
+                             torch.tensor(float(stop.received is not None), device=env.device)])
+        distributed.all_reduce_sum(flags)
+        nonfinite, stopping = (bool(v) for v in flags.tolist())
+        if nonfinite:
+            nan_skips += 1
             optimizer.zero_grad(set_to_none=True)
-            iteration += 1
-            window_loss += step_loss / count
-            window_steps += 1
+            if scaler:
+                scaler.update()  # the inf check recorded by unscale_ lowers the scale
+            log.warning("iteration %d: non-finite loss or gradient, step skipped (%d/%d)",
+                        iteration + 1, nan_skips, spec.max_nan_skips)
+            if nan_skips > spec.max_nan_skips:
+                raise _diverged(save_dir, iteration, f"loss or gradient non-finite in {nan_skips} "
+                                f"consecutive steps at iteration {iteration + 1}", env.is_main)
+            continue
+        nan_skips = 0
+        if scaler:
+            scaler.step(optimizer)
+            scaler.update()
+        elif master:
+            optimizer.step(grad_scale=clip_scale)
+        else:
+            optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        iteration += 1
+        window_loss += step_loss / count
+        window_steps += 1
 
-            if iteration % spec.log_interval == 0 or iteration == spec.iters:
-                if env.device.type == "cuda":
-                    torch.cuda.synchronize(env.device)
-                elapsed = time.perf_counter() - window_start
-                tps = window_steps * tokens_per_iter / elapsed
-                last = {"loss": window_loss.item() / window_steps, "lr": lr,
-                        "grad_norm": float(grad_norm), "tokens_per_s": tps,
-                        "tflops_per_gpu": tps * flops_tok / W / 1e12}
-                if peak:
-                    last["mfu"] = tps * flops_tok / W / peak
-                if env.device.type == "cuda":
-                    last["peak_memory_gib"] = torch.cuda.max_memory_allocated(env.device) / 2**30
-                sink.log_metrics(last, iteration)
-                log.info("iter %d/%d | %s", iteration, spec.iters,
-                         " | ".join(f"{k} {v:.4g}" for k, v in last.items()))
-                window_loss.zero_()
-                window_steps, window_start = 0, time.perf_counter()
-            paused = time.perf_counter()  # evaluation and saving do not count against throughput
-            if valid_batches and spec.eval.interval and (iteration % spec.eval.interval == 0
-                                                         or iteration == spec.iters):
-                vloss, _ = evaluate(model, valid_batches, spec.eval.iters, autocast, spec.fused_loss)
-                last.update(valid_loss=vloss, valid_ppl=math.exp(min(vloss, 50)))
-                sink.log_metrics({"valid_loss": vloss, "valid_ppl": last["valid_ppl"]}, iteration)
-                log.info("iter %d | valid loss %.4f | valid ppl %.3f", iteration, vloss, last["valid_ppl"])
-            interval = spec.checkpoint.interval
-            if stopping:
-                save(iteration)
-                raise Preempted(f"signal received at iteration {iteration}; checkpoint saved")
-            if interval and iteration % interval == 0 and iteration != spec.iters:
-                save(iteration)
-            window_start += time.perf_counter() - paused
+        if iteration % spec.log_interval == 0 or iteration == spec.iters:
+            if env.device.type == "cuda":
+                torch.cuda.synchronize(env.device)
+            elapsed = time.perf_counter() - window_start
+            tps = window_steps * tokens_per_iter / elapsed
+            last = {"loss": window_loss.item() / window_steps, "lr": lr,
+                    "grad_norm": float(grad_norm), "tokens_per_s": tps,
+                    "tflops_per_gpu": tps * flops_tok / W / 1e12}
+            if peak:
+                last["mfu"] = tps * flops_tok / W / peak
+            if env.device.type == "cuda":
+                last["peak_memory_gib"] = torch.cuda.max_memory_allocated(env.device) / 2**30
+            sink.log_metrics(last, iteration)
+            log.info("iter %d/%d | %s", iteration, spec.iters,
+                     " | ".join(f"{k} {v:.4g}" for k, v in last.items()))
+            window_loss.zero_()
+            window_steps, window_start = 0, time.perf_counter()
+        paused = time.perf_counter()  # evaluation and saving do not count against throughput
+        if valid_batches and spec.eval.interval and (iteration % spec.eval.interval == 0
+                                                     or iteration == spec.iters):
+            vloss, _ = evaluate(model, valid_batches, spec.eval.iters, autocast, spec.fused_loss)
+            last.update(valid_loss=vloss, valid_ppl=math.exp(min(vloss, 50)))
+            sink.log_metrics({"valid_loss": vloss, "valid_ppl": last["valid_ppl"]}, iteration)
+            log.info("iter %d | valid loss %.4f | valid ppl %.3f", iteration, vloss, last["valid_ppl"])
+        interval = spec.checkpoint.interval
+        if stopping:
+            save(iteration)
+            raise Preempted(f"signal received at iteration {iteration}; checkpoint saved")
+        if interval and iteration % interval == 0 and iteration != spec.iters:
+            save(iteration)
+        window_start += time.perf_counter() - paused
     final = save(iteration)
     return _manifest(spec, stage, final, last, iteration, n_params, start) if env.is_main else None
+
+
+def _agree(flag: bool, device: torch.device) -> bool:
+    """True on every rank when it is true on any."""
+    value = torch.tensor(float(flag), device=device)
+    distributed.all_reduce_sum(value)
+    return bool(value.item())
+
+
+def _weights_finite(model: torch.nn.Module) -> bool:
+    local = [p.to_local() if hasattr(p, "to_local") else p for p in model.parameters()]
+    finite = torch.stack([torch.isfinite(t).all() for t in local]).all()
+    return not _agree(not bool(finite), finite.device)
+
+
+def _diverged(save_dir: Path, iteration: int, what: str, is_main: bool) -> NonFiniteLoss:
+    """Set aside the checkpoints whose weights are the diverged ones (iteration and later) and
+    name the last good one."""
+    good = ckpt.set_aside_from(save_dir, iteration) if is_main else None
+    distributed.barrier()
+    return NonFiniteLoss(f"{what}; stopping. Last good checkpoint: "
+                         f"{good or 'none (the run has no checkpoint with finite weights and loss)'}")
 
 
 def _manifest(spec: TrainSpec, stage: str, final: Path, last: dict, iteration: int,
               n_params: int, start: Path | None) -> Manifest:
     fp, inputs = stage_fingerprint(stage, spec, input_paths(spec))
-    files = {str(p.relative_to(final.parent)): sha256_file(p)
-             for p in sorted(final.rglob("*")) if p.is_file()}
+    meta = ckpt.check_complete(final)
+    files = {f"{final.name}/{name}": entry for name, entry in meta["files"].items()}
+    files[f"{final.name}/meta.json"] = sha256_file(final / "meta.json")
     summary = {"iterations": iteration, "latest": final.name,
                "tokens": iteration * spec.global_batch_size * spec.data.seq_length,
                "parameters": n_params, **{k: round(v, 6) for k, v in last.items()}}

@@ -13,7 +13,7 @@ ScheduleName = Literal["constant", "linear", "cosine", "wsd"]
 
 
 class LRSchedule(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)  # `lr: .inf` is no schedule
     lr: float = Field(3e-4, gt=0, description="peak learning rate")
     min_lr: float = Field(0.0, ge=0, description="floor reached at the end of decay")
     schedule: ScheduleName = "cosine"

@@ -17,7 +17,7 @@ _NOT_OUTPUT = {"affects_output": False}
 
 
 class _Section(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)  # as StageSpec
 
 
 class DataSection(_Section):
@@ -105,6 +105,16 @@ class TrainSpec(StageSpec):
     def _source(self) -> "TrainSpec":
         if self.model is None and self.load is None:
             raise ValueError("give the architecture (model) or a checkpoint to start from (load)")
+        return self
+
+    @model_validator(mode="after")
+    def _sequences_fit_the_model(self) -> "TrainSpec":
+        """Positions beyond max_position_embeddings were never meant to be seen (RoPE scaling
+        included: HF's max_position_embeddings is the extended length). A model that comes from
+        `load` is checked when the checkpoint is read."""
+        if self.model is not None and self.data.seq_length > self.model.max_position_embeddings:
+            raise ValueError(f"data.seq_length ({self.data.seq_length}) is above "
+                             f"model.max_position_embeddings ({self.model.max_position_embeddings})")
         return self
 
 

