@@ -9,6 +9,8 @@ import logging
 import signal
 import threading
 
+from engine.errors import Preempted
+
 log = logging.getLogger(__name__)
 
 
@@ -33,6 +35,13 @@ class StopSignals:
     @property
     def name(self) -> str | None:
         return signal.Signals(self.received).name if self.received is not None else None
+
+    def as_exception(self) -> BaseException:
+        """What the stage raises to stop: Ctrl-C is an interrupt (exit 130), the others ask for
+        a run to be tried again (exit 75)."""
+        if self.received == signal.SIGINT:
+            return KeyboardInterrupt(self.name)
+        return Preempted(f"{self.name} received; no output was left under its final name")
 
     def __exit__(self, *exc) -> None:
         for sig, handler in self._old.items():

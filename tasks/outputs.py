@@ -3,8 +3,8 @@ one the task chooses by fingerprint; and clearing it for a forced re-run.
 
 Two output shapes exist (engine/manifest.py): a folder with `manifest.json` inside, and a token
 dataset prefix `<p>` (stages of kind `dataset`) with `<p>.manifest.json` beside its `.bin/.idx`
-files. A location holds a complete artifact exactly when its manifest exists (the engine writes
-it last). Whatever a spec names for a stage to write must lie inside LMFORGE_HOME
+files. A location holds a complete artifact exactly when `engine.manifest.complete` says so: its
+manifest (written last) is there and every file it lists has its recorded size. Whatever a spec names for a stage to write must lie inside LMFORGE_HOME
 (`check_written`); its inputs may lie anywhere.
 """
 

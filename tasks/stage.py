@@ -25,7 +25,7 @@ from prefect.runtime import flow_run, task_run
 from cluster.profiles import Profile, load_profile
 from cluster.resources import Resources
 from engine.errors import InputError
-from engine.manifest import read_manifest
+from engine.manifest import complete, read_manifest
 from engine.registry import get_stage
 from engine.spec import StageSpec
 from tasks.artifact import ArtifactRef
@@ -70,11 +70,17 @@ async def run_stage(stage: str, spec: dict[str, Any] | StageSpec,
         if not force and (ref := await _cached(stage, fingerprint, location)):
             return ref  # the holder we waited for built it
         other = read_manifest(location)
-        if other is not None and not force:
+        if other is not None and other.fingerprint != fingerprint and not force:
             raise InputError(f"{location} holds another {other.stage} artifact (fingerprint "
                              f"{other.fingerprint[:16]}, not {fingerprint[:16]}): choose another "
                              f"output, or force=True to replace it")
-        if force:
+        # this artifact, damaged since it was built (a file missing or cut short): built again;
+        # training stages resume from their own checkpoints instead
+        damaged = other is not None and get_stage(stage).kind != "checkpoint"
+        if force or damaged:
+            if damaged:
+                log.warning("%s: %s is not complete (a file is missing or cut short): "
+                            "building it again", stage, location)
             await asyncio.to_thread(remove, stage, location)
         return await _build(stage, checked, fingerprint, location, cluster, wanted, timeout_s)
     finally:
@@ -86,7 +92,7 @@ async def _cached(stage: str, fingerprint: str, location: str) -> ArtifactRef | 
     """A reference to the complete artifact with this fingerprint at `location`, if there is
     one. The hit gets a short MLflow run of its own (tagged cached, linking the run that built
     it), so every flow run shows every stage."""
-    manifest = read_manifest(location)
+    manifest = complete(location)
     if manifest is None or manifest.fingerprint != fingerprint:
         return None
     run = await asyncio.to_thread(StageRun.start, stage, fingerprint, location, {}, True)

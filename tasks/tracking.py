@@ -43,6 +43,8 @@ FLOW_RUN_TAG = "prefect.flow_run_id"
 DESCRIPTIVE = (".json", ".md", ".yaml", ".txt")  # artifact files copied into the run ...
 DESCRIPTIVE_MAX_BYTES = 1 << 20                   # ... when this small
 PARAM_BATCH, PARAM_MAX, TAG_MAX = 100, 6000, 5000
+# the job's MLflow client: one try per call, at most a few seconds (see StageRun.job_env)
+JOB_CLIENT_ENV = {"MLFLOW_HTTP_REQUEST_MAX_RETRIES": "0", "MLFLOW_HTTP_REQUEST_TIMEOUT": "5"}
 
 
 def tracking_uri() -> str:
@@ -170,9 +172,12 @@ class StageRun:
         return run_link(self.experiment, self.run_id)
 
     def job_env(self) -> dict[str, str]:
-        """What the job needs to log into this run itself (engine/metrics.py)."""
+        """What the job needs to log into this run itself (engine/metrics.py). Its client fails
+        fast: MLflow's default retries (meant for rate limits) hold each call for minutes while
+        the server is down, and the training step with it; what a failed call loses, the task
+        backfills from the JSON lines."""
         return {TRACKING_ENV: tracking_uri(), "MLFLOW_RUN_ID": self.run_id,
-                "MLFLOW_EXPERIMENT_ID": self.experiment}
+                "MLFLOW_EXPERIMENT_ID": self.experiment, **JOB_CLIENT_ENV}
 
     def tag(self, **tags: Any) -> None:
         # redacted before cut: a cut could leave a URL's password without the `@` that marks it

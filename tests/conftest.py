@@ -45,6 +45,39 @@ def tiny_dataset(tmp_path_factory) -> str:
     return str(root / "stories_text_document")
 
 
+@pytest.fixture(scope="session")
+def fixtures(tiny_dataset, tmp_path_factory) -> dict:
+    """The generated corpus, its tokenizer and dataset; a 2-iteration pretrain checkpoint on it
+    and its HF export (checked by our own loader: transformers would only cost start-up time)."""
+    from engine.convert import stage as convert
+    from engine.train.loop import train
+    from engine.train.spec import PretrainSpec
+
+    data = Path(tiny_dataset).parent
+    root = tmp_path_factory.mktemp("bad-input-fixtures")
+    train(PretrainSpec.model_validate({
+        "model": TINY_MODEL, "data": {"blend": [tiny_dataset], "seq_length": 32},
+        "checkpoint": {"save": str(root / "checkpoint")}, "iters": 2, "global_batch_size": 2,
+        "precision": "fp32", "device": "cpu"}), "pretrain")
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setitem(sys.modules, "transformers", None)
+        convert.run(convert.Spec(load_dir=str(root / "checkpoint"), save_dir=str(root / "hf"),
+                                 source_format="native", target_format="hf"))
+    return {"corpus": data / "corpus", "tokenizer": data / "tok" / "tokenizer.model",
+            "dataset": tiny_dataset, "checkpoint": root / "checkpoint", "hf_model": root / "hf"}
+
+
+def logged_losses(save: Path) -> dict[int, float]:
+    """Step -> training loss from a run's metrics.jsonl; a step logged again after a resume keeps
+    its last value."""
+    out = {}
+    for line in (save / "metrics.jsonl").read_text().splitlines():
+        rec = json.loads(line)
+        if rec["kind"] == "metrics" and "loss" in rec["data"]:
+            out[rec["step"]] = rec["data"]["loss"]
+    return out
+
+
 def random_hf_model(cfg, seed: int = 0):
     """A transformers model built from our exported config.json, with weights large enough that
     attention is far from uniform (HF's own init, std 0.02, would make every model look alike)."""

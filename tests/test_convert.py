@@ -5,25 +5,21 @@ weight and leaves nothing behind, and bad inputs say what is wrong."""
 from __future__ import annotations
 
 import json
-import re
 import sys
 from pathlib import Path
 
 import pytest
 
-from conftest import TINY_MODEL, random_hf_model
+from conftest import random_hf_model
 import torch
 from safetensors.torch import load_file, save_file
 
-from engine.__main__ import main
 from engine.convert import hf as hf_io
-from engine.convert.native import write_native
 from engine.convert.stage import Spec, run
 from engine.convert.verify import VerificationError
 from engine.errors import InputError
 from engine.model import LlamaModel, ModelConfig
 from engine.train.checkpoint import save_checkpoint
-from tests.bad_inputs_models import ROWS
 
 transformers = pytest.importorskip("transformers")
 
@@ -267,30 +263,3 @@ def test_damaged_index_and_bin_name_the_file(tmp_path):
 def test_dtype_is_for_hf_output_only():
     with pytest.raises(ValueError, match="dtype applies to HF output only"):
         Spec(load_dir="a", save_dir="b", source_format="hf", target_format="native", dtype="bf16")
-
-
-@pytest.fixture(scope="module")
-def model_fixtures(tmp_path_factory) -> dict:
-    """The bad-input table's model fixtures, built cheaply: an untrained TINY_MODEL checkpoint and
-    its HF export by convert (verified by our loader: transformers would only cost start-up
-    time). The rows that name the dataset fail at spec validation, before it is opened."""
-    root = tmp_path_factory.mktemp("models")
-    cfg = ModelConfig(**TINY_MODEL)
-    model = LlamaModel(cfg)
-    model.init_weights()
-    write_native(root / "checkpoint", model, cfg, {})
-    with pytest.MonkeyPatch.context() as patch:
-        patch.setitem(sys.modules, "transformers", None)
-        convert(root / "checkpoint", root / "hf", "native", "hf")
-    return {"checkpoint": root / "checkpoint", "hf_model": root / "hf",
-            "dataset": str(root / "unread_text_document")}
-
-
-@pytest.mark.parametrize("row", ROWS, ids=lambda row: f"{row.stage}: {row.case}")
-def test_bad_model_inputs_exit_2_naming_the_file(row, model_fixtures, tmp_path, capsys):
-    code = main([row.stage, *row.argv(tmp_path, model_fixtures)])
-    err = capsys.readouterr().err
-    assert code == 2, err
-    assert re.search(row.message.replace("{tmp}", re.escape(str(tmp_path))), err), err
-    assert [out for out in row.outputs if (tmp_path / out).exists()] == []
-    assert list(tmp_path.rglob("*.tmp*")) == []

@@ -6,7 +6,6 @@ losses bitwise equal to a run that saw no fault."""
 
 from __future__ import annotations
 
-import json
 import os
 import signal
 import subprocess
@@ -18,7 +17,7 @@ import pytest
 import torch
 import yaml
 
-from conftest import REPO, TINY_MODEL
+from conftest import REPO, TINY_MODEL, logged_losses
 from engine.manifest import complete
 from engine.model import LlamaModel, ModelConfig
 from engine.train import checkpoint as ckpt
@@ -52,15 +51,6 @@ def run_engine(stage: str, spec: dict | list[str], tmp: Path, *faults: str,
     return proc.returncode, proc.stderr, time.monotonic() - start
 
 
-def _losses(save: Path) -> dict[int, float]:
-    out = {}
-    for line in (save / "metrics.jsonl").read_text().splitlines():
-        rec = json.loads(line)
-        if rec["kind"] == "metrics" and "loss" in rec["data"]:
-            out[rec["step"]] = rec["data"]["loss"]
-    return out
-
-
 def _weights(path: Path) -> dict[str, torch.Tensor]:
     with torch.device("meta"):
         model = LlamaModel(ModelConfig.model_validate(ckpt.read_model_config(path)))
@@ -89,13 +79,13 @@ def reference(tiny_dataset, tmp_path_factory) -> dict:
         save = tmp_path_factory.mktemp("ref") / "run"
         code, err, _ = run_engine("pretrain", _spec(tiny_dataset, save, seed, precision), save.parent)
         assert code == 0, err
-        out[seed, precision] = (_losses(save), _weights(ckpt.checkpoint_path(save)))
+        out[seed, precision] = (logged_losses(save), _weights(ckpt.checkpoint_path(save)))
     return out
 
 
 def _assert_equal_to_reference(save: Path, ref) -> None:
     losses, weights = ref
-    assert _losses(save) == losses
+    assert logged_losses(save) == losses
     final = _weights(ckpt.checkpoint_path(save))
     assert all(torch.equal(final[k], weights[k]) for k in weights)
     assert complete(save) and complete(save).summary["iterations"] == 6
@@ -191,3 +181,79 @@ def test_one_nan_batch_is_skipped_and_the_run_finishes(tiny_dataset, tmp_path):
     code, err, _ = run_engine("pretrain", spec, tmp_path, "nan1@engine.train.loop:_loss_sum#9+")
     assert code == 0, err
     assert err.count("step skipped (1/3)") == 1 and complete(save)
+
+
+@pytest.fixture
+def full_disk(tmp_path):
+    """A folder on a 1 MiB tmpfs, filled but for `free` bytes: disk(free) -> the folder."""
+    if os.geteuid() != 0:
+        if os.environ.get("CI"):
+            pytest.fail("the full-disk tests mount a tmpfs: they need root, and CI is set")
+        pytest.skip("the full-disk tests mount a tmpfs: they need root")
+    mount = tmp_path / "disk"
+    mount.mkdir()
+    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=1m", "tmpfs", str(mount)], check=True)
+
+    def disk(free: int) -> Path:
+        (mount / "filler").write_bytes(b"\0" * (os.statvfs(mount).f_bavail * 4096 - free))
+        (mount / "out").mkdir()
+        return mount / "out"
+    yield disk
+    subprocess.run(["umount", str(mount)], check=True)
+
+
+def _disk_cases(fx: dict, out: Path, tmp: Path) -> dict[str, list[str]]:
+    spec = tmp / "pretrain.yaml"
+    spec.write_text(yaml.safe_dump(_spec(fx["dataset"], out / "run", 1, "fp32", iters=2)))
+    return {
+        "generate-corpus": ["--output", str(out / "corpus"), "--documents", "300"],
+        "train-tokenizer": ["--input", str(fx["corpus"]), "--output", str(out / "tok")],
+        "tokenize": ["--input", str(fx["corpus"]), "--output-prefix", str(out / "data"),
+                     "--tokenizer-model", str(fx["tokenizer"]), "--no-progress"],
+        "merge": ["--input", fx["dataset"], fx["dataset"], "--output-prefix", str(out / "both")],
+        "pretrain": ["--config", str(spec)],
+        "convert": ["--load-dir", str(fx["checkpoint"]), "--save-dir", str(out / "hf"),
+                    "--source-format", "native", "--target-format", "hf"],
+        "evaluate": ["--load-dir", str(fx["hf_model"]), "--tokenizer", str(fx["tokenizer"]),
+                     "--output", str(out / "report"),
+                     "--ppl", str(fx["corpus"] / "stories-000.jsonl"), "--device", "cpu",
+                     "--no-progress"],
+    }
+
+
+@pytest.mark.parametrize("stage", ["generate-corpus", "train-tokenizer", "tokenize", "merge",
+                                   "pretrain", "convert", "evaluate"])
+def test_full_disk_in_every_writing_stage(stage, full_disk, fixtures, tmp_path, capsys):
+    from engine.__main__ import main
+
+    out = full_disk(2048)
+    code = main([stage, *_disk_cases(fixtures, out, tmp_path)[stage]])
+    err = capsys.readouterr().err
+    assert code == 2, err
+    assert "no space left on the device while writing it" in err and "Traceback" not in err, err
+    left = sorted(p.name for p in out.rglob("*"))
+    assert [name for name in left if ".tmp" in name or name.endswith(".manifest.json")] == []
+    assert left == (["metrics.jsonl", "run"] if stage == "pretrain" else [])
+
+
+@pytest.mark.slow
+def test_temporaries_of_a_killed_writer_are_removed_by_the_next(fixtures, tmp_path):
+    argv = ["--input", str(fixtures["corpus"]), "--output-prefix", str(tmp_path / "data"),
+            "--tokenizer-model", str(fixtures["tokenizer"]), "--batch-lines", "50", "--no-progress"]
+    code, err, _ = run_engine("tokenize", argv, tmp_path,
+                              "kill@engine.data.indexed:IndexedDatasetWriter.add_documents#3")
+    assert code == -signal.SIGKILL, err
+    assert [p.name for p in tmp_path.glob("data*.tmp-*")], "the killed writer left no temporary"
+    code, err, _ = run_engine("tokenize", argv, tmp_path)
+    assert code == 0, err
+    assert sorted(p.name for p in tmp_path.glob("data*")) == [
+        "data.manifest.json", "data_text_document.bin", "data_text_document.idx"]
+
+
+@pytest.mark.slow
+def test_stop_signal_in_a_stage_without_checkpoints_removes_its_output(fixtures, tmp_path):
+    argv = ["--load-dir", str(fixtures["checkpoint"]), "--save-dir", str(tmp_path / "hf"),
+            "--source-format", "native", "--target-format", "hf"]
+    code, err, _ = run_engine("convert", argv, tmp_path, "term@engine.convert.stage:verify")
+    assert code == 75 and "stopped: SIGTERM; run the same command again" in err, err
+    assert list(tmp_path.glob("hf*")) == []

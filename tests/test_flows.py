@@ -129,7 +129,7 @@ def test_bad_parameters_are_refused_before_any_job(home, tmp_path):
 def test_failing_stage_fails_the_flow_with_the_jobs_error(home, tmp_path):
     corpus = tmp_path / "bad.jsonl"
     corpus.write_text('{"text": "a fine story"}\nthis line is not JSON\n')
-    with pytest.raises(JobFailed, match="bad.jsonl:2: not a JSON object") as failure:
+    with pytest.raises(JobFailed, match="bad.jsonl:2: malformed JSON") as failure:
         asyncio.run(data_prep({"corpus": str(corpus)}, {"profile": "local"}))
     assert "FAILED" in str(failure.value)
     runs = stage_runs("data_prep")

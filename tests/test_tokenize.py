@@ -6,27 +6,22 @@ from __future__ import annotations
 import gzip
 import hashlib
 import json
-import re
 import signal
 import subprocess
 import sys
 import time
-from pathlib import Path
 
 import pytest
 import sentencepiece as spm
 from tokenizers import Tokenizer as RustTokenizer
 
 from conftest import REPO, shared
-from engine.__main__ import main
 from engine.data import train_tokenizer
 from engine.data.indexed import IndexedDataset
 from engine.data.tokenize import Spec, run
 from engine.data.tokenizer import SentencePieceTokenizer, load_tokenizer
 from engine.errors import InputError, SpecError
 from engine.manifest import read_manifest
-from tests.bad_inputs_data import ROWS
-from tests.badinput import BadInput
 
 
 def _real_paragraphs(limit_chars: int = 400_000) -> list[str]:
@@ -262,8 +257,8 @@ def test_interrupt_leaves_no_files(tmp_path, llama2_sp, sig, workers):
     assert proc.poll() is None, proc.communicate()
     proc.send_signal(sig)
     _, err = proc.communicate(timeout=60)
-    assert proc.returncode == 130, err
-    assert "interrupted" in err
+    code, says = (130, "interrupted") if sig == signal.SIGINT else (75, "stopped: SIGTERM received")
+    assert proc.returncode == code and says in err, err
     assert list(out.iterdir()) == []
 
 
@@ -298,28 +293,3 @@ def test_load_tokenizer_identity(llama2_sp):
     tok = load_tokenizer(llama2_sp)
     assert tok.identity()["sha256"] == hashlib.sha256(llama2_sp.read_bytes()).hexdigest()
     assert (tok.bos_id, tok.eod_id, tok.vocab_size) == (1, 2, 32000)
-
-
-@pytest.fixture(scope="module")
-def bad_input_fixtures(tiny_dataset) -> dict:
-    root = Path(tiny_dataset).parent
-    return {"corpus": root / "corpus", "tokenizer": root / "tok" / "tokenizer.model",
-            "dataset": tiny_dataset}
-
-
-def run_bad_input(row: BadInput, tmp: Path, fixtures: dict, capsys) -> None:
-    """One row of the bad-input table, in-process: exit 2, its message on stderr, none of its
-    outputs and no temporary file left."""
-    argv = row.argv(tmp, fixtures)
-    capsys.readouterr()
-    code = main([row.stage, *argv])
-    err = capsys.readouterr().err
-    assert code == 2, err
-    assert re.search(row.message.replace("{tmp}", re.escape(str(tmp))), err), err
-    assert [o for o in row.outputs if (tmp / o).exists()] == []
-    assert list(tmp.rglob("*.tmp*")) == []
-
-
-@pytest.mark.parametrize("row", ROWS, ids=[f"{r.stage}: {r.case}" for r in ROWS])
-def test_bad_input_rows(row, tmp_path, bad_input_fixtures, capsys):
-    run_bad_input(row, tmp_path, bad_input_fixtures, capsys)

@@ -16,7 +16,7 @@ import pytest
 import torch
 import yaml
 
-from conftest import REPO, TINY_MODEL
+from conftest import REPO, TINY_MODEL, logged_losses
 from engine.errors import InputError, SpecError
 from engine.manifest import sha256_file
 from engine.model import LlamaModel, ModelConfig
@@ -59,16 +59,6 @@ def _engine(stage: str, spec: dict, tmp: Path, env: dict | None = None, wait: bo
     return proc.returncode, out, err
 
 
-def _losses(save: Path) -> dict[int, float]:
-    """Step -> loss; a step logged again after a resume keeps its last value."""
-    out = {}
-    for line in (save / "metrics.jsonl").read_text().splitlines():
-        rec = json.loads(line)
-        if rec["kind"] == "metrics" and "loss" in rec["data"]:
-            out[rec["step"]] = rec["data"]["loss"]
-    return out
-
-
 def _weights(save: Path, iteration: int) -> dict[str, torch.Tensor]:
     path = ckpt.iter_dir(save, iteration)
     with torch.device("meta"):
@@ -96,7 +86,7 @@ def test_resume_after_kill_9_is_bitwise_exact(dataset, tmp_path):
     assert code == 0, err
     assert f"resumed from {ckpt.iter_dir(killed, first)}" in err
 
-    a, b = _losses(straight), _losses(killed)
+    a, b = logged_losses(straight), logged_losses(killed)
     assert sorted(a) == sorted(b) == list(range(1, 41))
     assert [a[i] for i in a] == [b[i] for i in a]  # bitwise: exact float equality
     wa, wb = _weights(straight, 40), _weights(killed, 40)
@@ -132,7 +122,7 @@ def test_two_ranks_match_one_rank(dataset, tmp_path, mode, precision):
              for r in range(2)]
     results = [p.communicate(timeout=300) for p in procs]
     assert [p.returncode for p in procs] == [0, 0], results[0][1] + results[1][1]
-    a, b = _losses(one), _losses(two)
+    a, b = logged_losses(one), logged_losses(two)
     assert sorted(a) == sorted(b) == list(range(1, 7))
     # bf16-master measured 0 and 6e-11; without MasterAdamW's all-reduce, 0.13 in the loss
     assert max(abs(a[i] - b[i]) for i in a) < 1e-6
@@ -145,7 +135,7 @@ def test_sigterm_saves_then_resume_finishes(dataset, tmp_path):
     spec = _spec(dataset, save, iters=3000, checkpoint={"interval": 1000})
     proc = _engine("pretrain", spec, tmp_path, wait=False)
     deadline = time.time() + 120
-    while not (save / "metrics.jsonl").exists() or len(_losses(save)) < 3:
+    while not (save / "metrics.jsonl").exists() or len(logged_losses(save)) < 3:
         assert time.time() < deadline and proc.poll() is None
         time.sleep(0.05)
     proc.send_signal(signal.SIGTERM)
@@ -187,7 +177,7 @@ def test_finetune_starts_fresh_from_weights(dataset, tmp_path):
     assert code == 0, err
     assert json.loads((ckpt.iter_dir(tuned, 4) / "meta.json").read_text())["iteration"] == 4
     # first finetune loss is near the end of pretraining, far below a fresh model's
-    assert _losses(tuned)[1] < _losses(base)[1] - 1.0
+    assert logged_losses(tuned)[1] < logged_losses(base)[1] - 1.0
     code, _, err = _engine("finetune", _spec(dataset, tmp_path / "x", load=str(tmp_path)), tmp_path)
     assert code == 2 and "not a checkpoint" in err
 
@@ -202,7 +192,7 @@ def test_reduced_precision_trains_and_resumes(dataset, tmp_path, precision):
     save = tmp_path / precision
     train(PretrainSpec.model_validate(_spec(dataset, save, iters=8, precision=precision,
                                             checkpoint={"interval": 4})), "pretrain")
-    losses = _losses(save)
+    losses = logged_losses(save)
     assert losses[8] < losses[1] - 0.5
     meta = json.loads((ckpt.iter_dir(save, 8) / "meta.json").read_text())
     assert ("grad_scaler" in meta) == (precision == "fp16")
@@ -212,7 +202,7 @@ def test_reduced_precision_trains_and_resumes(dataset, tmp_path, precision):
     for iters in (4, 8):
         train(PretrainSpec.model_validate(_spec(dataset, resumed, iters=iters, precision=precision,
                                                 checkpoint={"interval": 4})), "pretrain")
-    assert _losses(resumed) == losses
+    assert logged_losses(resumed) == losses
     assert all(torch.equal(a, b) for a, b in zip(_weights(save, 8).values(),
                                                  _weights(resumed, 8).values()))
 

@@ -93,9 +93,10 @@ class IndexedDataset:
 
     Opening checks the structure (an InputError saying what is wrong otherwise) and, for a
     dataset with a manifest, the checksums of its two files: nothing reads a corrupt dataset.
+    `verify=False` skips the checksums where another process has just checked them.
     """
 
-    def __init__(self, prefix: str | Path) -> None:
+    def __init__(self, prefix: str | Path, verify: bool = True) -> None:
         self.prefix = str(prefix)
         idx, bin_ = index_path(prefix), data_path(prefix)
         for p in (idx, bin_):
@@ -117,7 +118,8 @@ class IndexedDataset:
         if bin_size > expected:
             raise InputError(f"{bin_}: {bin_size} bytes, but its index accounts for {expected}: "
                              f"the .bin and .idx do not belong together")
-        _verify_checksums(prefix)
+        if verify:
+            _verify_checksums(prefix)
         self.tokens = (np.memmap(bin_, mode="r", dtype=self.dtype) if bin_size
                        else np.zeros(0, self.dtype))
 

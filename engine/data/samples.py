@@ -275,11 +275,13 @@ class BlendedSamples:
 
 def build_samples(blend: Sequence[str], split: str, seq_len: int,
                   num_samples: Sequence[int] | Mapping[str, int], seed: int,
-                  cache_dir: str | Path | None = None) -> dict[str, GPTSamples | BlendedSamples]:
+                  cache_dir: str | Path | None = None,
+                  verify: bool = True) -> dict[str, GPTSamples | BlendedSamples]:
     """The train/valid/test sample sets of a blend; splits asked for 0 samples are left out.
 
     Every dataset is split by `split` on its own (as in Megatron); a blended dataset builds
     ceil(ceil(w n) * 1.005) samples (Megatron's margin), or more if the blend order needs them.
+    `verify=False` skips the datasets' checksums (another rank has just checked them).
     """
     sources = parse_blend(blend)
     fractions = parse_split(split)
@@ -291,7 +293,8 @@ def build_samples(blend: Sequence[str], split: str, seq_len: int,
     else:
         wanted = dict(zip(SPLITS, num_samples))
     # opened once per prefix: opening verifies the files, which costs a read of them
-    opened = {prefix: IndexedDataset(prefix) for prefix in dict.fromkeys(p for _, p in sources)}
+    opened = {prefix: IndexedDataset(prefix, verify)
+              for prefix in dict.fromkeys(p for _, p in sources)}
     datasets = [opened[prefix] for _, prefix in sources]
     result: dict[str, GPTSamples | BlendedSamples] = {}
     for i, name in enumerate(SPLITS):

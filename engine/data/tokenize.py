@@ -350,7 +350,7 @@ def run(spec: Spec) -> Manifest:
         try:
             for fi, _first, batch in _results(spec, tok, files, hashes):
                 if stop.received is not None:
-                    raise KeyboardInterrupt(stop.name)
+                    raise stop.as_exception()
                 for line, reason in batch.bad:
                     where = bad_line(files[fi], line, reason)
                     if not spec.skip_bad_lines:
@@ -369,7 +369,7 @@ def run(spec: Spec) -> Manifest:
             for w in writers.values():
                 w.f.close()
         if stop.received is not None:
-            raise KeyboardInterrupt(stop.name)
+            raise stop.as_exception()
         if writers[spec.json_keys[0]].documents == 0:
             raise InputError(f"{', '.join(map(str, files))}: no documents to tokenize")
         for key, w in writers.items():

@@ -24,6 +24,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import pickle
 import re
 import shutil
 import warnings
@@ -154,6 +155,8 @@ def save_checkpoint(root: str | Path, iteration: int, model: torch.nn.Module,
     if is_complete(final):
         if _rank() == 0:
             _point_latest(root, iteration)
+            if keep_last:
+                _prune(root, keep_last)
             log.info("checkpoint %s is already complete: kept", final)
         _barrier()
         return final
@@ -303,6 +306,7 @@ def load_checkpoint(path: str | Path, model: torch.nn.Module,
     path = Path(path)
     meta = check_complete(path)
     _verify(path, meta)
+    SafeReader(str(path)).read_metadata()  # a refusal is clearer here than wrapped by dcp.load
     state: dict[str, Any] = {"model": get_model_state_dict(model)}
     if optimizer is not None:
         if not meta.get("has_optimizer"):
@@ -315,6 +319,9 @@ def load_checkpoint(path: str | Path, model: torch.nn.Module,
     except InputError:
         raise
     except (Exception, CheckpointException) as exc:  # CheckpointException is a BaseException
+        if "Weights only load failed" in str(exc):
+            raise InputError(f"{path}: refused: a shard holds more than tensors and plain "
+                             f"data") from None
         reason = [line for line in str(exc).splitlines() if line.strip()][-1]
         raise InputError(f"{path}: checkpoint does not fit the model: {reason}") from None
     set_model_state_dict(model, state["model"], options=StateDictOptions(strict=True))
@@ -322,5 +329,10 @@ def load_checkpoint(path: str | Path, model: torch.nn.Module,
         set_optimizer_state_dict(model, optimizer, state["optim"])
     rng_file = path / "rng" / f"rank_{_rank():05d}.pt"
     if restore_rng and meta.get("world_size") == _world() and rng_file.is_file():
-        set_rng_state(torch.load(rng_file, weights_only=True))
+        try:
+            state = torch.load(rng_file, weights_only=True)
+        except pickle.UnpicklingError:
+            raise InputError(f"{rng_file}: refused: it holds more than tensors and plain "
+                             f"data") from None
+        set_rng_state(state)
     return meta

@@ -221,13 +221,14 @@ def _train(spec: TrainSpec, stage: str, env: distributed.Env, stop: StopSignals)
 
     n_valid = spec.eval.iters * G if spec.eval.interval or spec.eval.initial else 0
     num = {"train": spec.iters * G, "valid": n_valid}
-    if env.is_main:  # rank 0 builds the cached sample indices, the others then read them
+    # rank 0 checks the datasets and builds the cached sample indices, the others then read them
+    if env.is_main:
         sets = build_samples(spec.data.blend, spec.data.split, spec.data.seq_length, num, spec.seed,
                              spec.data.cache_dir)
     distributed.barrier()
     if not env.is_main:
         sets = build_samples(spec.data.blend, spec.data.split, spec.data.seq_length, num, spec.seed,
-                             spec.data.cache_dir)
+                             spec.data.cache_dir, verify=False)
     train_batches = Batches(sets["train"], G, m, env.rank, W, env.device, eod_id)
     valid_batches = Batches(sets["valid"], G, m, env.rank, W, env.device, eod_id) if n_valid else None
 
