@@ -2,6 +2,7 @@
 (weights and AdamW state), with the time spent hashing (save) and verifying (load) shown apart.
 
     .venv/bin/python -m bench.checkpoint_io [--hidden 768 --layers 12 --vocab 32000] [--dir DIR]
+    (TinyLlama-1.1B's shape: --hidden 2048 --layers 22 --ffn 5632 --kv-heads 4)
 """
 
 from __future__ import annotations
@@ -42,8 +43,10 @@ class _Timed:
 
 
 def _model(args) -> tuple[LlamaModel, torch.optim.Optimizer, ModelConfig]:
-    cfg = ModelConfig(vocab_size=args.vocab, hidden_size=args.hidden, intermediate_size=4 * args.hidden,
-                      num_layers=args.layers, num_heads=args.hidden // 64, num_kv_heads=args.hidden // 64,
+    heads = args.hidden // 64
+    cfg = ModelConfig(vocab_size=args.vocab, hidden_size=args.hidden,
+                      intermediate_size=args.ffn or 4 * args.hidden, num_layers=args.layers,
+                      num_heads=heads, num_kv_heads=args.kv_heads or heads,
                       max_position_embeddings=256)
     model = LlamaModel(cfg)
     model.init_weights(0)
@@ -58,13 +61,15 @@ def main() -> None:
     parser.add_argument("--hidden", type=int, default=768)
     parser.add_argument("--layers", type=int, default=12)
     parser.add_argument("--vocab", type=int, default=32000)
+    parser.add_argument("--ffn", type=int, help="intermediate size (default 4 × hidden)")
+    parser.add_argument("--kv-heads", type=int, help="KV heads (default: as many as heads)")
     parser.add_argument("--dir", help="where to write (default: a temporary folder)")
     args = parser.parse_args()
     model, optim, cfg = _model(args)
     root = Path(args.dir or tempfile.mkdtemp(prefix="ckpt-bench-")) / "run"
     try:
         start = time.perf_counter()
-        with _Timed("sha256_file") as hashing:
+        with _Timed("_hash") as hashing:
             path = ckpt.save_checkpoint(root, 1, model, optim, {}, cfg.model_dump(mode="json"))
         save_s = time.perf_counter() - start
         size = sum(p.stat().st_size for p in path.rglob("*") if p.is_file())

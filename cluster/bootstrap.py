@@ -11,7 +11,9 @@ its rank as a child process (cluster/engine_process.py), then maps the child's e
         preemption or `scontrol requeue`) — and the next attempt resumes from that checkpoint;
     *   the rank failed: failed.json records it (first failure wins), the other ranks stop their
         engines at once instead of waiting in a collective, and the task raises with the tail of
-        the engine's output (its traceback or error message).
+        the engine's output (its traceback or error message) — unless the engine failed because
+        peers vanished (their heartbeats stopped: cluster/liveness.py). Then no rank failed:
+        lost.json names the peers and their nodes, and the job waits to be requeued by Slurm.
 
 Requeue on USR2 (the time-limit warning, or a preemption notice): submitit's signal handler calls
 `checkpoint()` on rank 0, which forwards the signal to the engine, waits (bounded) for it to save
@@ -34,6 +36,7 @@ import submitit
 from cluster.attempts import begin_attempt, node_name, read_attempts, record_stop, with_attempts
 from cluster.engine_process import EngineProcess
 from cluster.layout import RunDir
+from cluster.liveness import LOST_AFTER_S, Heartbeat, silent_peers
 from cluster.logs import tail
 from engine.errors import Preempted
 from engine.manifest import Manifest
@@ -44,6 +47,9 @@ ERROR_TAIL_LINES = 60
 HEADER = "[cluster] rank"  # starts the first line of each attempt in a rank's log
 STOP_SIGNALS = {signal.SIGTERM, signal.SIGINT, signal.SIGUSR2}  # a stop, not a crash
 EARLY_SIGNAL_S = 90  # Slurm may send the time-limit warning up to a minute before it is due
+# how long survivors of a lost node wait for Slurm to declare it down and requeue the job: its
+# SlurmdTimeout (300 s by default) and a margin; a node that never goes down fails the job after
+LOST_REQUEUE_WAIT_S = 900
 
 
 def attempt_tail(path: Path) -> list[str]:
@@ -51,6 +57,10 @@ def attempt_tail(path: Path) -> list[str]:
     lines = tail(path, ERROR_TAIL_LINES)
     starts = [i for i, line in enumerate(lines) if line.startswith(HEADER)]
     return lines[starts[-1]:] if starts else lines
+
+
+def _another_failed(rank: int, run: RunDir) -> RuntimeError:
+    return RuntimeError(f"rank {rank}: engine stopped because another rank failed (see {run.failed})")
 
 
 def master_port(job_id: str) -> int:
@@ -111,15 +121,23 @@ class RankLauncher(submitit.helpers.Checkpointable):
         threads = os.environ.get("OMP_NUM_THREADS", str(self.cpus_per_task))
         env = {**os.environ, "OMP_NUM_THREADS": threads, "PYTHONUNBUFFERED": "1", **self.env,
                **torch_environment(job)}
+        heartbeat = Heartbeat(run, rank)
+        try:
+            return self._run_engine(job, run, env, header, heartbeat)
+        finally:
+            heartbeat.stop()
+
+    def _run_engine(self, job: submitit.JobEnvironment, run: RunDir, env: dict[str, str],
+                    header: str, heartbeat: Heartbeat) -> Manifest | None:
+        rank = job.global_rank
         self._child = EngineProcess(self.stage, run.spec, env, run.rank_log(rank), header)
         try:
-            code = self._child.wait(give_up=run.failed.exists)
+            code = self._child.wait(give_up=lambda: heartbeat.beat() or run.failed.exists())
         finally:  # also on KeyboardInterrupt (local cancel) and SystemExit (requeue)
             if self._child.returncode is None:
                 self._child.kill()
         if code is None:
-            raise RuntimeError(f"rank {rank}: engine stopped because another rank failed "
-                               f"(see {run.failed})")
+            raise _another_failed(rank, run)
         if code == 0:
             if rank != 0:
                 return None
@@ -127,11 +145,32 @@ class RankLauncher(submitit.helpers.Checkpointable):
             return with_attempts(manifest, read_attempts(run), self.artifact)
         if code == Preempted.exit_code or -code in STOP_SIGNALS:
             return self._stopped_by_signal(rank, run)
+        # a broken collective is also what a rank sees when a peer vanishes: tell the two apart
+        lost = silent_peers(run, rank, job.num_tasks, heartbeat.beat)
+        if lost is None:
+            raise _another_failed(rank, run)
+        if lost:
+            return self._peers_lost(rank, run, lost, job.cluster)
         lines = attempt_tail(run.rank_log(rank))
         how = f"status {code}" if code > 0 else f"signal {signal.Signals(-code).name}"
         run.claim_failed({"rank": rank, "exit": how, "host": node_name(),
                           "log": str(run.rank_log(rank)), "tail": lines})
         raise RuntimeError(f"rank {rank}: the engine exited with {how}:\n" + "\n".join(lines))
+
+    def _peers_lost(self, rank: int, run: RunDir, lost: list[dict[str, Any]], cluster: str) -> None:
+        """Peers went silent: their node is lost (or their processes were killed), and this rank's
+        engine stopped only because of it. Say so in lost.json — the caller reports it at once —
+        and write no failure: on Slurm the job is requeued when Slurm declares the node down
+        (`--requeue`), and the next attempt resumes from the last checkpoint."""
+        who = ", ".join(f"rank {p['rank']} on {p['host']}" for p in lost)
+        message = f"{who}: no heartbeat for {LOST_AFTER_S:.0f} s (node lost, or its processes killed)"
+        run.write_json(run.lost, {"attempt": len(read_attempts(run)), "seen_by": rank,
+                                  "ranks": [p["rank"] for p in lost],
+                                  "nodes": sorted({p["host"] for p in lost}), "message": message})
+        log.warning("rank %d: %s", rank, message)
+        if cluster == "slurm":  # Slurm's node-failure requeue ends this attempt meanwhile
+            time.sleep(LOST_REQUEUE_WAIT_S)
+        raise RuntimeError(f"rank {rank}: {message}")
 
     def _stopped_by_signal(self, rank: int, run: RunDir) -> None:
         """The engine stopped on a signal that submitit's handler did not see (Slurm's SIGTERM on

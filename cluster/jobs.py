@@ -10,8 +10,10 @@ traceback, or Slurm's reason (OUT_OF_MEMORY, TIMEOUT, NODE_FAIL, CANCELLED, ...)
 from __future__ import annotations
 
 import asyncio
+import subprocess
 import threading
 import time
+from pathlib import Path
 from typing import Callable, Iterator
 
 import submitit
@@ -27,6 +29,7 @@ from engine.redact import redact_text
 IN_PROGRESS = {"PENDING", "RUNNING", "REQUEUED", "REQUEUE_FED", "REQUEUE_HOLD", "RESIZING",
                "SUSPENDED", "COMPLETING", "CONFIGURING", "SIGNALING", "STAGE_OUT", "PREEMPTED",
                "READY", "UNKNOWN"}
+REQUEUED = {"PENDING", "REQUEUED", "REQUEUE_HOLD", "REQUEUE_FED", "CONFIGURING", "RUNNING"}
 PREEMPTED_FINAL_AFTER_S = 60  # PREEMPTED for this long: Slurm cancelled it rather than requeue
 REASONS = {"OUT_OF_MEMORY": "a rank ran out of memory", "TIMEOUT": "the time limit was reached",
            "NODE_FAIL": "a node failed", "CANCELLED": "cancelled",
@@ -59,6 +62,19 @@ class Job:
         self._outcome: tuple[str, object] | None = None
         self._sacct: tuple[float, str] = (float("-inf"), "UNKNOWN")
         self._preempted_since: float | None = None
+        self._lost_told: int | None = None  # the attempt whose lost ranks were reported
+
+    @classmethod
+    def attach(cls, run_dir: str | Path) -> "Job | None":
+        """The Job of an earlier submission, from its run folder: a Slurm job outlives the process
+        that submitted it, and another can follow it. None for local jobs (they end with their
+        submitter) and for folders without a job."""
+        run = RunDir(Path(run_dir))
+        record = run.read_json(run.job)
+        if not record or record.get("executor") != "slurm":
+            return None
+        return cls(run, record["stage"], "slurm",
+                   submitted=submitit.SlurmJob(run.submitit, record["job_id"]))
 
     def __repr__(self) -> str:
         return f"Job({self.id}, {self.stage}, {self.executor}, {self.run.root})"
@@ -103,6 +119,8 @@ class Job:
             with _WATCHER_LOCK:
                 raw = self._sub.watcher.get_state(self._sub.job_id, mode="force")
             state = (raw.split() or ["UNKNOWN"])[0]  # "CANCELLED by 0" -> CANCELLED
+            if state not in IN_PROGRESS and state != "COMPLETED":
+                state = _requeued_state(self._sub.job_id) or state
             self._sacct = (time.monotonic(), state)
         return state
 
@@ -120,7 +138,18 @@ class Job:
     # ------------------------------------------------------------------ waiting
     def _poll(self, read_lines: bool) -> tuple[bool, list[str]]:
         done = self.done()
-        return done, (self._follower.read_new() if read_lines else [])  # after done: no line lost
+        return done, (list(self.log_lines()) if read_lines else [])  # after done: no line lost
+
+    def _news(self) -> list[str]:
+        """What the job's ranks found out that no log of rank 0 says: peers lost (lost.json,
+        which a survivor writes within seconds), once per attempt."""
+        lost = self.run.read_json(self.run.lost)
+        if not lost or lost["attempt"] == self._lost_told:
+            return []  # several survivors may write it: one line per attempt
+        self._lost_told = lost["attempt"]
+        then = ("Slurm requeues the job once it declares the node down" if self.executor == "slurm"
+                else "the job fails")
+        return [f"[cluster] job {self.id}, attempt {lost['attempt']}: {lost['message']}; {then}"]
 
     def _pause(self, deadline: float, poll_s: float, timeout_s: float) -> float:
         left = deadline - time.monotonic()
@@ -157,8 +186,10 @@ class Job:
 
     # ------------------------------------------------------------------ logs, attempts, control
     def log_lines(self) -> Iterator[str]:
-        """Rank 0's log lines written since the last call (all attempts, one file)."""
+        """Rank 0's log lines written since the last call (all attempts, one file), and news
+        of ranks lost."""
         yield from self._follower.read_new()
+        yield from self._news()
 
     def log_tail(self, n: int = 20, rank: int = 0) -> list[str]:
         return tail(self.run.rank_log(rank), n)
@@ -197,6 +228,9 @@ class Job:
             return JobFailed(f"{head}: rank {failed['rank']} on {failed['host']}: the engine exited "
                              f"with {failed['exit']}; the end of {failed['log']}:\n"
                              + "\n".join(failed["tail"]), self.id, state, failed["rank"])
+        lost = self.run.read_json(self.run.lost)
+        if lost and lost["attempt"] == len(self.attempts):
+            return JobFailed(f"{head}: {lost['message']}", self.id, state, lost["ranks"][0])
         if outcome and outcome[0] == "error":
             return JobFailed(f"{head}:\n{outcome[1]}", self.id, state, 0)
         parts = [f"{head}: {REASONS.get(state, 'it ended without a result')}"]
@@ -207,3 +241,16 @@ class Job:
         if engine_says:
             parts += ["the end of rank 0's engine log:", *engine_says]
         return JobFailed("\n".join(parts), self.id, state)
+
+
+def _requeued_state(job_id: str) -> str | None:
+    """Slurm's live state of a job it put back in the queue, or None. After a node failure
+    accounting shows the ended attempt (NODE_FAIL) until the requeued job is eligible again
+    (minutes), while the job is PENDING in slurmctld's queue."""
+    try:
+        out = subprocess.run(["squeue", "-h", "-j", job_id, "-o", "%T"], capture_output=True,
+                             text=True, timeout=30)
+    except (OSError, subprocess.TimeoutExpired):
+        return None
+    state = out.stdout.strip()
+    return state if state in REQUEUED else None

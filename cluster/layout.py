@@ -6,6 +6,8 @@
     <run>/attempts.jsonl     one line per attempt: number, reason, start_step, started_at, host
     <run>/stop.json          why the latest attempt stopped (read by the next attempt)
     <run>/failed.json        the first rank whose engine failed: rank, exit code, log tail
+    <run>/lost.json          ranks that went silent (a node lost): who, where, seen by whom
+    <run>/heartbeats/        one file per running rank, touched every few seconds
     <run>/logs/rank_00000.log   each rank's engine output (stdout + stderr), all attempts
     <run>/submitit/          submitit's pickles, sbatch script and its own per-task logs
 
@@ -59,6 +61,13 @@ class RunDir:
     @property
     def failed(self) -> Path:
         return self.root / "failed.json"
+
+    @property
+    def lost(self) -> Path:
+        return self.root / "lost.json"
+
+    def heartbeat(self, rank: int) -> Path:
+        return self.root / "heartbeats" / f"rank_{rank:05d}.json"
 
     @property
     def submitit(self) -> Path:

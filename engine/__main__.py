@@ -72,16 +72,16 @@ def _stop(signum, frame) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = vars(build_parser().parse_args(argv))
-    logging.basicConfig(level=args.pop("log_level").upper(),
-                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    stage = get_stage(args.pop("stage"))
-    config = args.pop("config", None)
-    spec = None
+    # held from the first line: a stop during start-up (imports take seconds) is a clean stop too
     previous = ({sig: signal.signal(sig, _stop) for sig in (signal.SIGTERM, signal.SIGUSR2)}
                 if threading.current_thread() is threading.main_thread() else {})
+    stage = spec = None
     try:
-        spec = load_spec(stage.spec, config, args)
+        args = vars(build_parser().parse_args(argv))
+        logging.basicConfig(level=args.pop("log_level").upper(),
+                            format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+        stage = get_stage(args.pop("stage"))
+        spec = load_spec(stage.spec, args.pop("config", None), args)
         manifest = stage.run(spec)
     except LmforgeError as exc:
         print(f"error: {exc}", file=sys.stderr)

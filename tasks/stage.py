@@ -8,7 +8,9 @@ the spec names one; return at once when a complete artifact with that fingerprin
 (transient submission failures retried), await the job without holding a thread while its log
 lines stream into the task's log, and track it all in a nested MLflow run; publish a Prefect
 table artifact; return an ArtifactRef. A failed job fails the task with the job's own error and
-ends the MLflow run FAILED.
+ends the MLflow run FAILED. A lease taken over from a flow that died names the job that flow
+submitted; while that job still runs (on Slurm a job outlives its submitter) the task follows it
+instead of building the artifact a second time beside it.
 """
 
 from __future__ import annotations
@@ -22,6 +24,7 @@ from prefect.cache_policies import NO_CACHE
 from prefect.logging import get_run_logger
 from prefect.runtime import flow_run, task_run
 
+from cluster.jobs import Job
 from cluster.profiles import Profile, load_profile
 from cluster.resources import Resources
 from engine.errors import InputError
@@ -33,7 +36,7 @@ from tasks.lease import Lease
 from tasks.options import validate_spec
 from tasks.outputs import auto_location, given_location, lease_path, remove
 from tasks.publish import publish
-from tasks.submission import submit_with_retries, wait_for, wait_limit_s
+from tasks.submission import stop, submit_with_retries, wait_for, wait_limit_s
 from tasks.tracking import StageRun
 
 
@@ -69,6 +72,11 @@ async def run_stage(stage: str, spec: dict[str, Any] | StageSpec,
     try:
         if not force and (ref := await _cached(stage, fingerprint, location)):
             return ref  # the holder we waited for built it
+        orphan = await asyncio.to_thread(_orphan, lease.previous)
+        if orphan is not None and not force:
+            return await _adopt(stage, checked, location, orphan, lease, timeout_s)
+        if orphan is not None:  # a forced rebuild must not write beside it
+            await stop(orphan, log)
         other = read_manifest(location)
         if other is not None and other.fingerprint != fingerprint and not force:
             raise InputError(f"{location} holds another {other.stage} artifact (fingerprint "
@@ -82,7 +90,7 @@ async def run_stage(stage: str, spec: dict[str, Any] | StageSpec,
                 log.warning("%s: %s is not complete (a file is missing or cut short): "
                             "building it again", stage, location)
             await asyncio.to_thread(remove, stage, location)
-        return await _build(stage, checked, fingerprint, location, cluster, wanted, timeout_s)
+        return await _build(stage, checked, fingerprint, location, cluster, wanted, timeout_s, lease)
     finally:
         heartbeat.cancel()
         lease.release()
@@ -103,28 +111,63 @@ async def _cached(stage: str, fingerprint: str, location: str) -> ArtifactRef | 
     return ref
 
 
+def _orphan(previous: dict[str, Any] | None) -> Job | None:
+    """The job still running for a flow that died holding this artifact's lease (a Slurm job
+    outlives the flow that submitted it), or None."""
+    job = Job.attach(previous["job_dir"]) if previous and previous.get("job_dir") else None
+    return job if job is not None and not job.done() else None
+
+
 async def _build(stage: str, spec: StageSpec, fingerprint: str, location: str, cluster: Profile,
-                 resources: Resources, timeout_s: float) -> ArtifactRef:
-    log = get_run_logger()
+                 resources: Resources, timeout_s: float, lease: Lease) -> ArtifactRef:
     plain = spec.model_dump(mode="json")
     run = await asyncio.to_thread(StageRun.start, stage, fingerprint, location, plain, False)
     with_tracking = cluster.model_copy(update={"env": {**cluster.env, **run.job_env()}})
-    job = None
     try:
-        job = await submit_with_retries(stage, spec, resources, with_tracking, log)
+        job = await submit_with_retries(stage, spec, resources, with_tracking, get_run_logger())
+    except BaseException as exc:
+        _record_failure(run, exc, None)
+        raise
+    return await _follow(stage, spec, location, job, run, lease, timeout_s)
+
+
+async def _adopt(stage: str, spec: StageSpec, location: str, job: Job, lease: Lease,
+                 timeout_s: float) -> ArtifactRef:
+    """Follow the job of a flow that died, into the MLflow run it logs to, instead of building
+    the artifact a second time beside it."""
+    previous = lease.previous
+    get_run_logger().info("%s: job %s of flow run %s (gone) is still running: following it",
+                          stage, job.id, previous.get("flow_run"))
+    run = StageRun(previous["mlflow_experiment"], previous["mlflow_run"])
+    return await _follow(stage, spec, location, job, run, lease, timeout_s)
+
+
+async def _follow(stage: str, spec: StageSpec, location: str, job: Job, run: StageRun,
+                  lease: Lease, timeout_s: float) -> ArtifactRef:
+    """Wait for the job, then complete its MLflow run and publish the artifact. The lease says
+    which job and run these are, for whoever takes it over should this flow die."""
+    log = get_run_logger()
+    try:
+        await asyncio.to_thread(lease.record, job_dir=str(job.run.root), mlflow_run=run.run_id,
+                                mlflow_experiment=run.experiment)
         await asyncio.to_thread(run.tag, job_id=job.id, job_dir=job.run.root)
         manifest = await wait_for(job, timeout_s, log)
     except BaseException as exc:
-        try:
-            run.failed(exc, job.run.rank_log(0) if job else None)
-        except Exception as tracking_error:  # noqa: BLE001 - the job's error is the one to raise
-            log.warning("could not record the failure in MLflow: %s", tracking_error)
+        _record_failure(run, exc, job.run.rank_log(0))
         raise
+    plain = spec.model_dump(mode="json")
     metrics_file = Path(getattr(spec, "metrics_file", None) or Path(location) / "metrics.jsonl")
     await asyncio.to_thread(run.finished, stage, plain, manifest, location, metrics_file,
                             job.run.rank_log(0))
     ref = ArtifactRef.of(location, manifest, cached=False, mlflow_run_id=run.run_id,
                          job_dir=str(job.run.root))
     await publish(ref, run.link)
-    log.info("%s: built %s (fingerprint %s)", stage, location, fingerprint[:16])
+    log.info("%s: built %s (fingerprint %s)", stage, location, manifest.fingerprint[:16])
     return ref
+
+
+def _record_failure(run: StageRun, error: BaseException, job_log: Path | None) -> None:
+    try:
+        run.failed(error, job_log)
+    except Exception as tracking_error:  # noqa: BLE001 - the job's error is the one to raise
+        get_run_logger().warning("could not record the failure in MLflow: %s", tracking_error)

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import time
 
 from cluster.jobs import Job
 from cluster.profiles import Profile
@@ -17,10 +18,12 @@ from cluster.resources import Resources
 from cluster.submit import submit
 from engine.errors import LmforgeError
 from engine.manifest import Manifest
+from engine.redact import redact_text
 from engine.spec import StageSpec
 
 RETRY_DELAYS_S = (5.0, 20.0, 60.0)
 QUEUE_ALLOWANCE_S = 24 * 3600.0  # how long a job may wait in the queue, on top of its run time
+STOP_TIMEOUT_S = 300.0  # scancel to the job's end: Slurm's KillWait, a save on SIGTERM
 
 
 def wait_limit_s(profile: Profile, resources: Resources) -> float:
@@ -43,7 +46,7 @@ async def submit_with_retries(stage: str, spec: StageSpec, resources: Resources,
             if delay is None:
                 raise
             log.warning("submitting %s failed (%s: %s); trying again in %.0f s", stage,
-                        type(exc).__name__, exc, delay)
+                        type(exc).__name__, redact_text(str(exc)), delay)
             await asyncio.sleep(delay)
 
 
@@ -55,3 +58,16 @@ async def wait_for(job: Job, timeout_s: float, log: logging.Logger | logging.Log
     except (TimeoutError, asyncio.CancelledError):
         job.cancel()
         raise
+
+
+async def stop(job: Job, log: logging.Logger | logging.LoggerAdapter,
+               timeout_s: float = STOP_TIMEOUT_S) -> None:
+    """Cancel a job and wait until it has ended: whatever replaces it may then write where it
+    wrote."""
+    log.warning("%s: cancelling job %s (%s) before building again", job.stage, job.id, job.run.root)
+    job.cancel()
+    deadline = time.monotonic() + timeout_s
+    while not await asyncio.to_thread(job.done):
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"job {job.id} still {job.state} {timeout_s:.0f} s after scancel")
+        await asyncio.sleep(2.0)

@@ -92,12 +92,12 @@ def _assert_equal_to_reference(save: Path, ref) -> None:
     assert sorted(p.name for p in save.glob("iter_*")) == ["iter_0000006"]  # keep_last 1, no leftovers
 
 
-# Saves happen at iterations 2, 4 and 6; each hashes 4 files (shards, metadata, RNG, model
-# config) and writes model_config.json, meta.json and the latest file. The faults below hit the
-# second save (iteration 4), whose prune removes iter_0000002.
+# Saves happen at iterations 2, 4 and 6; each hashes its rank's files, then rank 0 the rest
+# (`_hash` twice), and writes model_config.json, meta.json and the latest file. The faults below
+# hit the second save (iteration 4), whose prune removes iter_0000002.
 SAVE_PHASES = {
     "before the shards": f"kill@{CK}:_write_shards#2",
-    "while hashing shards": f"kill@{CK}:sha256_file#6",
+    "after the shards, before their hashes": f"kill@{CK}:_hash#3",
     "before meta.json": f"kill@{CK}:_commit#2",
     "after meta.json, before the rename": f"kill@{CK}:atomic_write_text#5+",
     "after the rename, before latest": f"kill@{CK}:fsync_dir#3",
@@ -254,6 +254,30 @@ def test_temporaries_of_a_killed_writer_are_removed_by_the_next(fixtures, tmp_pa
 def test_stop_signal_in_a_stage_without_checkpoints_removes_its_output(fixtures, tmp_path):
     argv = ["--load-dir", str(fixtures["checkpoint"]), "--save-dir", str(tmp_path / "hf"),
             "--source-format", "native", "--target-format", "hf"]
-    code, err, _ = run_engine("convert", argv, tmp_path, "term@engine.convert.stage:verify")
-    assert code == 75 and "stopped: SIGTERM; run the same command again" in err, err
-    assert list(tmp_path.glob("hf*")) == []
+    for fault in ("term@engine.registry:get_stage", "term@engine.convert.stage:verify"):
+        # while the stage's modules are imported (start-up), and in the middle of its work
+        code, err, _ = run_engine("convert", argv, tmp_path, fault)
+        assert code == 75 and "stopped: SIGTERM; run the same command again" in err, err
+        assert list(tmp_path.glob("hf*")) == []
+
+
+def test_leftovers_of_old_damage_are_swept_and_readers_fall_back(tmp_path, caplog):
+    cfg = ModelConfig(**TINY_MODEL)
+    model = LlamaModel(cfg)
+    model.init_weights(0)
+
+    def save(iteration: int) -> Path:
+        return ckpt.save_checkpoint(tmp_path, iteration, model, None, {}, cfg.model_dump())
+
+    save(1)
+    save(2)
+    (save(3) / "__0_0.distcp").unlink()  # damage after the fact: latest names an incomplete one
+    assert ckpt.checkpoint_path(tmp_path) == tmp_path / "iter_0000002"
+    assert "using " + str(tmp_path / "iter_0000002") in caplog.text
+    (tmp_path / "iter_0000004" / "rng").mkdir(parents=True)  # a folder holding only rng/
+    (tmp_path / "iter_0000001.removing").mkdir()
+    save(5)
+    assert sorted(p.name for p in tmp_path.glob("iter_*")) == [
+        "iter_0000001", "iter_0000002", "iter_0000005"]
+    ckpt.save_checkpoint(tmp_path, 6, model, None, {}, cfg.model_dump(), keep_last=2)
+    assert sorted(p.name for p in tmp_path.glob("iter_*")) == ["iter_0000005", "iter_0000006"]

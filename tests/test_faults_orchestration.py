@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import json
 import os
+import signal
 import subprocess
 import sys
 import threading
@@ -20,11 +21,14 @@ from mlflow.tracking import MlflowClient
 from prefect import flow
 from prefect.settings import PREFECT_API_URL, temporary_settings
 
+from cluster.submit import submit
 from conftest import REPO, TINY_MODEL
+from flows.lifecycle import lifecycle
 from tasks.artifact import ArtifactRef
 from tasks.metrics import step_series
 from tasks.stage import run_stage
-from test_servers import SERVER, _free_port, _server
+from test_cluster import _restart_requeued
+from test_servers import PREFECT, SERVER, _free_port, _server
 
 pytestmark = pytest.mark.slow
 
@@ -191,3 +195,191 @@ def test_two_flow_processes_racing_build_once(slurm_cluster, home, prefect_serve
     assert len(list((home / "jobs").iterdir())) == 1
     assert any("is being built by" in out for out in outputs), "no racer waited on the lease"
     assert not list((home / "artifacts").rglob("*.lease"))
+
+
+# ---------------------------------------------------------------- the Prefect worker killed
+def lifecycle_params(tiny_dataset: str) -> dict:
+    """The lifecycle on the test cluster, from the tiny corpus and tokenizer: tokenize, merge,
+    then a pretrain long enough to kill the flow in."""
+    data = Path(tiny_dataset).parent
+    options = {key: value for key, value in train_spec(tiny_dataset, 1200, 20, 400).items()
+               if key != "data"}
+    return {"data": {"corpus": str(data / "corpus"), "tokenizer": str(data / "tok" / "tokenizer.model"),
+                     "tokenize": {"append_eod": True, "progress": False}},
+            "training": {"options": {**options, "data": {"split": "95,5,0", "seq_length": 32}},
+                         "export": None},
+            "evaluation": None, "register_as": None, "run": {"profile": "testcluster"}}
+
+
+def cli(*args: str, env: dict, timeout: int = 120) -> str:
+    out = subprocess.run(list(args), cwd=REPO, env=env, capture_output=True, text=True,
+                         timeout=timeout)
+    assert out.returncode == 0, f"{' '.join(args)}:\n{out.stdout[-3000:]}\n{out.stderr[-3000:]}"
+    return out.stdout
+
+
+def training_started(home: Path) -> Path | None:
+    """The run folder of the pretrain job once it logs training steps."""
+    for run in (home / "jobs").glob("pretrain-*"):
+        log = run / "logs" / "rank_00000.log"
+        if log.is_file() and "iter " in log.read_text():
+            return run
+    return None
+
+
+@pytest.mark.timeout(420)
+def test_worker_killed_mid_flow_rerun_reuses_every_finished_stage(slurm_cluster, tiny_dataset,
+                                                                  prefect_server, home):
+    """A deployment's flow run dies with its worker (SIGKILL to the worker's process group) while
+    its pretrain job runs on Slurm. Running the flow again finds tokenize and merge finished
+    (cached, no job) and follows the pretrain job that outlived the flow instead of submitting
+    another into the same checkpoint folder."""
+    env = {**os.environ, "PREFECT_API_URL": prefect_server, "LMFORGE_HOME": str(home),
+           "PREFECT_HOME": str(home / "prefect-client"), "PREFECT_SERVER_ANALYTICS_ENABLED": "false"}
+    params = lifecycle_params(tiny_dataset)
+    cli(PREFECT, "work-pool", "create", "lmforge-local", "--type", "process", env=env)
+    cli(PREFECT, "--no-prompt", "deploy", "--name", "lifecycle-demo", env=env, timeout=300)
+    cli(PREFECT, "deployment", "run", "lifecycle/lifecycle-demo", "--params", json.dumps(params),
+        env=env)
+    worker = subprocess.Popen([PREFECT, "worker", "start", "--pool", "lmforge-local", "--run-once"],
+                              cwd=REPO, env=env, stdout=subprocess.DEVNULL,
+                              stderr=subprocess.DEVNULL, start_new_session=True)
+    try:
+        orphan = until("the pretrain job training", lambda: training_started(home), 300, 0.5)
+    finally:
+        os.killpg(worker.pid, signal.SIGKILL)
+        worker.wait(timeout=30)
+    jobs = sorted(p.name for p in (home / "jobs").iterdir())
+    assert [name.split("-")[0] for name in jobs] == ["merge", "pretrain", "tokenize"]
+
+    refs = asyncio.run(lifecycle(**params))
+    assert refs["tokenize[0]"].cached and refs["merge"].cached
+    assert not refs["pretrain"].cached and refs["pretrain"].job_dir == str(orphan)
+    assert refs["pretrain"].summary["iterations"] == 1200
+    assert sorted(p.name for p in (home / "jobs").iterdir()) == jobs  # nothing submitted again
+    assert [a["number"] for a in refs["pretrain"].summary["attempts"]] == [1]
+
+
+# ---------------------------------------------------------------- a node lost
+def testcluster_pids(run_dir: Path) -> dict[str, int]:
+    """The daemons start.sh recorded ("NAME PID EXE" lines): name -> pid."""
+    lines = (run_dir / "pids").read_text().splitlines()
+    return {line.split()[0]: int(line.split()[1]) for line in lines if line.strip()}
+
+
+def _environ(pid: int) -> dict[str, str]:
+    try:
+        raw = Path(f"/proc/{pid}/environ").read_bytes().decode(errors="replace")
+    except OSError:
+        return {}
+    return dict(kv.split("=", 1) for kv in raw.split("\0") if "=" in kv)
+
+
+def _parent(pid: int) -> int:
+    return int(Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[1])
+
+
+def lose_node(run_dir: Path, node: str, job_id: str) -> list[int]:
+    """What a node's power loss does to the job: SIGKILL its slurmd, the job's slurmstepd on it
+    and every process of the job there (found by SLURMD_NODENAME and SLURM_JOB_ID); no process
+    of the node gets a word out. Returns the pids killed."""
+    ranks = [int(p) for p in os.listdir("/proc") if p.isdigit()
+             and {"SLURMD_NODENAME": node, "SLURM_JOB_ID": job_id}.items() <= _environ(int(p)).items()]
+    stepds = {_parent(pid) for pid in ranks} - set(ranks)
+    doomed = [testcluster_pids(run_dir)[f"slurmd-{node}"], *stepds, *ranks]
+    for pid in doomed:
+        try:
+            os.kill(pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+    return doomed
+
+
+def revive_node(run_dir: Path, node: str) -> None:
+    """Start the node's slurmd again as start.sh does (its own session, recorded in `pids` so
+    that stop.sh stops it) unless it runs, and wait until Slurm has the node back in service."""
+    name = f"slurmd-{node}"
+    if not _running(testcluster_pids(run_dir)[name]):
+        with open(run_dir / "log" / f"{name}.out", "ab") as out:
+            daemon = subprocess.Popen(["/usr/sbin/slurmd", "-D", "-N", node, "-f",
+                                       os.environ["SLURM_CONF"]], stdin=subprocess.DEVNULL,
+                                      stdout=out, stderr=out, start_new_session=True)
+        lines = (run_dir / "pids").read_text().splitlines()
+        (run_dir / "pids").write_text("".join(
+            f"{name} {daemon.pid} {line.split()[2]}\n" if line.split()[0] == name else line + "\n"
+            for line in lines))
+    until(f"node {node} back in service", lambda: _in_service(node), 60, every_s=1)
+
+
+def _running(pid: int) -> bool:
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] not in "ZX"
+    except OSError:
+        return False
+
+
+def _in_service(node: str) -> bool:
+    """ReturnToService=2 brings a node that registers again back by itself; a node still marked
+    down although it answers (no `*`) is resumed by hand."""
+    out = subprocess.run(["sinfo", "-h", "-n", node, "-o", "%t"], capture_output=True, text=True,
+                         timeout=30)
+    state = out.stdout.strip()
+    if state.startswith(("down", "drain", "fail")) and "*" not in state:
+        subprocess.run(["scontrol", "update", f"nodename={node}", "state=resume"],
+                       capture_output=True, timeout=30)
+    return bool(state) and "*" not in state and not state.startswith(("down", "drain", "fail"))
+
+
+def loss_records(save: Path) -> list[tuple[int, float]]:
+    """(step, loss) of every metrics line, in the order written (a resumed attempt logs its
+    steps again after the first attempt's)."""
+    records = [json.loads(line) for line in (save / "metrics.jsonl").read_text().splitlines()]
+    return [(r["step"], r["data"]["loss"]) for r in records
+            if r["kind"] == "metrics" and "loss" in r["data"]]
+
+
+@pytest.mark.timeout(420)
+def test_node_lost_is_reported_within_seconds_and_the_requeue_resumes(slurm_cluster, tiny_dataset,
+                                                                      tmp_path):
+    """n2 dies under a 2-node DDP job (its slurmd, slurmstepd and rank killed at once): the
+    surviving rank's broken all-reduce is not taken for a failure of its own; the caller hears
+    which rank and node were lost within seconds, keeps waiting while Slurm requeues the job
+    (node failure, `--requeue`), and the next attempt resumes from the last checkpoint with the
+    very same losses."""
+    cluster, save = slurm_cluster["run_dir"], tmp_path / "ckpt"
+    spec = {**train_spec(tiny_dataset, 400, 1, 100),
+            "checkpoint": {"save": str(save), "interval": 100, "keep_last": 1}}
+    job = submit("pretrain", spec, {"nodes": 2}, "testcluster", run_dir=tmp_path / "run")
+    lines: list[str] = []
+    try:
+        until("step 130", lambda: max((s for s, _ in logged_steps(save / "metrics.jsonl")),
+                                      default=0) >= 130, 120)
+        lose_node(cluster, "n2", job.id)
+        lost_at = time.monotonic()
+        until("news of the lost node", lambda: lines.extend(job.log_lines()) or
+              any("no heartbeat" in line for line in lines), 60)
+        told_s = time.monotonic() - lost_at
+        until("Slurm's requeue", lambda: job.state == "PENDING", 120, every_s=1)
+        requeued_s = time.monotonic() - lost_at
+        revive_node(cluster, "n2")
+        _restart_requeued(job)
+        manifest = job.wait_sync(180, on_line=lines.append, poll_s=1.0)
+    finally:
+        revive_node(cluster, "n2")
+        job.cancel()
+
+    news = next(line for line in lines if "no heartbeat" in line)
+    assert f"job {job.id}, attempt 1: rank 1 on n2: no heartbeat" in news, news
+    assert told_s < 20, f"the lost node was reported after {told_s:.0f} s"
+    assert not (tmp_path / "run" / "failed.json").exists()  # no rank failed
+    assert [(a.number, a.reason, a.start_step) for a in job.attempts] == [
+        (1, "submitted", 0), (2, "requeued", 100)]
+    assert manifest.summary["iterations"] == 400
+    losses: dict[int, list[float]] = {}
+    for step, loss in loss_records(save):
+        losses.setdefault(step, []).append(loss)
+    assert sorted(losses) == list(range(1, 401))
+    redone = {step: values for step, values in losses.items() if len(values) > 1}
+    assert min(redone) == 101 and len(redone) >= 30  # steps after the checkpoint, run twice ...
+    assert all(a == b for a, b in redone.values())   # ... to bitwise the same loss
+    print(f"node loss reported in {told_s:.1f} s; Slurm requeued the job after {requeued_s:.0f} s")

@@ -41,7 +41,7 @@ from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model
 
 from engine.atomic import atomic_write_text, fsync_dir, out_of_space
 from engine.errors import InputError
-from engine.manifest import FileEntry, check_files, sha256_file
+from engine.manifest import HASH_THREADS, FileEntry, check_files, sha256_file, sha256_files
 from engine.train.latest import LATEST, latest_iteration
 from engine.train.safe_load import SafePlanner, SafeReader, rng_state, set_rng_state
 
@@ -192,18 +192,21 @@ def _write_shards(tmp: Path, model, optimizer) -> dict[str, FileEntry]:
         state["optim"] = get_optimizer_state_dict(model, optimizer)
     with warnings.catch_warnings():  # single-process saves are intended, not a mistake
         warnings.filterwarnings("ignore", message="torch.distributed is disabled")
-        dcp.save(state, checkpoint_id=str(tmp))
+        # a rank's shards in several files: written and then hashed by several threads
+        dcp.save(state, storage_writer=dcp.FileSystemWriter(str(tmp), thread_count=HASH_THREADS))
     torch.save(rng_state(), tmp / "rng" / f"rank_{_rank():05d}.pt")
-    mine = {str(p.relative_to(tmp)): sha256_file(p) for p in sorted(tmp.rglob("*"))
-            if p.is_file() and _written_by(p.name, _rank())}
+    mine = _hash([p for p in tmp.rglob("*") if p.is_file() and _written_by(p.name, _rank())], tmp)
     _barrier()  # every rank's files are on disk before rank 0 hashes the rest
     files = {name: entry for part in _all_gather(mine) for name, entry in part.items()}
     if _rank() == 0:
-        for p in sorted(tmp.rglob("*")):
-            name = str(p.relative_to(tmp))
-            if p.is_file() and name not in files:
-                files[name] = sha256_file(p)
+        files.update(_hash([p for p in tmp.rglob("*")
+                            if p.is_file() and str(p.relative_to(tmp)) not in files], tmp))
     return files
+
+
+def _hash(paths: list[Path], root: Path) -> dict[str, FileEntry]:
+    paths = sorted(paths)
+    return {str(p.relative_to(root)): entry for p, entry in zip(paths, sha256_files(paths))}
 
 
 def _written_by(name: str, rank: int) -> bool:
