@@ -69,18 +69,40 @@ def atomic_write_text(path: str | Path, text: str) -> None:
         tmp.unlink(missing_ok=True)
 
 
+def make_parents(path: Path) -> list[Path]:
+    """Create `path`'s missing parent folders; the ones created, deepest first."""
+    created, parent = [], path.parent
+    while not parent.exists():
+        created.append(parent)
+        parent = parent.parent
+    path.parent.mkdir(parents=True, exist_ok=True)
+    return created
+
+
+def remove_empty(folders: list[Path]) -> None:
+    """Remove folders an output created, deepest first, as long as they are empty."""
+    for folder in folders:
+        try:
+            folder.rmdir()
+        except OSError:
+            return
+
+
 class StagedFiles:
     """Several output files that appear under their final names together, or not at all.
 
     `stage(final)` hands out a temporary path; `commit()` renames them all; leaving the `with`
-    block without commit (an error, Ctrl-C) deletes every temporary file.
+    block without commit (an error, Ctrl-C) deletes every temporary file, and the folders staging
+    created.
     """
 
     def __init__(self) -> None:
         self._pending: list[tuple[Path, Path]] = []
+        self._created: list[Path] = []
         self.committed = False
 
     def stage(self, final: str | Path) -> Path:
+        self._created += make_parents(Path(final))
         tmp = temp_name(final)
         self._pending.append((tmp, Path(final)))
         return tmp
@@ -94,6 +116,7 @@ class StagedFiles:
         for tmp, _ in self._pending:
             with contextlib.suppress(FileNotFoundError):
                 tmp.unlink()
+        remove_empty(self._created)
 
     def __enter__(self) -> "StagedFiles":
         return self
@@ -110,7 +133,7 @@ def staged_dir(final: str | Path) -> Iterator[Path]:
     final = Path(final)
     if final.exists() and any(final.iterdir()):
         raise InputError(f"{final}: output folder exists and is not empty")
-    final.parent.mkdir(parents=True, exist_ok=True)
+    created = make_parents(final)
     tmp = temp_name(final)
     tmp.mkdir()
     try:
@@ -121,6 +144,7 @@ def staged_dir(final: str | Path) -> Iterator[Path]:
     finally:
         if tmp.exists():
             shutil.rmtree(tmp, ignore_errors=True)
+            remove_empty(created)
 
 
 _NO_SPACE = (errno.ENOSPC, errno.EDQUOT)

@@ -80,11 +80,12 @@ def _train_tokenizer(write: Writer) -> Callable[[Path, dict], list[str]]:
 
 
 def _tokenize(write: Writer) -> Callable[[Path, dict], list[str]]:
-    return lambda tmp, fx: ["--input", str(write(tmp, fx)), "--output-prefix", str(tmp / "o"),
-                            "--tokenizer", str(fx["tokenizer"]), "--no-progress"]
+    return lambda tmp, fx: ["--input", str(write(tmp, fx)), "--output-prefix",
+                            str(tmp / "out" / "o"), "--tokenizer", str(fx["tokenizer"]),
+                            "--no-progress"]
 
 
-TOKENIZE_OUTPUTS = ("o_text_document.bin", "o_text_document.idx", "o.manifest.json")
+TOKENIZE_OUTPUTS = ("out",)  # the folder the output prefix would have created, too
 
 ROWS: list[BadInput] = [
     row

@@ -241,14 +241,18 @@ def test_worker_killed_mid_flow_rerun_reuses_every_finished_stage(slurm_cluster,
     cli(PREFECT, "--no-prompt", "deploy", "--name", "lifecycle-demo", env=env, timeout=300)
     cli(PREFECT, "deployment", "run", "lifecycle/lifecycle-demo", "--params", json.dumps(params),
         env=env)
-    worker = subprocess.Popen([PREFECT, "worker", "start", "--pool", "lmforge-local", "--run-once"],
-                              cwd=REPO, env=env, stdout=subprocess.DEVNULL,
-                              stderr=subprocess.DEVNULL, start_new_session=True)
+    with open(home.parent / "worker.log", "wb") as log:
+        worker = subprocess.Popen([PREFECT, "worker", "start", "--pool", "lmforge-local",
+                                   "--run-once"], cwd=REPO, env=env, stdout=log, stderr=log,
+                                  start_new_session=True)
     try:
-        orphan = until("the pretrain job training", lambda: training_started(home), 300, 0.5)
+        until("pretrain training, or the end of the worker",
+              lambda: training_started(home) or worker.poll() is not None, 300, 0.5)
     finally:
         os.killpg(worker.pid, signal.SIGKILL)
         worker.wait(timeout=30)
+    orphan = training_started(home)
+    assert orphan, (home.parent / "worker.log").read_text()[-5000:]
     jobs = sorted(p.name for p in (home / "jobs").iterdir())
     assert [name.split("-")[0] for name in jobs] == ["merge", "pretrain", "tokenize"]
 

@@ -71,7 +71,6 @@ def run(spec: Spec) -> Manifest:
         if p not in known:
             log.warning("%s has no manifest: its tokenizer cannot be checked", p)
     out = spec.output_prefix
-    Path(out).parent.mkdir(parents=True, exist_ok=True)
 
     digest = hashlib.sha256()
     with StagedFiles() as staged:

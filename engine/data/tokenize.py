@@ -329,9 +329,6 @@ def run(spec: Spec) -> Manifest:
         raise InputError(f"{tok.path}: --add-bos, but the tokenizer has no BOS token")
     if spec.append_eod and tok.eod_id is None:
         raise InputError(f"{tok.path}: --append-eod, but the tokenizer has no EOS/EOD token")
-    out_dir = Path(spec.output_prefix).parent
-    if not out_dir.is_dir():
-        out_dir.mkdir(parents=True, exist_ok=True)
     dtype = token_dtype(tok.vocab_size)
     log.info("tokenize %d file(s) with %s (vocab %d, %s tokens), keys %s, %d worker(s)",
              len(files), tok.path, tok.vocab_size, dtype.name, spec.json_keys, spec.workers)
