@@ -60,7 +60,8 @@ def attempt_tail(path: Path) -> list[str]:
 
 
 def _another_failed(rank: int, run: RunDir) -> RuntimeError:
-    return RuntimeError(f"rank {rank}: engine stopped because another rank failed (see {run.failed})")
+    return RuntimeError(f"rank {rank}: engine stopped because another rank failed "
+                        f"(see {run.failed})")
 
 
 def master_port(job_id: str) -> int:
@@ -163,7 +164,8 @@ class RankLauncher(submitit.helpers.Checkpointable):
         and write no failure: on Slurm the job is requeued when Slurm declares the node down
         (`--requeue`), and the next attempt resumes from the last checkpoint."""
         who = ", ".join(f"rank {p['rank']} on {p['host']}" for p in lost)
-        message = f"{who}: no heartbeat for {LOST_AFTER_S:.0f} s (node lost, or its processes killed)"
+        message = (f"{who}: no heartbeat for {LOST_AFTER_S:.0f} s (node lost, or its processes "
+                   f"killed)")
         run.write_json(run.lost, {"attempt": len(read_attempts(run)), "seen_by": rank,
                                   "ranks": [p["rank"] for p in lost],
                                   "nodes": sorted({p["host"] for p in lost}), "message": message})

@@ -4,7 +4,9 @@ State comes from Slurm's accounting (sacct, through submitit's watcher) for Slur
 controller process for local ones, and is fixed for inline runs. Rank 0's result file settles a
 job as soon as it exists; otherwise only a final accounting state does. Every wait has a timeout,
 and a job that ends without a result raises `JobFailed` with the real cause: the failing rank's
-traceback, or Slurm's reason (OUT_OF_MEMORY, TIMEOUT, NODE_FAIL, CANCELLED, ...).
+traceback, ranks lost with their node (lost.json, cluster/liveness.py), or Slurm's reason
+(OUT_OF_MEMORY, TIMEOUT, NODE_FAIL, CANCELLED, ...). A job Slurm put back in its queue (after a
+node failure) is in progress, whatever accounting says of its ended attempt.
 """
 
 from __future__ import annotations

@@ -5,9 +5,7 @@ creates it builds; the others wait for it to go away and then find the artifact 
 file names its holder (pid, host, flow run, a random token) and its mtime is the holder's
 heartbeat. A lease is stale — taken over — when its holder's process is gone (checked on the
 holder's host) or, seen from another host, when its heartbeat is older than `stale_after_s` (a
-killed flow, a lost node). Only the holder (matching token) removes it. The holder also records
-there what it started (`record`: its job, its MLflow run), so that whoever takes a stale lease
-over (`previous`) can follow a job that outlived the flow which submitted it.
+killed flow, a lost node). Only the holder (matching token) removes it.
 """
 
 from __future__ import annotations
@@ -22,7 +20,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from engine.atomic import atomic_write_text
 from engine.process import pid_alive
 
 HEARTBEAT_S = 30.0
@@ -39,7 +36,6 @@ class Lease:
     owner: dict[str, Any] = field(default_factory=dict)  # e.g. {"flow_run": ...}
     stale_after_s: float = STALE_AFTER_S
     token: str = field(default_factory=lambda: uuid.uuid4().hex)
-    previous: dict[str, Any] | None = None  # the stale holder's record, once taken over
 
     def try_acquire(self) -> bool:
         """Create the lease, or take over a stale one; False while a live holder has it."""
@@ -74,12 +70,6 @@ class Lease:
 
     def held(self) -> bool:
         return (self.holder() or {}).get("token") == self.token
-
-    def record(self, **info: Any) -> None:
-        """Add what the holder started to its lease (atomically: a reader never sees half)."""
-        holder = self.holder()
-        if holder is not None and holder.get("token") == self.token:
-            atomic_write_text(self.path, json.dumps({**holder, **info}))
 
     def beat(self) -> None:
         if self.held():
@@ -121,8 +111,6 @@ class Lease:
                 os.link(aside, self.path)
             except FileExistsError:
                 pass
-        else:
-            self.previous = taken
         aside.unlink(missing_ok=True)
         return True
 

@@ -8,9 +8,9 @@ the spec names one; return at once when a complete artifact with that fingerprin
 (transient submission failures retried), await the job without holding a thread while its log
 lines stream into the task's log, and track it all in a nested MLflow run; publish a Prefect
 table artifact; return an ArtifactRef. A failed job fails the task with the job's own error and
-ends the MLflow run FAILED. A lease taken over from a flow that died names the job that flow
-submitted; while that job still runs (on Slurm a job outlives its submitter) the task follows it
-instead of building the artifact a second time beside it.
+ends the MLflow run FAILED. A job that outlived the flow which submitted it (a Slurm job goes on
+when its worker is killed: tasks/building.py) is followed by the next run instead of being
+built a second time beside it.
 """
 
 from __future__ import annotations
@@ -24,7 +24,7 @@ from prefect.cache_policies import NO_CACHE
 from prefect.logging import get_run_logger
 from prefect.runtime import flow_run, task_run
 
-from cluster.jobs import Job
+from cluster.jobs import Job, JobFailed
 from cluster.profiles import Profile, load_profile
 from cluster.resources import Resources
 from engine.errors import InputError
@@ -32,6 +32,7 @@ from engine.manifest import complete, read_manifest
 from engine.registry import get_stage
 from engine.spec import StageSpec
 from tasks.artifact import ArtifactRef
+from tasks.building import forget_job, record_job, running_job
 from tasks.lease import Lease
 from tasks.options import validate_spec
 from tasks.outputs import auto_location, given_location, lease_path, remove
@@ -72,11 +73,12 @@ async def run_stage(stage: str, spec: dict[str, Any] | StageSpec,
     try:
         if not force and (ref := await _cached(stage, fingerprint, location)):
             return ref  # the holder we waited for built it
-        orphan = await asyncio.to_thread(_orphan, lease.previous)
+        orphan = await asyncio.to_thread(running_job, location)
         if orphan is not None and not force:
-            return await _adopt(stage, checked, location, orphan, lease, timeout_s)
+            return await _adopt(stage, checked, location, *orphan, timeout_s)
         if orphan is not None:  # a forced rebuild must not write beside it
-            await stop(orphan, log)
+            await stop(orphan[0], log)
+            forget_job(location)
         other = read_manifest(location)
         if other is not None and other.fingerprint != fingerprint and not force:
             raise InputError(f"{location} holds another {other.stage} artifact (fingerprint "
@@ -90,7 +92,7 @@ async def run_stage(stage: str, spec: dict[str, Any] | StageSpec,
                 log.warning("%s: %s is not complete (a file is missing or cut short): "
                             "building it again", stage, location)
             await asyncio.to_thread(remove, stage, location)
-        return await _build(stage, checked, fingerprint, location, cluster, wanted, timeout_s, lease)
+        return await _build(stage, checked, fingerprint, location, cluster, wanted, timeout_s)
     finally:
         heartbeat.cancel()
         lease.release()
@@ -111,15 +113,8 @@ async def _cached(stage: str, fingerprint: str, location: str) -> ArtifactRef | 
     return ref
 
 
-def _orphan(previous: dict[str, Any] | None) -> Job | None:
-    """The job still running for a flow that died holding this artifact's lease (a Slurm job
-    outlives the flow that submitted it), or None."""
-    job = Job.attach(previous["job_dir"]) if previous and previous.get("job_dir") else None
-    return job if job is not None and not job.done() else None
-
-
 async def _build(stage: str, spec: StageSpec, fingerprint: str, location: str, cluster: Profile,
-                 resources: Resources, timeout_s: float, lease: Lease) -> ArtifactRef:
+                 resources: Resources, timeout_s: float) -> ArtifactRef:
     plain = spec.model_dump(mode="json")
     run = await asyncio.to_thread(StageRun.start, stage, fingerprint, location, plain, False)
     with_tracking = cluster.model_copy(update={"env": {**cluster.env, **run.job_env()}})
@@ -128,33 +123,37 @@ async def _build(stage: str, spec: StageSpec, fingerprint: str, location: str, c
     except BaseException as exc:
         _record_failure(run, exc, None)
         raise
-    return await _follow(stage, spec, location, job, run, lease, timeout_s)
+    await asyncio.to_thread(record_job, location, job, mlflow_experiment=run.experiment,
+                            mlflow_run=run.run_id, flow_run=str(flow_run.get_id()))
+    return await _follow(stage, spec, location, job, run, timeout_s)
 
 
-async def _adopt(stage: str, spec: StageSpec, location: str, job: Job, lease: Lease,
+async def _adopt(stage: str, spec: StageSpec, location: str, job: Job, record: dict[str, Any],
                  timeout_s: float) -> ArtifactRef:
-    """Follow the job of a flow that died, into the MLflow run it logs to, instead of building
-    the artifact a second time beside it."""
-    previous = lease.previous
-    get_run_logger().info("%s: job %s of flow run %s (gone) is still running: following it",
-                          stage, job.id, previous.get("flow_run"))
-    run = StageRun(previous["mlflow_experiment"], previous["mlflow_run"])
-    return await _follow(stage, spec, location, job, run, lease, timeout_s)
+    """Follow the job of a flow that is gone, into the MLflow run it logs to."""
+    get_run_logger().info("%s: job %s, submitted by flow run %s, is still running: following it",
+                          stage, job.id, record.get("flow_run"))
+    run = StageRun(record["mlflow_experiment"], record["mlflow_run"])
+    await asyncio.to_thread(run.followed)
+    return await _follow(stage, spec, location, job, run, timeout_s)
 
 
 async def _follow(stage: str, spec: StageSpec, location: str, job: Job, run: StageRun,
-                  lease: Lease, timeout_s: float) -> ArtifactRef:
-    """Wait for the job, then complete its MLflow run and publish the artifact. The lease says
-    which job and run these are, for whoever takes it over should this flow die."""
+                  timeout_s: float) -> ArtifactRef:
+    """Wait for the job, complete its MLflow run, publish the artifact. Should this task end
+    while the job runs on (its process killed), the job's record stays for the next run."""
     log = get_run_logger()
     try:
-        await asyncio.to_thread(lease.record, job_dir=str(job.run.root), mlflow_run=run.run_id,
-                                mlflow_experiment=run.experiment)
         await asyncio.to_thread(run.tag, job_id=job.id, job_dir=job.run.root)
         manifest = await wait_for(job, timeout_s, log)
+    except (JobFailed, TimeoutError, asyncio.CancelledError) as exc:  # over, or cancelled
+        forget_job(location)
+        _record_failure(run, exc, job.run.rank_log(0))
+        raise
     except BaseException as exc:
         _record_failure(run, exc, job.run.rank_log(0))
         raise
+    forget_job(location)
     plain = spec.model_dump(mode="json")
     metrics_file = Path(getattr(spec, "metrics_file", None) or Path(location) / "metrics.jsonl")
     await asyncio.to_thread(run.finished, stage, plain, manifest, location, metrics_file,

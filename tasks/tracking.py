@@ -191,6 +191,15 @@ class StageRun:
             self.tag(built_by=built_by)
         client().set_terminated(self.run_id, "FINISHED")
 
+    def followed(self) -> None:
+        """Another flow run follows the job of this run, whose own flow run ended with it still
+        running: the run is running again."""
+        mlflow = client()
+        if "lmforge.error" in mlflow.get_run(self.run_id).data.tags:
+            mlflow.delete_tag(self.run_id, "lmforge.error")
+        mlflow.update_run(self.run_id, status="RUNNING")
+        self.tag(followed_by=flow_run.get_id() or "")
+
     def failed(self, error: BaseException, job_log: Path | None) -> None:
         self.tag(error=error)
         if job_log is not None and job_log.is_file():

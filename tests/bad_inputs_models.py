@@ -190,13 +190,13 @@ ROWS: list[BadInput] = [
         "convert", "native source: one bit flipped in a checkpoint shard",
         lambda tmp, fx: _convert(tmp, _flipped_shard(tmp, fx), "native", "hf"),
         r"{tmp}/ckpt/iter_\d+/__0_0\.distcp: checksum mismatch", ("out",),
-        "…/ckpt/iter_0000000/__0_0.distcp: checksum mismatch (sha256 f89b6c836441b1fd…, "
+        "…/ckpt/iter_0000002/__0_0.distcp: checksum mismatch (sha256 f89b6c836441b1fd…, "
         "recorded bd070e9972253228…): the file is corrupt"),
     BadInput(
         "convert", "native source: a checkpoint shard truncated",
         lambda tmp, fx: _convert(tmp, _truncated_shard(tmp, fx), "native", "hf"),
         r"{tmp}/ckpt/iter_\d+/__0_0\.distcp: \d+ bytes, the recorded size is \d+", ("out",),
-        "…/ckpt/iter_0000000/__0_0.distcp: 295726 bytes, the recorded size is 591453: the file "
+        "…/ckpt/iter_0000002/__0_0.distcp: 295726 bytes, the recorded size is 591453: the file "
         "is truncated or was changed"),
     BadInput(
         "evaluate", "model.safetensors truncated (a model without a manifest)",

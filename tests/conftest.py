@@ -113,6 +113,31 @@ def write_jsonl(tmp_path):
     return write
 
 
+@pytest.fixture(scope="module")
+def prefect_server(tmp_path_factory):
+    """A real Prefect server for the module's tests; what this process's flows sent it is
+    delivered before it stops."""
+    from servers import drain_prefect_clients, serving
+
+    with serving("prefect", tmp_path_factory.mktemp("prefect-server")) as url:
+        try:
+            yield url
+        finally:
+            drain_prefect_clients()
+
+
+@pytest.fixture
+def home(tmp_path, monkeypatch, prefect_server):
+    """LMFORGE_HOME in a temporary folder; flows of this process report to the real server."""
+    from prefect.settings import PREFECT_API_URL, temporary_settings
+
+    monkeypatch.setenv("LMFORGE_HOME", str(tmp_path / "home"))
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    monkeypatch.delenv("LMFORGE_CLUSTER_PROFILE", raising=False)
+    with temporary_settings(updates={PREFECT_API_URL: prefect_server}):
+        yield tmp_path / "home"
+
+
 def _in_ci() -> bool:
     return os.environ.get("CI", "").strip().lower() not in ("", "0", "false", "no")
 

@@ -19,33 +19,18 @@ from pathlib import Path
 import pytest
 from mlflow.tracking import MlflowClient
 from prefect import flow
-from prefect.settings import PREFECT_API_URL, temporary_settings
 
 from cluster.submit import submit
 from conftest import REPO, TINY_MODEL
 from flows.lifecycle import lifecycle
+from servers import PREFECT, cli, free_port, server
+from tasks import tracking
 from tasks.artifact import ArtifactRef
 from tasks.metrics import step_series
 from tasks.stage import run_stage
 from test_cluster import _restart_requeued
-from test_servers import PREFECT, SERVER, _free_port, _server
 
 pytestmark = pytest.mark.slow
-
-
-@pytest.fixture(scope="module")
-def prefect_server(tmp_path_factory):
-    yield from _server("prefect", tmp_path_factory.mktemp("prefect-server"))
-
-
-@pytest.fixture
-def home(tmp_path, monkeypatch, prefect_server):
-    """LMFORGE_HOME in a temporary folder; flows of this process report to the real server."""
-    monkeypatch.setenv("LMFORGE_HOME", str(tmp_path / "home"))
-    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
-    monkeypatch.delenv("LMFORGE_CLUSTER_PROFILE", raising=False)
-    with temporary_settings(updates={PREFECT_API_URL: prefect_server}):
-        yield tmp_path / "home"
 
 
 @flow
@@ -93,20 +78,13 @@ def last_step(home: Path, stage: str) -> int:
 
 
 # ---------------------------------------------------------------- MLflow server down mid-run
-def mlflow_server(action: str, state: Path, port: int | None = None) -> str:
-    args = ["bash", str(SERVER), "mlflow", action, str(state)] + ([str(port)] if port else [])
-    out = subprocess.run(args, capture_output=True, text=True, timeout=200)
-    assert out.returncode == 0, out.stderr[-3000:]
-    return out.stdout.strip().splitlines()[-1].split("=", 1)[1] if action == "start" else ""
-
-
 def outage(home: Path, state: Path, port: int, times: dict) -> None:
     """Stop the MLflow server once the job has logged 50 steps, start it again (same store, same
     port) once 50 more steps have been logged meanwhile; record when each happened."""
     try:
         until("step 50", lambda: last_step(home, "pretrain") >= 50, 120)
         times["stop"] = time.time()
-        mlflow_server("stop", state)
+        server("mlflow", "stop", state)
         times["stopped"] = time.time()
         stopped_at = last_step(home, "pretrain")
         until("training while MLflow is down",
@@ -115,11 +93,8 @@ def outage(home: Path, state: Path, port: int, times: dict) -> None:
         times["error"] = exc
     finally:
         times["restart"] = time.time()
-        mlflow_server("start", state, port)
+        server("mlflow", "start", state, port)
         times["up"] = time.time()
-
-
-ITERS = 1500
 
 
 @pytest.mark.timeout(300)
@@ -128,13 +103,13 @@ def test_mlflow_server_restarted_mid_run(slurm_cluster, tiny_dataset, home, tmp_
     """Training goes on while the server is down (no step waits on it), and afterwards the run
     holds every step's metrics exactly once: live before and after the gap, backfilled from the
     JSON lines for the gap."""
-    state, port = tmp_path / "mlflow", _free_port()
-    monkeypatch.setenv("MLFLOW_TRACKING_URI", mlflow_server("start", state, port))
+    state, port, iters = tmp_path / "mlflow", free_port(), 1500
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", server("mlflow", "start", state, port))
     times: dict = {}
     breaker = threading.Thread(target=outage, args=(home, state, port, times), daemon=True)
     breaker.start()
     try:
-        ref = asyncio.run(one_stage("pretrain", train_spec(tiny_dataset, ITERS, 5, ITERS),
+        ref = asyncio.run(one_stage("pretrain", train_spec(tiny_dataset, iters, 5, iters),
                                     "testcluster"))
         breaker.join(timeout=200)
         assert "error" not in times, times.get("error")
@@ -154,13 +129,13 @@ def test_mlflow_server_restarted_mid_run(slurm_cluster, tiny_dataset, home, tmp_
             history = mlflow.get_metric_history(ref.mlflow_run_id, key)
             assert sorted(m.step for m in history) == sorted(points), key  # each step once
             assert {m.step: m.value for m in history} == {s: v for s, (v, _) in points.items()}
-        assert sorted(series["loss"]) == list(range(5, ITERS + 1, 5))
-        print(f"MLflow down {times['up'] - times['stop']:.1f} s (stop {times['stopped'] - times['stop']:.1f} s, "
-              f"start {times['up'] - times['restart']:.1f} s); {len(during)} log steps meanwhile, "
-              f"longest pause {max(pauses):.2f} s; training went on {logged[-1][1] - times['up']:.1f} s after")
+        assert sorted(series["loss"]) == list(range(5, iters + 1, 5))
+        print(f"MLflow down {times['up'] - times['stop']:.1f} s; {len(during)} log steps "
+              f"meanwhile, longest pause {max(pauses):.2f} s; training went on "
+              f"{logged[-1][1] - times['up']:.1f} s after")
     finally:
         breaker.join(timeout=200)
-        mlflow_server("stop", state)
+        server("mlflow", "stop", state)
 
 
 # ---------------------------------------------------------------- two flows, one artifact
@@ -202,20 +177,14 @@ def lifecycle_params(tiny_dataset: str) -> dict:
     """The lifecycle on the test cluster, from the tiny corpus and tokenizer: tokenize, merge,
     then a pretrain long enough to kill the flow in."""
     data = Path(tiny_dataset).parent
-    options = {key: value for key, value in train_spec(tiny_dataset, 1200, 20, 400).items()
+    options = {key: value for key, value in train_spec(tiny_dataset, 1000, 20, 400).items()
                if key != "data"}
-    return {"data": {"corpus": str(data / "corpus"), "tokenizer": str(data / "tok" / "tokenizer.model"),
+    return {"data": {"corpus": str(data / "corpus"),
+                     "tokenizer": str(data / "tok" / "tokenizer.model"),
                      "tokenize": {"append_eod": True, "progress": False}},
             "training": {"options": {**options, "data": {"split": "95,5,0", "seq_length": 32}},
                          "export": None},
             "evaluation": None, "register_as": None, "run": {"profile": "testcluster"}}
-
-
-def cli(*args: str, env: dict, timeout: int = 120) -> str:
-    out = subprocess.run(list(args), cwd=REPO, env=env, capture_output=True, text=True,
-                         timeout=timeout)
-    assert out.returncode == 0, f"{' '.join(args)}:\n{out.stdout[-3000:]}\n{out.stderr[-3000:]}"
-    return out.stdout
 
 
 def training_started(home: Path) -> Path | None:
@@ -227,15 +196,27 @@ def training_started(home: Path) -> Path | None:
     return None
 
 
+def kill_worker(worker: subprocess.Popen) -> None:
+    """SIGKILL the worker's process group and that of its flow run (Prefect starts each flow run
+    in a session of its own): what the loss of the worker's machine does."""
+    children = [int(p) for p in os.listdir("/proc") if p.isdigit() and _running(int(p))
+                and _parent(int(p)) == worker.pid]
+    groups = {worker.pid} | {os.getpgid(pid) for pid in children}
+    for group in groups:
+        os.killpg(group, signal.SIGKILL)
+    worker.wait(timeout=30)
+
+
 @pytest.mark.timeout(420)
 def test_worker_killed_mid_flow_rerun_reuses_every_finished_stage(slurm_cluster, tiny_dataset,
                                                                   prefect_server, home):
-    """A deployment's flow run dies with its worker (SIGKILL to the worker's process group) while
+    """A deployment's flow run dies with its worker (SIGKILL to the process groups of both) while
     its pretrain job runs on Slurm. Running the flow again finds tokenize and merge finished
     (cached, no job) and follows the pretrain job that outlived the flow instead of submitting
     another into the same checkpoint folder."""
     env = {**os.environ, "PREFECT_API_URL": prefect_server, "LMFORGE_HOME": str(home),
-           "PREFECT_HOME": str(home / "prefect-client"), "PREFECT_SERVER_ANALYTICS_ENABLED": "false"}
+           "PREFECT_HOME": str(home / "prefect-client"),
+           "PREFECT_SERVER_ANALYTICS_ENABLED": "false"}
     params = lifecycle_params(tiny_dataset)
     cli(PREFECT, "work-pool", "create", "lmforge-local", "--type", "process", env=env)
     cli(PREFECT, "--no-prompt", "deploy", "--name", "lifecycle-demo", env=env, timeout=300)
@@ -249,23 +230,29 @@ def test_worker_killed_mid_flow_rerun_reuses_every_finished_stage(slurm_cluster,
         until("pretrain training, or the end of the worker",
               lambda: training_started(home) or worker.poll() is not None, 300, 0.5)
     finally:
-        os.killpg(worker.pid, signal.SIGKILL)
-        worker.wait(timeout=30)
+        kill_worker(worker)
     orphan = training_started(home)
     assert orphan, (home.parent / "worker.log").read_text()[-5000:]
     jobs = sorted(p.name for p in (home / "jobs").iterdir())
     assert [name.split("-")[0] for name in jobs] == ["merge", "pretrain", "tokenize"]
 
+    rerun = time.monotonic()
     refs = asyncio.run(lifecycle(**params))
     assert refs["tokenize[0]"].cached and refs["merge"].cached
     assert not refs["pretrain"].cached and refs["pretrain"].job_dir == str(orphan)
-    assert refs["pretrain"].summary["iterations"] == 1200
+    assert refs["pretrain"].summary["iterations"] == 1000
     assert sorted(p.name for p in (home / "jobs").iterdir()) == jobs  # nothing submitted again
     assert [a["number"] for a in refs["pretrain"].summary["attempts"]] == [1]
+    run = tracking.client().get_run(refs["pretrain"].mlflow_run_id)  # the run the job logged to
+    assert run.data.tags["lmforge.job_dir"] == str(orphan) and run.info.status == "FINISHED"
+    assert "lmforge.error" not in run.data.tags
+    assert not list((home / "artifacts").rglob("*.job.json"))
+    print(f"re-run after the worker's death: {time.monotonic() - rerun:.0f} s, following the "
+          f"pretrain job to its end")
 
 
 # ---------------------------------------------------------------- a node lost
-def testcluster_pids(run_dir: Path) -> dict[str, int]:
+def daemon_pids(run_dir: Path) -> dict[str, int]:
     """The daemons start.sh recorded ("NAME PID EXE" lines): name -> pid."""
     lines = (run_dir / "pids").read_text().splitlines()
     return {line.split()[0]: int(line.split()[1]) for line in lines if line.strip()}
@@ -287,10 +274,10 @@ def lose_node(run_dir: Path, node: str, job_id: str) -> list[int]:
     """What a node's power loss does to the job: SIGKILL its slurmd, the job's slurmstepd on it
     and every process of the job there (found by SLURMD_NODENAME and SLURM_JOB_ID); no process
     of the node gets a word out. Returns the pids killed."""
-    ranks = [int(p) for p in os.listdir("/proc") if p.isdigit()
-             and {"SLURMD_NODENAME": node, "SLURM_JOB_ID": job_id}.items() <= _environ(int(p)).items()]
+    mark = {"SLURMD_NODENAME": node, "SLURM_JOB_ID": job_id}.items()
+    ranks = [int(p) for p in os.listdir("/proc") if p.isdigit() and mark <= _environ(int(p)).items()]
     stepds = {_parent(pid) for pid in ranks} - set(ranks)
-    doomed = [testcluster_pids(run_dir)[f"slurmd-{node}"], *stepds, *ranks]
+    doomed = [daemon_pids(run_dir)[f"slurmd-{node}"], *stepds, *ranks]
     for pid in doomed:
         try:
             os.kill(pid, signal.SIGKILL)
@@ -303,7 +290,7 @@ def revive_node(run_dir: Path, node: str) -> None:
     """Start the node's slurmd again as start.sh does (its own session, recorded in `pids` so
     that stop.sh stops it) unless it runs, and wait until Slurm has the node back in service."""
     name = f"slurmd-{node}"
-    if not _running(testcluster_pids(run_dir)[name]):
+    if not _running(daemon_pids(run_dir)[name]):
         with open(run_dir / "log" / f"{name}.out", "ab") as out:
             daemon = subprocess.Popen(["/usr/sbin/slurmd", "-D", "-N", node, "-f",
                                        os.environ["SLURM_CONF"]], stdin=subprocess.DEVNULL,

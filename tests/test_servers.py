@@ -8,9 +8,6 @@ from __future__ import annotations
 import asyncio
 import json
 import os
-import socket
-import subprocess
-import sys
 import time
 from pathlib import Path
 
@@ -18,64 +15,20 @@ import httpx
 import pytest
 from mlflow.tracking import MlflowClient
 from prefect import flow
-from prefect.settings import PREFECT_API_URL, temporary_settings
 
 from conftest import REPO
 from flows.data_prep import data_prep
 from flows.train import train
 from tasks.artifact import ArtifactRef
+from servers import PREFECT, cli, serving
 from tasks.stage import run_stage
 from test_flows import INLINE, SMALL_DATA, TINY_TRAIN
-
-SERVER = REPO / "scripts" / "server.sh"
-PREFECT = str(Path(sys.executable).parent / "prefect")  # the CLI of this environment
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _server(kind: str, state: Path):
-    """Start a server with scripts/server.sh; yield its URL; stop it by its recorded PID."""
-    out = subprocess.run(["bash", str(SERVER), kind, "start", str(state), str(_free_port())],
-                         capture_output=True, text=True, timeout=200)
-    assert out.returncode == 0, out.stderr[-3000:]
-    url = out.stdout.strip().splitlines()[-1].split("=", 1)[1]
-    try:
-        yield url
-    finally:
-        subprocess.run(["bash", str(SERVER), kind, "stop", str(state)], capture_output=True,
-                       timeout=60)
-        assert not (state / "server.pid").exists()
-
-
-@pytest.fixture(scope="module")
-def prefect_server(tmp_path_factory):
-    yield from _server("prefect", tmp_path_factory.mktemp("prefect-server"))
 
 
 @pytest.fixture(scope="module")
 def mlflow_server(tmp_path_factory):
-    yield from _server("mlflow", tmp_path_factory.mktemp("mlflow-server"))
-
-
-@pytest.fixture
-def home(tmp_path, monkeypatch, prefect_server):
-    """LMFORGE_HOME in a temporary folder; flows of this process report to the real server."""
-    monkeypatch.setenv("LMFORGE_HOME", str(tmp_path / "home"))
-    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
-    monkeypatch.delenv("LMFORGE_CLUSTER_PROFILE", raising=False)
-    with temporary_settings(updates={PREFECT_API_URL: prefect_server}):
-        yield tmp_path / "home"
-
-
-def _cli(*args: str, env: dict, timeout: int) -> str:
-    out = subprocess.run(list(args), cwd=REPO, env=env, capture_output=True, text=True,
-                         timeout=timeout)
-    assert out.returncode == 0, f"{' '.join(args)}:\n{out.stdout[-3000:]}\n{out.stderr[-3000:]}"
-    return out.stdout
+    with serving("mlflow", tmp_path_factory.mktemp("mlflow-server")) as url:
+        yield url
 
 
 def _api(url: str, path: str, body: dict) -> list[dict]:
@@ -94,8 +47,8 @@ def test_deploy_schedule_and_worker_run(prefect_server, tmp_path):
     env = {**os.environ, "PREFECT_API_URL": prefect_server, "PREFECT_HOME": str(tmp_path / "client"),
            "PREFECT_SERVER_ANALYTICS_ENABLED": "false", "LMFORGE_HOME": str(tmp_path / "home")}
     env.pop("MLFLOW_TRACKING_URI", None)
-    _cli(PREFECT, "work-pool", "create", "lmforge-local", "--type", "process", env=env, timeout=120)
-    _cli(PREFECT, "--no-prompt", "deploy", "--all", env=env, timeout=300)
+    cli(PREFECT, "work-pool", "create", "lmforge-local", "--type", "process", env=env, timeout=120)
+    cli(PREFECT, "--no-prompt", "deploy", "--all", env=env, timeout=300)
     deployments = {d["name"]: d for d in _api(prefect_server, "deployments/filter", {})}
     assert set(deployments) == {"lifecycle-demo", "data-prep", "train", "evaluate", "compare",
                                 "nightly-finetune"}
@@ -110,8 +63,8 @@ def test_deploy_schedule_and_worker_run(prefect_server, tmp_path):
     assert all(r["expected_start_time"][11:16] == "02:00" for r in scheduled)
 
     params = json.dumps({"data": SMALL_DATA, "run": INLINE})
-    _cli(PREFECT, "deployment", "run", "data_prep/data-prep", "--params", params, env=env, timeout=120)
-    _cli(PREFECT, "worker", "start", "--pool", "lmforge-local", "--run-once", env=env, timeout=400)
+    cli(PREFECT, "deployment", "run", "data_prep/data-prep", "--params", params, env=env, timeout=120)
+    cli(PREFECT, "worker", "start", "--pool", "lmforge-local", "--run-once", env=env, timeout=400)
     done = _runs(prefect_server, deployments["data-prep"]["id"], "COMPLETED")
     assert len(done) == 1
     assert list((tmp_path / "home" / "artifacts" / "merge").glob("*/data.manifest.json"))
