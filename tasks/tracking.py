@@ -26,6 +26,7 @@ from mlflow.entities import Metric, Param, RunTag
 from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
 from prefect.runtime import flow_run, task_run
+from prefect.settings import PREFECT_UI_URL
 from pydantic_core import to_jsonable_python
 
 from engine.manifest import Manifest
@@ -117,8 +118,9 @@ def flow_parent() -> tuple[str, str | None]:
         if found:
             parent = found[0].info.run_id
         else:
-            tags = {FLOW_RUN_TAG: run_id, "prefect.flow_run_name": flow_run.get_name() or "",
-                    "prefect.flow_run_url": flow_run.get_flow_run_ui_url() or ""}
+            tags = {FLOW_RUN_TAG: run_id, "prefect.flow_run_name": flow_run.get_name() or ""}
+            if PREFECT_UI_URL.value():  # none for Prefect's temporary server: no link to a UI
+                tags["prefect.flow_run_url"] = flow_run.get_flow_run_ui_url()
             parent = client().create_run(experiment, run_name=flow_run.get_name(),
                                          tags=redact(tags)).info.run_id
         _parents[run_id] = (experiment, parent)

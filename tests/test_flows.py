@@ -17,6 +17,7 @@ from prefect import flow
 from prefect.client.orchestration import get_client
 from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterKey
 from prefect.exceptions import ParameterTypeError
+from prefect.settings import PREFECT_UI_URL
 from prefect.testing.utilities import prefect_test_harness
 
 from cluster.jobs import JobFailed
@@ -233,6 +234,10 @@ def test_lifecycle_end_to_end(home):
     parent = mlflow.search_runs([tracking.experiment_id("compare")], "tags.`prefect.flow_run_id` != ''")
     names = {f.path for f in mlflow.list_artifacts(parent[0].info.run_id)}
     assert {"comparison.md", "comparison.png"} <= names
+    flow_run_id = parent[0].data.tags["prefect.flow_run_id"]  # the link back to Prefect's UI
+    assert parent[0].data.tags["prefect.flow_run_url"] == (
+        f"{PREFECT_UI_URL.value()}/flow-runs/flow-run/{flow_run_id}")
+    assert PREFECT_UI_URL.value().startswith("http://127.0.0.1:")
     with get_client(sync_client=True) as client:
         published = client.read_artifacts(
             artifact_filter=ArtifactFilter(key=ArtifactFilterKey(any_=["model-comparison"])))
