@@ -38,12 +38,11 @@ from tasks.options import validate_spec
 from tasks.outputs import auto_location, given_location, lease_path, remove
 from tasks.publish import publish
 from tasks.submission import stop, submit_with_retries, wait_for, wait_limit_s
-from tasks.tracking import StageRun
+from tasks.tracking import StageRun, stage_label
 
 
 def _task_run_name() -> str:
-    parameters = task_run.get_parameters()
-    return parameters.get("label") or parameters["stage"]
+    return stage_label(task_run.get_parameters()["stage"])
 
 
 @task(name="stage", task_run_name=_task_run_name, cache_policy=NO_CACHE)

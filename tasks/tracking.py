@@ -148,6 +148,12 @@ def _log_params(mlflow: MlflowClient, run_id: str, items: list[Param]) -> None:
 
 
 # ------------------------------------------------------------------ stage runs
+def stage_label(stage: str) -> str:
+    """What ran on what, as the flow labels its stage task ("tokenize stories-000.jsonl",
+    "held-out corpus"), else the stage's name: the Prefect task run and the MLflow run alike."""
+    return task_run.get_parameters().get("label") or stage
+
+
 @dataclass
 class StageRun:
     experiment: str
@@ -162,7 +168,7 @@ class StageRun:
                 "prefect.task_run_id": str(task_run.get_id() or "")}
         if parent:
             tags["mlflow.parentRunId"] = parent
-        name = f"{stage} (cached)" if cached else stage
+        name = f"{stage_label(stage)} (cached)" if cached else stage_label(stage)
         run = cls(experiment, client().create_run(experiment, run_name=name,
                                                   tags=redact(tags)).info.run_id)
         if not cached:

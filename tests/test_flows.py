@@ -199,6 +199,10 @@ def test_lifecycle_end_to_end(home):
     assert len(ppl) == 1 and 1 < next(iter(ppl.values())) < 400
 
     mlflow = tracking.client()
+    names = sorted(r.info.run_name for r in stage_runs("lifecycle"))  # as Prefect names them
+    assert names == sorted(["generate-corpus", "train-tokenizer", "tokenize stories-000.jsonl",
+                            "tokenize stories-001.jsonl", "merge", "pretrain",
+                            "convert native to HF", "held-out corpus", "evaluate"]), names
     runs = {r.data.tags["lmforge.stage"]: r for r in stage_runs("lifecycle")}
     train = runs["pretrain"]
     assert train.data.params["iters"] == "20" and train.data.params["model.hidden_size"] == "32"
