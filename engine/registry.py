@@ -1,6 +1,8 @@
 """The one table of stages: name -> module holding `Spec` (a StageSpec), `run(spec) -> Manifest`,
-`input_paths(spec) -> {name: path}` (what engine.lineage fingerprints), `KIND` (the artifact kind)
-and `OUTPUT` (the dotted spec field naming where the artifact goes).
+`input_paths(spec) -> {name: path}` (what engine.lineage fingerprints), `KIND` (the artifact kind),
+`OUTPUT` (the dotted spec field naming where the artifact goes) and, optionally, `SETTINGS`: the
+manifest summary's keys that describe the artifact (a model's shape, token ids) rather than
+measure it, so that tracking records them as parameters, not metrics.
 
 The CLI, cluster/ and tasks/ all go through it, so a new stage is one engine module plus one line
 here. Modules are imported on first use so that listing stages never imports torch.
@@ -48,6 +50,10 @@ class Stage:
     @property
     def kind(self) -> str:
         return self.module.KIND
+
+    @property
+    def settings(self) -> tuple[str, ...]:
+        return getattr(self.module, "SETTINGS", ())
 
     @property
     def output_field(self) -> str:

@@ -32,6 +32,7 @@ from pydantic_core import to_jsonable_python
 from engine.manifest import Manifest
 from engine.metrics import flatten
 from engine.redact import redact, redact_text
+from engine.registry import get_stage
 from tasks.home import inside_home, lmforge_home
 from tasks.metrics import backfill, step_series
 from tasks.plots import loss_curve
@@ -222,10 +223,13 @@ class StageRun:
         backfill(mlflow, self.run_id, series)
         last_step = max((s for points in series.values() for s in points), default=0)
         now = int(time.time() * 1000)
-        figures = [Metric(metric_name(k), float(v), now, last_step)
-                   for k, v in flatten(manifest.summary).items()
-                   if _number(v) and metric_name(k) not in series]
+        summary = flatten(manifest.summary)
+        described = {k for k in summary if k.split(".")[0] in get_stage(stage).settings}
+        figures = [Metric(metric_name(k), float(v), now, last_step) for k, v in summary.items()
+                   if _number(v) and k not in described and metric_name(k) not in series]
         mlflow.log_batch(self.run_id, metrics=figures[:1000])
+        _log_params(mlflow, self.run_id, [Param(f"artifact.{k}", str(summary[k])[:PARAM_MAX])
+                                          for k in sorted(described)])
         mlflow.log_dict(self.run_id, redact(spec), "spec.json")
         mlflow.log_dict(self.run_id, redact(manifest.model_dump(mode="json")), "manifest.json")
         for path in _descriptive_files(manifest, location):

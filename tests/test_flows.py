@@ -215,6 +215,10 @@ def test_lifecycle_end_to_end(home):
     report = [f.path for f in mlflow.list_artifacts(runs["evaluate"].info.run_id, "artifact")]
     assert {"artifact/report.json", "artifact/report.md"} <= set(report)
     assert any(k.startswith("metrics.ppl/") for k in runs["evaluate"].data.metrics)
+    convert = runs["convert"].data  # what describes the model is a parameter, what measures a metric
+    assert "verification.max_abs_diff" in convert.metrics
+    assert not [k for k in convert.metrics if k.startswith(("model.", "token_ids."))]
+    assert convert.params["artifact.model.hidden_size"] == "32"
 
     versions = mlflow.search_model_versions("name = 'tiny-test'")
     assert [v.source for v in versions] == [f"file://{refs['convert'].path}"]

@@ -38,6 +38,7 @@ from engine.spec import StageSpec
 log = logging.getLogger(__name__)
 KIND = "dataset"
 OUTPUT = "output_prefix"  # the spec field naming the artifact this stage writes
+SETTINGS = ("tokenizer",)  # summary keys that describe, not measure
 _SUFFIXES = (".jsonl", ".json", ".jsonl.gz", ".json.gz")
 _NOT_OUTPUT = {"affects_output": False}
 _INPUT = {"input": True}

@@ -19,6 +19,7 @@ from engine.spec import StageSpec
 
 KIND = "tokenizer"
 OUTPUT = "output"  # the spec field naming the artifact this stage writes
+SETTINGS = ("vocab_size",)  # summary keys that describe, not measure
 
 
 # Llama's: BPE with byte fallback and split digits, BOS=1, EOS=2, text kept as it is
