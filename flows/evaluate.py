@@ -24,8 +24,8 @@ async def evaluate(model: str, tokenizer: str | None = None,
     """
     target = given_model(model)
     await evaluate_model(Runner(run, dry=True), evaluation, target, tokenizer, {})
+    refs: Refs = {}
     with tracked_flow({"model": model, "tokenizer": tokenizer, "evaluation": evaluation,
-                       "run": run}):
-        refs: Refs = {}
+                       "run": run}, refs):
         await evaluate_model(Runner(run), evaluation, target, tokenizer, refs)
         return refs

@@ -45,16 +45,16 @@ async def lifecycle(data: DataParams = DataParams(), base_model: str | None = No
         run: cluster profile, per-stage resources, forced rebuilds.
     """
     args = (data, base_model, training, evaluation, register_as)
-    await _steps(Runner(run, dry=True), *args)  # every spec checked before the first job
+    await _steps(Runner(run, dry=True), {}, *args)  # every spec checked before the first job
+    refs: Refs = {}
     with tracked_flow({"data": data, "base_model": base_model, "training": training,
-                       "evaluation": evaluation, "register_as": register_as, "run": run}):
-        return await _steps(Runner(run), *args)
+                       "evaluation": evaluation, "register_as": register_as, "run": run}, refs):
+        return await _steps(Runner(run), refs, *args)
 
 
-async def _steps(runner: Runner, data: DataParams, base_model: str | None,
+async def _steps(runner: Runner, refs: Refs, data: DataParams, base_model: str | None,
                  training: TrainParams | None, evaluation: EvalParams | None,
                  register_as: str | None) -> Refs:
-    refs: Refs = {}
     model = base = given_model(base_model)
     tokenizer = data.tokenizer
     if training is not None:

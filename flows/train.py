@@ -33,8 +33,8 @@ async def train(dataset: str, tokenizer: str | None = None, base_model: str | No
             await runner.register(refs["convert"], register_as)
 
     await steps(Runner(run, dry=True), {})
+    refs: Refs = {}
     with tracked_flow({"dataset": dataset, "tokenizer": tokenizer, "base_model": base_model,
-                       "training": training, "register_as": register_as, "run": run}):
-        refs: Refs = {}
+                       "training": training, "register_as": register_as, "run": run}, refs):
         await steps(Runner(run), refs)
         return refs

@@ -33,6 +33,7 @@ from engine.manifest import Manifest
 from engine.metrics import flatten
 from engine.redact import redact, redact_text
 from engine.registry import get_stage
+from tasks.headline import headline
 from tasks.home import inside_home, lmforge_home
 from tasks.metrics import backfill, step_series
 from tasks.plots import loss_curve
@@ -129,9 +130,11 @@ def flow_parent() -> tuple[str, str | None]:
 
 
 @contextlib.contextmanager
-def tracked_flow(flow_params: dict[str, Any]) -> Iterator[str | None]:
+def tracked_flow(flow_params: dict[str, Any],
+                 refs: dict[str, Any] | None = None) -> Iterator[str | None]:
     """The flow run's parent MLflow run, with the flow's parameters (pydantic models welcome);
-    it ends FINISHED, or FAILED when the flow raises (KILLED when cancelled)."""
+    it ends FINISHED with the headline figures of the artifacts the flow put in `refs`
+    (tasks/headline.py) as metrics, or FAILED when the flow raises (KILLED when cancelled)."""
     _, parent = flow_parent()
     mlflow = client()
     _log_params(mlflow, parent, params(to_jsonable_python(flow_params)))
@@ -140,6 +143,9 @@ def tracked_flow(flow_params: dict[str, Any]) -> Iterator[str | None]:
     except BaseException as exc:
         mlflow.set_terminated(parent, "FAILED" if isinstance(exc, Exception) else "KILLED")
         raise
+    now = int(time.time() * 1000)
+    figures = [Metric(metric_name(k), v, now, 0) for k, v in headline(refs or {}).items()]
+    mlflow.log_batch(parent, metrics=figures)
     mlflow.set_terminated(parent, "FINISHED")
 
 

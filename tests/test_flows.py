@@ -230,6 +230,14 @@ def test_lifecycle_end_to_end(home):
     again = asyncio.run(lifecycle(**kwargs))
     assert all(ref.cached for ref in again.values())
     assert len(mlflow.search_model_versions("name = 'tiny-test'")) == 1
+    # the two flow runs compare in MLflow's runs table: the same headline figures on each parent
+    parents = mlflow.search_runs([tracking.experiment_id("lifecycle")],
+                                 "tags.`prefect.flow_run_id` != ''")
+    assert len(parents) == 2 and parents[0].data.metrics == parents[1].data.metrics
+    headline = parents[0].data.metrics
+    assert headline["train/loss"] == pytest.approx(refs["pretrain"].summary["loss"])
+    assert headline["train/iterations"] == 20 and "export/max_abs_diff" in headline
+    assert [headline[f"eval/{k}"] for k in ppl] == pytest.approx(list(ppl.values()))
 
     # the HF export and the native checkpoint it came from, side by side: the same numbers
     tok = refs["train-tokenizer"].path

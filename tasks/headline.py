@@ -1,0 +1,31 @@
+"""The figures a flow run is compared by: its MLflow parent run's metrics, so that two lifecycle
+runs sit side by side in MLflow's runs table. Taken from the artifacts the run built or found
+cached: the trained model's last losses and training size, the evaluation's scores, the export's
+logit difference from its source."""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+from tasks.artifact import ArtifactRef
+
+TRAINING = ("loss", "valid_loss", "valid_ppl", "iterations", "tokens", "parameters")
+
+
+def headline(refs: dict[str, ArtifactRef]) -> dict[str, float]:
+    figures: dict[str, Any] = {}
+    trained = refs.get("pretrain") or refs.get("finetune")
+    if trained is not None:
+        figures |= {f"train/{key}": trained.summary.get(key) for key in TRAINING}
+    if "convert" in refs:
+        figures["export/max_abs_diff"] = (refs["convert"].summary.get("verification") or {}).get(
+            "max_abs_diff")
+    if "evaluate" in refs:
+        figures |= {f"eval/{name}": value
+                    for name, value in refs["evaluate"].summary.get("metrics", {}).items()}
+    return {key: float(value) for key, value in figures.items() if _number(value)}
+
+
+def _number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
