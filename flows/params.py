@@ -67,7 +67,8 @@ class EvalParams(_Params):
                                      description="ppl None: perplexity on held-out stories")
     heldout: CorpusOptions = Field(
         default_factory=lambda: CorpusOptions(documents=200, shards=1, seed=4321),
-        description="the held-out stories (another seed than training's corpus)")
+        description="the held-out stories (another seed than training's corpus; files named "
+                    "heldout-NNN.jsonl unless `name` is set)")
 
 
 class RunParams(_Params):

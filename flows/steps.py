@@ -91,8 +91,10 @@ async def evaluate_model(runner: Runner, evaluation: EvalParams, model: Model,
     generated stories."""
     ppl = evaluation.options.ppl
     if ppl is None:
+        heldout = evaluation.heldout  # named apart from the training stories: metrics say which
+        name = heldout.name if "name" in heldout.model_fields_set else "heldout"
         refs["generate-corpus (held-out)"] = ref = await runner.stage(
-            "generate-corpus", merged(evaluation.heldout), label="held-out corpus")
+            "generate-corpus", merged(heldout, name=name), label="held-out corpus")
         ppl = runner.files(ref.path)
     refs["evaluate"] = ref = await runner.stage(
         "evaluate", merged(evaluation.options, load_dir=model.path, ppl=ppl, tokenizer=tokenizer))

@@ -197,6 +197,7 @@ def test_lifecycle_end_to_end(home):
     assert (refs["convert"].kind, refs["evaluate"].kind) == ("hf-model", "eval-report")
     ppl = refs["evaluate"].summary["metrics"]
     assert len(ppl) == 1 and 1 < next(iter(ppl.values())) < 400
+    assert "/heldout-000.jsonl/" in next(iter(ppl)), ppl  # named apart from training's stories
 
     mlflow = tracking.client()
     names = sorted(r.info.run_name for r in stage_runs("lifecycle"))  # as Prefect names them

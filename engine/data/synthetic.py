@@ -70,6 +70,8 @@ class Spec(StageSpec):
     documents: int = Field(default=2000, ge=1, description="number of stories")
     shards: int = Field(default=2, ge=1, description="number of JSONL files")
     seed: int = Field(default=1234, description="RNG seed; same seed, same bytes")
+    name: str = Field(default="stories", pattern=r"^[A-Za-z0-9_-]+$",
+                      description="file name prefix: NAME-000.jsonl, NAME-001.jsonl, ...")
 
 
 def input_paths(spec: Spec) -> dict[str, str]:
@@ -82,7 +84,7 @@ def run(spec: Spec) -> Manifest:
     with staged_dir(spec.output) as tmp:
         for s in range(spec.shards):
             n = min(per_shard, spec.documents - s * per_shard)
-            with open(tmp / f"stories-{s:03d}.jsonl", "w", encoding="utf-8") as f:
+            with open(tmp / f"{spec.name}-{s:03d}.jsonl", "w", encoding="utf-8") as f:
                 for i in range(max(n, 0)):
                     f.write(json.dumps({"id": s * per_shard + i, "text": story(rng)}) + "\n")
         files = {p.name: sha256_file(p) for p in sorted(tmp.glob("*.jsonl"))}
