@@ -24,8 +24,9 @@ def headline(refs: dict[str, ArtifactRef]) -> dict[str, float]:
     if "evaluate" in refs:
         figures |= {f"eval/{name}": value
                     for name, value in refs["evaluate"].summary.get("metrics", {}).items()}
-    return {key: float(value) for key, value in figures.items() if _number(value)}
+    return {key: float(value) for key, value in figures.items() if is_number(value)}
 
 
-def _number(value: Any) -> bool:
+def is_number(value: Any) -> bool:
+    """A finite int or float (not a bool): what MLflow takes as a metric value."""
     return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)

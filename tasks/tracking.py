@@ -13,7 +13,6 @@ artifacts, links — goes through engine/redact.py: secret-named fields and URL 
 from __future__ import annotations
 
 import contextlib
-import math
 import os
 import re
 import time
@@ -33,7 +32,7 @@ from engine.manifest import Manifest
 from engine.metrics import flatten
 from engine.redact import redact, redact_text
 from engine.registry import get_stage
-from tasks.headline import headline
+from tasks.headline import headline, is_number
 from tasks.home import inside_home, lmforge_home
 from tasks.metrics import backfill, step_series
 from tasks.plots import loss_curve
@@ -232,7 +231,7 @@ class StageRun:
         summary = flatten(manifest.summary)
         described = {k for k in summary if k.split(".")[0] in get_stage(stage).settings}
         figures = [Metric(metric_name(k), float(v), now, last_step) for k, v in summary.items()
-                   if _number(v) and k not in described and metric_name(k) not in series]
+                   if is_number(v) and k not in described and metric_name(k) not in series]
         mlflow.log_batch(self.run_id, metrics=figures[:1000])
         _log_params(mlflow, self.run_id, [Param(f"artifact.{k}", str(summary[k])[:PARAM_MAX])
                                           for k in sorted(described)])
@@ -248,10 +247,6 @@ class StageRun:
         if figure is not None:
             mlflow.log_figure(self.run_id, figure, "plots/loss.png")
         mlflow.set_terminated(self.run_id, "FINISHED")
-
-
-def _number(value: Any) -> bool:
-    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
 
 
 def _descriptive_files(manifest: Manifest, location: str) -> list[Path]:
