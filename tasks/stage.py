@@ -145,11 +145,9 @@ async def _follow(stage: str, spec: StageSpec, location: str, job: Job, run: Sta
     try:
         await asyncio.to_thread(run.tag, job_id=job.id, job_dir=job.run.root)
         manifest = await wait_for(job, timeout_s, log)
-    except (JobFailed, TimeoutError, asyncio.CancelledError) as exc:  # over, or cancelled
-        forget_job(location)
-        _record_failure(run, exc, job.run.rank_log(0))
-        raise
     except BaseException as exc:
+        if isinstance(exc, (JobFailed, TimeoutError, asyncio.CancelledError)):  # over, or cancelled
+            forget_job(location)
         _record_failure(run, exc, job.run.rank_log(0))
         raise
     forget_job(location)
