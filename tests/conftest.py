@@ -3,8 +3,11 @@ project at run time) and small helpers."""
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import json
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -165,11 +168,54 @@ def _unavailable(reason: str) -> None:
 def slurm_cluster():
     """Start (or reuse) the real Slurm test cluster (cluster/testcluster/start.sh); yield
     {"SLURM_CONF": ..., "run_dir": ...}. Without root or apt the tests skip, except under CI,
-    where that is a failure. A cluster this session started is stopped when the session ends."""
+    where that is a failure. Test sessions on one host share the cluster: the last one out stops
+    it, if a test session started it (one started by hand stays up)."""
     if not sys.platform.startswith("linux") or os.geteuid() != 0:
         _unavailable("the Slurm test cluster needs root on Linux (it installs and starts daemons)")
     run_dir = Path(os.environ.get("LMFORGE_TESTCLUSTER_DIR", "/tmp/lmforge-testcluster"))
-    was_up = (run_dir / "pids").is_file()
+    with _cluster_lock(run_dir):
+        env, started = _start_cluster()
+        if started:  # sessions recorded before the cluster's last stop are gone
+            shutil.rmtree(_sessions(run_dir), ignore_errors=True)
+        _sessions(run_dir).mkdir(exist_ok=True)
+        if started:
+            (_sessions(run_dir) / "started-by-tests").touch()
+        (_sessions(run_dir) / str(os.getpid())).touch()
+    old = os.environ.get("SLURM_CONF")
+    os.environ["SLURM_CONF"] = env["SLURM_CONF"]  # sbatch, sacct, scancel (and jobs) read it
+    try:
+        yield {"SLURM_CONF": env["SLURM_CONF"], "run_dir": Path(env["SLURM_CONF"]).parents[1]}
+    finally:
+        if old is None:
+            os.environ.pop("SLURM_CONF", None)
+        else:
+            os.environ["SLURM_CONF"] = old
+        with _cluster_lock(run_dir):
+            (_sessions(run_dir) / str(os.getpid())).unlink(missing_ok=True)
+            others = [p for p in _sessions(run_dir).iterdir() if p.name.isdigit()
+                      and Path(f"/proc/{p.name}").exists()]
+            if not others and (_sessions(run_dir) / "started-by-tests").exists():
+                subprocess.run(["bash", str(TESTCLUSTER / "stop.sh")], capture_output=True,
+                               timeout=120)
+                shutil.rmtree(_sessions(run_dir))
+
+
+def _sessions(run_dir: Path) -> Path:
+    """One empty file per test session using the cluster, named by its pid."""
+    return run_dir / "test-sessions"
+
+
+@contextlib.contextmanager
+def _cluster_lock(run_dir: Path):
+    run_dir.mkdir(parents=True, exist_ok=True)
+    with open(run_dir / "test-sessions.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        yield
+
+
+def _start_cluster() -> tuple[dict[str, str], bool]:
+    """Run start.sh (it returns at once when the cluster is up): its SLURM_CONF line, and
+    whether it started the cluster."""
     try:
         proc = subprocess.run(
             ["bash", str(TESTCLUSTER / "start.sh")],
@@ -185,14 +231,4 @@ def slurm_cluster():
         pytest.fail(f"start.sh failed (status {proc.returncode}):\n{proc.stderr[-6000:]}", pytrace=False)
     env = dict(line.split("=", 1) for line in proc.stdout.splitlines() if line.startswith("SLURM_CONF="))
     assert env, f"start.sh printed no SLURM_CONF:\n{proc.stdout}"
-    old = os.environ.get("SLURM_CONF")
-    os.environ["SLURM_CONF"] = env["SLURM_CONF"]  # sbatch, sacct, scancel (and jobs) read it
-    try:
-        yield {"SLURM_CONF": env["SLURM_CONF"], "run_dir": Path(env["SLURM_CONF"]).parents[1]}
-    finally:
-        if old is None:
-            os.environ.pop("SLURM_CONF", None)
-        else:
-            os.environ["SLURM_CONF"] = old
-        if not was_up:
-            subprocess.run(["bash", str(TESTCLUSTER / "stop.sh")], capture_output=True, timeout=120)
+    return env, "idle in partition debug (started in" in proc.stderr

@@ -241,10 +241,17 @@ launch slurmctld /usr/sbin/slurmctld /usr/sbin/slurmctld -D -f "$SLURM_CONF"
 ctld_up() { scontrol ping | grep -q 'is UP'; }
 wait_for slurmctld "$LAUNCHED_PID" "slurmctld (scontrol ping)" ctld_up
 say "slurmctld up (port $CTLD_PORT)"
+# jobs recovered from the state of a previous run of this cluster lost their processes with it;
+# left alone they hold their nodes allocated and the nodes never turn idle
+stale=$(squeue -h -o %i | tr '\n' ' ')
+if [[ -n ${stale// } ]]; then
+    say "cancelling jobs left from the cluster's previous run: $stale"
+    scancel $stale
+fi
 
 # ---------------------------------------------------------------- slurmd n1, n2
 for n in n1 n2; do
-    mkdir -p "$RUN/slurmd.$n"
+    rm -rf "$RUN/slurmd.$n" && mkdir -p "$RUN/slurmd.$n"   # no job scripts of a previous run
     WAIT_LOGS=("$LOG/slurmd.$n.log")
     launch "slurmd-$n" /usr/sbin/slurmd /usr/sbin/slurmd -D -N "$n" -f "$SLURM_CONF"
 done
