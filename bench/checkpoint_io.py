@@ -16,7 +16,8 @@ from pathlib import Path
 
 import torch
 
-from engine.model import LlamaModel, ModelConfig
+from engine.model.config import ModelConfig
+from engine.model.llama import LlamaModel
 from engine.train import checkpoint as ckpt
 
 

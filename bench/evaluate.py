@@ -25,7 +25,8 @@ from bench.train_step import ATTENTION
 from engine.data.tokenizer import load_tokenizer
 from engine.evaluate import fineval, fineval_data
 from engine.evaluate.scoring import Scorer
-from engine.model import LlamaModel, ModelConfig
+from engine.model.config import ModelConfig
+from engine.model.llama import LlamaModel
 
 SHAPES = {
     "1b": dict(vocab_size=32000, hidden_size=2048, intermediate_size=5632, num_layers=22,

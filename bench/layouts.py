@@ -25,7 +25,7 @@ import torch
 import torch.nn.functional as F
 
 from bench.train_step import ATTENTION, SHAPES, gemm_ceiling, mean_time, measure
-from engine.model import ModelConfig
+from engine.model.config import ModelConfig
 from engine.model.attention import Attention
 from engine.model.llama import SwiGLU
 from engine.model.rope import apply_rope

@@ -26,7 +26,7 @@ import torch._inductor.config as inductor
 
 from bench.train_step import ATTENTION, SHAPES
 from engine.data import tokenize
-from engine.model import ModelConfig
+from engine.model.config import ModelConfig
 from engine.train import loop, pretrain
 from engine.train.master_adamw import norm_gains
 

@@ -16,7 +16,7 @@ import gc
 import torch
 
 from bench.train_step import ATTENTION, SHAPES, build, numerics_context
-from engine.model import ModelConfig
+from engine.model.config import ModelConfig
 
 GIB = 2 ** 30
 

@@ -26,7 +26,7 @@ import torch.nn.functional as F
 
 from bench.train_step import (ATTENTION, SHAPES, add_reductions_argument, build, gemm_rate, mean_time,
                               numerics_context, train_step)
-from engine.model import ModelConfig
+from engine.model.config import ModelConfig
 from engine.train.loop import set_split_k_reductions
 
 # Kernel-name substrings per class, checked in order.

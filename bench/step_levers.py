@@ -29,7 +29,7 @@ import torch
 from bench.clocks import ClockSampler, ClockSummary
 from bench.train_step import (ATTENTION, SHAPES, back_to_back, build, clock_columns, gemm_ceiling,
                               numerics_context, timed_step)
-from engine.model import ModelConfig
+from engine.model.config import ModelConfig
 from engine.model import fused_loss, llama
 from engine.train.flops import flops_per_token, peak_flops
 from engine.train.loop import set_split_k_reductions

@@ -25,7 +25,8 @@ import torch.nn.functional as F
 from pydantic import ValidationError
 
 from bench.clocks import ClockSampler, ClockSummary
-from engine.model import LlamaModel, ModelConfig
+from engine.model.config import ModelConfig
+from engine.model.llama import LlamaModel
 from engine.model.hf_names import to_hf_name
 from engine.train.flops import flops_per_token, peak_flops
 from engine.train.loop import set_split_k_reductions

@@ -65,6 +65,7 @@ class Job:
         self._sacct: tuple[float, str] = (float("-inf"), "UNKNOWN")
         self._preempted_since: float | None = None
         self._lost_told: int | None = None  # the attempt whose lost ranks were reported
+        self._pending_told = False  # the job's wait in Slurm's queue was reported
 
     @classmethod
     def attach(cls, run_dir: str | Path) -> "Job | None":
@@ -143,8 +144,22 @@ class Job:
         return done, (list(self.log_lines()) if read_lines else [])  # after done: no line lost
 
     def _news(self) -> list[str]:
-        """What the job's ranks found out that no log of rank 0 says: peers lost (lost.json,
-        which a survivor writes within seconds), once per attempt."""
+        """What no log of rank 0 says: that the job waits in Slurm's queue, and why (once per
+        wait), and peers lost (lost.json, which a survivor writes within seconds), once per
+        attempt."""
+        return self._pending_news() + self._lost_news()
+
+    def _pending_news(self) -> list[str]:
+        pending = self.executor == "slurm" and self._slurm_state() == "PENDING"
+        if not pending or self._pending_told:
+            self._pending_told = pending
+            return []
+        self._pending_told = True
+        reason = subprocess.run(["squeue", "-h", "-j", self.id, "-o", "%r"], capture_output=True,
+                                text=True, timeout=30).stdout.strip() or "unknown"
+        return [f"[cluster] job {self.id} is waiting in Slurm's queue (reason: {reason})"]
+
+    def _lost_news(self) -> list[str]:
         lost = self.run.read_json(self.run.lost)
         if not lost or lost["attempt"] == self._lost_told:
             return []  # several survivors may write it: one line per attempt

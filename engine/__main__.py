@@ -1,65 +1,77 @@
 """`python -m engine <stage> [--config spec.yaml] [--field value ...]`: run one stage on this node.
 
-Flags are generated from the stage's spec model (field `output_prefix` is `--output-prefix`), so
-the CLI, spec files and Prefect parameters can never disagree. Flags override the spec file.
+Every field of the stage's spec is a flag, nested sections by dots (`--optim.lr 3e-4`), lists as
+several values (`--data.blend 0.3 A 0.7 B`), through pydantic-settings' CLI, so the CLI, spec
+files and Prefect parameters can never disagree. Flags override the spec file's fields.
 """
 
 from __future__ import annotations
 
 import argparse
+import difflib
 import logging
+import re
 import signal
 import sys
+import textwrap
 import threading
-import typing
-from typing import Any
-
-from pydantic.fields import FieldInfo
 
 from engine.atomic import out_of_space
 from engine.errors import LmforgeError, Preempted
-from engine.registry import STAGES, get_stage
+from engine.registry import STAGES, Stage, get_stage
 from engine.spec import load_spec
 
-
-def _is_list(annotation: Any) -> bool:
-    origin = typing.get_origin(annotation)
-    if origin in (list, tuple):
-        return True
-    return any(_is_list(a) for a in typing.get_args(annotation) if a is not type(None))
+PROG = "python -m engine"
 
 
-def _is_bool(annotation: Any) -> bool:
-    return annotation is bool
+class _Parser(argparse.ArgumentParser):
+    """argparse that says which flag was probably meant."""
+
+    def error(self, message: str):
+        known = [flag for action in self._actions for flag in action.option_strings]
+        given = message.partition("unrecognized arguments:")[2]
+        unknown = re.findall(r"(?<!\S)(--?[\w.-]+)", given)
+        hints = [f"{flag}: did you mean {' or '.join(close)}?" for flag in unknown
+                 if (close := difflib.get_close_matches(flag, known, n=3, cutoff=0.6))]
+        lines = [f"{self.prog}: error: {message}", *hints, f"({self.prog} --help lists the flags)"]
+        self.exit(2, "\n".join(lines) + "\n")
 
 
-def _add_field(parser: argparse.ArgumentParser, name: str, field: FieldInfo) -> None:
-    flags = ["--" + name.replace("_", "-")]
-    alias = field.validation_alias
-    for extra in getattr(alias, "choices", []) if alias is not None else []:
-        flag = "--" + str(extra).replace("_", "-")
-        if flag not in flags:
-            flags.append(flag)
-    helptext = (field.description or "").replace("%", "%%")
-    kwargs: dict[str, Any] = {"dest": name, "default": argparse.SUPPRESS, "help": helptext}
-    if _is_bool(field.annotation):
-        kwargs["action"] = argparse.BooleanOptionalAction
-    elif _is_list(field.annotation):
-        kwargs["nargs"] = "+"
-    parser.add_argument(*flags, **kwargs)
+def stage_parser(stage: Stage):
+    """The stage's parser (its spec's fields as flags, help from their descriptions) and the
+    pydantic-settings source that turns parsed flags into spec values."""
+    from pydantic_settings import CliSettingsSource
+
+    parser = _Parser(prog=f"{PROG} {stage.name}", description=stage.doc, allow_abbrev=False)
+    parser.add_argument("--config", metavar="FILE",
+                        help="spec file (YAML or JSON); flags override its fields")
+    parser.add_argument("--log-level", default="INFO", metavar="LEVEL")
+    source = CliSettingsSource(stage.spec, root_parser=parser, cli_kebab_case=True,
+                               cli_implicit_flags=True, cli_avoid_json=True,
+                               cli_hide_none_type=True)
+    return parser, source
 
 
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="python -m engine", description=__doc__.splitlines()[0])
-    parser.add_argument("--log-level", default="INFO")
-    sub = parser.add_subparsers(dest="stage", required=True, metavar="STAGE")
-    for name in STAGES:
-        stage = get_stage(name)
-        p = sub.add_parser(name, help=stage.doc, description=stage.doc)
-        p.add_argument("--config", help="spec file (YAML or JSON); flags override its fields")
-        for field_name, field in stage.spec.model_fields.items():
-            _add_field(p, field_name, field)
-    return parser
+def _usage() -> str:
+    width = max(map(len, STAGES))
+    listing = "".join(textwrap.fill(stage.doc, 100, initial_indent=f"  {name:<{width}}  ",
+                                    subsequent_indent=" " * (width + 4)) + "\n"
+                      for name, stage in STAGES.items())
+    return (f"usage: {PROG} STAGE [--config FILE] [--FIELD VALUE ...]\n       {PROG} STAGE "
+            f"--help\n\nRuns one lmforge stage on this node.\n\nstages:\n{listing}")
+
+
+def _stage_of(argv: list[str]) -> Stage:
+    """The stage named first; help or an error (naming the closest stage) otherwise."""
+    if not argv or argv[0] in ("-h", "--help"):
+        print(_usage(), end="")
+        sys.exit(0 if argv else 2)
+    if argv[0] not in STAGES:
+        close = difflib.get_close_matches(argv[0], STAGES, n=2)
+        hint = f"; did you mean {' or '.join(close)}?" if close else ""
+        print(f"{_usage()}\nerror: unknown stage {argv[0]!r}{hint}", file=sys.stderr)
+        sys.exit(2)
+    return get_stage(argv[0])
 
 
 class _Stopped(BaseException):
@@ -75,13 +87,15 @@ def main(argv: list[str] | None = None) -> int:
     # held from the first line: a stop during start-up (imports take seconds) is a clean stop too
     previous = ({sig: signal.signal(sig, _stop) for sig in (signal.SIGTERM, signal.SIGUSR2)}
                 if threading.current_thread() is threading.main_thread() else {})
+    argv = list(sys.argv[1:] if argv is None else argv)
     stage = spec = None
     try:
-        args = vars(build_parser().parse_args(argv))
-        logging.basicConfig(level=args.pop("log_level").upper(),
+        stage = _stage_of(argv)
+        parser, source = stage_parser(stage)
+        args = parser.parse_args(argv[1:])
+        logging.basicConfig(level=args.log_level.upper(),
                             format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-        stage = get_stage(args.pop("stage"))
-        spec = load_spec(stage.spec, args.pop("config", None), args)
+        spec = load_spec(stage.spec, args.config, source(parsed_args=args)(), check_inputs=True)
         manifest = stage.run(spec)
     except LmforgeError as exc:
         print(f"error: {exc}", file=sys.stderr)

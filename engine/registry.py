@@ -1,63 +1,52 @@
-"""The one table of stages: name -> module holding `Spec` (a StageSpec), `run(spec) -> Manifest`,
-`input_paths(spec) -> {name: path}` (what engine.lineage fingerprints), `KIND` (the artifact kind),
-`OUTPUT` (the dotted spec field naming where the artifact goes) and, optionally, `SETTINGS`: the
-manifest summary's keys that describe the artifact (a model's shape, token ids) rather than
-measure it, so that tracking records them as parameters, not metrics.
+"""The one table of stages. A stage is its typed spec (a StageSpec whose module also holds
+`input_paths(spec) -> {name: path}`, what engine.lineage fingerprints), its work (`run(spec) ->
+Manifest`), the kind of artifact it writes, the dotted spec field naming where that goes and,
+optionally, the manifest summary's keys that describe the artifact (a model's shape, token ids)
+rather than measure it, so that tracking records them as parameters, not metrics.
 
-The CLI, cluster/ and tasks/ all go through it, so a new stage is one engine module plus one line
-here. Modules are imported on first use so that listing stages never imports torch.
+The CLI, cluster/, tasks/ and flows/ all go through it, so a new stage is one engine module plus
+one line here. Spec modules never import torch and work modules are imported only to run: listing
+stages, reading their help and checking specs stay fast, and the flow process never loads torch.
 """
 
 from __future__ import annotations
 
 import importlib
 from dataclasses import dataclass
-from types import ModuleType
-from typing import Callable
-
-STAGES: dict[str, str] = {
-    "generate-corpus": "engine.data.synthetic",
-    "train-tokenizer": "engine.data.train_tokenizer",
-    "tokenize": "engine.data.tokenize",
-    "merge": "engine.data.merge",
-    "convert": "engine.convert.stage",
-    "pretrain": "engine.train.pretrain",
-    "finetune": "engine.train.finetune",
-    "evaluate": "engine.evaluate.stage",
-}
+from typing import Any, Callable
 
 
 @dataclass(frozen=True)
 class Stage:
     name: str
-    module: ModuleType
+    spec_ref: str  # "module:Class"
+    run_ref: str   # "module:function"
+    kind: str
+    output_field: str
+    settings: tuple[str, ...] = ()
 
     @property
     def spec(self) -> type:
-        return self.module.Spec
+        return _load(self.spec_ref)
 
     @property
     def run(self) -> Callable:
-        return self.module.run
+        return _load(self.run_ref)
+
+    @property
+    def doc(self) -> str:
+        """What the stage does: its spec's docstring, whole."""
+        return " ".join((self.spec.__doc__ or "").split())
+
+    def input_paths(self, spec) -> dict[str, Any]:
+        return importlib.import_module(self.spec_ref.partition(":")[0]).input_paths(spec)
 
     def fingerprint(self, spec) -> tuple[str, dict[str, str]]:
         """The fingerprint the stage's manifest will carry for `spec`, computed before running
         it, and its input fingerprints (engine.lineage)."""
         from engine.lineage import stage_fingerprint
 
-        return stage_fingerprint(self.name, spec, self.module.input_paths(spec))
-
-    @property
-    def kind(self) -> str:
-        return self.module.KIND
-
-    @property
-    def settings(self) -> tuple[str, ...]:
-        return getattr(self.module, "SETTINGS", ())
-
-    @property
-    def output_field(self) -> str:
-        return self.module.OUTPUT
+        return stage_fingerprint(self.name, spec, self.input_paths(spec))
 
     def output(self, spec) -> str | None:
         """Where the stage writes its artifact for `spec` (a folder, or a dataset prefix)."""
@@ -66,12 +55,33 @@ class Stage:
             value = getattr(value, part)
         return value
 
-    @property
-    def doc(self) -> str:
-        return (self.module.__doc__ or "").strip().splitlines()[0]
+
+def _load(ref: str) -> Any:
+    module, _, name = ref.partition(":")
+    return getattr(importlib.import_module(module), name)
+
+
+_TABLE = [
+    Stage("generate-corpus", "engine.data.synthetic:Spec", "engine.data.synthetic:run",
+          "corpus", "output", ("shards",)),
+    Stage("train-tokenizer", "engine.data.train_tokenizer:Spec", "engine.data.train_tokenizer:run",
+          "tokenizer", "output", ("vocab_size",)),
+    Stage("tokenize", "engine.data.tokenize:Spec", "engine.data.tokenize:run",
+          "dataset", "output_prefix", ("tokenizer",)),
+    Stage("merge", "engine.data.merge:Spec", "engine.data.merge:run", "dataset", "output_prefix"),
+    Stage("convert", "engine.convert.spec:Spec", "engine.convert.stage:run",
+          "hf-model", "save_dir", ("model", "token_ids")),  # "checkpoint" when the target is native
+    Stage("pretrain", "engine.train.spec:PretrainSpec", "engine.train.pretrain:run",
+          "checkpoint", "checkpoint.save"),
+    Stage("finetune", "engine.train.spec:FinetuneSpec", "engine.train.finetune:run",
+          "checkpoint", "checkpoint.save"),
+    Stage("evaluate", "engine.evaluate.spec:Spec", "engine.evaluate.stage:run",
+          "eval-report", "output"),
+]
+STAGES: dict[str, Stage] = {stage.name: stage for stage in _TABLE}
 
 
 def get_stage(name: str) -> Stage:
     if name not in STAGES:
         raise KeyError(f"unknown stage {name!r}; known stages: {', '.join(sorted(STAGES))}")
-    return Stage(name, importlib.import_module(STAGES[name]))
+    return STAGES[name]

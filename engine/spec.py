@@ -3,6 +3,7 @@ file, line and field, and overridable from the command line."""
 
 from __future__ import annotations
 
+import glob
 import json
 from pathlib import Path
 from typing import Any
@@ -72,23 +73,29 @@ def _compose_with_lines(text: str, source: str) -> tuple[Any, dict[tuple, int]]:
 
 
 def format_validation_error(exc: ValidationError, source: str, lines: dict[tuple, int] | None = None,
-                            cli_fields: set[str] = frozenset()) -> str:
+                            cli_fields: set[tuple] = frozenset()) -> str:
     """One line per problem: `file:line: field: message` (`file:line: message` for a check of the
-    whole spec), or `--flag: message` for a value that came from the command line."""
+    whole spec), or `<command line>: --flag: message` for a value that came from a flag
+    (`cli_fields`: the field paths the command line set)."""
     out = []
     for err in exc.errors():
         loc = tuple(err["loc"])
         msg = err["msg"].removeprefix("Value error, ")  # our validators' messages say it all
-        if loc and loc[0] in cli_fields:
-            flag = "--" + str(loc[0]).replace("_", "-") + "".join(f"[{p}]" for p in loc[1:])
-            out.append(f"<command line>: {flag}: {msg}")
-            continue
-        line = next((lines[loc[:n]] for n in range(len(loc), -1, -1) if lines and loc[:n] in lines),
-                    None)
-        where = f"{source}:{line}" if line else source
-        # a whole-spec check (a model validator) names its fields in the message
-        out.append(f"{where}: {'.'.join(map(str, loc))}: {msg}" if loc else f"{where}: {msg}")
+        out.append(_where(loc, source, lines, cli_fields) + msg)
     return "\n".join(out)
+
+
+def _where(loc: tuple, source: str, lines: dict[tuple, int] | None, cli_fields: set[tuple]) -> str:
+    """`file:line: field: ` or `<command line>: --flag: ` for a field path."""
+    flagged = next((n for n in range(len(loc), 0, -1) if loc[:n] in cli_fields), 0)
+    if flagged:
+        flag = "--" + ".".join(str(p).replace("_", "-") for p in loc[:flagged])
+        return f"<command line>: {flag}{''.join(f'[{p}]' for p in loc[flagged:])}: "
+    line = next((lines[loc[:n]] for n in range(len(loc), -1, -1) if lines and loc[:n] in lines),
+                None)
+    where = f"{source}:{line}" if line else source
+    # a whole-spec check (a model validator) names its fields in the message
+    return f"{where}: {'.'.join(map(str, loc))}: " if loc else f"{where}: "
 
 
 def read_config(path: str | Path) -> tuple[dict[str, Any], dict[tuple, int]]:
@@ -105,8 +112,10 @@ def read_config(path: str | Path) -> tuple[dict[str, Any], dict[tuple, int]]:
 
 
 def load_spec(model: type[StageSpec], path: str | Path | None = None,
-              overrides: dict[str, Any] | None = None) -> StageSpec:
-    """Build a spec from a file (optional) and command-line overrides, naming the culprit on error."""
+              overrides: dict[str, Any] | None = None, check_inputs: bool = False) -> StageSpec:
+    """Build a spec from a file (optional) and command-line overrides (nested sections as nested
+    dicts, merged into the file's), naming the culprit on error. With `check_inputs`, every input
+    path the spec names (fields marked `{"input": True}`) must exist."""
     data: dict[str, Any] = {}
     lines: dict[tuple, int] = {}
     source = "<command line>"
@@ -114,11 +123,58 @@ def load_spec(model: type[StageSpec], path: str | Path | None = None,
         data, lines = read_config(path)
         source = str(path)
     overrides = overrides or {}
-    data.update(overrides)
+    cli_fields = set(_leaf_paths(overrides))
     try:
-        return model.model_validate(data)
+        spec = model.model_validate(_merged(data, overrides))
     except ValidationError as exc:
-        raise SpecError(format_validation_error(exc, source, lines, set(overrides))) from None
+        raise SpecError(format_validation_error(exc, source, lines, cli_fields)) from None
+    if check_inputs:
+        missing = [_where(loc, source, lines, cli_fields) + f"no such file or folder: {value}"
+                   for loc, value in _input_values(spec) if not _exists(value)]
+        if missing:
+            raise SpecError("\n".join(missing))
+    return spec
+
+
+def _merged(base: dict[str, Any], overrides: dict[str, Any]) -> dict[str, Any]:
+    out = dict(base)
+    for key, value in overrides.items():
+        both_sections = isinstance(value, dict) and isinstance(out.get(key), dict)
+        out[key] = _merged(out[key], value) if both_sections else value
+    return out
+
+
+def _leaf_paths(values: dict[str, Any], prefix: tuple = ()) -> list[tuple]:
+    return [path for key, value in values.items()
+            for path in (_leaf_paths(value, prefix + (key,)) if isinstance(value, dict)
+                         else [prefix + (key,)])]
+
+
+def _input_values(model: BaseModel, prefix: tuple = ()) -> list[tuple[tuple, str]]:
+    """(field path, path) of every input path the spec names; a blend's weights are skipped."""
+    out = []
+    for name, field in type(model).model_fields.items():
+        value = getattr(model, name)
+        if isinstance(value, BaseModel):
+            out += _input_values(value, prefix + (name,))
+        elif isinstance(field.json_schema_extra, dict) and field.json_schema_extra.get("input"):
+            items = value if isinstance(value, list) else [value]
+            out += [(prefix + (name, i) if isinstance(value, list) else prefix + (name,), item)
+                    for i, item in enumerate(items) if item is not None and not _is_weight(item)]
+    return out
+
+
+def _is_weight(item: str) -> bool:
+    try:
+        float(item)
+    except ValueError:
+        return False
+    return True
+
+
+def _exists(path: str) -> bool:
+    """A file or folder, a dataset prefix (PREFIX.idx), or a glob matching something."""
+    return Path(path).exists() or Path(f"{path}.idx").exists() or bool(glob.glob(path))
 
 
 def dump_spec(spec: StageSpec) -> str:

@@ -9,7 +9,7 @@ import asyncio
 from pathlib import Path
 from typing import NamedTuple
 
-from engine.evaluate.source import model_format
+from engine.formats import model_format
 from flows.params import DataParams, EvalParams, TrainParams
 from flows.runner import Runner
 from tasks.artifact import ArtifactRef

@@ -9,7 +9,8 @@ from __future__ import annotations
 import torch
 import torch._dynamo
 
-from engine.model import LlamaModel, ModelConfig
+from engine.model.config import ModelConfig
+from engine.model.llama import LlamaModel
 from engine.model.attention_op import attention_op
 
 CFG = ModelConfig(vocab_size=97, hidden_size=64, intermediate_size=96, num_layers=2, num_heads=4,

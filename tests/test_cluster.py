@@ -210,8 +210,27 @@ def test_slurm_failure_raises_with_the_engine_error(slurm_cluster, tmp_path):
         _wait(job, 90)
     text = str(failed.value)
     assert f"job {job.id} (pretrain) FAILED: rank 0 on n1: the engine exited with status 2" in text
-    assert f"error: {tmp_path}/missing/data.idx: no such file" in text, text
+    assert f"data.blend.0: no such file or folder: {tmp_path}/missing/data" in text, text
     assert failed.value.state == "FAILED" and failed.value.rank == 0
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(120)
+def test_a_job_waiting_in_slurms_queue_says_why(slurm_cluster, tmp_path):
+    """Submitted held, the job pends; the caller's log says so and why, once, then the job runs
+    when released."""
+    profile = load_profile("testcluster")
+    held = profile.model_copy(update={"slurm": profile.slurm.model_copy(
+        update={"sbatch": {"hold": True}})})
+    job = submit("generate-corpus", {"output": str(tmp_path / "corpus"), "documents": 10},
+                 profile=held, run_dir=tmp_path / "run")
+    lines: list[str] = []
+    _until("news of the wait", lambda: lines.extend(job.log_lines()) or
+           any("waiting in Slurm's queue" in line for line in lines), 30, job)
+    assert f"[cluster] job {job.id} is waiting in Slurm's queue (reason: JobHeldUser)" in lines
+    assert _sh("scontrol", "release", job.id).returncode == 0
+    _wait(job, 60, on_line=lines.append)
+    assert sum("waiting in Slurm's queue" in line for line in lines) == 1
 
 
 @pytest.mark.slow

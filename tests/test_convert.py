@@ -15,10 +15,12 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from engine.convert import hf as hf_io
-from engine.convert.stage import Spec, run
+from engine.convert.spec import Spec
+from engine.convert.stage import run
 from engine.convert.verify import VerificationError
 from engine.errors import InputError
-from engine.model import LlamaModel, ModelConfig
+from engine.model.config import ModelConfig
+from engine.model.llama import LlamaModel
 from engine.train.checkpoint import save_checkpoint
 
 transformers = pytest.importorskip("transformers")

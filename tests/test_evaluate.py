@@ -28,7 +28,8 @@ from engine.evaluate import fineval, fineval_data, lambada, wikitext
 from engine.evaluate.ppl import windows
 from engine.evaluate.report import compare_reports
 from engine.evaluate.scoring import NLL, SCORED, Request, Scorer
-from engine.evaluate.stage import Spec, run
+from engine.evaluate.spec import Spec
+from engine.evaluate.stage import run
 from engine.registry import get_stage
 from engine.spec import load_spec
 
@@ -415,7 +416,8 @@ def test_bad_inputs_name_file_and_row(tmp_path):
 
 
 def test_native_checkpoint_root_and_iteration(stories, tmp_path):
-    from engine.convert.native import TOKENIZER_DIR, write_native
+    from engine.convert.native import write_native
+    from engine.formats import TOKENIZER_DIR
     native = tmp_path / "native"
     model = engine_model(stories)
     write_native(native, model, model.cfg, {})

@@ -19,7 +19,8 @@ import yaml
 
 from conftest import REPO, TINY_MODEL, logged_losses
 from engine.manifest import complete
-from engine.model import LlamaModel, ModelConfig
+from engine.model.config import ModelConfig
+from engine.model.llama import LlamaModel
 from engine.train import checkpoint as ckpt
 
 RUNNER = REPO / "tests" / "fault_runner.py"

@@ -14,9 +14,10 @@ import torch
 from pydantic import ValidationError
 
 from engine.errors import InputError, SpecError
-from engine.model import (LlamaModel, ModelConfig, generate_greedy, load_hf_state_dict,
-                          to_hf_state_dict)
-from engine.model.hf_names import from_hf_name, to_hf_name
+from engine.model.config import ModelConfig
+from engine.model.generate import generate_greedy
+from engine.model.hf_names import from_hf_name, load_hf_state_dict, to_hf_name, to_hf_state_dict
+from engine.model.llama import LlamaModel
 from engine.model.rope import inverse_frequencies
 
 transformers = pytest.importorskip("transformers")

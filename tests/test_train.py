@@ -19,7 +19,8 @@ import yaml
 from conftest import REPO, TINY_MODEL, logged_losses
 from engine.errors import InputError, SpecError
 from engine.manifest import sha256_file
-from engine.model import LlamaModel, ModelConfig
+from engine.model.config import ModelConfig
+from engine.model.llama import LlamaModel
 from engine.spec import load_spec
 from engine.train import checkpoint as ckpt
 from engine.train.schedule import LRSchedule

@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import json
 import pickle
-import re
 from collections import Counter
 from pathlib import Path
 from typing import Any, Callable, TypeVar
@@ -16,26 +15,16 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from engine.errors import InputError
+from engine.formats import CONFIG
 from engine.manifest import verify_artifact
 from engine.model.config import ModelConfig
 from engine.model.hf_names import load_hf_state_dict, to_hf_state_dict
 from engine.model.llama import LlamaModel
 
-CONFIG = "config.json"
 SAFE, SAFE_INDEX = "model.safetensors", "model.safetensors.index.json"
 BIN, BIN_INDEX = "pytorch_model.bin", "pytorch_model.bin.index.json"
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 _HF_DTYPE_NAMES = {"bf16": "bfloat16", "fp16": "float16", "fp32": "float32"}
-_UNITS = {"": 1, "B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12,
-          "KIB": 2**10, "MIB": 2**20, "GIB": 2**30, "TIB": 2**40}
-
-
-def parse_size(text: str | int) -> int:
-    """Bytes from "5GB" (10^9, as HF's max_shard_size) / "5GiB" (2^30) / a plain number."""
-    match = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([KMGT]I?B|B)?\s*", str(text), re.IGNORECASE)
-    if not match or float(match[1]) <= 0:
-        raise ValueError(f"not a size: {text!r} (examples: 5GB, 500MiB, 1000000)")
-    return int(float(match[1]) * _UNITS[(match[2] or "").upper()])
 
 
 T = TypeVar("T")

@@ -17,7 +17,6 @@ from engine.model.llama import LlamaModel
 from engine.spec import format_validation_error
 from engine.train.checkpoint import checkpoint_path, load_checkpoint, read_meta, save_checkpoint
 
-TOKENIZER_DIR = "tokenizer"
 MODEL_CONFIG = "model_config.json"  # as the checkpoint code writes it
 
 

@@ -6,61 +6,22 @@ from __future__ import annotations
 
 import logging
 from pathlib import Path
-from typing import Any, Literal
-
-from pydantic import Field, field_validator, model_validator
+from typing import Any
 
 from engine.atomic import staged_dir
 from engine.convert.carry import copy_files, token_ids, tokenizer_files
-from engine.convert.hf import CONFIG, DTYPES, load_hf, parse_size, write_hf
-from engine.convert.native import TOKENIZER_DIR, load_native, write_native
-from engine.convert.verify import TOLERANCE, VerificationError, verify
+from engine.convert.hf import DTYPES, load_hf, write_hf
+from engine.convert.native import load_native, write_native
+from engine.convert.spec import Spec, input_paths, parse_size
+from engine.convert.verify import VerificationError, verify
 from engine.errors import InputError
+from engine.formats import CONFIG, LATEST, TOKENIZER_DIR
 from engine.lineage import stage_fingerprint
 from engine.manifest import Manifest, sha256_file, write_manifest
 from engine.model.config import ModelConfig
 from engine.model.llama import LlamaModel
-from engine.spec import StageSpec
-from engine.train.checkpoint import LATEST
 
 log = logging.getLogger(__name__)
-KIND = "hf-model"  # "checkpoint" when the target is native
-OUTPUT = "save_dir"  # the spec field naming the artifact this stage writes
-SETTINGS = ("model", "token_ids")  # summary keys that describe, not measure
-Format = Literal["hf", "native"]
-
-
-class Spec(StageSpec):
-    load_dir: str = Field(description="source: HF model folder, or native checkpoint folder "
-                                      "(its latest iteration) or iter_* folder",
-                          json_schema_extra={"input": True})
-    save_dir: str = Field(description="output folder (must not exist or be empty)",
-                          json_schema_extra={"affects_output": False})
-    source_format: Format = Field(description="hf or native")
-    target_format: Format = Field(description="hf or native")
-    dtype: Literal["bf16", "fp16", "fp32"] | None = Field(
-        None, description="HF output dtype; default: as the source stores its weights (fp32 for "
-                          "native sources). Native checkpoints always hold fp32 weights")
-    max_shard_size: str = Field("5GB", description="HF output: largest safetensors shard "
-                                                   "(5GB = 5e9 bytes, 5GiB = 2^30 bytes)")
-    tokenizer: str | None = Field(None, description="tokenizer folder or file to ship with the "
-                                                    "model; default: the source's",
-                                  json_schema_extra={"input": True})
-    tolerance: float = Field(TOLERANCE, gt=0, description="largest |logit difference| allowed "
-                                                          "between source and result (fp32)")
-
-    @field_validator("max_shard_size")
-    @classmethod
-    def _size(cls, value: str) -> str:
-        parse_size(value)
-        return value
-
-    @model_validator(mode="after")
-    def _dtype_for_hf(self) -> Spec:
-        if self.dtype is not None and self.target_format == "native":
-            raise ValueError("dtype applies to HF output only: native checkpoints hold fp32 "
-                             "master weights")
-        return self
 
 
 def _check_source(path: Path, fmt: str) -> None:
@@ -75,14 +36,6 @@ def _check_source(path: Path, fmt: str) -> None:
                          f"{'hf' if is_hf else 'native'}")
     raise InputError(f"{path}: not a model checkpoint: neither an HF model folder ({CONFIG}) nor "
                      f"a native checkpoint ({LATEST}, or meta.json in an iter_* folder)")
-
-
-def input_paths(spec: Spec) -> dict[str, str]:
-    """The source model and, when given, the tokenizer shipped with the result (engine.lineage)."""
-    paths = {"source": spec.load_dir}
-    if spec.tokenizer:
-        paths["tokenizer"] = spec.tokenizer
-    return paths
 
 
 def _load_source(spec: Spec) -> tuple[ModelConfig, LlamaModel, str, list[Path], dict[str, Any]]:
@@ -135,7 +88,7 @@ def run(spec: Spec) -> Manifest:
             raise VerificationError(f"{src} -> {dst}: {exc}; nothing was written") from None
         files = {str(p.relative_to(tmp)): sha256_file(p)
                  for p in sorted(tmp.rglob("*")) if p.is_file()}
-        manifest = Manifest(kind=KIND if spec.target_format == "hf" else "checkpoint",
+        manifest = Manifest(kind="hf-model" if spec.target_format == "hf" else "checkpoint",
                             stage="convert", spec=spec.model_dump(mode="json"), inputs=inputs,
                             fingerprint=fp,
                             summary=summary, files=files)

@@ -18,11 +18,11 @@ import torch
 
 from engine.convert.hf import load_hf
 from engine.convert.native import load_native
+from engine.convert.spec import TOLERANCE
 from engine.errors import LmforgeError
 from engine.model.config import ModelConfig
 from engine.model.llama import LlamaModel
 
-TOLERANCE = 1e-4
 BATCH, SEQ, SEED = 2, 64, 0
 
 

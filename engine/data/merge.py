@@ -11,6 +11,7 @@ from pathlib import Path
 
 import numpy as np
 from pydantic import Field
+from pydantic_settings import CliVariadicArg
 
 from engine.atomic import StagedFiles
 from engine.data.indexed import IndexedDataset, data_path, index_path, write_index
@@ -20,13 +21,15 @@ from engine.manifest import FileEntry, Manifest, fingerprint, sha256_file, write
 from engine.spec import StageSpec
 
 log = logging.getLogger(__name__)
-KIND = "dataset"
-OUTPUT = "output_prefix"  # the spec field naming the artifact this stage writes
 
 
 class Spec(StageSpec):
-    input: list[str] = Field(min_length=1, description="dataset prefixes, or folders of .bin/.idx pairs",
-                             json_schema_extra={"input": True})
+    """Merge several Megatron indexed datasets into one (<output_prefix>.bin/.idx), like
+    Megatron-LM's tools/merge_datasets.py; every input is checked before a byte is written."""
+
+    input: CliVariadicArg[list[str]] = Field(min_length=1, description="dataset prefixes, or "
+                                             "folders of .bin/.idx pairs",
+                                             json_schema_extra={"input": True})
     output_prefix: str = Field(description="writes <prefix>.bin/.idx",
                                json_schema_extra={"affects_output": False})
 
@@ -100,7 +103,7 @@ def run(spec: Spec) -> Manifest:
     files = {data_path(out).name: FileEntry(sha256=digest.hexdigest(),
                                             bytes=data_path(out).stat().st_size),
              index_path(out).name: sha256_file(index_path(out))}
-    manifest = Manifest(kind=KIND, stage="merge", spec=spec.model_dump(mode="json"), inputs=inputs,
+    manifest = Manifest(kind="dataset", stage="merge", spec=spec.model_dump(mode="json"), inputs=inputs,
                         fingerprint=fingerprint("merge", spec.fingerprint_fields(), inputs),
                         summary=summary, files=files)
     write_manifest(out, manifest)

@@ -16,9 +16,6 @@ from engine.atomic import staged_dir
 from engine.manifest import Manifest, fingerprint, sha256_file, write_manifest
 from engine.spec import StageSpec
 
-KIND = "corpus"
-OUTPUT = "output"  # the spec field naming the artifact this stage writes
-SETTINGS = ("shards",)  # summary keys that describe, not measure
 
 NAMES = ["Lily", "Tom", "Mia", "Ben", "Sara", "Max", "Anna", "Leo", "Zoe", "Sam", "Emma", "Jack"]
 ANIMALS = ["cat", "dog", "bird", "fox", "rabbit", "frog", "bear", "duck", "mouse", "owl"]
@@ -65,6 +62,9 @@ def story(rng: random.Random) -> str:
 
 
 class Spec(StageSpec):
+    """Generate a deterministic corpus of short children's stories as JSONL shards: real-looking
+    text without the network, the same bytes on every run."""
+
     output: str = Field(description="output folder (JSONL shards + manifest)",
                         json_schema_extra={"affects_output": False})
     documents: int = Field(default=2000, ge=1, description="number of stories")
@@ -88,7 +88,7 @@ def run(spec: Spec) -> Manifest:
                 for i in range(max(n, 0)):
                     f.write(json.dumps({"id": s * per_shard + i, "text": story(rng)}) + "\n")
         files = {p.name: sha256_file(p) for p in sorted(tmp.glob("*.jsonl"))}
-        manifest = Manifest(kind=KIND, stage="generate-corpus", spec=spec.model_dump(mode="json"),
+        manifest = Manifest(kind="corpus", stage="generate-corpus", spec=spec.model_dump(mode="json"),
                             fingerprint=fingerprint("generate-corpus", spec.fingerprint_fields(), {}),
                             summary={"documents": spec.documents, "shards": spec.shards,
                                      "bytes": sum(f.bytes for f in files.values())},

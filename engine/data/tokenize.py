@@ -25,6 +25,7 @@ from typing import BinaryIO, Iterator
 
 import numpy as np
 from pydantic import AliasChoices, Field, field_validator
+from pydantic_settings import CliVariadicArg
 from tqdm import tqdm
 
 from engine.atomic import StagedFiles
@@ -36,26 +37,25 @@ from engine.signals import StopSignals
 from engine.spec import StageSpec
 
 log = logging.getLogger(__name__)
-KIND = "dataset"
-OUTPUT = "output_prefix"  # the spec field naming the artifact this stage writes
-SETTINGS = ("tokenizer",)  # summary keys that describe, not measure
 _SUFFIXES = (".jsonl", ".json", ".jsonl.gz", ".json.gz")
 _NOT_OUTPUT = {"affects_output": False}
 _INPUT = {"input": True}
 
 
 class Spec(StageSpec):
-    """Flags follow Megatron-LM's tools/preprocess_data.py where they overlap."""
+    """Tokenize JSONL documents into Megatron indexed datasets
+    (<prefix>_<key>_document.bin/.idx), streaming, with a pool of workers. Flags follow
+    Megatron-LM's tools/preprocess_data.py where they overlap."""
 
-    input: list[str] = Field(description="JSONL files (.jsonl, .jsonl.gz), folders or globs",
-                             json_schema_extra=_INPUT)
+    input: CliVariadicArg[list[str]] = Field(description="JSONL files (.jsonl, .jsonl.gz), folders "
+                                             "or globs", json_schema_extra=_INPUT)
     output_prefix: str = Field(description="writes <prefix>_<key>_document.bin/.idx",
                                json_schema_extra=_NOT_OUTPUT)
     tokenizer: str = Field(description="SentencePiece .model, HF tokenizer.json, or HF folder",
                            validation_alias=AliasChoices("tokenizer", "tokenizer_model"),
                            json_schema_extra=_INPUT)
-    json_keys: list[str] = Field(default=["text"], min_length=1,
-                                 description="JSON fields to tokenize, one dataset each")
+    json_keys: CliVariadicArg[list[str]] = Field(
+        default=["text"], min_length=1, description="JSON fields to tokenize, one dataset each")
     append_eod: bool = Field(default=False, description="append the tokenizer's EOD to each document")
     add_bos: bool = Field(default=False, description="prepend the tokenizer's BOS to each document")
     workers: int = Field(default=1, ge=1, le=512, description="encoding processes",
@@ -395,7 +395,7 @@ def run(spec: Spec) -> Manifest:
     if skipped:
         summary["skipped_examples"] = skipped[:20]
     manifest = Manifest(
-        kind=KIND, stage="tokenize", spec=spec.model_dump(mode="json"), inputs=inputs,
+        kind="dataset", stage="tokenize", spec=spec.model_dump(mode="json"), inputs=inputs,
         fingerprint=fingerprint("tokenize", spec.fingerprint_fields(), inputs),
         summary=summary, files=out_files)
     write_manifest(spec.output_prefix, manifest)

@@ -9,6 +9,7 @@ from pathlib import Path
 from typing import Iterator
 
 from pydantic import Field
+from pydantic_settings import CliVariadicArg
 
 from engine.atomic import staged_dir
 from engine.data.tokenize import documents, resolve_inputs
@@ -17,9 +18,6 @@ from engine.lineage import stage_fingerprint
 from engine.manifest import Manifest, sha256_file, write_manifest
 from engine.spec import StageSpec
 
-KIND = "tokenizer"
-OUTPUT = "output"  # the spec field naming the artifact this stage writes
-SETTINGS = ("vocab_size",)  # summary keys that describe, not measure
 
 
 # Llama's: BPE with byte fallback and split digits, BOS=1, EOS=2, text kept as it is
@@ -31,8 +29,11 @@ _OPTIONS = dict(model_type="bpe", byte_fallback=True, split_digits=True, unk_id=
 
 
 class Spec(StageSpec):
-    input: list[str] = Field(min_length=1, description="JSONL files, folders or globs",
-                             json_schema_extra={"input": True})
+    """Train a SentencePiece BPE tokenizer on JSONL text, Llama-style (byte fallback, split
+    digits, BOS=1, EOS=2), for corpora that have no tokenizer yet."""
+
+    input: CliVariadicArg[list[str]] = Field(min_length=1, description="JSONL files, folders or "
+                                             "globs", json_schema_extra={"input": True})
     output: str = Field(description="output folder (tokenizer.model + manifest)",
                         json_schema_extra={"affects_output": False})
     json_key: str = Field(default="text", description="JSON field holding the text")
@@ -51,7 +52,7 @@ def run(spec: Spec) -> Manifest:
     with staged_dir(spec.output) as tmp:
         (tmp / "tokenizer.model").write_bytes(model)
         fp, inputs = stage_fingerprint("train-tokenizer", spec, input_paths(spec))
-        manifest = Manifest(kind=KIND, stage="train-tokenizer", spec=spec.model_dump(mode="json"),
+        manifest = Manifest(kind="tokenizer", stage="train-tokenizer", spec=spec.model_dump(mode="json"),
                             inputs=inputs, fingerprint=fp,
                             summary={"vocab_size": spec.vocab_size},
                             files={"tokenizer.model": sha256_file(tmp / "tokenizer.model")})

@@ -23,38 +23,18 @@ subject-averaged (FinEval's paper and README).
 
 from __future__ import annotations
 
-import string
 from dataclasses import dataclass
 from typing import Sequence
 
 import numpy as np
 
 from engine.data.tokenizer import Tokenizer
-from engine.errors import InputError, SpecError
+from engine.errors import InputError
 from engine.evaluate.fineval_data import CHOICES, FinEval, Question, Subject
 from engine.evaluate.scoring import NLL, PROBES, Request, Scorer
+from engine.evaluate.templates import DEFAULT_HEADER, DEFAULT_QUESTION, DEFAULT_SHOT
 
-DEFAULT_HEADER = "以下是中国关于{subject}考试的单项选择题，请选出其中的正确答案。\n\n"
-DEFAULT_QUESTION = "{question}\nA. {A}\nB. {B}\nC. {C}\nD. {D}\n答案："
-DEFAULT_SHOT = "{answer}\n\n"
 METHODS = ("answer", "option")
-_PLACEHOLDERS = {"header": {"subject", "subject_zh", "category"},
-                 "question": {"question", *CHOICES},
-                 "shot": {"question", *CHOICES, "answer"}}
-
-
-def check_template(part: str, text: str) -> None:
-    """Unknown placeholders (or {answer} in the question template) are spec errors."""
-    try:
-        names = {f for _, f, _, _ in string.Formatter().parse(text) if f is not None}
-    except ValueError as exc:
-        raise SpecError(f"fineval_{part} template {text!r}: {exc} (write literal braces as "
-                        "{{ and }})") from None
-    unknown = names - _PLACEHOLDERS[part]
-    if unknown:
-        raise SpecError(f"fineval_{part} template: unknown placeholder(s) "
-                        f"{', '.join(sorted(unknown))}; allowed: "
-                        f"{', '.join(sorted(_PLACEHOLDERS[part]))}")
 
 
 @dataclass(frozen=True)

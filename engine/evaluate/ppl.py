@@ -26,29 +26,11 @@ import numpy as np
 
 from engine.data.indexed import IndexedDataset, index_path
 from engine.data.tokenizer import Tokenizer
-from engine.errors import InputError, SpecError
+from engine.errors import InputError
 from engine.evaluate.inputs import read_jsonl, read_text
 from engine.evaluate.scoring import NLL, SCORED, Request, Scorer
 
 log = logging.getLogger(__name__)
-
-
-def parse_window(text: str) -> tuple[int, int]:
-    """"LENGTH:STRIDE" or "LENGTH" (stride = length // 2) -> (length, stride)."""
-    length_text, _, stride_text = str(text).partition(":")
-    try:
-        length = int(length_text)
-        stride = int(stride_text) if stride_text else max(length // 2, 1)
-    except ValueError:
-        raise SpecError(f"window {text!r}: expected LENGTH or LENGTH:STRIDE, e.g. 2048:1024"
-                        ) from None
-    if length < 2:
-        raise SpecError(f"window {text!r}: length must be at least 2")
-    if not 1 <= stride < length:
-        raise SpecError(f"window {text!r}: stride {stride} must be between 1 and length - 1 = "
-                        f"{length - 1} (a window needs at least one earlier token to predict its "
-                        "first new token)")
-    return length, stride
 
 
 def windows(n_tokens: int, length: int, stride: int) -> Iterator[tuple[int, int, int]]:

@@ -4,13 +4,11 @@ optimizer state: Megatron's distributed optimizer and more)."""
 
 from __future__ import annotations
 
-from typing import Literal
-
 import torch
 import torch.distributed as dist
 from torch import nn
 
-DataParallel = Literal["ddp", "fsdp"]
+from engine.parallel import DataParallel
 
 
 def wrap(model: nn.Module, mode: DataParallel, device: torch.device) -> nn.Module:

@@ -51,7 +51,7 @@ from engine.signals import StopSignals
 from engine.train import checkpoint as ckpt
 from engine.train.flops import flops_per_token, peak_flops
 from engine.train.master_adamw import MasterAdamW, norm_gains, total_norm
-from engine.train.spec import TrainSpec
+from engine.train.spec import TrainSpec, input_paths
 
 log = logging.getLogger(__name__)
 _AUTOCAST = {"bf16": torch.bfloat16, "fp16": torch.float16}
@@ -67,14 +67,6 @@ def set_split_k_reductions(low_precision: bool) -> None:
 
 class NonFiniteLoss(LmforgeError):
     """Training diverged: too many steps in a row with a non-finite loss or gradient."""
-
-
-def input_paths(spec: TrainSpec) -> dict[str, str]:
-    """The datasets of the blend and the checkpoint started from (see engine.lineage)."""
-    paths = {f"data[{i}]": prefix for i, (_, prefix) in enumerate(parse_blend(spec.data.blend))}
-    if spec.load:
-        paths["load"] = spec.load
-    return paths
 
 
 def _resolve_model_config(spec: TrainSpec, start: Path | None) -> ModelConfig:

@@ -6,10 +6,11 @@ from __future__ import annotations
 from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic_settings import CliVariadicArg
 
 from engine.data.samples import parse_blend
 from engine.model.config import ModelConfig
-from engine.parallel.data_parallel import DataParallel
+from engine.parallel import DataParallel
 from engine.spec import StageSpec
 from engine.train.schedule import LRSchedule
 
@@ -21,9 +22,9 @@ class _Section(BaseModel):
 
 
 class DataSection(_Section):
-    blend: list[str] = Field(min_length=1, description="dataset prefixes, optionally weighted: "
-                             "['0.3', 'A', '0.7', 'B'] (Megatron's form) or ['A']",
-                             json_schema_extra={"input": True})
+    blend: CliVariadicArg[list[str]] = Field(
+        min_length=1, description="dataset prefixes, optionally weighted: 0.3 A 0.7 B (Megatron's "
+        "form) or A", json_schema_extra={"input": True})
     split: str = Field("969,30,1", description="train,valid,test weights over documents")
     seq_length: int = Field(gt=0)
     eod_id: int | None = Field(None, description="EOD token id; default: from the dataset manifest")
@@ -130,3 +131,11 @@ class FinetuneSpec(TrainSpec):
         if self.load is None:
             raise ValueError("finetune needs load: the checkpoint to start from")
         return self
+
+
+def input_paths(spec: TrainSpec) -> dict[str, str]:
+    """The datasets of the blend and the checkpoint started from (see engine.lineage)."""
+    paths = {f"data[{i}]": prefix for i, (_, prefix) in enumerate(parse_blend(spec.data.blend))}
+    if spec.load:
+        paths["load"] = spec.load
+    return paths

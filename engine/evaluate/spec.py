@@ -1,0 +1,131 @@
+"""The evaluate stage's spec: torch-free, so that listing stages, the CLI's help and the flows'
+checks never import torch."""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import Field, field_validator, model_validator
+from pydantic_settings import CliVariadicArg
+
+from engine.errors import SpecError
+from engine.evaluate.templates import (DEFAULT_HEADER, DEFAULT_QUESTION, DEFAULT_SHOT,
+                                       check_template)
+from engine.formats import tokenizer_path
+from engine.spec import StageSpec
+
+_NOT_OUTPUT = {"affects_output": False}
+_INPUT = {"input": True}
+
+
+def parse_window(text: str) -> tuple[int, int]:
+    """"LENGTH:STRIDE" or "LENGTH" (stride = length // 2) -> (length, stride)."""
+    length_text, _, stride_text = str(text).partition(":")
+    try:
+        length = int(length_text)
+        stride = int(stride_text) if stride_text else max(length // 2, 1)
+    except ValueError:
+        raise SpecError(f"window {text!r}: expected LENGTH or LENGTH:STRIDE, e.g. 2048:1024"
+                        ) from None
+    if length < 2:
+        raise SpecError(f"window {text!r}: length must be at least 2")
+    if not 1 <= stride < length:
+        raise SpecError(f"window {text!r}: stride {stride} must be between 1 and length - 1 = "
+                        f"{length - 1} (a window needs at least one earlier token to predict its "
+                        "first new token)")
+    return length, stride
+
+
+class Spec(StageSpec):
+    """Evaluate a model (HF folder or native checkpoint): perplexity, FinEval, LAMBADA and
+    WikiText scores, written as report.json and report.md."""
+
+    load_dir: str = Field(description="model: HF folder (config.json) or native checkpoint "
+                          "(root: its latest iteration, or an iter_* folder)",
+                          json_schema_extra=_INPUT)
+    output: str = Field(description="report folder (must not exist or be empty)",
+                        json_schema_extra=_NOT_OUTPUT)
+    tokenizer: str | None = Field(None, description="tokenizer file or folder; default: the "
+                                  "model folder's (HF) or <checkpoint>/tokenizer/ (native)",
+                                  json_schema_extra=_INPUT)
+    ppl: CliVariadicArg[list[str] | None] = Field(
+        None, description="perplexity datasets: .jsonl files (one document per line), text "
+        "files, folders of .txt files, or indexed dataset prefixes (one document per sequence)",
+        json_schema_extra=_INPUT)
+    windows: CliVariadicArg[list[str] | None] = Field(
+        None, description="sliding windows LENGTH[:STRIDE] for ppl and wikitext (stride default "
+        "LENGTH/2); default: the model's max_position_embeddings")
+    text_key: str = Field("text", description="JSONL field holding the text (ppl, lambada)")
+    fineval: str | None = Field(None, description="FinEval folder with dev/ and the evaluated "
+                                "split (e.g. .../fineval/academic)", json_schema_extra=_INPUT)
+    fineval_split: str = Field("val", description="folder of the questions to answer")
+    fineval_subjects: CliVariadicArg[list[str] | None] = Field(
+        None, description="subset of subjects; default all")
+    fineval_mapping: str | None = Field(None, description="subject_mapping.json; default: "
+                                        "FinEval's own, shipped with lmforge",
+                                        json_schema_extra=_INPUT)
+    fineval_shots: CliVariadicArg[list[int]] = Field(
+        [0, 5], description="shot counts to run (dev questions of the same subject, in file order)")
+    fineval_methods: CliVariadicArg[list[Literal["answer", "option"]]] = Field(
+        ["answer", "option"], description="answer: next-token logits of the letters (FinEval's "
+        "protocol); option: log-likelihood of each option's text")
+    fineval_header: str = Field(DEFAULT_HEADER, description="prompt header; "
+                                "placeholders {subject} {subject_zh} {category}")
+    fineval_question: str = Field(DEFAULT_QUESTION, description="question template; "
+                                  "placeholders {question} {A} {B} {C} {D}")
+    fineval_shot: str = Field(DEFAULT_SHOT, description="appended to a shot's question: "
+                              "{answer} and the separator")
+    fineval_zero_shot_header: bool = Field(False, description="header on zero-shot prompts too "
+                                           "(FinEval's code has none)")
+    lambada: str | None = Field(None, description="LAMBADA JSONL (last word of each text)",
+                                json_schema_extra=_INPUT)
+    wikitext: str | None = Field(None, description="WikiText raw text file (word-level ppl)",
+                                 json_schema_extra=_INPUT)
+    wikitext_detokenize: bool = Field(True, description="apply Megatron's WikiText detokenizer")
+    add_bos: bool = Field(True, description="start every document / prompt with BOS")
+    max_length: int | None = Field(None, gt=1, description="context for FinEval and LAMBADA "
+                                   "prompts; default: the model's max_position_embeddings")
+    limit: int | None = Field(None, gt=0, description="at most this many documents / examples "
+                              "per dataset and questions per subject (quick checks)")
+    dtype: Literal["auto", "bf16", "fp16", "fp32"] = Field(
+        "auto", description="compute dtype; auto: bf16 on GPU, fp32 on CPU")
+    device: Literal["auto", "cpu", "cuda"] = Field("auto", json_schema_extra=_NOT_OUTPUT)
+    batch_tokens: int = Field(16384, gt=0, description="tokens per forward batch (padded)",
+                              json_schema_extra=_NOT_OUTPUT)
+    progress: bool = Field(True, json_schema_extra=_NOT_OUTPUT)
+
+    @field_validator("windows")
+    @classmethod
+    def _windows(cls, value: list[str] | None) -> list[str] | None:
+        if value is None:
+            return None
+        return [f"{length}:{stride}" for length, stride in map(parse_window, value)]
+
+    @field_validator("fineval_shots")
+    @classmethod
+    def _shots(cls, value: list[int]) -> list[int]:
+        if not value or min(value) < 0 or len(set(value)) < len(value):
+            raise ValueError("shot counts must be distinct and non-negative, e.g. [0, 5]")
+        return value
+
+    @model_validator(mode="after")
+    def _suites_and_templates(self) -> Spec:
+        if not (self.ppl or self.fineval or self.lambada or self.wikitext):
+            raise ValueError("no suite chosen: give at least one of ppl, fineval, lambada, "
+                             "wikitext (their data paths)")
+        for part in ("header", "question", "shot"):
+            check_template(part, getattr(self, f"fineval_{part}"))
+        return self
+
+
+def input_paths(spec: Spec) -> dict[str, str]:
+    """The model, its tokenizer and every data file or folder (engine.lineage)."""
+    paths = {"model": spec.load_dir}
+    tokenizer = tokenizer_path(spec.load_dir, spec.tokenizer)
+    if tokenizer is not None:
+        paths["tokenizer"] = str(tokenizer)
+    paths.update({f"ppl[{i}]": p for i, p in enumerate(spec.ppl or [])})
+    for name in ("fineval", "fineval_mapping", "lambada", "wikitext"):
+        if getattr(spec, name):
+            paths[name] = getattr(spec, name)
+    return paths
