@@ -38,6 +38,7 @@ REASONS = {"OUT_OF_MEMORY": "a rank ran out of memory", "TIMEOUT": "the time lim
            "PREEMPTED": "preempted and not requeued", "BOOT_FAIL": "a node failed to boot",
            "DEADLINE": "its deadline passed"}
 SACCT_MIN_INTERVAL_S = 1.0
+LOCAL_POLL_S, SLURM_POLL_S = 0.2, 2.0  # waits' default pause between two looks at a job
 # submitit's watcher (one per process, shared by all jobs) is not thread-safe, and waits poll
 # from worker threads
 _WATCHER_LOCK = threading.Lock()
@@ -168,15 +169,16 @@ class Job:
                 else "the job fails")
         return [f"[cluster] job {self.id}, attempt {lost['attempt']}: {lost['message']}; {then}"]
 
-    def _pause(self, deadline: float, poll_s: float, timeout_s: float) -> float:
+    def _pause(self, deadline: float, poll_s: float | None, timeout_s: float) -> float:
         left = deadline - time.monotonic()
         if left <= 0:
             raise TimeoutError(f"job {self.id} ({self.stage}) still {self.state} after "
                                f"{timeout_s:.0f} s; it keeps running (cancel() stops it)")
-        return min(poll_s, left)
+        # a local job's state is its process's: asking costs nothing, unlike a call to sacct
+        return min(poll_s or (LOCAL_POLL_S if self.executor == "local" else SLURM_POLL_S), left)
 
     async def wait(self, timeout_s: float, on_line: Callable[[str], None] | None = None,
-                   poll_s: float = 2.0) -> Manifest:
+                   poll_s: float | None = None) -> Manifest:
         """Wait for the job without holding a thread (each poll borrows one for its sacct call);
         pass rank 0's new log lines to `on_line`. Returns the manifest; raises JobFailed, or
         TimeoutError after `timeout_s` (the job keeps running)."""
@@ -190,7 +192,7 @@ class Job:
             await asyncio.sleep(self._pause(deadline, poll_s, timeout_s))
 
     def wait_sync(self, timeout_s: float, on_line: Callable[[str], None] | None = None,
-                  poll_s: float = 2.0) -> Manifest:
+                  poll_s: float | None = None) -> Manifest:
         """`wait` for callers without an event loop."""
         deadline = time.monotonic() + timeout_s
         while True:
