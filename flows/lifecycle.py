@@ -22,6 +22,8 @@ from flows.params import DataParams, EvalParams, RunParams, TrainParams
 from flows.runner import Runner
 from flows.report import print_report
 from flows.steps import Refs, evaluate_model, given_model, prepare_data, train_model
+from tasks.run_tags import tag_flow_run
+from tasks.summary import publish_summary
 from tasks.tracking import tracked_flow
 
 DEMO_SERVER_START_S = 120
@@ -44,12 +46,15 @@ async def lifecycle(data: DataParams = DataParams(), base_model: str | None = No
         register_as: MLflow registered model name for the exported HF model; None: not registered.
         run: cluster profile, per-stage resources, forced rebuilds.
     """
+    await tag_flow_run(run.profile)
     args = (data, base_model, training, evaluation, register_as)
     await _steps(Runner(run, dry=True), {}, *args)  # every spec checked before the first job
     refs: Refs = {}
     with tracked_flow({"data": data, "base_model": base_model, "training": training,
                        "evaluation": evaluation, "register_as": register_as, "run": run}, refs):
-        return await _steps(Runner(run), refs, *args)
+        await _steps(Runner(run), refs, *args)
+        await publish_summary(refs)
+        return refs
 
 
 async def _steps(runner: Runner, refs: Refs, data: DataParams, base_model: str | None,
@@ -62,7 +67,7 @@ async def _steps(runner: Runner, refs: Refs, data: DataParams, base_model: str |
         tokenizer = prepared.tokenizer
         model = await train_model(runner, training, prepared, base, refs)
         if model.hf:
-            await runner.register(refs["convert"], register_as)
+            refs["convert"] = await runner.register(refs["convert"], register_as)
     if evaluation is not None and model is not None:
         await evaluate_model(runner, evaluation, model, None if model.hf else tokenizer, refs)
     return refs
