@@ -19,8 +19,9 @@ $(VENV)/.installed: pyproject.toml
 	$(VENV)/bin/uv pip install --python $(PY) -q -e ".[dev]" "$(TORCH)"
 	touch $@
 
-# The main job runs on embedded defaults: artifacts under ./lmforge-home, Prefect's own temporary
-# server with its database there too.
+# The main job runs on embedded defaults: artifacts under ./lmforge-home, and the Prefect server
+# `scripts/server.sh prefect start` runs (state in lmforge-home/servers/prefect), else Prefect's own
+# temporary server with its database under lmforge-home too (tasks/prefect_api.py).
 export LMFORGE_HOME ?= $(CURDIR)/lmforge-home
 export PREFECT_HOME ?= $(LMFORGE_HOME)/prefect
 export PREFECT_SERVER_ANALYTICS_ENABLED ?= false

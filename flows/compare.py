@@ -13,8 +13,10 @@ from prefect.artifacts import acreate_markdown_artifact
 from engine.evaluate.report import REPORT_JSON, compare_reports
 from flows.params import EvalParams, RunParams
 from flows.runner import Runner
-from flows.steps import evaluate_model, given_model
+from flows.steps import Refs, evaluate_model, given_model
 from tasks.plots import comparison_chart
+from tasks.run_tags import tag_flow_run
+from tasks.summary import publish_summary
 from tasks.tracking import client, tracked_flow
 
 
@@ -31,23 +33,27 @@ async def compare(models: list[str], tokenizer: str | None = None,
     """
     if len(models) < 2:
         raise ValueError("compare needs at least two models")
+    await tag_flow_run(run.profile)
     targets = [given_model(m) for m in models]
+    labels = [Path(m.rstrip("/")).name or m for m in models]
+    labels = labels if len(set(labels)) == len(labels) else models
     for target in targets:  # every spec checked before the first job
         await evaluate_model(Runner(run, dry=True), evaluation, target, tokenizer, {})
     with tracked_flow({"models": models, "tokenizer": tokenizer, "evaluation": evaluation,
                        "run": run}) as parent:
-        reports = []
-        for target in targets:
-            ref = await evaluate_model(Runner(run), evaluation, target, tokenizer, {})
+        reports, refs = [], {}
+        for label, target in zip(labels, targets):
+            found: Refs = {}
+            ref = await evaluate_model(Runner(run), evaluation, target, tokenizer, found)
             reports.append(Path(ref.path) / REPORT_JSON)
+            refs |= {f"{step}: {label}": each for step, each in found.items()}
         table = compare_reports(reports)
         await acreate_markdown_artifact(markdown=table, key="model-comparison",
                                         description=f"{len(models)} models side by side")
         mlflow = client()
         mlflow.log_text(parent, table, "comparison.md")
-        labels = [Path(m.rstrip("/")).name or m for m in models]
-        labels = labels if len(set(labels)) == len(labels) else models
         chart = comparison_chart(labels, [json.loads(p.read_text()) for p in reports])
         if chart is not None:
             mlflow.log_figure(parent, chart, "comparison.png")
+        await publish_summary(refs, details=table)
         return table

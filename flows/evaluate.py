@@ -8,6 +8,8 @@ from prefect import flow
 from flows.params import EvalParams, RunParams
 from flows.runner import Runner
 from flows.steps import Refs, evaluate_model, given_model
+from tasks.run_tags import tag_flow_run
+from tasks.summary import publish_summary
 from tasks.tracking import tracked_flow
 
 
@@ -22,10 +24,12 @@ async def evaluate(model: str, tokenizer: str | None = None,
         evaluation: suites and their data; without ppl data, held-out generated stories.
         run: cluster profile, per-stage resources, forced rebuilds.
     """
+    await tag_flow_run(run.profile)
     target = given_model(model)
     await evaluate_model(Runner(run, dry=True), evaluation, target, tokenizer, {})
     refs: Refs = {}
     with tracked_flow({"model": model, "tokenizer": tokenizer, "evaluation": evaluation,
                        "run": run}, refs):
         await evaluate_model(Runner(run), evaluation, target, tokenizer, refs)
+        await publish_summary(refs)
         return refs

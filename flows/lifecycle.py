@@ -15,16 +15,16 @@ from __future__ import annotations
 
 import asyncio
 
-from prefect import flow
-from prefect.settings import PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS, temporary_settings
+from prefect import flow, tags
 
 from flows.params import DataParams, EvalParams, RunParams, TrainParams
 from flows.runner import Runner
 from flows.report import print_report
 from flows.steps import Refs, evaluate_model, given_model, prepare_data, train_model
+from tasks.prefect_api import prefect_api
+from tasks.run_tags import tag_flow_run
+from tasks.summary import publish_summary
 from tasks.tracking import tracked_flow
-
-DEMO_SERVER_START_S = 120
 
 
 @flow(name="lifecycle")
@@ -44,12 +44,15 @@ async def lifecycle(data: DataParams = DataParams(), base_model: str | None = No
         register_as: MLflow registered model name for the exported HF model; None: not registered.
         run: cluster profile, per-stage resources, forced rebuilds.
     """
+    await tag_flow_run(run.profile)
     args = (data, base_model, training, evaluation, register_as)
     await _steps(Runner(run, dry=True), {}, *args)  # every spec checked before the first job
     refs: Refs = {}
     with tracked_flow({"data": data, "base_model": base_model, "training": training,
                        "evaluation": evaluation, "register_as": register_as, "run": run}, refs):
-        return await _steps(Runner(run), refs, *args)
+        await _steps(Runner(run), refs, *args)
+        await publish_summary(refs)
+        return refs
 
 
 async def _steps(runner: Runner, refs: Refs, data: DataParams, base_model: str | None,
@@ -62,19 +65,19 @@ async def _steps(runner: Runner, refs: Refs, data: DataParams, base_model: str |
         tokenizer = prepared.tokenizer
         model = await train_model(runner, training, prepared, base, refs)
         if model.hf:
-            await runner.register(refs["convert"], register_as)
+            refs["convert"] = await runner.register(refs["convert"], register_as)
     if evaluation is not None and model is not None:
         await evaluate_model(runner, evaluation, model, None if model.hf else tokenizer, refs)
     return refs
 
 
 def main() -> None:
-    """The demo, then where to look. A first start of Prefect's temporary server creates its
-    database: on a busy 2-core machine that can take longer than Prefect's 20 s default."""
-    wait = max(PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS.value(), DEMO_SERVER_START_S)
-    with temporary_settings({PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS: wait}):
+    """The demo, tagged `demo`, on the Prefect server that scripts/server.sh runs (the
+    deployments' server) when there is one, else on a temporary one; then where to look."""
+    with prefect_api() as where, tags("demo"):
+        print(f"Prefect: {where}", flush=True)
         refs = asyncio.run(lifecycle())
-    print_report(refs)
+        print_report(refs)
 
 
 if __name__ == "__main__":

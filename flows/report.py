@@ -1,10 +1,13 @@
 """What a person sees at the end of `python -m flows.lifecycle`: each artifact (built or cached),
-the headline figures, and how to open the Prefect and MLflow UIs on these results."""
+the headline figures, the registered model, and how to open the Prefect and MLflow UIs on these
+results."""
 
 from __future__ import annotations
 
 import os
 import shlex
+
+from prefect.settings import PREFECT_UI_URL
 
 from flows.steps import Refs
 from engine.redact import redact_text
@@ -24,11 +27,16 @@ def print_report(refs: Refs) -> None:
     if "evaluate" in refs:
         for name, value in refs["evaluate"].summary.get("metrics", {}).items():
             print(f"evaluation: {name} = {value:.4f}")
+    if "convert" in refs and refs["convert"].registered:
+        print(f"registered: {refs['convert'].registered}")
     prefect_home = os.environ.get("PREFECT_HOME", "~/.prefect")
     uri = redact_text(tracking_uri())  # printed: a server's password stays out of the terminal
-    print("\nPrefect UI (flow runs, task logs, artifacts): run\n"
-          f"  PREFECT_HOME={shlex.quote(prefect_home)} .venv/bin/prefect server start\n"
-          "and open http://127.0.0.1:4200")
+    if PREFECT_UI_URL.value():  # a server (tasks/prefect_api.py): it is there already
+        print(f"\nPrefect UI (flow runs, task logs, artifacts): {PREFECT_UI_URL.value()}")
+    else:
+        print("\nPrefect UI (flow runs, task logs, artifacts): run\n"
+              f"  PREFECT_HOME={shlex.quote(prefect_home)} .venv/bin/prefect server start\n"
+              "and open http://127.0.0.1:4200")
     if uri.startswith(("http://", "https://")):
         print(f"MLflow UI: {uri}")
     else:

@@ -14,7 +14,7 @@ from typing import Any
 from engine.data.tokenize import resolve_inputs
 from flows.params import RunParams
 from tasks.artifact import ArtifactRef
-from tasks.models import register_model
+from tasks.models import SCHEME, register_model
 from tasks.options import validate_spec
 from tasks.stage import run_stage
 
@@ -39,8 +39,11 @@ class Runner:
             return [corpus]
         return [str(p) for p in resolve_inputs([corpus])]
 
-    async def register(self, ref: ArtifactRef, name: str | None) -> int | None:
+    async def register(self, ref: ArtifactRef, name: str | None) -> ArtifactRef:
+        """`ref` registered as a version of model `name` (None: not registered); the reference
+        returned names the version, so the flow's summary links it."""
         if self.dry or name is None:
-            return None
-        return await register_model(ref, name)
+            return ref
+        version = await register_model(ref, name)
+        return ref.model_copy(update={"registered": f"{SCHEME}{name}/{version}"})
 

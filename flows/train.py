@@ -8,6 +8,8 @@ from prefect import flow
 from flows.params import RunParams, TrainParams
 from flows.runner import Runner
 from flows.steps import Data, Refs, given_model, train_model
+from tasks.run_tags import tag_flow_run
+from tasks.summary import publish_summary
 from tasks.tracking import tracked_flow
 
 
@@ -30,11 +32,13 @@ async def train(dataset: str, tokenizer: str | None = None, base_model: str | No
         base = given_model(base_model)
         model = await train_model(runner, training, Data(dataset, tokenizer), base, refs)
         if model.hf:
-            await runner.register(refs["convert"], register_as)
+            refs["convert"] = await runner.register(refs["convert"], register_as)
 
+    await tag_flow_run(run.profile)
     await steps(Runner(run, dry=True), {})
     refs: Refs = {}
     with tracked_flow({"dataset": dataset, "tokenizer": tokenizer, "base_model": base_model,
                        "training": training, "register_as": register_as, "run": run}, refs):
         await steps(Runner(run), refs)
+        await publish_summary(refs)
         return refs

@@ -6,12 +6,14 @@
 #   scripts/server.sh prefect|mlflow stop [DIR]
 #
 # DIR (default $LMFORGE_HOME/servers/KIND, LMFORGE_HOME defaulting to ./lmforge-home) holds the
-# SQLite database, server.pid, server.log (and MLflow's artifacts/). PORT: 4200 (Prefect), 5000
-# (MLflow). The server runs in a session of its own (setsid), so stop signals its whole process
-# group (uvicorn/gunicorn workers included) — the group this script started, never a process
-# found by name. start waits (at most LMFORGE_SERVER_TIMEOUT s, default 120) for the health
-# endpoint to answer; start and stop are idempotent. Prefect runs with analytics off; MLflow with
-# one worker and no job consumers (~500 MB and ~5 s to start, instead of ~2.5 GB and ~17 s).
+# SQLite database, server.pid, server.log, server.url (the URL printed, without its variable
+# name: how `python -m flows.lifecycle` finds the Prefect server), and MLflow's artifacts/.
+# PORT: 4200 (Prefect), 5000 (MLflow). The server runs in a session of its own (setsid), so stop
+# signals its whole process group (uvicorn/gunicorn workers included) — the group this script
+# started, never a process found by name. start waits (at most LMFORGE_SERVER_TIMEOUT s, default
+# 120) for the health endpoint to answer; start and stop are idempotent. Prefect runs with
+# analytics off; MLflow with one worker and no job consumers (~500 MB and ~5 s to start, instead
+# of ~2.5 GB and ~17 s).
 set -euo pipefail
 
 kind=${1:?usage: server.sh prefect|mlflow start|stop [DIR] [PORT]}
@@ -21,6 +23,7 @@ dir=$(mkdir -p "${3:-$home/servers/$kind}" && cd "${3:-$home/servers/$kind}" && 
 repo=$(cd "$(dirname "$0")/.." && pwd)
 exe=$(command -v "$repo/.venv/bin/$kind" || command -v "$kind" || true)  # the project's, else PATH's
 pidfile=$dir/server.pid
+urlfile=$dir/server.url
 timeout_s=${LMFORGE_SERVER_TIMEOUT:-120}
 
 case $kind in
@@ -62,7 +65,7 @@ stop() {
             kill -KILL -- "-$pid" 2>/dev/null || true
         fi
     fi
-    rm -f "$pidfile"
+    rm -f "$pidfile" "$urlfile"
 }
 
 start() {
@@ -72,7 +75,7 @@ start() {
         echo "$url"
         return 0
     fi
-    rm -f "$pidfile"
+    rm -f "$pidfile" "$urlfile"
     case $kind in
         prefect)
             PREFECT_HOME=$dir PREFECT_SERVER_ANALYTICS_ENABLED=false \
@@ -93,6 +96,7 @@ start() {
     for _ in $(seq 1 $((timeout_s * 2))); do
         if curl -fsS -o /dev/null "$health" 2>/dev/null; then
             say "up (pid $pid, $dir)"
+            echo "${url#*=}" >"$urlfile"
             echo "$url"
             return 0
         fi

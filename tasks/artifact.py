@@ -21,6 +21,7 @@ class ArtifactRef(BaseModel):
     files: list[str]               # the manifest's file names (relative to the folder / prefix's folder)
     mlflow_run_id: str | None = None
     job_dir: str | None = None     # the cluster run folder (spec, logs) when built by this run
+    registered: str | None = None  # models:/NAME/VERSION, when the flow registered it
 
     @classmethod
     def of(cls, location: str, manifest: Manifest, **extra: Any) -> "ArtifactRef":

@@ -117,12 +117,19 @@ def write_jsonl(tmp_path):
 
 
 @pytest.fixture(scope="module")
-def prefect_server(tmp_path_factory):
+def prefect_server_home(tmp_path_factory) -> Path:
+    """An LMFORGE_HOME whose servers/prefect holds the module's Prefect server (below): where
+    scripts/server.sh keeps it by default, so the demo finds it there (tasks/prefect_api.py)."""
+    return tmp_path_factory.mktemp("prefect-home")
+
+
+@pytest.fixture(scope="module")
+def prefect_server(prefect_server_home):
     """A real Prefect server for the module's tests; what this process's flows sent it is
     delivered before it stops."""
     from servers import drain_prefect_clients, serving
 
-    with serving("prefect", tmp_path_factory.mktemp("prefect-server")) as url:
+    with serving("prefect", prefect_server_home / "servers" / "prefect") as url:
         try:
             yield url
         finally:

@@ -15,7 +15,8 @@ import time
 import pytest
 from prefect import flow
 from prefect.client.orchestration import get_client
-from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterKey
+from prefect.client.schemas.filters import (ArtifactFilter, ArtifactFilterFlowRunId,
+                                            ArtifactFilterKey)
 from prefect.exceptions import ParameterTypeError
 from prefect.settings import PREFECT_UI_URL
 from prefect.testing.utilities import prefect_test_harness
@@ -71,6 +72,15 @@ async def same_stage_twice(spec: dict) -> list[ArtifactRef]:
 
 def job_dirs(home) -> list[str]:
     return sorted(p.name for p in (home / "jobs").iterdir()) if (home / "jobs").exists() else []
+
+
+def flow_run_summary(flow_run_id: str, key: str) -> tuple[set[str], list]:
+    """The flow run's tags, and its summary artifacts (`key`) read back from the Prefect API."""
+    with get_client(sync_client=True) as client:
+        run = client.read_flow_run(flow_run_id)
+        summaries = client.read_artifacts(artifact_filter=ArtifactFilter(
+            key=ArtifactFilterKey(any_=[key]), flow_run_id=ArtifactFilterFlowRunId(any_=[run.id])))
+    return set(run.tags), summaries
 
 
 def stage_runs(experiment: str) -> list:
@@ -223,6 +233,21 @@ def test_lifecycle_end_to_end(home):
 
     versions = mlflow.search_model_versions("name = 'tiny-test'")
     assert [v.source for v in versions] == [f"file://{refs['convert'].path}"]
+    assert refs["convert"].registered == "models:/tiny-test/1"
+    # Prefect: the flow run tagged; its summary lists each artifact and links the MLflow parent
+    # run and the model version; the parent links the flow run back
+    (first,) = mlflow.search_runs([tracking.experiment_id("lifecycle")],
+                                  "tags.`prefect.flow_run_id` != ''")
+    tags, (summary,) = flow_run_summary(first.data.tags["prefect.flow_run_id"], "lifecycle-summary")
+    assert {"lmforge", "lifecycle", "profile:inline"} <= tags
+    assert summary.type == "markdown" and summary.description == "lifecycle: 9 built, 0 cached"
+    assert f"({tracking.run_link(first.info.experiment_id, first.info.run_id)})" in summary.data
+    assert f"[models:/tiny-test/1]({tracking.ui_url()}/#/models/tiny-test/versions/1)" in summary.data
+    pretrain = tracking.run_link(first.info.experiment_id, refs["pretrain"].mlflow_run_id)
+    assert f"| pretrain | pretrain | checkpoint | [built]({pretrain}) | `{refs['pretrain'].path}` |" \
+        in summary.data
+    assert f"| train/loss | {refs['pretrain'].summary['loss']:.6g} |" in summary.data
+    assert first.data.tags["prefect.flow_run_url"].endswith(first.data.tags["prefect.flow_run_id"])
     with get_client(sync_client=True) as client:
         published = client.read_artifacts(
             artifact_filter=ArtifactFilter(key=ArtifactFilterKey(any_=["lmforge-evaluate"])))
@@ -235,6 +260,9 @@ def test_lifecycle_end_to_end(home):
     parents = mlflow.search_runs([tracking.experiment_id("lifecycle")],
                                  "tags.`prefect.flow_run_id` != ''")
     assert len(parents) == 2 and parents[0].data.metrics == parents[1].data.metrics
+    second = next(p for p in parents if p.info.run_id != first.info.run_id)
+    _, (summary,) = flow_run_summary(second.data.tags["prefect.flow_run_id"], "lifecycle-summary")
+    assert summary.description == "lifecycle: 0 built, 9 cached" and "[built]" not in summary.data
     headline = parents[0].data.metrics
     assert headline["train/loss"] == pytest.approx(refs["pretrain"].summary["loss"])
     assert headline["train/iterations"] == 20 and "export/max_abs_diff" in headline
@@ -259,3 +287,6 @@ def test_lifecycle_end_to_end(home):
         published = client.read_artifacts(
             artifact_filter=ArtifactFilter(key=ArtifactFilterKey(any_=["model-comparison"])))
     assert published and published[0].type == "markdown"
+    tags, (summary,) = flow_run_summary(flow_run_id, "compare-summary")
+    assert {"lmforge", "compare", "profile:inline"} <= tags
+    assert table.strip() in summary.data and "| evaluate: " in summary.data

@@ -1,7 +1,8 @@
 """The orchestration against real servers, started by the project's own script (scripts/server.sh)
 on 127.0.0.1: a Prefect server with the deployments of prefect.yaml (cron schedules, a worker
-running a deployment), an MLflow server receiving a stage's params, step metrics, artifacts and
-registered model, and a stage of a flow run as a job on the Slurm test cluster."""
+running a deployment), the demo's flows finding that server, an MLflow server receiving a stage's
+params, step metrics, artifacts and registered model, linked both ways with the Prefect server's
+flow runs, and a stage of a flow run as a job on the Slurm test cluster."""
 
 from __future__ import annotations
 
@@ -15,14 +16,16 @@ import httpx
 import pytest
 from mlflow.tracking import MlflowClient
 from prefect import flow
+from prefect.settings import PREFECT_API_URL, temporary_settings
 
 from conftest import REPO
 from flows.data_prep import data_prep
 from flows.train import train
 from tasks.artifact import ArtifactRef
-from servers import PREFECT, cli, serving
+from servers import PREFECT, cli, free_port, serving
+from tasks.prefect_api import prefect_api
 from tasks.stage import run_stage
-from test_flows import INLINE, SMALL_DATA, TINY_TRAIN
+from test_flows import INLINE, SMALL_DATA, TINY_TRAIN, flow_run_summary
 
 
 @pytest.fixture(scope="module")
@@ -67,16 +70,53 @@ def test_deploy_schedule_and_worker_run(prefect_server, tmp_path):
     cli(PREFECT, "worker", "start", "--pool", "lmforge-local", "--run-once", env=env, timeout=400)
     done = _runs(prefect_server, deployments["data-prep"]["id"], "COMPLETED")
     assert len(done) == 1
+    assert {"lmforge", "data_prep", "profile:inline"} <= set(done[0]["tags"])  # deployment's, flow's
     assert list((tmp_path / "home" / "artifacts" / "merge").glob("*/data.manifest.json"))
 
 
-def test_stage_tracked_on_mlflow_server(home, mlflow_server, monkeypatch):
+def test_demos_prefect_server(prefect_server, prefect_server_home, tmp_path, monkeypatch):
+    """Where `python -m flows.lifecycle` reports (tasks/prefect_api.py): PREFECT_API_URL, else
+    the server scripts/server.sh runs under LMFORGE_HOME if it answers, else a temporary one."""
+    with temporary_settings({PREFECT_API_URL: "http://127.0.0.1:9/api"}), prefect_api() as where:
+        assert where == "the server at http://127.0.0.1:9/api (PREFECT_API_URL)"
+    with temporary_settings(restore_defaults={PREFECT_API_URL}):
+        monkeypatch.setenv("LMFORGE_HOME", str(prefect_server_home))
+        with prefect_api() as where:
+            assert where.startswith(f"the server at {prefect_server} (scripts/server.sh")
+            assert PREFECT_API_URL.value() == prefect_server
+        monkeypatch.setenv("LMFORGE_HOME", str(tmp_path))
+        (tmp_path / "servers" / "prefect").mkdir(parents=True)  # a server gone, its URL left
+        (tmp_path / "servers" / "prefect" / "server.url").write_text(
+            f"http://127.0.0.1:{free_port()}/api\n")
+        with prefect_api() as where:
+            assert where.startswith("a temporary server") and PREFECT_API_URL.value() is None
+
+
+def test_flows_on_the_demos_prefect_server_tracked_on_mlflow_server(
+        prefect_server, prefect_server_home, mlflow_server, monkeypatch):
+    monkeypatch.setenv("LMFORGE_HOME", str(prefect_server_home))
     monkeypatch.setenv("MLFLOW_TRACKING_URI", mlflow_server)
-    data = asyncio.run(data_prep(SMALL_DATA, INLINE))
-    refs = asyncio.run(train(dataset=data["merge"].path, tokenizer=data["train-tokenizer"].path,
-                             training=TINY_TRAIN, register_as="server-tiny",
-                             run={"profile": "local"}))
-    mlflow = MlflowClient(mlflow_server)
+    monkeypatch.delenv("LMFORGE_CLUSTER_PROFILE", raising=False)
+    with temporary_settings(restore_defaults={PREFECT_API_URL}), prefect_api():
+        data = asyncio.run(data_prep(SMALL_DATA, INLINE))
+        refs = asyncio.run(train(dataset=data["merge"].path, tokenizer=data["train-tokenizer"].path,
+                                 training=TINY_TRAIN, register_as="server-tiny",
+                                 run={"profile": "local"}))
+        mlflow = MlflowClient(mlflow_server)
+        parent = mlflow.get_run(mlflow.get_run(refs["pretrain"].mlflow_run_id)
+                                .data.tags["mlflow.parentRunId"])
+        flow_run_id = parent.data.tags["prefect.flow_run_id"]
+        tags, (summary,) = flow_run_summary(flow_run_id, "train-summary")
+    # links both ways: the MLflow parent run to its Prefect flow run, Prefect's summary of that
+    # flow run to the parent run and to the model version it registered
+    assert parent.data.tags["prefect.flow_run_url"] == (
+        f"{prefect_server.removesuffix('/api')}/flow-runs/flow-run/{flow_run_id}")
+    assert {"lmforge", "train", "profile:local"} <= tags
+    experiment, run_id = parent.info.experiment_id, parent.info.run_id
+    assert f"[MLflow parent run]({mlflow_server}/#/experiments/{experiment}/runs/{run_id})" \
+        in summary.data
+    assert f"[models:/server-tiny/1]({mlflow_server}/#/models/server-tiny/versions/1)" \
+        in summary.data
     run = mlflow.get_run(refs["pretrain"].mlflow_run_id)
     assert run.info.status == "FINISHED"
     assert run.data.params["iters"] == "20" and run.data.params["data.seq_length"] == "32"
