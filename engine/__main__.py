@@ -18,6 +18,7 @@ from pydantic.fields import FieldInfo
 
 from engine.atomic import out_of_space
 from engine.errors import LmforgeError, Preempted
+from engine.metrics import system_metrics
 from engine.registry import STAGES, get_stage
 from engine.spec import load_spec
 
@@ -82,7 +83,8 @@ def main(argv: list[str] | None = None) -> int:
                             format="%(asctime)s %(levelname)s %(name)s: %(message)s")
         stage = get_stage(args.pop("stage"))
         spec = load_spec(stage.spec, args.pop("config", None), args)
-        manifest = stage.run(spec)
+        with system_metrics():
+            manifest = stage.run(spec)
     except LmforgeError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
