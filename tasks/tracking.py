@@ -42,6 +42,10 @@ UI_ENV = "LMFORGE_MLFLOW_UI"          # base URL of the MLflow UI used in links
 DEFAULT_UI = "http://127.0.0.1:5000"  # where `mlflow ui` listens by default
 STANDALONE = "lmforge-stages"         # experiment of stages run outside any flow
 FLOW_RUN_TAG = "prefect.flow_run_id"
+# MLflow 3's UI opens an experiment by this tag: without it, an experiment whose runs it has not
+# looked at yet opens on the GenAI side (an empty Traces page); "custom_model_development" is
+# its model-training view, where the runs table with its nested stage runs is
+KIND_TAG, MODEL_TRAINING = "mlflow.experimentKind", "custom_model_development"
 DESCRIPTIVE = (".json", ".md", ".yaml", ".txt")  # artifact files copied into the run ...
 DESCRIPTIVE_MAX_BYTES = 1 << 20                   # ... when this small
 PARAM_BATCH, PARAM_MAX, TAG_MAX = 100, 6000, 5000
@@ -72,18 +76,22 @@ def client() -> MlflowClient:
 
 
 def experiment_id(name: str) -> str:
-    """The experiment called `name`, created on first use (artifacts under LMFORGE_HOME for a
-    local store, refused if the name leads out of it; a server keeps its own artifact root)."""
+    """The experiment called `name`, a model-training experiment, created on first use
+    (artifacts under LMFORGE_HOME for a local store, refused if the name leads out of it; a
+    server keeps its own artifact root). One that an older lmforge made without the kind gets it."""
     mlflow = client()
     found = mlflow.get_experiment_by_name(name)
     if found is not None:
+        if KIND_TAG not in found.tags:
+            mlflow.set_experiment_tag(found.experiment_id, KIND_TAG, MODEL_TRAINING)
         return found.experiment_id
     local = not tracking_uri().startswith(("http://", "https://"))
     location = (inside_home(lmforge_home() / "mlartifacts" / name,
                             f"MLflow artifact location of experiment {name!r}").as_uri()
                 if local else None)
     try:
-        return mlflow.create_experiment(name, artifact_location=location)
+        return mlflow.create_experiment(name, artifact_location=location,
+                                        tags={KIND_TAG: MODEL_TRAINING})
     except MlflowException:  # created meanwhile by another process
         return mlflow.get_experiment_by_name(name).experiment_id
 
