@@ -40,6 +40,10 @@ class Stage:
     def run(self) -> Callable:
         return self.module.run
 
+    def input_paths(self, spec) -> dict[str, str]:
+        """What the stage reads for `spec`, by input name (the names of its fingerprints)."""
+        return {name: str(path) for name, path in self.module.input_paths(spec).items()}
+
     def fingerprint(self, spec) -> tuple[str, dict[str, str]]:
         """The fingerprint the stage's manifest will carry for `spec`, computed before running
         it, and its input fingerprints (engine.lineage)."""

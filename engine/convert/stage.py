@@ -26,7 +26,7 @@ from engine.train.checkpoint import LATEST
 log = logging.getLogger(__name__)
 KIND = "hf-model"  # "checkpoint" when the target is native
 OUTPUT = "save_dir"  # the spec field naming the artifact this stage writes
-SETTINGS = ("model", "token_ids")  # summary keys that describe, not measure
+SETTINGS = ("model", "token_ids", "parameters")  # summary keys that describe, not measure
 Format = Literal["hf", "native"]
 
 

@@ -18,7 +18,7 @@ from engine.spec import StageSpec
 
 KIND = "corpus"
 OUTPUT = "output"  # the spec field naming the artifact this stage writes
-SETTINGS = ("shards",)  # summary keys that describe, not measure
+SETTINGS = ("shards", "documents")  # summary keys that describe, not measure
 
 NAMES = ["Lily", "Tom", "Mia", "Ben", "Sara", "Max", "Anna", "Leo", "Zoe", "Sam", "Emma", "Jack"]
 ANIMALS = ["cat", "dog", "bird", "fox", "rabbit", "frog", "bear", "duck", "mouse", "owl"]

@@ -69,6 +69,11 @@ class NonFiniteLoss(LmforgeError):
     """Training diverged: too many steps in a row with a non-finite loss or gradient."""
 
 
+# summary keys that describe the checkpoint (they follow from the spec and the model) rather
+# than measure it: tracking records them as parameters
+SETTINGS = ("iterations", "tokens", "parameters")
+
+
 def input_paths(spec: TrainSpec) -> dict[str, str]:
     """The datasets of the blend and the checkpoint started from (see engine.lineage)."""
     paths = {f"data[{i}]": prefix for i, (_, prefix) in enumerate(parse_blend(spec.data.blend))}

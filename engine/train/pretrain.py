@@ -7,6 +7,7 @@ from engine.train.spec import PretrainSpec as Spec
 
 KIND = "checkpoint"
 OUTPUT = "checkpoint.save"  # the spec field naming the artifact this stage writes
+SETTINGS = loop.SETTINGS  # summary keys that describe, not measure
 
 input_paths = loop.input_paths  # what engine.lineage fingerprints
 
