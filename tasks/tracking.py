@@ -33,9 +33,12 @@ from engine.metrics import flatten
 from engine.redact import redact, redact_text
 from engine.registry import get_stage
 from tasks.headline import headline, is_number
+from tasks import logged_models
 from tasks.home import inside_home, lmforge_home
+from tasks.logged_models import MODEL_KINDS
 from tasks.metrics import backfill, step_series
 from tasks.plots import loss_curve
+from tasks.run_inputs import Inputs, log_inputs
 
 TRACKING_ENV = "MLFLOW_TRACKING_URI"
 UI_ENV = "LMFORGE_MLFLOW_UI"          # base URL of the MLflow UI used in links
@@ -174,8 +177,9 @@ class StageRun:
     run_id: str
 
     @classmethod
-    def start(cls, stage: str, fingerprint: str, location: str, spec: dict[str, Any],
-              cached: bool) -> "StageRun":
+    def start(cls, stage: str, fingerprint: str, inputs: Inputs, location: str,
+              spec: dict[str, Any], cached: bool) -> "StageRun":
+        """A stage's run, with what it reads as dataset and model inputs (tasks/run_inputs.py)."""
         experiment, parent = flow_parent()
         tags = {"lmforge.stage": stage, "lmforge.fingerprint": fingerprint,
                 "lmforge.artifact": location, "lmforge.cached": str(cached).lower(),
@@ -187,6 +191,7 @@ class StageRun:
                                                   tags=redact(tags)).info.run_id)
         if not cached:
             _log_params(client(), run.run_id, params(spec))
+        log_inputs(client(), run.run_id, stage, inputs)
         return run
 
     @property
@@ -237,12 +242,19 @@ class StageRun:
         last_step = max((s for points in series.values() for s in points), default=0)
         now = int(time.time() * 1000)
         summary = flatten(manifest.summary)
-        described = {k for k in summary if k.split(".")[0] in get_stage(stage).settings}
-        figures = [Metric(metric_name(k), float(v), now, last_step) for k, v in summary.items()
-                   if is_number(v) and k not in described and metric_name(k) not in series]
+        settings = get_stage(stage).settings
+        described = {k: v for k, v in summary.items() if k.split(".")[0] in settings}
+        measured = {metric_name(k): float(v) for k, v in summary.items()
+                    if is_number(v) and k not in described}
+        model_id = self._model(manifest, location, described, last_step)
+        figures = [Metric(k, v, now, last_step, model_id=model_id)
+                   for k, v in measured.items() if k not in series]
+        if model_id:  # the final losses too: the model's page shows what it was left at
+            figures += logged_models.last_points(mlflow, self.run_id, model_id,
+                                                 [k for k in measured if k in series])
         mlflow.log_batch(self.run_id, metrics=figures[:1000])
-        _log_params(mlflow, self.run_id, [Param(f"artifact.{k}", str(summary[k])[:PARAM_MAX])
-                                          for k in sorted(described)])
+        _log_params(mlflow, self.run_id, [Param(f"artifact.{k}", str(v)[:PARAM_MAX])
+                                          for k, v in sorted(described.items())])
         mlflow.log_dict(self.run_id, redact(spec), "spec.json")
         mlflow.log_dict(self.run_id, redact(manifest.model_dump(mode="json")), "manifest.json")
         for path in _descriptive_files(manifest, location):
@@ -255,6 +267,17 @@ class StageRun:
         if figure is not None:
             mlflow.log_figure(self.run_id, figure, "plots/loss.png")
         mlflow.set_terminated(self.run_id, "FINISHED")
+
+    def _model(self, manifest: Manifest, location: str, described: dict[str, Any],
+               step: int) -> str | None:
+        """The logged model the run's figures are about: the checkpoint or HF export it built
+        (recorded now, tasks/logged_models.py), or the model it evaluated; else None."""
+        if manifest.kind in MODEL_KINDS:
+            return logged_models.record(client(), self.experiment, self.run_id, manifest,
+                                        location, described, step)
+        evaluated = manifest.inputs.get("model") if manifest.kind == "eval-report" else None
+        found = logged_models.find(client(), evaluated) if evaluated else None
+        return found.model_id if found else None
 
 
 def _descriptive_files(manifest: Manifest, location: str) -> list[Path]:
