@@ -4,7 +4,10 @@ The store is `MLFLOW_TRACKING_URI` when set (a server), else SQLite under LMFORG
 (`sqlite:///<home>/mlflow.db`, artifacts in `<home>/mlartifacts/<experiment>/`). A stage's run
 holds its spec as params, the engine's step metrics (logged live by the job, completed from the
 JSON lines afterwards), its summary figures, and as artifacts the spec, the manifest, the small
-descriptive files of the artifact (evaluation reports, configs), the metrics file and a loss curve.
+descriptive files of the artifact (evaluation reports, configs), the metrics file and a loss curve;
+what it read as dataset and model inputs (tasks/run_inputs.py), and the model it built or
+evaluated as a logged model with its figures (tasks/logged_models.py). Experiments are MLflow 3
+model-training experiments (`mlflow.experimentKind`).
 Runs are found again through tags: `prefect.flow_run_id` on parents, `lmforge.fingerprint` and
 `lmforge.cached` on stage runs. Everything shown there — params, tags, the spec and manifest
 artifacts, links — goes through engine/redact.py: secret-named fields and URL passwords masked.
