@@ -14,7 +14,7 @@ from typing import Any
 from engine.data.tokenize import resolve_inputs
 from flows.params import RunParams
 from tasks.artifact import ArtifactRef
-from tasks.models import register_model
+from tasks.models import record_evaluation, register_model
 from tasks.options import validate_spec
 from tasks.stage import run_stage
 
@@ -39,8 +39,16 @@ class Runner:
             return [corpus]
         return [str(p) for p in resolve_inputs([corpus])]
 
-    async def register(self, ref: ArtifactRef, name: str | None) -> int | None:
+    async def register(self, refs: dict[str, ArtifactRef], name: str | None, base: str | None,
+                       aliases: list[str] | None) -> int | None:
+        """The HF export in `refs` as a version of `name`, with the training it came from."""
         if self.dry or name is None:
             return None
-        return await register_model(ref, name)
+        trained = refs.get("finetune") or refs.get("pretrain")
+        return await register_model(refs["convert"], name, trained, base, aliases)
+
+    async def evaluated(self, report: ArtifactRef) -> None:
+        """The evaluation's figures onto the registered versions of the model it evaluated."""
+        if not self.dry:
+            await record_evaluation(report)
 

@@ -223,6 +223,14 @@ def test_lifecycle_end_to_end(home):
 
     versions = mlflow.search_model_versions("name = 'tiny-test'")
     assert [v.source for v in versions] == [f"file://{refs['convert'].path}"]
+    # a local store: the version on its logged model's page, as a server puts it
+    (exported,) = runs["convert"].outputs.model_outputs
+    assert str(mlflow.get_model_version_by_alias("tiny-test", "latest-lifecycle").version) == "1"
+    assert json.loads(mlflow.get_logged_model(exported.model_id).tags["mlflow.modelVersions"]) == [
+        {"name": "tiny-test", "version": 1}]
+    assert versions[0].tags["lmforge.eval_run"] == runs["evaluate"].info.run_id
+    assert mlflow.get_experiment_by_name("lifecycle").tags["mlflow.experimentKind"] == (
+        "custom_model_development")
     with get_client(sync_client=True) as client:
         published = client.read_artifacts(
             artifact_filter=ArtifactFilter(key=ArtifactFilterKey(any_=["lmforge-evaluate"])))
