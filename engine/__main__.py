@@ -18,6 +18,7 @@ import threading
 
 from engine.atomic import out_of_space
 from engine.errors import LmforgeError, Preempted
+from engine.metrics import system_metrics
 from engine.registry import STAGES, Stage, get_stage
 from engine.spec import load_spec
 
@@ -96,7 +97,8 @@ def main(argv: list[str] | None = None) -> int:
         logging.basicConfig(level=args.log_level.upper(),
                             format="%(asctime)s %(levelname)s %(name)s: %(message)s")
         spec = load_spec(stage.spec, args.config, source(parsed_args=args)(), check_inputs=True)
-        manifest = stage.run(spec)
+        with system_metrics():
+            manifest = stage.run(spec)
     except LmforgeError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2

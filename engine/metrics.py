@@ -1,11 +1,13 @@
 """The metrics sink: how the engine reports params, step metrics and artifacts without knowing
 about any tracking server. The default writes JSON lines into the run folder (a task can always
 re-read them); when the job's environment names an MLflow run and mlflow is importable, rank 0
-also logs there. Params are redacted (engine/redact.py) before either sees them: a spec may name
-a URL with a password, and these are logs."""
+also logs there, and samples the node's CPU, memory and GPUs into it (`system_metrics`). Params
+are redacted (engine/redact.py) before either sees them: a spec may name a URL with a password,
+and these are logs."""
 
 from __future__ import annotations
 
+import contextlib
 import importlib
 import json
 import logging
@@ -13,7 +15,7 @@ import math
 import os
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
 from engine.redact import redact, redact_text
 
@@ -92,12 +94,53 @@ def flatten(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
     return out
 
 
-def _mlflow_client() -> _MLflowRun | None:
+def _job_run() -> str | None:
+    """The MLflow run the job's environment names, for rank 0 only."""
     run_id = os.environ.get("MLFLOW_RUN_ID")
     if not run_id or not os.environ.get("MLFLOW_TRACKING_URI") or int(os.environ.get("RANK", "0")):
+        return None
+    return run_id
+
+
+def _mlflow_client() -> _MLflowRun | None:
+    run_id = _job_run()
+    if run_id is None:
         return None
     try:  # optional: imported by name so the engine has no import-time dependency on mlflow
         tracking = importlib.import_module("mlflow.tracking")
     except ImportError:
         return None
     return _MLflowRun(tracking.MlflowClient(), run_id)
+
+
+@contextlib.contextmanager
+def system_metrics() -> Iterator[None]:
+    """While the block runs, MLflow's own monitor samples this node (CPU, memory, disk, network;
+    GPUs when nvidia-ml-py is installed) into the job's run as `system/...` metrics, every
+    MLFLOW_SYSTEM_METRICS_SAMPLING_INTERVAL seconds (default 10). Here, not in the task: the
+    figures that matter are the node's. Nothing happens off rank 0, without a run, or without
+    mlflow and psutil installed; a tracking server that is down only loses the samples."""
+    monitor = _system_monitor()
+    try:
+        yield
+    finally:
+        if monitor is not None:
+            monitor.finish()
+
+
+def _system_monitor():
+    run_id = _job_run()
+    if run_id is None:
+        return None
+    try:
+        importlib.import_module("psutil")  # the monitor's own dependency, optional for us
+        monitors = importlib.import_module("mlflow.system_metrics.system_metrics_monitor")
+    except ImportError:
+        return None
+    try:  # resume: a requeued job's samples continue the run's steps
+        monitor = monitors.SystemMetricsMonitor(run_id, resume_logging=True)
+        monitor.start()
+    except Exception as exc:  # tracking must never stop the work
+        log.warning("no system metrics: %s", redact_text(str(exc)))
+        return None
+    return monitor

@@ -38,8 +38,10 @@ class Stage:
         """What the stage does: its spec's docstring, whole."""
         return " ".join((self.spec.__doc__ or "").split())
 
-    def input_paths(self, spec) -> dict[str, Any]:
-        return importlib.import_module(self.spec_ref.partition(":")[0]).input_paths(spec)
+    def input_paths(self, spec) -> dict[str, str]:
+        """What the stage reads for `spec`, by input name (the names of its fingerprints)."""
+        paths = importlib.import_module(self.spec_ref.partition(":")[0]).input_paths(spec)
+        return {name: str(path) for name, path in paths.items()}
 
     def fingerprint(self, spec) -> tuple[str, dict[str, str]]:
         """The fingerprint the stage's manifest will carry for `spec`, computed before running
@@ -63,18 +65,18 @@ def _load(ref: str) -> Any:
 
 _TABLE = [
     Stage("generate-corpus", "engine.data.synthetic:Spec", "engine.data.synthetic:run",
-          "corpus", "output", ("shards",)),
+          "corpus", "output", ("shards", "documents")),
     Stage("train-tokenizer", "engine.data.train_tokenizer:Spec", "engine.data.train_tokenizer:run",
           "tokenizer", "output", ("vocab_size",)),
     Stage("tokenize", "engine.data.tokenize:Spec", "engine.data.tokenize:run",
           "dataset", "output_prefix", ("tokenizer",)),
     Stage("merge", "engine.data.merge:Spec", "engine.data.merge:run", "dataset", "output_prefix"),
-    Stage("convert", "engine.convert.spec:Spec", "engine.convert.stage:run",
-          "hf-model", "save_dir", ("model", "token_ids")),  # "checkpoint" when the target is native
+    Stage("convert", "engine.convert.spec:Spec", "engine.convert.stage:run",  # kind "checkpoint"
+          "hf-model", "save_dir", ("model", "token_ids", "parameters")),  # for a native target
     Stage("pretrain", "engine.train.spec:PretrainSpec", "engine.train.pretrain:run",
-          "checkpoint", "checkpoint.save"),
+          "checkpoint", "checkpoint.save", ("iterations", "tokens", "parameters")),
     Stage("finetune", "engine.train.spec:FinetuneSpec", "engine.train.finetune:run",
-          "checkpoint", "checkpoint.save"),
+          "checkpoint", "checkpoint.save", ("iterations", "tokens", "parameters")),
     Stage("evaluate", "engine.evaluate.spec:Spec", "engine.evaluate.stage:run",
           "eval-report", "output"),
 ]

@@ -14,6 +14,7 @@ from engine.evaluate.report import REPORT_JSON, compare_reports
 from flows.params import EvalParams, RunParams
 from flows.runner import Runner
 from flows.steps import Refs, evaluate_model, given_model
+from tasks.models import SCHEME, pin
 from tasks.plots import comparison_chart
 from tasks.run_tags import tag_flow_run
 from tasks.summary import publish_summary
@@ -26,7 +27,8 @@ async def compare(models: list[str], tokenizer: str | None = None,
     """Returns the comparison table (Markdown).
 
     Args:
-        models: HF folders, native checkpoints, or models:/NAME/VERSION|latest, two or more.
+        models: HF folders, native checkpoints, or models:/NAME/VERSION|latest|@ALIAS, two
+            or more.
         tokenizer: default: each model's own.
         evaluation: suites and their data, the same for every model.
         run: cluster profile, per-stage resources, forced rebuilds.
@@ -34,8 +36,10 @@ async def compare(models: list[str], tokenizer: str | None = None,
     if len(models) < 2:
         raise ValueError("compare needs at least two models")
     await tag_flow_run(run.profile)
+    models = [pin(m) for m in models]  # `latest` now: the run records, and uses, that version
     targets = [given_model(m) for m in models]
-    labels = [Path(m.rstrip("/")).name or m for m in models]
+    labels = [m.removeprefix(SCHEME) if m.startswith(SCHEME) else Path(m.rstrip("/")).name or m
+              for m in models]
     labels = labels if len(set(labels)) == len(labels) else models
     for target in targets:  # every spec checked before the first job
         await evaluate_model(Runner(run, dry=True), evaluation, target, tokenizer, {})

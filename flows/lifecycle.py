@@ -21,6 +21,7 @@ from flows.params import DataParams, EvalParams, RunParams, TrainParams
 from flows.runner import Runner
 from flows.report import print_report
 from flows.steps import Refs, evaluate_model, given_model, prepare_data, train_model
+from tasks.models import pin
 from tasks.prefect_api import prefect_api
 from tasks.run_tags import tag_flow_run
 from tasks.summary import publish_summary
@@ -31,25 +32,28 @@ from tasks.tracking import tracked_flow
 async def lifecycle(data: DataParams = DataParams(), base_model: str | None = None,
                     training: TrainParams | None = TrainParams(),
                     evaluation: EvalParams | None = EvalParams(),
-                    register_as: str | None = "lmforge-tiny",
+                    register_as: str | None = "lmforge-tiny", aliases: list[str] | None = None,
                     run: RunParams = RunParams()) -> Refs:
     """From text to an evaluated, registered model; returns a reference to every artifact.
 
     Args:
         data: where the training tokens come from.
         base_model: finetune (or, without training, evaluate) this model: an HF folder, a native
-            checkpoint, or models:/NAME/VERSION|latest (the MLflow registry). None: pretrain.
+            checkpoint, or models:/NAME/VERSION|latest|@ALIAS (the MLflow registry). None: pretrain.
         training: pretraining or finetuning, and the export to HF; None: no training.
         evaluation: None: no evaluation.
         register_as: MLflow registered model name for the exported HF model; None: not registered.
+        aliases: registry aliases moved to the new version, besides `latest-lifecycle`.
         run: cluster profile, per-stage resources, forced rebuilds.
     """
     await tag_flow_run(run.profile)
-    args = (data, base_model, training, evaluation, register_as)
+    base_model = pin(base_model)  # `latest` now: the run records, and uses, that version
+    args = (data, base_model, training, evaluation, register_as, aliases)
     await _steps(Runner(run, dry=True), {}, *args)  # every spec checked before the first job
     refs: Refs = {}
     with tracked_flow({"data": data, "base_model": base_model, "training": training,
-                       "evaluation": evaluation, "register_as": register_as, "run": run}, refs):
+                       "evaluation": evaluation, "register_as": register_as, "aliases": aliases,
+                       "run": run}, refs):
         await _steps(Runner(run), refs, *args)
         await publish_summary(refs)
         return refs
@@ -57,7 +61,7 @@ async def lifecycle(data: DataParams = DataParams(), base_model: str | None = No
 
 async def _steps(runner: Runner, refs: Refs, data: DataParams, base_model: str | None,
                  training: TrainParams | None, evaluation: EvalParams | None,
-                 register_as: str | None) -> Refs:
+                 register_as: str | None, aliases: list[str] | None) -> Refs:
     model = base = given_model(base_model)
     tokenizer = data.tokenizer
     if training is not None:
@@ -65,7 +69,7 @@ async def _steps(runner: Runner, refs: Refs, data: DataParams, base_model: str |
         tokenizer = prepared.tokenizer
         model = await train_model(runner, training, prepared, base, refs)
         if model.hf:
-            refs["convert"] = await runner.register(refs["convert"], register_as)
+            refs["convert"] = await runner.register(refs, register_as, base_model, aliases)
     if evaluation is not None and model is not None:
         await evaluate_model(runner, evaluation, model, None if model.hf else tokenizer, refs)
     return refs

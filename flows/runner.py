@@ -14,7 +14,7 @@ from typing import Any
 from engine.data.tokenize import resolve_inputs
 from flows.params import RunParams
 from tasks.artifact import ArtifactRef
-from tasks.models import SCHEME, register_model
+from tasks.models import SCHEME, record_evaluation, register_model
 from tasks.options import validate_spec
 from tasks.stage import run_stage
 
@@ -39,11 +39,20 @@ class Runner:
             return [corpus]
         return [str(p) for p in resolve_inputs([corpus])]
 
-    async def register(self, ref: ArtifactRef, name: str | None) -> ArtifactRef:
-        """`ref` registered as a version of model `name` (None: not registered); the reference
-        returned names the version, so the flow's summary links it."""
+    async def register(self, refs: dict[str, ArtifactRef], name: str | None, base: str | None,
+                       aliases: list[str] | None) -> ArtifactRef:
+        """The HF export in `refs` registered as a version of `name` (None: not registered), with
+        the training it came from; the reference returned names the version, so the flow's
+        summary links it."""
+        export = refs["convert"]
         if self.dry or name is None:
-            return ref
-        version = await register_model(ref, name)
-        return ref.model_copy(update={"registered": f"{SCHEME}{name}/{version}"})
+            return export
+        trained = refs.get("finetune") or refs.get("pretrain")
+        version = await register_model(export, name, trained, base, aliases)
+        return export.model_copy(update={"registered": f"{SCHEME}{name}/{version}"})
+
+    async def evaluated(self, report: ArtifactRef) -> None:
+        """The evaluation's figures onto the registered versions of the model it evaluated."""
+        if not self.dry:
+            await record_evaluation(report)
 

@@ -98,4 +98,5 @@ async def evaluate_model(runner: Runner, evaluation: EvalParams, model: Model,
         ppl = runner.files(ref.path)
     refs["evaluate"] = ref = await runner.stage(
         "evaluate", merged(evaluation.options, load_dir=model.path, ppl=ppl, tokenizer=tokenizer))
+    await runner.evaluated(ref)
     return ref

@@ -37,6 +37,7 @@ from tasks.lease import Lease
 from tasks.options import validate_spec
 from tasks.outputs import auto_location, given_location, lease_path, remove
 from tasks.publish import publish
+from tasks.run_inputs import Inputs
 from tasks.submission import stop, submit_with_retries, wait_for, wait_limit_s
 from tasks.tracking import StageRun, stage_label
 
@@ -55,14 +56,14 @@ async def run_stage(stage: str, spec: dict[str, Any] | StageSpec,
     `timeout_s` bounds the wait (default: the job's time limits plus a day in the queue)."""
     log = get_run_logger()
     data = spec.model_dump(mode="json") if isinstance(spec, StageSpec) else dict(spec)
-    fingerprint, _ = await asyncio.to_thread(get_stage(stage).fingerprint, validate_spec(stage, data))
+    fingerprint, inputs = await asyncio.to_thread(_inputs, stage, validate_spec(stage, data))
     location = given_location(stage, data) or auto_location(stage, fingerprint)
     checked = validate_spec(stage, data, location)
     cluster = load_profile(profile)
     wanted = cluster.resources.override(resources)
     timeout_s = timeout_s or wait_limit_s(cluster, wanted)
 
-    if not force and (ref := await _cached(stage, fingerprint, location)):
+    if not force and (ref := await _cached(stage, fingerprint, inputs, location)):
         return ref
     lease = Lease(lease_path(location), owner={"flow_run": str(flow_run.get_id()), "stage": stage})
     if not lease.try_acquire():
@@ -70,7 +71,7 @@ async def run_stage(stage: str, spec: dict[str, Any] | StageSpec,
         await lease.acquire(timeout_s)
     heartbeat = asyncio.create_task(lease.heartbeat())
     try:
-        if not force and (ref := await _cached(stage, fingerprint, location)):
+        if not force and (ref := await _cached(stage, fingerprint, inputs, location)):
             return ref  # the holder we waited for built it
         orphan = await asyncio.to_thread(running_job, location)
         if orphan is not None and not force:
@@ -91,20 +92,29 @@ async def run_stage(stage: str, spec: dict[str, Any] | StageSpec,
                 log.warning("%s: %s is not complete (a file is missing or cut short): "
                             "building it again", stage, location)
             await asyncio.to_thread(remove, stage, location)
-        return await _build(stage, checked, fingerprint, location, cluster, wanted, timeout_s)
+        return await _build(stage, checked, fingerprint, inputs, location, cluster, wanted,
+                            timeout_s)
     finally:
         heartbeat.cancel()
         lease.release()
 
 
-async def _cached(stage: str, fingerprint: str, location: str) -> ArtifactRef | None:
+def _inputs(stage: str, spec: StageSpec) -> tuple[str, Inputs]:
+    """The stage's fingerprint, and its inputs: name -> (path, fingerprint)."""
+    fingerprint, fingerprints = get_stage(stage).fingerprint(spec)
+    paths = get_stage(stage).input_paths(spec)
+    return fingerprint, {name: (paths[name], fp) for name, fp in fingerprints.items()}
+
+
+async def _cached(stage: str, fingerprint: str, inputs: Inputs,
+                  location: str) -> ArtifactRef | None:
     """A reference to the complete artifact with this fingerprint at `location`, if there is
     one. The hit gets a short MLflow run of its own (tagged cached, linking the run that built
     it), so every flow run shows every stage."""
     manifest = complete(location)
     if manifest is None or manifest.fingerprint != fingerprint:
         return None
-    run = await asyncio.to_thread(StageRun.start, stage, fingerprint, location, {}, True)
+    run = await asyncio.to_thread(StageRun.start, stage, fingerprint, inputs, location, {}, True)
     await asyncio.to_thread(run.cached, fingerprint)
     ref = ArtifactRef.of(location, manifest, cached=True, mlflow_run_id=run.run_id)
     await publish(ref, run.link)
@@ -112,10 +122,11 @@ async def _cached(stage: str, fingerprint: str, location: str) -> ArtifactRef | 
     return ref
 
 
-async def _build(stage: str, spec: StageSpec, fingerprint: str, location: str, cluster: Profile,
-                 resources: Resources, timeout_s: float) -> ArtifactRef:
+async def _build(stage: str, spec: StageSpec, fingerprint: str, inputs: Inputs, location: str,
+                 cluster: Profile, resources: Resources, timeout_s: float) -> ArtifactRef:
     plain = spec.model_dump(mode="json")
-    run = await asyncio.to_thread(StageRun.start, stage, fingerprint, location, plain, False)
+    run = await asyncio.to_thread(StageRun.start, stage, fingerprint, inputs, location, plain,
+                                  False)
     with_tracking = cluster.model_copy(update={"env": {**cluster.env, **run.job_env()}})
     try:
         job = await submit_with_retries(stage, spec, resources, with_tracking, get_run_logger())

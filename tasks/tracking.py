@@ -4,7 +4,10 @@ The store is `MLFLOW_TRACKING_URI` when set (a server), else SQLite under LMFORG
 (`sqlite:///<home>/mlflow.db`, artifacts in `<home>/mlartifacts/<experiment>/`). A stage's run
 holds its spec as params, the engine's step metrics (logged live by the job, completed from the
 JSON lines afterwards), its summary figures, and as artifacts the spec, the manifest, the small
-descriptive files of the artifact (evaluation reports, configs), the metrics file and a loss curve.
+descriptive files of the artifact (evaluation reports, configs), the metrics file and a loss curve;
+what it read as dataset and model inputs (tasks/run_inputs.py), and the model it built or
+evaluated as a logged model with its figures (tasks/logged_models.py). Experiments are MLflow 3
+model-training experiments (`mlflow.experimentKind`).
 Runs are found again through tags: `prefect.flow_run_id` on parents, `lmforge.fingerprint` and
 `lmforge.cached` on stage runs. Everything shown there — params, tags, the spec and manifest
 artifacts, links — goes through engine/redact.py: secret-named fields and URL passwords masked.
@@ -33,15 +36,22 @@ from engine.metrics import flatten
 from engine.redact import redact, redact_text
 from engine.registry import get_stage
 from tasks.headline import headline, is_number
+from tasks import logged_models
 from tasks.home import inside_home, lmforge_home
+from tasks.logged_models import MODEL_KINDS
 from tasks.metrics import backfill, step_series
 from tasks.plots import loss_curve
+from tasks.run_inputs import Inputs, log_inputs
 
 TRACKING_ENV = "MLFLOW_TRACKING_URI"
 UI_ENV = "LMFORGE_MLFLOW_UI"          # base URL of the MLflow UI used in links
 DEFAULT_UI = "http://127.0.0.1:5000"  # where `mlflow ui` listens by default
 STANDALONE = "lmforge-stages"         # experiment of stages run outside any flow
 FLOW_RUN_TAG = "prefect.flow_run_id"
+# MLflow 3's UI opens an experiment by this tag: without it, an experiment whose runs it has not
+# looked at yet opens on the GenAI side (an empty Traces page); "custom_model_development" is
+# its model-training view, where the runs table with its nested stage runs is
+KIND_TAG, MODEL_TRAINING = "mlflow.experimentKind", "custom_model_development"
 DESCRIPTIVE = (".json", ".md", ".yaml", ".txt")  # artifact files copied into the run ...
 DESCRIPTIVE_MAX_BYTES = 1 << 20                   # ... when this small
 PARAM_BATCH, PARAM_MAX, TAG_MAX = 100, 6000, 5000
@@ -72,18 +82,22 @@ def client() -> MlflowClient:
 
 
 def experiment_id(name: str) -> str:
-    """The experiment called `name`, created on first use (artifacts under LMFORGE_HOME for a
-    local store, refused if the name leads out of it; a server keeps its own artifact root)."""
+    """The experiment called `name`, a model-training experiment, created on first use
+    (artifacts under LMFORGE_HOME for a local store, refused if the name leads out of it; a
+    server keeps its own artifact root). One that an older lmforge made without the kind gets it."""
     mlflow = client()
     found = mlflow.get_experiment_by_name(name)
     if found is not None:
+        if KIND_TAG not in found.tags:
+            mlflow.set_experiment_tag(found.experiment_id, KIND_TAG, MODEL_TRAINING)
         return found.experiment_id
     local = not tracking_uri().startswith(("http://", "https://"))
     location = (inside_home(lmforge_home() / "mlartifacts" / name,
                             f"MLflow artifact location of experiment {name!r}").as_uri()
                 if local else None)
     try:
-        return mlflow.create_experiment(name, artifact_location=location)
+        return mlflow.create_experiment(name, artifact_location=location,
+                                        tags={KIND_TAG: MODEL_TRAINING})
     except MlflowException:  # created meanwhile by another process
         return mlflow.get_experiment_by_name(name).experiment_id
 
@@ -166,8 +180,9 @@ class StageRun:
     run_id: str
 
     @classmethod
-    def start(cls, stage: str, fingerprint: str, location: str, spec: dict[str, Any],
-              cached: bool) -> "StageRun":
+    def start(cls, stage: str, fingerprint: str, inputs: Inputs, location: str,
+              spec: dict[str, Any], cached: bool) -> "StageRun":
+        """A stage's run, with what it reads as dataset and model inputs (tasks/run_inputs.py)."""
         experiment, parent = flow_parent()
         tags = {"lmforge.stage": stage, "lmforge.fingerprint": fingerprint,
                 "lmforge.artifact": location, "lmforge.cached": str(cached).lower(),
@@ -179,6 +194,7 @@ class StageRun:
                                                   tags=redact(tags)).info.run_id)
         if not cached:
             _log_params(client(), run.run_id, params(spec))
+        log_inputs(client(), run.run_id, stage, inputs)
         return run
 
     @property
@@ -229,12 +245,19 @@ class StageRun:
         last_step = max((s for points in series.values() for s in points), default=0)
         now = int(time.time() * 1000)
         summary = flatten(manifest.summary)
-        described = {k for k in summary if k.split(".")[0] in get_stage(stage).settings}
-        figures = [Metric(metric_name(k), float(v), now, last_step) for k, v in summary.items()
-                   if is_number(v) and k not in described and metric_name(k) not in series]
+        settings = get_stage(stage).settings
+        described = {k: v for k, v in summary.items() if k.split(".")[0] in settings}
+        measured = {metric_name(k): float(v) for k, v in summary.items()
+                    if is_number(v) and k not in described}
+        model_id = self._model(manifest, location, described, last_step)
+        figures = [Metric(k, v, now, last_step, model_id=model_id)
+                   for k, v in measured.items() if k not in series]
+        if model_id:  # the final losses too: the model's page shows what it was left at
+            figures += logged_models.last_points(mlflow, self.run_id, model_id,
+                                                 [k for k in measured if k in series])
         mlflow.log_batch(self.run_id, metrics=figures[:1000])
-        _log_params(mlflow, self.run_id, [Param(f"artifact.{k}", str(summary[k])[:PARAM_MAX])
-                                          for k in sorted(described)])
+        _log_params(mlflow, self.run_id, [Param(f"artifact.{k}", str(v)[:PARAM_MAX])
+                                          for k, v in sorted(described.items())])
         mlflow.log_dict(self.run_id, redact(spec), "spec.json")
         mlflow.log_dict(self.run_id, redact(manifest.model_dump(mode="json")), "manifest.json")
         for path in _descriptive_files(manifest, location):
@@ -247,6 +270,17 @@ class StageRun:
         if figure is not None:
             mlflow.log_figure(self.run_id, figure, "plots/loss.png")
         mlflow.set_terminated(self.run_id, "FINISHED")
+
+    def _model(self, manifest: Manifest, location: str, described: dict[str, Any],
+               step: int) -> str | None:
+        """The logged model the run's figures are about: the checkpoint or HF export it built
+        (recorded now, tasks/logged_models.py), or the model it evaluated; else None."""
+        if manifest.kind in MODEL_KINDS:
+            return logged_models.record(client(), self.experiment, self.run_id, manifest,
+                                        location, described, step)
+        evaluated = manifest.inputs.get("model") if manifest.kind == "eval-report" else None
+        found = logged_models.find(client(), evaluated) if evaluated else None
+        return found.model_id if found else None
 
 
 def _descriptive_files(manifest: Manifest, location: str) -> list[Path]:

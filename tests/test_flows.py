@@ -248,6 +248,14 @@ def test_lifecycle_end_to_end(home):
         in summary.data
     assert f"| train/loss | {refs['pretrain'].summary['loss']:.6g} |" in summary.data
     assert first.data.tags["prefect.flow_run_url"].endswith(first.data.tags["prefect.flow_run_id"])
+    # a local store: the version on its logged model's page, as a server puts it
+    (exported,) = runs["convert"].outputs.model_outputs
+    assert str(mlflow.get_model_version_by_alias("tiny-test", "latest-lifecycle").version) == "1"
+    assert json.loads(mlflow.get_logged_model(exported.model_id).tags["mlflow.modelVersions"]) == [
+        {"name": "tiny-test", "version": 1}]
+    assert versions[0].tags["lmforge.eval_run"] == runs["evaluate"].info.run_id
+    assert mlflow.get_experiment_by_name("lifecycle").tags["mlflow.experimentKind"] == (
+        "custom_model_development")
     with get_client(sync_client=True) as client:
         published = client.read_artifacts(
             artifact_filter=ArtifactFilter(key=ArtifactFilterKey(any_=["lmforge-evaluate"])))

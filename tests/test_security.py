@@ -70,7 +70,8 @@ def home(tmp_path_factory):
 
 def test_a_stage_run_reads_back_from_mlflow_redacted(home, tmp_path, monkeypatch, caplog):
     location = home / "artifacts" / "generate-corpus" / ("f" * 16)
-    run = tracking.StageRun.start("generate-corpus", "f" * 64, str(location), SPEC, cached=False)
+    run = tracking.StageRun.start("generate-corpus", "f" * 64, {}, str(location), SPEC,
+                                  cached=False)
     # the job's own sink logs the same spec into the same run: the two must agree, or MLflow
     # refuses the second value of a param
     monkeypatch.setenv("MLFLOW_TRACKING_URI", tracking.tracking_uri())
