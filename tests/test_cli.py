@@ -42,7 +42,8 @@ def _flags(model: type[BaseModel], prefix: str = "") -> set[str]:
 @pytest.mark.parametrize("stage", STAGES)
 def test_every_field_is_a_flag(stage):
     parser, _ = stage_parser(get_stage(stage))
-    known = {flag.removeprefix("--") for action in parser._actions for flag in action.option_strings}
+    known = {flag.removeprefix("--") for action in parser._actions
+             for flag in action.option_strings}
     assert _flags(get_stage(stage).spec) - known == set()
 
 
@@ -51,7 +52,8 @@ def test_nested_flags_merge_over_the_spec_file(tmp_path):
     config.write_text("data: {blend: [A], seq_length: 32}\noptim: {lr: 0.1, warmup_iters: 7}\n"
                       "checkpoint: {save: out}\niters: 5\nglobal_batch_size: 2\n"
                       "model: {vocab_size: 64, hidden_size: 16, intermediate_size: 32, "
-                      "num_layers: 1, num_heads: 2, num_kv_heads: 1, max_position_embeddings: 64}\n")
+                      "num_layers: 1, num_heads: 2, num_kv_heads: 1, "
+                      "max_position_embeddings: 64}\n")
     spec = _spec("pretrain", ["--optim.lr", "3e-4", "--data.blend", "0.3", "A", "0.7", "B",
                               "--model.rope-scaling.type", "linear", "--model.rope-scaling.factor",
                               "2", "--eval.initial", "--no-fused-loss", "--iters", "9"], config)
@@ -100,7 +102,8 @@ def test_help_shows_whole_stage_descriptions():
         assert f"{name} {stage.doc}" in " ".join(out.split())
 
 
-@pytest.mark.parametrize("code", ["import flows.lifecycle, flows.train, flows.evaluate, flows.data_prep, flows.compare",
+@pytest.mark.parametrize("code", ["import flows.lifecycle, flows.train, flows.evaluate, "
+                                  "flows.data_prep, flows.compare",
                                   "from engine.__main__ import _usage, stage_parser\n"
                                   "from engine.registry import STAGES\n_usage()\n"
                                   "[stage_parser(s) for s in STAGES.values()]"])

@@ -103,7 +103,8 @@ def run(spec: Spec) -> Manifest:
     files = {data_path(out).name: FileEntry(sha256=digest.hexdigest(),
                                             bytes=data_path(out).stat().st_size),
              index_path(out).name: sha256_file(index_path(out))}
-    manifest = Manifest(kind="dataset", stage="merge", spec=spec.model_dump(mode="json"), inputs=inputs,
+    manifest = Manifest(kind="dataset", stage="merge", spec=spec.model_dump(mode="json"),
+                        inputs=inputs,
                         fingerprint=fingerprint("merge", spec.fingerprint_fields(), inputs),
                         summary=summary, files=files)
     write_manifest(out, manifest)

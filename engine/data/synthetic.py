@@ -88,7 +88,8 @@ def run(spec: Spec) -> Manifest:
                 for i in range(max(n, 0)):
                     f.write(json.dumps({"id": s * per_shard + i, "text": story(rng)}) + "\n")
         files = {p.name: sha256_file(p) for p in sorted(tmp.glob("*.jsonl"))}
-        manifest = Manifest(kind="corpus", stage="generate-corpus", spec=spec.model_dump(mode="json"),
+        manifest = Manifest(kind="corpus", stage="generate-corpus",
+                            spec=spec.model_dump(mode="json"),
                             fingerprint=fingerprint("generate-corpus", spec.fingerprint_fields(), {}),
                             summary={"documents": spec.documents, "shards": spec.shards,
                                      "bytes": sum(f.bytes for f in files.values())},

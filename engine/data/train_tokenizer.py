@@ -52,7 +52,8 @@ def run(spec: Spec) -> Manifest:
     with staged_dir(spec.output) as tmp:
         (tmp / "tokenizer.model").write_bytes(model)
         fp, inputs = stage_fingerprint("train-tokenizer", spec, input_paths(spec))
-        manifest = Manifest(kind="tokenizer", stage="train-tokenizer", spec=spec.model_dump(mode="json"),
+        manifest = Manifest(kind="tokenizer", stage="train-tokenizer",
+                            spec=spec.model_dump(mode="json"),
                             inputs=inputs, fingerprint=fp,
                             summary={"vocab_size": spec.vocab_size},
                             files={"tokenizer.model": sha256_file(tmp / "tokenizer.model")})
