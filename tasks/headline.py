@@ -1,7 +1,7 @@
 """The figures a flow run is compared by: its MLflow parent run's metrics, so that two lifecycle
 runs sit side by side in MLflow's runs table. Taken from the artifacts the run built or found
-cached: the trained model's last losses and training size, the evaluation's scores, the export's
-logit difference from its source."""
+cached: the trained model's last losses, the evaluation's scores, the export's logit difference
+from its source; and, as params (they describe, not measure), the trained model's size."""
 
 from __future__ import annotations
 
@@ -10,7 +10,8 @@ from typing import Any
 
 from tasks.artifact import ArtifactRef
 
-TRAINING = ("loss", "valid_loss", "valid_ppl", "iterations", "tokens", "parameters")
+TRAINING = ("loss", "valid_loss", "valid_ppl")
+TRAINING_SIZE = ("iterations", "tokens", "parameters")  # describe the run: params, not metrics
 
 
 def headline(refs: dict[str, ArtifactRef]) -> dict[str, float]:
@@ -25,6 +26,15 @@ def headline(refs: dict[str, ArtifactRef]) -> dict[str, float]:
         figures |= {f"eval/{name}": value
                     for name, value in refs["evaluate"].summary.get("metrics", {}).items()}
     return {key: float(value) for key, value in figures.items() if is_number(value)}
+
+
+def headline_settings(refs: dict[str, ArtifactRef]) -> dict[str, str]:
+    """What the trained model is (its training size), as the parent run's params `train.<key>`."""
+    trained = refs.get("pretrain") or refs.get("finetune")
+    if trained is None:
+        return {}
+    return {f"train.{key}": str(trained.summary[key]) for key in TRAINING_SIZE
+            if key in trained.summary}
 
 
 def is_number(value: Any) -> bool:

@@ -35,7 +35,7 @@ from engine.manifest import Manifest
 from engine.metrics import flatten
 from engine.redact import redact, redact_text
 from engine.registry import get_stage
-from tasks.headline import headline, is_number
+from tasks.headline import headline, headline_settings, is_number
 from tasks import logged_models
 from tasks.home import inside_home, lmforge_home
 from tasks.logged_models import MODEL_KINDS
@@ -147,7 +147,8 @@ def tracked_flow(flow_params: dict[str, Any],
                  refs: dict[str, Any] | None = None) -> Iterator[str | None]:
     """The flow run's parent MLflow run, with the flow's parameters (pydantic models welcome);
     it ends FINISHED with the headline figures of the artifacts the flow put in `refs`
-    (tasks/headline.py) as metrics, or FAILED when the flow raises (KILLED when cancelled)."""
+    (tasks/headline.py) as metrics and the trained model's size as params, or FAILED when the
+    flow raises (KILLED when cancelled)."""
     _, parent = flow_parent()
     mlflow = client()
     _log_params(mlflow, parent, params(to_jsonable_python(flow_params)))
@@ -159,6 +160,7 @@ def tracked_flow(flow_params: dict[str, Any],
     now = int(time.time() * 1000)
     figures = [Metric(metric_name(k), v, now, 0) for k, v in headline(refs or {}).items()]
     mlflow.log_batch(parent, metrics=figures)
+    _log_params(mlflow, parent, [Param(k, v) for k, v in headline_settings(refs or {}).items()])
     mlflow.set_terminated(parent, "FINISHED")
 
 

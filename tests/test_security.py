@@ -110,7 +110,7 @@ def test_job_logs_mask_url_passwords(tmp_path):
     engine = EngineProcess("train-tokenizer", spec, dict(os.environ), log, f"[cluster] {SOURCE}")
     assert engine.wait(timeout_s=120) == 2
     text = log.read_text()
-    assert "https://lm:***@data.example/corpus.jsonl: no such file" in text
+    assert "input.0: no such file or folder: https://lm:***@data.example/corpus.jsonl" in text
     assert PASSWORD not in text
 
 
