@@ -431,3 +431,14 @@ def test_native_checkpoint_root_and_iteration(stories, tmp_path):
     assert reports[2]["model"]["name"] == "native/iter_0000000"
     for r in reports[1:]:  # the tokenizer came along into <root>/tokenizer/
         assert r["metrics"] == pytest.approx(reports[0]["metrics"], rel=1e-6)
+
+
+def test_jsonl_lines_end_at_newline_only(tmp_path):
+    """U+2028 and U+0085 are valid raw inside a JSON string: they must not split a line."""
+    from engine.evaluate.inputs import read_jsonl
+
+    path = tmp_path / "odd.jsonl"
+    texts = ["one\u2028two", "three\u0085four\x1cfive", "six"]
+    path.write_text("".join(json.dumps({"text": t}, ensure_ascii=False) + "\r\n" for t in texts),
+                    encoding="utf-8")
+    assert read_jsonl(path, "text") == texts

@@ -27,9 +27,11 @@ def read_text(path: str | Path) -> str:
 
 
 def read_jsonl(path: str | Path, key: str) -> list[str]:
-    """The `key` string of every non-empty line of a JSON Lines file."""
+    """The `key` string of every non-empty line of a JSON Lines file. Lines end at "\n" only
+    (as the tokenize stage reads them): str.splitlines() would also cut at U+2028 and the other
+    Unicode line breaks that JSON allows raw inside a string."""
     texts = []
-    for number, line in enumerate(read_text(path).splitlines(), start=1):
+    for number, line in enumerate(read_text(path).split("\n"), start=1):
         if not line.strip():
             continue
         try:
