@@ -84,12 +84,16 @@ def _is_article_title(line: str) -> bool:
     return squeezed.startswith("= ") and squeezed.endswith(" =")
 
 
+def release_text(joined_path: Path = WIKITEXT) -> str:
+    """`wiki.test.raw` rebuilt from the HF rows (see the module docstring)."""
+    return "".join(row or " \n" for row in hf_rows(joined_path.read_text(encoding="utf-8")))
+
+
 def wikitext_pages(joined_path: Path = WIKITEXT) -> list[str]:
     """The `page` documents of `EleutherAI/wikitext_document_level` (wikitext-2-raw-v1, test),
     rebuilt from the HF rows (see the module docstring)."""
-    release = "".join(row or " \n" for row in hf_rows(joined_path.read_text(encoding="utf-8")))
     pages, lines = [], []
-    for line in release.split("\n"):
+    for line in release_text(joined_path).split("\n"):
         if _is_article_title(line):
             if "\n".join(lines).strip():
                 pages.append("\n".join(lines))

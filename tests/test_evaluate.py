@@ -8,9 +8,11 @@ inputs name the file and row."""
 from __future__ import annotations
 
 import csv
+import itertools
 import json
 import math
 import os
+import re
 import shutil
 import socket
 import subprocess
@@ -66,7 +68,8 @@ def evaluate(tmp_path: Path, name: str, **fields) -> tuple[dict, dict]:
 # ---------------------------------------------------------------- perplexity
 
 def hf_sliding_window_nll(model, ids: list[int], length: int, stride: int) -> tuple[float, int]:
-    """The Hugging Face perplexity guide's loop (labels -100 outside the new tokens)."""
+    """The Hugging Face perplexity guide's loop (labels -100 outside the new tokens), windows of
+    `length` tokens."""
     x = torch.tensor(ids)[None]
     total, count, prev_end = 0.0, 0, 0
     for begin in range(0, x.shape[1], stride):
@@ -83,12 +86,19 @@ def hf_sliding_window_nll(model, ids: list[int], length: int, stride: int) -> tu
 
 
 def test_windows_score_every_token_once():
-    cases = [(1, 8, 4), (2, 8, 4), (8, 8, 3), (9, 8, 7), (100, 16, 5), (17, 16, 1)]
-    for n, length, stride in cases:
-        seen = [i for b, e, first in windows(n, length, stride) for i in range(first, e)]
+    cases = [(1, 8, 4), (2, 8, 4), (8, 8, 3), (9, 8, 8), (10, 8, 8), (100, 16, 5), (17, 16, 1),
+             (100, 16, 16)]
+    for (n, length, stride), align_last in itertools.product(cases, (False, True)):
+        spans = list(windows(n, length, stride, align_last))
+        seen = [i for b, e, first in spans for i in range(first, e)]
         assert sorted(seen) == list(range(1, n)), (n, length, stride)
-        for b, e, first in windows(n, length, stride):
-            assert e - b <= length and (b == 0 or first - b >= length - stride)
+        for b, e, first in spans:  # L positions: L + 1 tokens, >= L - stride + 1 of them context
+            assert e - b <= length + 1 and (b == 0 or first - b >= length - stride + 1)
+        if align_last and n > length:  # the last window has all L positions
+            assert spans[-1][1] - spans[-1][0] == length + 1
+    # back to back, one token carried over: lm-eval's rolling windows (L = 4, 11 tokens)
+    assert list(windows(11, 4, 4, align_last=True)) == [(0, 5, 1), (4, 9, 5), (6, 11, 9)]
+    assert list(windows(11, 4, 4)) == [(0, 5, 1), (4, 9, 5), (8, 11, 9)]
 
 
 def test_ppl_equals_transformers_and_reference(stories, hf_model, tokenizer, tmp_path):
@@ -117,7 +127,7 @@ def test_ppl_equals_transformers_and_reference(stories, hf_model, tokenizer, tmp
         total, count = 0.0, 0
         for text in docs[name]:
             ids = [tokenizer.bos_id] + list(tokenizer.encode([text])[0])
-            t, c = hf_sliding_window_nll(hf_model, ids, length, stride)
+            t, c = hf_sliding_window_nll(hf_model, ids, length + 1, stride)  # L + 1 tokens
             total, count = total + t, count + c
             assert c == len(ids) - 1
         assert rec["tokens"] == count, (name, window)
@@ -296,7 +306,7 @@ class BigramModel(torch.nn.Module):
         return hidden @ self.table
 
 
-def test_lambada_strict_whole_word_by_hand(tokenizer, tmp_path):
+def test_lambada_greedy_and_strict_by_hand(tokenizer, tmp_path):
     text = "the dog ran to the red bus"
     data = tmp_path / "lambada.jsonl"
     data.write_text(json.dumps({"text": text}) + "\n")
@@ -307,31 +317,62 @@ def test_lambada_strict_whole_word_by_hand(tokenizer, tmp_path):
     after = {".": list(tokenizer.encode(["bus."])[0])[-1],
              "s": list(tokenizer.encode(["buss"])[0])[-1]}
 
-    def accuracy(chain: list[int]) -> float:
+    def accuracies(chain: list[int], convention: str = "lm-eval") -> tuple[float, float]:
         table = torch.zeros(tokenizer.vocab_size, tokenizer.vocab_size)
         for current, nxt in zip([context[-1]] + target, chain):
             table[current, nxt] = 10.0
         scorer = Scorer(BigramModel(table), CPU, progress=False)
         (record,) = lambada.evaluate(scorer, str(data), tokenizer, tokenizer.bos_id, 64, "text",
-                                     None)
-        return record["accuracy"]
+                                     None, convention)
+        return record["accuracy"], record["accuracy_strict"]
 
-    assert accuracy(target + [after["."]]) == 1.0          # the word, then punctuation
-    assert accuracy(target + [tokenizer.eod_id]) == 1.0    # the word, then end of text
-    assert accuracy(target + [after["s"]]) == 0.0          # "buss": the word goes on
+    for convention in ("lm-eval", "whole-word"):  # the same tokens for a space before the word
+        assert accuracies(target + [after["."]], convention) == (1.0, 1.0)  # word, punctuation
+    assert accuracies(target + [tokenizer.eod_id]) == (1.0, 1.0)  # the word, then end of text
+    assert accuracies(target + [after["s"]]) == (1.0, 0.0)        # "buss": greedy, not strict
     wrong_first = (target[0] + 1) % tokenizer.vocab_size
-    assert accuracy([wrong_first] + target[1:] + [after["."]]) == 0.0  # greedy misses a token
+    assert accuracies([wrong_first] + target[1:] + [after["."]]) == (0.0, 0.0)
     assert lambada.continues_word(tokenizer, target, after["s"])
     assert not lambada.continues_word(tokenizer, target, list(tokenizer.encode([" and"])[0])[0])
 
 
+def test_lambada_conventions_split_the_word(tokenizer):
+    def encode(text: str) -> list[int]:
+        return list(tokenizer.encode([text])[0])
+
+    bos, newline = [tokenizer.bos_id], encode("\n")[-1]
+    texts = ["he said.\n\nhello", "two  spaces"]
+    pairs = {convention: lambada.encode_pairs(texts, convention, tokenizer, tokenizer.bos_id)
+             for convention in lambada.SPLITS}
+    # lm-eval splits at the last " ": "said.", the blank line and "hello" are all the target
+    (context, target), (context2, target2) = pairs["lm-eval"]
+    assert context == bos + encode("he") and target.count(newline) == 2
+    # ... and the context's trailing space moves to the target
+    assert context2 == bos + encode("two") and target2 == encode("two  spaces")[len(context2) - 1:]
+    # whole-word: the whitespace run stays in the context, no newline is scored
+    (context, target), (_, target2) = pairs["whole-word"]
+    assert context + target == bos + encode(texts[0]) and newline not in target
+    assert tokenizer.decode(target) == "hello" and tokenizer.decode(target2) == "spaces"
+    # megatron: the stripped context and " " + word, each encoded alone
+    (context, target), _ = pairs["megatron"]
+    assert context == bos + encode("he said.") and target == encode(" hello")
+
+
 def test_lambada_end_to_end(stories, tmp_path):
-    report, _ = evaluate(tmp_path, "lambada", load_dir=str(stories),
-                         lambada=str(shared("text", "lambada", "lambada_test.jsonl")), limit=50)
-    (record,) = report["records"]
-    assert record["examples"] == 50 and 0 <= record["accuracy"] <= 1
-    assert math.isfinite(record["ppl_word"]) and math.isfinite(record["ppl_token"])
-    assert record["target_tokens"] >= 50
+    data = str(shared("text", "lambada", "lambada_test.jsonl"))
+    records = {}
+    for convention in ("lm-eval", "whole-word"):
+        report, _ = evaluate(tmp_path, convention, load_dir=str(stories), lambada=data, limit=50,
+                             lambada_convention=convention)
+        (records[convention],) = report["records"]
+        assert f"lambada/{convention}/accuracy_strict" in report["metrics"]
+    for record in records.values():
+        assert record["examples"] == 50 and record["target_tokens"] >= 50
+        assert 0 <= record["accuracy_strict"] <= record["accuracy"] <= 1
+        assert math.isfinite(record["ppl_word"]) and math.isfinite(record["ppl_token"])
+    # a space that stories260K's tokenizer writes as a token of its own ("▁" + "Queen" pieces)
+    # is part of lm-eval's target, and context in whole-word
+    assert records["whole-word"]["target_tokens"] < records["lm-eval"]["target_tokens"]
 
 
 # ---------------------------------------------------------------- WikiText
@@ -341,18 +382,36 @@ class UniformModel(ConstantModel):
         super().__init__(torch.zeros(vocab))
 
 
-def test_wikitext_word_perplexity_by_hand(tokenizer, tmp_path):
+def test_wikitext_conventions_by_hand(tokenizer, tmp_path):
     assert wikitext.detokenize("a @-@ b @,@ c , d ( e ) = = f = = \n") == "a-b,c, d (e) == f ==\n"
-    path = tmp_path / "wiki.txt"
-    path.write_text(" = Title = \n\n a b c @-@ d .\n")
-    words = 9  # "= Title = a b c @-@ d ." split on whitespace
+    text = (" \n = Title = \n \n a b c @-@ d . \n \n = = Part = = \n \n e f \n \n"
+            " = Other = \n \n g h \n")
+    pages = [" = Title = \n \n a b c @-@ d . \n \n = = Part = = \n \n e f \n ",
+             " = Other = \n \n g h \n"]
+    assert wikitext.articles(text) == pages  # a section title does not start an article
+    path = tmp_path / "wiki.test.raw"
+    path.write_text(text)
+
+    def encoded(texts: list[str]) -> int:
+        return sum(len(ids) for ids in tokenizer.encode([wikitext.detokenize(t) for t in texts]))
+
     scorer = Scorer(UniformModel(tokenizer.vocab_size), CPU, progress=False)
-    (record,) = wikitext.evaluate(scorer, str(path), tokenizer, tokenizer.bos_id, [(8, 3)], True)
-    tokens = len(tokenizer.encode([wikitext.detokenize(path.read_text())])[0])  # + BOS - 1
-    assert record["words"] == words and record["tokens"] == tokens
-    # every token costs ln V nats: word ppl = exp(tokens * ln V / words) = V ** (tokens / words)
-    assert math.isclose(record["word_ppl"], tokenizer.vocab_size ** (tokens / words), rel_tol=1e-6)
-    assert math.isclose(record["token_ppl"], tokenizer.vocab_size, rel_tol=1e-6)
+    expected = {  # convention: (tokens scored, words, bytes)
+        "lm-eval": (encoded(pages) + len(pages),  # each article's BOS is predicted too
+                    sum(len(re.split(r"\s+", p)) for p in pages), sum(map(len, pages))),
+        "megatron": (encoded([text]), len(text.strip().split(" ")) - 1, len(text))}
+    for convention, (tokens, words, n_bytes) in expected.items():
+        records = wikitext.evaluate(scorer, str(path), tokenizer, tokenizer.bos_id,
+                                    [(8, 3), (8, 8)], True, convention)
+        for record in records:
+            assert (record["tokens"], record["words"], record["bytes"]) == (tokens, words, n_bytes)
+            # every token costs ln V nats: word ppl = V ** (tokens / words), and so on
+            v = tokenizer.vocab_size
+            assert record["word_ppl"] == pytest.approx(v ** (tokens / words), rel=1e-6)
+            assert record["byte_ppl"] == pytest.approx(v ** (tokens / n_bytes), rel=1e-6)
+            assert record["bits_per_byte"] == pytest.approx(tokens * math.log2(v) / n_bytes)
+            assert record["token_ppl"] == pytest.approx(v, rel=1e-6)
+        assert records[0]["windows"] > records[1]["windows"]  # stride 3 vs back to back
 
 
 # ---------------------------------------------------------------- reports, ranks, bad input
@@ -386,7 +445,7 @@ def test_two_ranks_give_one_ranks_report(stories, tmp_path):
     for name, value in one["metrics"].items():  # other batches, other fp32 rounding: ppl = exp(.)
         assert math.isclose(value, two["metrics"][name], rel_tol=1e-5), name
     table = compare_reports([tmp_path / "one", tmp_path / "two" / "report.json"])
-    assert table.splitlines()[0].startswith("| metric |") and "lambada/accuracy" in table
+    assert table.splitlines()[0].startswith("| metric |") and "lambada/lm-eval/accuracy" in table
 
 
 def test_bad_inputs_name_file_and_row(tmp_path):
@@ -401,7 +460,7 @@ def test_bad_inputs_name_file_and_row(tmp_path):
     (folder / "val" / "finance_val.csv").write_bytes(latin1)
     with pytest.raises(InputError, match=r"finance_val\.csv:2: not UTF-8"):
         fineval_data.load(folder, "val", None, None, 0, None)
-    with pytest.raises(SpecError, match=r"window '128:256': stride 256 must be between 1 and"):
+    with pytest.raises(SpecError, match=r"window '128:256': stride 256 must be between 1 and the"):
         load_spec(Spec, None, {"load_dir": "m", "output": "o", "ppl": ["x"],
                                "windows": ["128:256"]})
     with pytest.raises(SpecError, match="no suite chosen"):
@@ -412,7 +471,7 @@ def test_bad_inputs_name_file_and_row(tmp_path):
     bad = tmp_path / "bad.jsonl"
     bad.write_text('{"text": "fine"}\n{"txt": "oops"}\n')
     with pytest.raises(InputError, match=r"bad\.jsonl:2: no string field 'text'"):
-        lambada.evaluate(None, str(bad), None, None, 8, "text", None)
+        lambada.evaluate(None, str(bad), None, None, 8, "text", None, "lm-eval")
 
 
 def test_native_checkpoint_root_and_iteration(stories, tmp_path):

@@ -86,8 +86,8 @@ class Prompts:
                 return Fitted(self.bos + content, k - used, 0)
         keep = budget - len(self.bos)
         if keep < 1:
-            raise InputError(f"{q.where}: question {q.id}: its longest option needs {reserve} of "
-                             f"the {self.max_length} tokens of context")
+            raise InputError(f"{q.where}: question {q.id}: its longest option leaves no room in "
+                             f"the {self.max_length} positions of context")
         return Fitted(self.bos + content[len(content) - keep:], k, len(content) - keep)
 
     def continuations(self, q: Question) -> list[list[int]]:
@@ -140,10 +140,13 @@ def evaluate(scorer: Scorer, data: FinEval, template: Template, tokenizer: Token
         options = prompts.continuations(q) if "option" in methods else []
         for ki, k in enumerate(shots):
             for method in methods:
-                fitted = prompts.fit(q, k, max(map(len, options)) if method == "option" else 0)
+                # an option's last token is only a target: it needs no position of its own
+                reserve = max(map(len, options)) - 1 if method == "option" else 0
+                fitted = prompts.fit(q, k, reserve)
                 truncation[METHODS.index(method), qi, ki] = fitted.shots_dropped, fitted.tokens_cut
                 for oi, cont in enumerate(options if method == "option" else [[]]):
-                    requests.append(Request(np.array(fitted.tokens + cont), len(fitted.tokens)))
+                    requests.append(Request(np.array(fitted.tokens + cont), len(fitted.tokens),
+                                            read_last=method == "answer"))
                     slots.append((method, qi, ki, oi))
     results = scorer.score(requests, probe_ids=first + last, desc="fineval")
     for (method, qi, ki, oi), row in zip(slots, results):

@@ -1,13 +1,14 @@
 """Token-level perplexity with sliding windows over independent documents.
 
-Windows follow the Hugging Face perplexity guide, made lossless: window w covers document tokens
-[w·stride, w·stride + length) (cut at the document's end); the first window scores every token it
-can (all but the document's first), each later one scores only the tokens after the previous
-window's end. So every token but the first of each document is scored exactly once, and a token
-scored in a later window sees at least `length - stride` earlier tokens of its document. A stride
-must be smaller than the length: with stride == length a window's first token would have nothing
-before it. Lengths beyond the model's trained context are allowed; the model's RoPE scaling (if
-any) applies as configured.
+A window of length L is L positions of the model: L + 1 tokens, the last of which is only a
+target. Window w reads document tokens [w·stride, w·stride + L + 1) (cut at the document's end);
+the first window scores every token it can (all but the document's first), each later one only
+the tokens after the previous window's end. So every token but the first of each document is
+scored exactly once, and a token scored in a later window sees at least `L - stride + 1` earlier
+tokens of its document. With stride = L windows are back to back, one token carried over
+(lm-evaluation-harness's and Megatron-LM's default). `align_last` gives the last window the full
+L positions of context (it ends at the document's end), as lm-evaluation-harness does. Lengths
+beyond the model's trained context are allowed; the model's RoPE scaling (if any) applies.
 
 A document is a JSON Lines row, a text file (or each .txt file of a folder), or a sequence of a
 Megatron indexed dataset; documents never see each other. With BOS on, each document starts with
@@ -33,13 +34,17 @@ from engine.evaluate.scoring import NLL, SCORED, Request, Scorer
 log = logging.getLogger(__name__)
 
 
-def windows(n_tokens: int, length: int, stride: int) -> Iterator[tuple[int, int, int]]:
-    """(begin, end, first scored index) of each window over a document of n_tokens tokens."""
+def windows(n_tokens: int, length: int, stride: int,
+            align_last: bool = False) -> Iterator[tuple[int, int, int]]:
+    """(begin, end, first scored index) of each window over a document of n_tokens tokens: the
+    window reads tokens [begin, end) and scores [first, end)."""
     if n_tokens < 2:
         return
     begin, scored_until = 0, 1
     while True:
-        end = min(begin + length, n_tokens)
+        end = min(begin + length + 1, n_tokens)
+        if end == n_tokens and align_last:
+            begin = max(0, end - length - 1)
         yield begin, end, scored_until
         if end == n_tokens:
             return
@@ -47,9 +52,24 @@ def windows(n_tokens: int, length: int, stride: int) -> Iterator[tuple[int, int,
         begin += stride
 
 
-def window_requests(documents: list[np.ndarray], length: int, stride: int) -> list[Request]:
-    return [Request(doc[begin:end], first - begin)
-            for doc in documents for begin, end, first in windows(len(doc), length, stride)]
+def window_requests(documents: list[np.ndarray], length: int, stride: int,
+                    align_last: bool = False) -> list[Request]:
+    return [Request(doc[begin:end], first - begin, read_last=False)
+            for doc in documents
+            for begin, end, first in windows(len(doc), length, stride, align_last)]
+
+
+def document_nll(scorer: Scorer, documents: list[np.ndarray], length: int, stride: int,
+                 align_last: bool = False, desc: str = "ppl") -> tuple[np.ndarray, int]:
+    """The summed NLL of each document's tokens (all but its first), and how many windows."""
+    spans = [sum(1 for _ in windows(len(doc), length, stride, align_last)) for doc in documents]
+    results = scorer.score_all(window_requests(documents, length, stride, align_last), desc=desc)
+    scored = int(results[:, SCORED].sum())
+    expected = sum(max(len(d) - 1, 0) for d in documents)
+    if scored != expected:  # the windows' contract; cheap to keep checking
+        raise RuntimeError(f"{desc}: scored {scored} tokens, expected {expected}")
+    owner = np.repeat(np.arange(len(documents)), spans)
+    return np.bincount(owner, results[:, NLL], minlength=len(documents)), len(results)
 
 
 def perplexity(nll_sum: float, count: float) -> float:
@@ -106,16 +126,14 @@ def evaluate(scorer: Scorer, datasets: list[Documents],
     """One record per (dataset, length, stride): tokens scored, mean NLL, perplexity."""
     records = []
     for ds in datasets:
-        expected = sum(max(len(d) - 1, 0) for d in ds.documents)
+        count = sum(max(len(d) - 1, 0) for d in ds.documents)
         for length, stride in settings:
-            requests = window_requests(ds.documents, length, stride)
-            results = scorer.score_all(requests, desc=f"ppl {ds.name} {length}:{stride}")
-            nll, count = float(results[:, NLL].sum()), int(results[:, SCORED].sum())
-            if count != expected:  # the windows' contract; cheap to keep checking
-                raise RuntimeError(f"{ds.name}: scored {count} tokens, expected {expected}")
+            nll_per_doc, n_windows = document_nll(scorer, ds.documents, length, stride,
+                                                  desc=f"ppl {ds.name} {length}:{stride}")
+            nll = float(nll_per_doc.sum())
             records.append({"suite": "ppl", "dataset": ds.name, "path": ds.path, "kind": ds.kind,
                             "seq_length": length, "stride": stride,
-                            "documents": len(ds.documents), "windows": len(requests),
+                            "documents": len(ds.documents), "windows": n_windows,
                             "tokens": count, "nll_sum": nll,
                             "mean_nll": nll / count if count else float("nan"),
                             "ppl": perplexity(nll, count)})

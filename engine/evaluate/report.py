@@ -24,12 +24,12 @@ def headline_metrics(records: list[dict]) -> dict[str, float]:
         if suite == "ppl":
             out[f"ppl/{r['dataset']}/{r['seq_length']}:{r['stride']}/ppl"] = r["ppl"]
         elif suite == "wikitext":
-            window = f"{r['seq_length']}:{r['stride']}"
-            out[f"wikitext/{window}/word_ppl"] = r["word_ppl"]
-            out[f"wikitext/{window}/token_ppl"] = r["token_ppl"]
+            base = f"wikitext/{r['convention']}/{r['seq_length']}:{r['stride']}"
+            for key in ("word_ppl", "byte_ppl", "bits_per_byte", "token_ppl"):
+                out[f"{base}/{key}"] = r[key]
         elif suite == "lambada":
-            for key in ("accuracy", "ppl_word", "ppl_token"):
-                out[f"lambada/{key}"] = r[key]
+            for key in ("accuracy", "accuracy_strict", "ppl_word", "ppl_token"):
+                out[f"lambada/{r['convention']}/{key}"] = r[key]
         elif suite == "fineval" and r["level"] != "subject":
             base = f"fineval/{r['shots']}-shot/{r['method']}/{r['name']}"
             out[f"{base}/accuracy"] = r["accuracy"]
@@ -68,16 +68,20 @@ def render_markdown(report: dict) -> str:
                         ([r["dataset"], f"{r['seq_length']}:{r['stride']}", r["documents"],
                           r["tokens"], r["mean_nll"], r["ppl"]] for r in by_suite["ppl"]))
     if "wikitext" in by_suite:
-        lines += ["## WikiText (word level)", ""]
-        lines += _table(["dataset", "length:stride", "words", "tokens", "word ppl", "token ppl"],
-                        ([r["dataset"], f"{r['seq_length']}:{r['stride']}", r["words"],
-                          r["tokens"], r["word_ppl"], r["token_ppl"]]
+        lines += ["## WikiText (word and byte level)", ""]
+        lines += _table(["dataset", "convention", "length:stride", "documents", "words", "bytes",
+                         "tokens", "word ppl", "byte ppl", "bits per byte", "token ppl"],
+                        ([r["dataset"], r["convention"], f"{r['seq_length']}:{r['stride']}",
+                          r["documents"], r["words"], r["bytes"], r["tokens"], r["word_ppl"],
+                          r["byte_ppl"], r["bits_per_byte"], r["token_ppl"]]
                          for r in by_suite["wikitext"]))
     if "lambada" in by_suite:
-        lines += ["## LAMBADA (strict whole word)", ""]
-        lines += _table(["dataset", "examples", "accuracy", "ppl (per word)", "ppl (per token)"],
-                        ([r["dataset"], r["examples"], r["accuracy"], r["ppl_word"],
-                          r["ppl_token"]] for r in by_suite["lambada"]))
+        lines += ["## LAMBADA (last word)", ""]
+        lines += _table(["dataset", "convention", "examples", "accuracy (greedy)",
+                         "accuracy (strict)", "ppl (per word)", "ppl (per token)"],
+                        ([r["dataset"], r["convention"], r["examples"], r["accuracy"],
+                          r["accuracy_strict"], r["ppl_word"], r["ppl_token"]]
+                         for r in by_suite["lambada"]))
     if "fineval" in by_suite:
         lines += _fineval_markdown(by_suite["fineval"])
     return "\n".join(lines)

@@ -30,14 +30,23 @@ _LOGIT_CHUNK_ELEMENTS = 1 << 25  # rows × vocab of one output-head chunk (128 M
 @dataclass(frozen=True)
 class Request:
     """Score tokens[score_from:] (each from the tokens before it); score_from == len(tokens)
-    scores nothing and only reads the last position."""
+    scores nothing and only reads the last position. Without `read_last` the last token is only
+    a target: the model runs over the tokens before it (a window of L positions scores L
+    tokens), and the argmax and probes after it are not read (zeros)."""
 
     tokens: np.ndarray
     score_from: int
+    read_last: bool = True
 
     def __post_init__(self) -> None:
-        if not 1 <= self.score_from <= len(self.tokens):
-            raise ValueError(f"score_from {self.score_from} outside 1..{len(self.tokens)}")
+        last = len(self.tokens) - (0 if self.read_last else 1)
+        if not 1 <= self.score_from <= last:
+            raise ValueError(f"score_from {self.score_from} outside 1..{last}")
+
+    @property
+    def positions(self) -> int:
+        """How many positions the model runs over for this request."""
+        return len(self.tokens) - (0 if self.read_last else 1)
 
 
 @dataclass(frozen=True)
@@ -60,7 +69,7 @@ class Scorer:
         probes = torch.tensor(list(probe_ids), dtype=torch.long, device=self.device)
         out = torch.zeros(len(requests), PROBES + len(probe_ids), dtype=torch.float64,
                           device=self.device)
-        lengths = np.array([len(r.tokens) for r in requests], dtype=np.int64)
+        lengths = np.array([r.positions for r in requests], dtype=np.int64)
         order = np.argsort(-lengths, kind="stable")
         bar = tqdm(total=int(lengths.sum()), desc=desc, unit="tok", unit_scale=True,
                    disable=not self.progress or self.rank != 0, leave=False)
@@ -75,7 +84,7 @@ class Scorer:
                   desc: str = "score") -> np.ndarray:
         """Results for every request, each rank scoring its share; every rank passes the same
         list and gets the same array."""
-        lengths = np.array([len(r.tokens) for r in requests], dtype=np.int64)
+        lengths = np.array([r.positions for r in requests], dtype=np.int64)
         mine = np.argsort(-lengths, kind="stable")[self.rank::self.world_size]
         local = self.score([requests[i] for i in mine], probe_ids, desc)
         full = np.zeros((len(requests), PROBES + len(probe_ids)), dtype=np.float64)
@@ -104,20 +113,21 @@ class Scorer:
 
     def _score_batch(self, requests: list[Request], probes: torch.Tensor) -> torch.Tensor:
         n = np.array([len(r.tokens) for r in requests])
+        ends = np.array([r.positions for r in requests])  # positions the model runs over
         first = np.array([r.score_from - 1 for r in requests])  # first position read
         width = int(n.max())
         ids = np.zeros((len(requests), width), dtype=np.int64)
         for i, r in enumerate(requests):
             ids[i, :n[i]] = r.tokens
-        counts = n - first  # positions read per row: the predictions, plus the last position
+        counts = ends - first  # positions read per row: the predictions (and the last position)
         rows = np.repeat(np.arange(len(requests)), counts)
-        pos = np.concatenate([np.arange(f, m) for f, m in zip(first, n)])
+        pos = np.concatenate([np.arange(f, m) for f, m in zip(first, ends)])
         has_target = pos + 1 < n[rows]
         targets = ids[rows, np.minimum(pos + 1, width - 1)]
         last = np.cumsum(counts) - 1  # index (among the positions read) of each row's last one
 
         dev = self.device
-        ids_t = torch.from_numpy(ids).to(dev)
+        ids_t = torch.from_numpy(ids[:, :int(ends.max())]).to(dev)
         rows_t, pos_t = torch.from_numpy(rows).to(dev), torch.from_numpy(pos).to(dev)
         targets_t = torch.from_numpy(targets).to(dev)
         has_target_t = torch.from_numpy(has_target).to(dev)
@@ -137,11 +147,13 @@ class Scorer:
         scored = has_target_t.double()
         mismatch = (has_target_t & (argmax_t != targets_t)).double()
         last_t = torch.from_numpy(last).to(dev)
+        read_last = torch.tensor([r.read_last for r in requests], device=dev)[:, None]
         columns = [zeros.index_add(0, rows_t, torch.where(has_target_t, nll_t, 0).double()),
                    zeros.index_add(0, rows_t, scored),
                    zeros.index_add(0, rows_t, mismatch),
                    argmax_t[last_t].double()]
-        return torch.cat([torch.stack(columns, dim=1), probe_t[last_t].double()], dim=1)
+        after = torch.cat([torch.stack(columns[3:], dim=1), probe_t[last_t].double()], dim=1)
+        return torch.cat([torch.stack(columns[:3], dim=1), after * read_last], dim=1)
 
 
 def _vocab_size(model: torch.nn.Module, hidden: torch.Tensor) -> int:

@@ -19,20 +19,19 @@ _INPUT = {"input": True}
 
 
 def parse_window(text: str) -> tuple[int, int]:
-    """"LENGTH:STRIDE" or "LENGTH" (stride = length // 2) -> (length, stride)."""
+    """"LENGTH:STRIDE" or "LENGTH" (stride = length: back to back) -> (length, stride)."""
     length_text, _, stride_text = str(text).partition(":")
     try:
         length = int(length_text)
-        stride = int(stride_text) if stride_text else max(length // 2, 1)
+        stride = int(stride_text) if stride_text else length
     except ValueError:
         raise SpecError(f"window {text!r}: expected LENGTH or LENGTH:STRIDE, e.g. 2048:1024"
                         ) from None
-    if length < 2:
-        raise SpecError(f"window {text!r}: length must be at least 2")
-    if not 1 <= stride < length:
-        raise SpecError(f"window {text!r}: stride {stride} must be between 1 and length - 1 = "
-                        f"{length - 1} (a window needs at least one earlier token to predict its "
-                        "first new token)")
+    if length < 1:
+        raise SpecError(f"window {text!r}: length must be at least 1")
+    if not 1 <= stride <= length:
+        raise SpecError(f"window {text!r}: stride {stride} must be between 1 and the length "
+                        f"{length} (a window carries at least one token of context over)")
     return length, stride
 
 
@@ -53,8 +52,9 @@ class Spec(StageSpec):
         "files, folders of .txt files, or indexed dataset prefixes (one document per sequence)",
         json_schema_extra=_INPUT)
     windows: CliVariadicArg[list[str] | None] = Field(
-        None, description="sliding windows LENGTH[:STRIDE] for ppl and wikitext (stride default "
-        "LENGTH/2); default: the model's max_position_embeddings")
+        None, description="sliding windows LENGTH[:STRIDE] for ppl and wikitext: LENGTH "
+        "positions of the model, windows STRIDE tokens apart (default LENGTH: back to back); "
+        "default: the model's max_position_embeddings")
     text_key: str = Field("text", description="JSONL field holding the text (ppl, lambada)")
     fineval: str | None = Field(None, description="FinEval folder with dev/ and the evaluated "
                                 "split (e.g. .../fineval/academic)", json_schema_extra=_INPUT)
@@ -79,14 +79,23 @@ class Spec(StageSpec):
                                            "(FinEval's code has none)")
     lambada: str | None = Field(None, description="LAMBADA JSONL (last word of each text)",
                                 json_schema_extra=_INPUT)
-    wikitext: str | None = Field(None, description="WikiText raw text file (word-level ppl)",
-                                 json_schema_extra=_INPUT)
+    lambada_convention: Literal["lm-eval", "megatron", "whole-word"] = Field(
+        "lm-eval", description="how the last word is split off and tokenized: lm-eval's "
+        "lambada_openai, Megatron-LM's --strict-lambada, or whole-word (ours: the word's own "
+        "tokens in running text)")
+    wikitext: str | None = Field(None, description="WikiText release text, e.g. wiki.test.raw "
+                                 "(word- and byte-level ppl)", json_schema_extra=_INPUT)
+    wikitext_convention: Literal["lm-eval", "megatron"] = Field(
+        "lm-eval", description="lm-eval: articles, each from BOS, last window with full "
+        "context, words and bytes of the articles; megatron: one stream, Megatron-LM's "
+        "adjusted perplexity")
     wikitext_detokenize: bool = Field(True, description="apply Megatron's WikiText detokenizer")
     add_bos: bool = Field(True, description="start every document / prompt with BOS")
-    max_length: int | None = Field(None, gt=1, description="context for FinEval and LAMBADA "
+    max_length: int | None = Field(None, gt=1, description="positions for FinEval and LAMBADA "
                                    "prompts; default: the model's max_position_embeddings")
     limit: int | None = Field(None, gt=0, description="at most this many documents / examples "
-                              "per dataset and questions per subject (quick checks)")
+                              "per dataset (WikiText: articles, lm-eval convention) and questions "
+                              "per subject (quick checks)")
     dtype: Literal["auto", "bf16", "fp16", "fp32"] = Field(
         "auto", description="compute dtype; auto: bf16 on GPU, fp32 on CPU")
     device: Literal["auto", "cpu", "cuda"] = Field("auto", json_schema_extra=_NOT_OUTPUT)

@@ -92,7 +92,7 @@ def evaluate(spec: Spec, source: Source, env: distributed.Env) -> dict:
     windows = [parse_window(w) for w in spec.windows or [str(trained)]]
     longest = max([max_length] + [length for length, _ in windows])
     if longest > trained and isinstance(cfg.rope_scaling, NoScaling):
-        log.warning("evaluating %d-token contexts with a model trained on %d and no RoPE scaling",
+        log.warning("evaluating over %d positions with a model trained on %d and no RoPE scaling",
                     longest, trained)
 
     records: list[dict] = []
@@ -106,12 +106,13 @@ def evaluate(spec: Spec, source: Source, env: distributed.Env) -> dict:
     if spec.wikitext:
         start = time.perf_counter()
         records += wikitext.evaluate(scorer, spec.wikitext, tokenizer(), bos_id, windows,
-                                     spec.wikitext_detokenize)
+                                     spec.wikitext_detokenize, spec.wikitext_convention,
+                                     spec.limit)
         timing["wikitext"] = time.perf_counter() - start
     if spec.lambada:
         start = time.perf_counter()
         records += lambada.evaluate(scorer, spec.lambada, tokenizer(), bos_id, max_length,
-                                    spec.text_key, spec.limit)
+                                    spec.text_key, spec.limit, spec.lambada_convention)
         timing["lambada"] = time.perf_counter() - start
     if spec.fineval:
         start = time.perf_counter()

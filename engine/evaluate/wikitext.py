@@ -1,26 +1,36 @@
-"""WikiText word-level perplexity, Megatron-LM's convention (tasks/zeroshot_gpt): the whole file
-is one token stream, the model reads the detokenized text, and the summed token NLL is divided by
-the number of words of the original text, so models with different tokenizers are comparable:
+r"""WikiText word-level perplexity from the release text (`wiki.test.raw`), in the convention of
+lm-evaluation-harness (`wikitext` task) or of Megatron-LM (`tasks/zeroshot_gpt`). Both read the
+text after the same detokenizer (`detokenize`) and divide the summed token NLL by counts of the
+**original** text, so models with different tokenizers are comparable:
 
-    word_ppl = exp(sum of token NLLs / words),  words = len(original_text.split())
-
-Megatron counts `text.split(" ")` of the one-line-per-paragraph release file, which also counts
-each line break (WikiText-2 test: 241,211 words + 4,358 lines = the published 245,569 tokens);
-we count whitespace-separated words only and report `words` and `tokens` beside the result, so
-either normalisation can be recomputed from the record.
+lm-eval: documents are the articles (`articles`); each is encoded (BOS first with add_bos) and
+every token of it is scored, the first from a prefix token (BOS, else EOS), in back-to-back
+windows whose last is given the full context;
+    word_ppl = exp(Σ NLL / Σ words),  words of an article = len(re.split(r"\s+", article))
+    byte_ppl = exp(Σ NLL / Σ UTF-8 bytes of the articles), bits_per_byte = log2(byte_ppl)
+Megatron: the whole text is one token stream (BOS first with add_bos); windows as configured,
+the last one padded; "adjusted perplexity"
+    word_ppl = exp(Σ NLL / (len(text.strip().split(" ")) - 1))
+which counts each line break as a word too; bytes are those of the whole text.
 """
 
 from __future__ import annotations
 
+import logging
+import math
 import re
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
 from engine.data.tokenizer import Tokenizer
+from engine.errors import InputError
 from engine.evaluate.inputs import read_text
-from engine.evaluate.ppl import perplexity, window_requests
-from engine.evaluate.scoring import NLL, SCORED, Scorer
+from engine.evaluate.ppl import document_nll, perplexity
+from engine.evaluate.scoring import Scorer
+
+log = logging.getLogger(__name__)
 
 # Megatron-LM tasks/zeroshot_gpt/detokenizer.py `wikitext_detokenizer`, step by step.
 _REPLACE_1 = [("s '", "s'")]
@@ -49,26 +59,89 @@ def detokenize(text: str) -> str:
     return text
 
 
-def count_words(text: str) -> int:
-    return len(text.split())
+def _is_article_title(line: str) -> bool:
+    """An article's first line, " = Title = ", not a section's " = = Title = = "."""
+    squeezed = line.replace("= = =", "===").replace("= =", "==").strip()
+    return squeezed.startswith("= ") and squeezed.endswith(" =")
+
+
+def articles(text: str) -> list[str]:
+    """The articles of a WikiText release text, as EleutherAI/wikitext_document_level builds
+    them (lm-eval's documents): lines split on "\n", a new article at each title line, lines
+    joined with "\n"; blank text before the first title is dropped."""
+    found, lines = [], []
+    for line in text.split("\n"):
+        if _is_article_title(line):
+            if "\n".join(lines).strip():
+                found.append("\n".join(lines))
+            lines = []
+        lines.append(line)
+    return found + ["\n".join(lines)]
+
+
+@dataclass
+class Corpus:
+    """What one convention scores: token documents (their first token only conditions), and the
+    word and byte counts their NLL is divided by."""
+
+    tokens: list[np.ndarray]
+    words: int
+    bytes: int
+    align_last: bool
+
+
+def documents(text: str, convention: str, tokenizer: Tokenizer, bos_id: int | None,
+              detokenize_text: bool, limit: int | None = None) -> Corpus:
+    """The token documents of `text` under the convention (lm-eval: the first `limit` articles;
+    megatron: the whole text, never cut)."""
+    prepare = detokenize if detokenize_text else (lambda t: t)
+    bos = [bos_id] if bos_id is not None else []
+    if convention == "megatron":
+        (ids,) = tokenizer.encode([prepare(text)])
+        return Corpus([np.array(bos + list(ids), dtype=np.int64)],
+                         len(text.strip().split(" ")) - 1, len(text.encode()), False)
+    pages = articles(text)[:limit]
+    prefix = [tokenizer.bos_id if tokenizer.bos_id is not None else tokenizer.eod_id]
+    if prefix == [None]:
+        raise InputError("the lm-eval convention predicts each article's first token from BOS "
+                         "or EOS: the tokenizer has neither")
+    ids = tokenizer.encode([prepare(page) for page in pages])
+    return Corpus([np.array(prefix + bos + list(d), dtype=np.int64) for d in ids],
+                     sum(len(re.split(r"\s+", page)) for page in pages),
+                     sum(len(page.encode()) for page in pages), True)
+
+
+def _looks_joined(text: str) -> bool:
+    """Release lines all start with a space (blank ones are " "); rows joined with blank lines
+    (the Hugging Face `wikitext` rows, "\n\n".join) have empty lines instead."""
+    lines = text.split("\n")
+    return sum(not line for line in lines) > len(lines) // 4
 
 
 def evaluate(scorer: Scorer, path: str, tokenizer: Tokenizer, bos_id: int | None,
-             settings: list[tuple[int, int]], detokenize_text: bool) -> list[dict]:
-    """One record per (length, stride): word and token perplexity of the whole file."""
-    original = read_text(path)
-    text = detokenize(original) if detokenize_text else original
-    prefix = [bos_id] if bos_id is not None else []
-    doc = np.array(prefix + list(tokenizer.encode([text])[0]), dtype=np.int64)
-    words = count_words(original)
+             settings: list[tuple[int, int]], detokenize_text: bool, convention: str,
+             limit: int | None = None) -> list[dict]:
+    """One record per (length, stride): word, byte and token perplexity of the text."""
+    text = read_text(path)
+    if not text.strip():
+        raise InputError(f"{path}: no text")
+    if _looks_joined(text):
+        log.warning("%s: many empty lines: is this the release text (wiki.test.raw)? Rows joined "
+                    "with blank lines score extra newline tokens", path)
+    docs = documents(text, convention, tokenizer, bos_id, detokenize_text, limit)
+    tokens = sum(len(d) - 1 for d in docs.tokens)
     records = []
     for length, stride in settings:
-        results = scorer.score_all(window_requests([doc], length, stride),
-                                   desc=f"wikitext {length}:{stride}")
-        nll, tokens = float(results[:, NLL].sum()), int(results[:, SCORED].sum())
-        records.append({"suite": "wikitext", "dataset": Path(path).name, "path": str(path),
+        nll_per_doc, n_windows = document_nll(scorer, docs.tokens, length, stride,
+                                              docs.align_last, f"wikitext {length}:{stride}")
+        nll = float(nll_per_doc.sum())
+        records.append({"suite": "wikitext", "convention": convention,
+                        "dataset": Path(path).name, "path": str(path),
                         "seq_length": length, "stride": stride, "detokenized": detokenize_text,
-                        "words": words, "tokens": tokens, "nll_sum": nll,
-                        "word_ppl": perplexity(nll, words),
+                        "documents": len(docs.tokens), "windows": n_windows,
+                        "words": docs.words, "bytes": docs.bytes, "tokens": tokens,
+                        "nll_sum": nll, "word_ppl": perplexity(nll, docs.words),
+                        "byte_ppl": perplexity(nll, docs.bytes),
+                        "bits_per_byte": nll / docs.bytes / math.log(2),
                         "token_ppl": perplexity(nll, tokens)})
     return records
