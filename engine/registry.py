@@ -63,6 +63,7 @@ def _load(ref: str) -> Any:
     return getattr(importlib.import_module(module), name)
 
 
+TRAINING_SIZE = ("iterations", "tokens", "parameters")  # what a trained checkpoint is, not a score
 _TABLE = [
     Stage("generate-corpus", "engine.data.synthetic:Spec", "engine.data.synthetic:run",
           "corpus", "output", ("shards", "documents")),
@@ -74,9 +75,9 @@ _TABLE = [
     Stage("convert", "engine.convert.spec:Spec", "engine.convert.stage:run",  # kind "checkpoint"
           "hf-model", "save_dir", ("model", "token_ids", "parameters")),  # for a native target
     Stage("pretrain", "engine.train.spec:PretrainSpec", "engine.train.pretrain:run",
-          "checkpoint", "checkpoint.save", ("iterations", "tokens", "parameters")),
+          "checkpoint", "checkpoint.save", TRAINING_SIZE),
     Stage("finetune", "engine.train.spec:FinetuneSpec", "engine.train.finetune:run",
-          "checkpoint", "checkpoint.save", ("iterations", "tokens", "parameters")),
+          "checkpoint", "checkpoint.save", TRAINING_SIZE),
     Stage("evaluate", "engine.evaluate.spec:Spec", "engine.evaluate.stage:run",
           "eval-report", "output"),
 ]

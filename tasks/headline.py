@@ -8,10 +8,10 @@ from __future__ import annotations
 import math
 from typing import Any
 
+from engine.registry import TRAINING_SIZE
 from tasks.artifact import ArtifactRef
 
 TRAINING = ("loss", "valid_loss", "valid_ppl")
-TRAINING_SIZE = ("iterations", "tokens", "parameters")  # describe the run: params, not metrics
 
 
 def headline(refs: dict[str, ArtifactRef]) -> dict[str, float]:
