@@ -155,9 +155,11 @@ class Job:
         if not pending or self._pending_told:
             self._pending_told = pending
             return []
-        self._pending_told = True
         reason = subprocess.run(["squeue", "-h", "-j", self.id, "-o", "%r"], capture_output=True,
-                                text=True, timeout=30).stdout.strip() or "unknown"
+                                text=True, timeout=30).stdout.strip()
+        if reason in ("", "None"):  # not yet looked at by the scheduler: nothing to tell yet
+            return []
+        self._pending_told = True
         return [f"[cluster] job {self.id} is waiting in Slurm's queue (reason: {reason})"]
 
     def _lost_news(self) -> list[str]:
