@@ -13,7 +13,8 @@ from conftest import random_hf_model, shared
 from engine.data.tokenizer import load_tokenizer
 from engine.generate.generator import Generator
 from engine.generate.params import SamplingParams
-from engine.generate.sampling import RowSettings, apply_penalties, filter_logits
+from engine.generate.sampling import (RowSettings, apply_penalties, exponential_noise,
+                                     filter_logits)
 from engine.model.hf_names import load_hf_state_dict
 from engine.model.llama import LlamaModel
 from tests.test_model import config
@@ -207,3 +208,19 @@ def test_bad_prompts_are_refused(stories, tokenizer):
         generator.generate([[1, 600]], GREEDY)
     with pytest.raises(ValueError, match="2 prompts but 1 sampling params"):
         generator.generate([[1], [1]], [GREEDY])
+
+
+def test_counter_based_draws_follow_the_distribution():
+    probs = torch.tensor([0.5, 0.25, 0.15, 0.07, 0.03])
+    seeds = torch.arange(40_000, dtype=torch.long) * 7919 + 12345
+    picks = [(probs / exponential_noise(seeds, step, 5)).argmax(dim=-1) for step in (0, 1)]
+    for drawn in picks:
+        frequency = torch.bincount(drawn, minlength=5).double() / len(seeds)
+        sigma = (probs * (1 - probs) / len(seeds)).sqrt()
+        assert ((frequency - probs).abs() < 4.5 * sigma).all(), frequency
+    # two steps of one row are independent draws: both pick token 0 with probability 1/4
+    both = ((picks[0] == 0) & (picks[1] == 0)).double().mean().item()
+    assert abs(both - 0.25) < 4.5 * (0.25 * 0.75 / len(seeds)) ** 0.5
+    # a pure function of (seed, step, token)
+    again = exponential_noise(seeds[:5], 1, 5)
+    assert torch.equal(again, exponential_noise(seeds, 1, 5)[:5])

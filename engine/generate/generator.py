@@ -141,7 +141,7 @@ class Generator:
         with kv_cache(self.model, step, slots) as caches:
             logits = self._logits(ids, positions)
             for t in range(slots - length):
-                tokens = choose(logits, seen, counts, settings)
+                tokens = choose(logits, seen, counts, settings, t)
                 self._record(rows, live, tokens, logits)
                 seen[torch.arange(len(live)), tokens] = True
                 counts[torch.arange(len(live)), tokens] += 1

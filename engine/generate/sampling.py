@@ -1,7 +1,8 @@
 """One decoding step's choice of the next token for every row, as vLLM's sampler makes it (see
 engine/generate/params.py for the order). Parameters are per row, so rows with different
-settings share a batch; random draws come from each row's own generator, so a row's tokens do
-not depend on its neighbours."""
+settings share a batch. Random draws are a pure function of (the row's seed, the step, the token):
+counter-based noise computed for the whole batch at once, so a row's tokens do not depend on its
+neighbours, and no per-row generator is called each step."""
 
 from __future__ import annotations
 
@@ -19,9 +20,36 @@ def row_seed(seed: int, sample: int) -> int:
     return int.from_bytes(digest[:8], "little") >> 1
 
 
+_M32 = 0xFFFFFFFF
+
+
+def _times(x: torch.Tensor, c: int) -> torch.Tensor:
+    """x × c mod 2**32 for x < 2**32 in int64, in two 16-bit halves of c so nothing overflows."""
+    return (x * (c & 0xFFFF) + (((x * (c >> 16)) & 0xFFFF) << 16)) & _M32
+
+
+def _mix(x: torch.Tensor) -> torch.Tensor:
+    """MurmurHash3's 32-bit finaliser: every input bit flips each output bit with probability
+    about 1/2."""
+    x = x ^ (x >> 16)
+    x = _times(x, 0x85EBCA6B)
+    x = x ^ (x >> 13)
+    x = _times(x, 0xC2B2AE35)
+    return x ^ (x >> 16)
+
+
+def exponential_noise(seeds: torch.Tensor, step: int, vocab: int) -> torch.Tensor:
+    """Exp(1) noise [batch, vocab] as a function of (seed, step, token) alone."""
+    key = _mix((seeds & _M32) ^ _mix((seeds >> 32) ^ _mix(torch.full_like(seeds, step & _M32))))
+    tokens = torch.arange(vocab, device=seeds.device)
+    bits = _mix(_mix(key[:, None] ^ _times(tokens, 0x9E3779B9)[None]) ^ key[:, None])
+    return -torch.log((bits.double() + 0.5) / 2**32).float()
+
+
 @dataclass
 class RowSettings:
-    """The sampling parameters of a batch's rows as tensors [batch] on the device."""
+    """The sampling parameters of a batch's rows as tensors [batch] on the device, and which
+    filters any row uses (so that a batch without top-k/top-p never sorts its vocabulary)."""
 
     temperature: torch.Tensor
     top_p: torch.Tensor
@@ -30,29 +58,45 @@ class RowSettings:
     repetition: torch.Tensor
     frequency: torch.Tensor
     presence: torch.Tensor
-    generators: list[torch.Generator | None]
+    seeds: torch.Tensor
+    random: torch.Tensor  # rows that draw (temperature > 0)
+    sorts: bool
+    uses_min_p: bool
 
     @classmethod
     def of(cls, params: list[SamplingParams], seeds: list[int],
            device: torch.device) -> RowSettings:
-        def column(values: list[float], dtype=torch.float32) -> torch.Tensor:
+        def column(values: list, dtype=torch.float32) -> torch.Tensor:
             return torch.tensor(values, dtype=dtype, device=device)
 
-        generators = [None if p.temperature == 0
-                      else torch.Generator(device=device).manual_seed(seed)
-                      for p, seed in zip(params, seeds)]
         return cls(column([p.temperature for p in params]), column([p.top_p for p in params]),
                    column([max(p.top_k, 0) for p in params], torch.long),
                    column([p.min_p for p in params]),
                    column([p.repetition_penalty for p in params]),
                    column([p.frequency_penalty for p in params]),
-                   column([p.presence_penalty for p in params]), generators)
+                   column([p.presence_penalty for p in params]),
+                   column(seeds, torch.long),
+                   column([i for i, p in enumerate(params) if p.temperature > 0], torch.long),
+                   any(p.top_k > 0 or p.top_p < 1 for p in params),
+                   any(p.min_p > 0 for p in params))
+
+    def drawing(self) -> RowSettings:
+        """The settings of the rows that draw."""
+        r = self.random
+        return RowSettings(self.temperature[r], self.top_p[r], self.top_k[r], self.min_p[r],
+                           self.repetition[r], self.frequency[r], self.presence[r],
+                           self.seeds[r], torch.arange(len(r), device=r.device), self.sorts,
+                           self.uses_min_p)
 
     def keep(self, rows: torch.Tensor) -> RowSettings:
-        kept = rows.tolist()
+        """The settings of the listed rows, in that order."""
+        position = torch.full((len(self.seeds),), -1, dtype=torch.long, device=rows.device)
+        position[rows] = torch.arange(len(rows), device=rows.device)
+        random = position[self.random]
         return RowSettings(self.temperature[rows], self.top_p[rows], self.top_k[rows],
                            self.min_p[rows], self.repetition[rows], self.frequency[rows],
-                           self.presence[rows], [self.generators[i] for i in kept])
+                           self.presence[rows], self.seeds[rows], random[random >= 0],
+                           self.sorts, self.uses_min_p)
 
 
 def apply_penalties(logits: torch.Tensor, seen: torch.Tensor, output_counts: torch.Tensor,
@@ -69,9 +113,12 @@ def filter_logits(logits: torch.Tensor, rows: RowSettings) -> torch.Tensor:
     """Temperature, then min-p, top-k and top-p: the tokens a random draw may pick keep their
     (tempered) logits, the others become -inf."""
     logits = logits / rows.temperature.clamp_min(1e-6)[:, None]
-    probs = logits.softmax(dim=-1)
-    too_unlikely = probs < rows.min_p[:, None] * probs.amax(dim=-1, keepdim=True)
-    logits = logits.masked_fill(too_unlikely, float("-inf"))
+    if rows.uses_min_p:
+        probs = logits.softmax(dim=-1)
+        too_unlikely = probs < rows.min_p[:, None] * probs.amax(dim=-1, keepdim=True)
+        logits = logits.masked_fill(too_unlikely, float("-inf"))
+    if not rows.sorts:
+        return logits
     ordered, order = logits.sort(dim=-1)  # ascending, as vLLM's top-k/top-p
     vocab = logits.shape[-1]
     k = torch.where(rows.top_k > 0, rows.top_k, vocab).clamp(max=vocab)
@@ -85,15 +132,14 @@ def filter_logits(logits: torch.Tensor, rows: RowSettings) -> torch.Tensor:
 
 
 def choose(logits: torch.Tensor, seen: torch.Tensor, output_counts: torch.Tensor,
-           rows: RowSettings) -> torch.Tensor:
+           rows: RowSettings, step: int) -> torch.Tensor:
     """The next token of every row [batch]: argmax where temperature is 0, else a draw."""
     logits = apply_penalties(logits.float(), seen, output_counts, rows)
     tokens = logits.argmax(dim=-1)
-    random = [i for i, g in enumerate(rows.generators) if g is not None]
-    if random:
-        probs = filter_logits(logits[random], rows.keep(torch.tensor(random))).softmax(dim=-1)
+    if len(rows.random):
+        drawing = rows.drawing()
+        probs = filter_logits(logits[rows.random], drawing).softmax(dim=-1)
         # probs / q with q ~ Exp(1) picks token t with probability probs[t] (vLLM's draw)
-        q = torch.stack([torch.empty_like(probs[0]).exponential_(generator=rows.generators[i])
-                         for i in random])
-        tokens[random] = (probs / q).argmax(dim=-1)
+        q = exponential_noise(drawing.seeds, step, probs.shape[-1])
+        tokens[rows.random] = (probs / q).argmax(dim=-1)
     return tokens
