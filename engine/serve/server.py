@@ -5,14 +5,16 @@ from __future__ import annotations
 
 import logging
 import os
+import signal
+from contextlib import contextmanager
 from pathlib import Path
 
 import torch
 import uvicorn
 from fastapi import FastAPI
 
-from engine.generate.generator import Generator
 from engine.evaluate.source import load_source
+from engine.generate.generator import Generator
 from engine.serve.app import create_app
 from engine.serve.batcher import Batcher
 from engine.serve.limits import Limits
@@ -30,7 +32,22 @@ def run(spec: Spec) -> None:
                     "(set %s)", spec.host, TOKEN_ENV)
     app = build_app(spec, token)
     level = logging.getLevelName(logging.getLogger().getEffectiveLevel()).lower()
-    uvicorn.run(app, host=spec.host, port=spec.port, log_level=level)
+    with _stopping_is_the_end():
+        uvicorn.run(app, host=spec.host, port=spec.port, log_level=level)
+
+
+@contextmanager
+def _stopping_is_the_end():
+    """uvicorn stops gracefully on SIGINT/SIGTERM, then raises the signal again for the handlers
+    it replaced: the CLI's, which would report a stage stopped midway (exit 75, "run again to
+    resume"). A server stopped is done, so those are held off until uvicorn returns (exit 0)."""
+    previous = {sig: signal.signal(sig, lambda *_: None) for sig in (signal.SIGINT,
+                                                                     signal.SIGTERM)}
+    try:
+        yield
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
 
 
 def build_app(spec: Spec, token: str | None) -> FastAPI:
@@ -41,8 +58,8 @@ def build_app(spec: Spec, token: str | None) -> FastAPI:
     model = source.model.to(device=device, dtype=_dtype(spec.dtype, device)).eval()
     tokenizer = source.tokenizer()
     generator = Generator(model, tokenizer, device, max_batch_tokens=spec.max_batch_tokens,
-                          progress=False)
-    context = source.cfg.max_position_embeddings
+                          max_batch=spec.max_batch, progress=False)
+    context = generator.context
     limits = Limits(max_prompts=spec.max_prompts,
                     max_prompt_tokens=min(spec.max_prompt_tokens or context, context),
                     max_tokens=spec.max_tokens, max_batch=spec.max_batch, context=context,

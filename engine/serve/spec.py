@@ -37,8 +37,8 @@ class Spec(StageSpec):
     max_tokens: int = Field(1024, ge=1, description="new tokens per completion at most")
     max_batch: int = Field(64, ge=1, description="sequences (prompts × n) per generator call: "
                            "queued requests are batched up to this; a bigger request is refused")
-    max_batch_tokens: int = Field(16384, ge=1, description="the generator's tokens per forward "
-                                  "batch")
+    max_batch_tokens: int = Field(1 << 18, ge=1, description="the generator's budget per "
+                                  "batch: rows × (longest prompt + new tokens)")
     device: Literal["auto", "cpu", "cuda"] = Field("auto", description="auto: cuda when "
                                                    "available")
     dtype: Literal["auto", "bf16", "fp16", "fp32"] = Field(
