@@ -84,7 +84,8 @@ def server(source, generator, calls):
         return generator.generate(prompts, params)
 
     limits = Limits(max_prompts=4, max_prompt_tokens=64, max_tokens=32, max_batch=8,
-                    context=generator.context, vocab_size=source.cfg.vocab_size)
+                    context=generator.context, vocab_size=source.cfg.vocab_size,
+                    max_request_bytes=4096)
     app = create_app(Batcher(generate, limits.max_batch), generator.tokenizer, limits,
                      "stories260K", TOKEN)
     with serving(app) as url, httpx.Client(base_url=url, headers=AUTH, timeout=60) as client:
@@ -214,6 +215,20 @@ def test_bad_requests_get_4xx_with_a_message(server, method, path, body, status,
     answer = server.request(method, path, json=body)
     assert answer.status_code == status, answer.text
     assert message in answer.json()["error"]["message"]
+
+
+def test_a_body_over_the_limit_is_a_413(server):
+    big = {"prompts": ["Lily " * 1000]}
+    assert server.put("/api", json=big).status_code == 413
+
+    def chunks():  # no Content-Length: refused once the limit passes
+        yield b'{"prompts": ["'
+        for _ in range(10):
+            yield b"Lily " * 100
+        yield b'"]}'
+
+    answer = server.put("/api", content=chunks(), headers={"content-type": "application/json"})
+    assert answer.status_code == 413 and "4096 bytes" in answer.json()["error"]["message"]
 
 
 def test_malformed_json_is_a_400(server):

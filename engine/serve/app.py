@@ -16,6 +16,7 @@ from starlette.exceptions import HTTPException
 
 from engine.data.tokenizer import Tokenizer
 from engine.serve.batcher import Batcher
+from engine.serve.body_limit import BodyLimit
 from engine.serve.errors import ApiError
 from engine.serve.limits import Limits
 from engine.serve.megatron_api import MegatronRequest, megatron_response
@@ -36,7 +37,8 @@ def create_app(batcher: Batcher, tokenizer: Tokenizer, limits: Limits, model: st
 
     app = FastAPI(title="lmforge serve", lifespan=lifespan)
     _add_error_handlers(app)
-    if token is not None:
+    app.add_middleware(BodyLimit, limit=limits.max_request_bytes)
+    if token is not None:  # added last: the outermost, a stranger's request goes no further
         app.middleware("http")(_bearer(token))
     created = int(time.time())
 

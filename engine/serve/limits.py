@@ -20,6 +20,7 @@ class Limits:
     max_batch: int
     context: int     # the model's positions
     vocab_size: int  # the model's
+    max_request_bytes: int = 8 << 20
 
     def check_count(self, count: int, param: str) -> None:
         """Before tokenizing: an oversized request costs nothing."""

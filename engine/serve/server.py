@@ -63,7 +63,7 @@ def build_app(spec: Spec, token: str | None) -> FastAPI:
     limits = Limits(max_prompts=spec.max_prompts,
                     max_prompt_tokens=min(spec.max_prompt_tokens or context, context),
                     max_tokens=spec.max_tokens, max_batch=spec.max_batch, context=context,
-                    vocab_size=source.cfg.vocab_size)
+                    vocab_size=source.cfg.vocab_size, max_request_bytes=spec.max_request_bytes)
     log.info("serving %s on %s (%s), context %d", source.path, device, spec.dtype, context)
     return create_app(Batcher(generator.generate, spec.max_batch), tokenizer, limits,
                       spec.model_name or Path(spec.load_dir).resolve().name, token)

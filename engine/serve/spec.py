@@ -35,6 +35,8 @@ class Spec(StageSpec):
     max_prompt_tokens: int | None = Field(None, ge=1, description="tokens per prompt at most; "
                                           "default: the model's context")
     max_tokens: int = Field(1024, ge=1, description="new tokens per completion at most")
+    max_request_bytes: int = Field(8 << 20, ge=1, description="request body size at most "
+                                   "(refused before it is parsed)")
     max_batch: int = Field(64, ge=1, description="sequences (prompts × n) per generator call: "
                            "queued requests are batched up to this; a bigger request is refused")
     max_batch_tokens: int = Field(1 << 18, ge=1, description="the generator's budget per "
