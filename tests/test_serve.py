@@ -107,7 +107,7 @@ def test_megatron_api_greedy_equals_the_generator(server, generator):
     for i, ((c,), prompt) in enumerate(zip(expected, prompts)):
         assert body["text"][i] == TEXTS[i] + c.text
         assert body["tokens"][i] == prompt + c.token_ids
-        assert len(body["segments"][i]) == len(body["tokens"][i])
+        assert "".join(body["segments"][i]) == body["text"][i]  # each token's own text
     assert body["logprobs"] is None
 
     answer = server.put("/api", json={"prompts": [TEXTS[2]], "tokens_to_generate": 8,
@@ -143,7 +143,9 @@ def test_openai_completions_greedy_equals_the_generator(server, generator):
         assert choice["index"] == i and choice["text"] == c.text
         assert choice["finish_reason"] == c.finish_reason
         assert choice["logprobs"]["token_logprobs"] == pytest.approx(c.logprobs)
-        assert len(choice["logprobs"]["tokens"]) == len(c.token_ids)
+        tokens = choice["logprobs"]["tokens"]
+        assert len(tokens) == len(c.token_ids) and "".join(tokens).startswith(c.text)
+        assert choice["logprobs"]["text_offset"][-1] == len("".join(tokens[:-1]))
     generated = sum(len(c.token_ids) for (c,) in expected)
     assert body["usage"] == {"prompt_tokens": sum(map(len, prompts)),
                              "completion_tokens": generated,

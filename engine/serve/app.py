@@ -4,7 +4,6 @@ a JSON error body. Generation itself goes through the Batcher, never on the even
 from __future__ import annotations
 
 import hmac
-import logging
 import time
 from contextlib import asynccontextmanager
 
@@ -21,8 +20,6 @@ from engine.serve.errors import ApiError
 from engine.serve.limits import Limits
 from engine.serve.megatron_api import MegatronRequest, megatron_response
 from engine.serve.openai_api import CompletionRequest, completion_response, models_response
-
-log = logging.getLogger(__name__)
 
 
 def create_app(batcher: Batcher, tokenizer: Tokenizer, limits: Limits, model: str,
@@ -48,8 +45,6 @@ def create_app(batcher: Batcher, tokenizer: Tokenizer, limits: Limits, model: st
         prompts = request.token_ids(tokenizer)
         params = [request.sampling()] * len(prompts)
         limits.check(prompts, params, "prompts")
-        if not request.no_log:
-            log.info("PUT /api: %d prompts, %d new tokens", len(prompts), params[0].max_tokens)
         results = await batcher.submit(prompts, params)
         return megatron_response(request, prompts, results, tokenizer)
 

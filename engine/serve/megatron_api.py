@@ -15,6 +15,7 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from engine.data.tokenizer import Tokenizer
 from engine.generate.params import Completion, SamplingParams
+from engine.serve.segments import token_texts
 
 # Megatron's own messages for the fields it renamed
 _RENAMED = {"max_len": "max_len is no longer used.  Replace with tokens_to_generate",
@@ -39,7 +40,7 @@ class MegatronRequest(BaseModel):
     stop_on_double_eol: bool = False
     prevent_newline_after_colon: bool = False
     random_seed: int = Field(-1, ge=-1, description="-1: drawn")
-    no_log: bool = False
+    no_log: bool = False  # accepted: no request's content is logged here anyway
     beam_width: int | None = None
     stop_token: int | None = Field(None, ge=0)
     length_penalty: float = 1.0
@@ -90,6 +91,6 @@ def megatron_response(request: MegatronRequest, prompts: list[list[int]],
     done = [completions[0] for completions in results]
     tokens = [ids + c.token_ids for ids, c in zip(prompts, done)]
     return {"text": [p + c.text for p, c in zip(request.prompts, done)],
-            "segments": [[tokenizer.decode([t]) for t in ids] for ids in tokens],
+            "segments": [token_texts(tokenizer, [], ids) for ids in tokens],
             "tokens": tokens,
             "logprobs": [c.logprobs for c in done] if request.logprobs else None}

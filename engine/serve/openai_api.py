@@ -17,6 +17,7 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from engine.data.tokenizer import Tokenizer
 from engine.generate.params import Completion, SamplingParams
+from engine.serve.segments import token_texts
 
 Prompt = str | list[str] | list[int] | list[list[int]]
 _SAMPLING = ("n", "temperature", "top_p", "top_k", "min_p", "repetition_penalty",
@@ -88,7 +89,8 @@ def completion_response(request: CompletionRequest, model: str, prompts: list[li
     echoed = [_echo(p, ids, tokenizer) if request.echo else ""
               for p, ids in zip(request.prompts(), prompts)]
     choices = [_choice(i * request.n + j, echoed[i] + c.text,
-                       c, request.logprobs is not None, tokenizer)
+                       _logprobs(c, prompts[i], tokenizer) if request.logprobs is not None
+                       else None, c)
                for i, completions in enumerate(results) for j, c in enumerate(completions)]
     generated = sum(len(c.token_ids) for completions in results for c in completions)
     used = sum(map(len, prompts))
@@ -102,21 +104,18 @@ def _echo(prompt: str | list[int], ids: list[int], tokenizer: Tokenizer) -> str:
     return prompt if isinstance(prompt, str) else tokenizer.decode(ids)
 
 
-def _choice(index: int, text: str, completion: Completion, logprobs: bool,
-            tokenizer: Tokenizer) -> dict:
-    return {"index": index, "text": text,
-            "logprobs": _logprobs(completion, tokenizer) if logprobs else None,
+def _choice(index: int, text: str, logprobs: dict | None, completion: Completion) -> dict:
+    return {"index": index, "text": text, "logprobs": logprobs,
             "finish_reason": completion.finish_reason, "stop_reason": completion.stop_reason}
 
 
-def _logprobs(completion: Completion, tokenizer: Tokenizer) -> dict:
-    """Each token as the text it adds to those before it (a lone token's decoding drops
-    SentencePiece's leading space), and where that text starts."""
-    ids = completion.token_ids
-    decoded = [tokenizer.decode(ids[:k]) for k in range(len(ids) + 1)]
-    return {"tokens": [after[len(before):] for before, after in zip(decoded, decoded[1:])],
-            "token_logprobs": completion.logprobs, "top_logprobs": None,
-            "text_offset": [len(before) for before in decoded[:-1]]}
+def _logprobs(completion: Completion, prompt: list[int], tokenizer: Tokenizer) -> dict:
+    """OpenAI's shape: each generated token as text, its log-probability, and where its text
+    starts in the completion's."""
+    tokens = token_texts(tokenizer, prompt, completion.token_ids)
+    offsets = [sum(map(len, tokens[:k])) for k in range(len(tokens))]
+    return {"tokens": tokens, "token_logprobs": completion.logprobs, "top_logprobs": None,
+            "text_offset": offsets}
 
 
 def models_response(model: str, context: int, created: int) -> dict:
