@@ -24,7 +24,7 @@ import uvicorn
 from conftest import shared
 from engine.evaluate.source import load_source
 from engine.generate.generator import Generator
-from engine.generate.params import SamplingParams
+from engine.generate.params import Completion, SamplingParams
 from engine.serve.app import create_app
 from engine.serve.batcher import Batcher
 from engine.serve.limits import Limits
@@ -167,7 +167,7 @@ def test_openai_token_prompts_n_echo_and_models(server, generator):
 
 def test_concurrent_requests_are_batched_and_answered_each(server, generator, calls):
     tok = generator.tokenizer
-    lengths = [3, 9, 5, 7, 4, 8]
+    lengths = [32, 19, 25, 17, 30, 21]  # long enough that requests queue behind a call
     texts = [TEXTS[i % len(TEXTS)] for i in range(len(lengths))]
 
     async def ask_all():
@@ -282,3 +282,39 @@ def test_the_command_serves_until_stopped():
         proc.send_signal(signal.SIGTERM)
         out, _ = proc.communicate(timeout=30)
     assert proc.returncode == 0, out
+
+
+def test_the_batcher_fills_calls_in_order_and_shares_failures():
+    """Queued requests join one call while their sequences fit; one that does not opens the next
+    call (order kept); a failed call fails each of its requests, and the worker goes on."""
+    calls, release = [], threading.Event()
+
+    def generate(prompts, params):
+        calls.append([p[0] for p in prompts])
+        if len(calls) == 1:
+            release.wait(10)  # the first call runs while the others queue
+        if prompts[0][0] == "boom":
+            raise RuntimeError("boom")
+        return [[Completion(list(p), p[0], "length")] * q.n for p, q in zip(prompts, params)]
+
+    async def scenario():
+        batcher = Batcher(generate, max_batch=3)
+        batcher.start()
+        one, two = SamplingParams(), SamplingParams(n=2)
+        first = asyncio.ensure_future(batcher.submit([["a"]], [one]))
+        while not calls:
+            await asyncio.sleep(0.01)
+        rest = [asyncio.ensure_future(batcher.submit(*job)) for job in
+                [([["b"]], [two]), ([["c"]], [two]), ([["d"]], [one])]]
+        await asyncio.sleep(0.05)
+        release.set()
+        answers = await asyncio.gather(first, *rest)
+        failed = await asyncio.gather(batcher.submit([["boom"]], [one]), return_exceptions=True)
+        after = await batcher.submit([["e"]], [one])
+        await asyncio.to_thread(batcher.stop)
+        return answers, failed, after
+
+    answers, failed, after = asyncio.run(scenario())
+    assert calls == [["a"], ["b"], ["c", "d"], ["boom"], ["e"]]
+    assert [[c.text for c in a[0]] for a in answers] == [["a"], ["b", "b"], ["c", "c"], ["d"]]
+    assert isinstance(failed[0], RuntimeError) and after[0][0].text == "e"
