@@ -51,10 +51,9 @@ def _stopping_is_the_end():
 
 
 def build_app(spec: Spec, token: str | None) -> FastAPI:
-    """The app over the spec's model, ready for any ASGI server (the tests run it in a thread)."""
+    """The app over the spec's model, its limits and token."""
     source = load_source(spec.load_dir, spec.tokenizer)
-    device = torch.device("cuda" if spec.device == "auto" and torch.cuda.is_available()
-                          else "cpu" if spec.device == "auto" else spec.device)
+    device = _device(spec.device)
     model = source.model.to(device=device, dtype=_dtype(spec.dtype, device)).eval()
     tokenizer = source.tokenizer()
     generator = Generator(model, tokenizer, device, max_batch_tokens=spec.max_batch_tokens,
@@ -67,6 +66,12 @@ def build_app(spec: Spec, token: str | None) -> FastAPI:
     log.info("serving %s on %s (%s), context %d", source.path, device, spec.dtype, context)
     return create_app(Batcher(generator.generate, spec.max_batch), tokenizer, limits,
                       spec.model_name or Path(spec.load_dir).resolve().name, token)
+
+
+def _device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(name)
 
 
 def _dtype(name: str, device: torch.device) -> torch.dtype:
