@@ -127,6 +127,23 @@ def test_megatron_api_seeded_sampling_and_stop_on_eol(server):
     assert all("\n" not in text for text in first["text"])
 
 
+def test_megatron_api_empty_prompt_with_bos(server, generator):
+    body = server.put("/api", json={"prompts": [""], "add_BOS": True, "tokens_to_generate": 6,
+                                    "top_k": 1}).json()
+    (c,), = generator.generate([[generator.tokenizer.bos_id]],
+                               SamplingParams(temperature=0, max_tokens=6))
+    assert body["tokens"][0] == [generator.tokenizer.bos_id] + c.token_ids
+    assert body["text"][0] == c.text
+
+
+def test_openai_stop_strings(server):
+    body = server.post("/v1/completions", json={"prompt": TEXTS[0], "max_tokens": 32,
+                                                "temperature": 0, "stop": ["."]}).json()
+    (choice,) = body["choices"]
+    assert choice["finish_reason"] == "stop" and choice["stop_reason"] == "."
+    assert choice["text"] == ", there was a little girl named Lily"
+
+
 def test_openai_completions_greedy_equals_the_generator(server, generator):
     tok = generator.tokenizer
     answer = server.post("/v1/completions", json={
