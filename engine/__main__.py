@@ -19,7 +19,7 @@ import threading
 from engine.atomic import out_of_space
 from engine.errors import LmforgeError, Preempted
 from engine.metrics import system_metrics
-from engine.registry import STAGES, Stage, get_stage
+from engine.registry import COMMANDS, STAGES, Command, get_stage
 from engine.spec import load_spec
 
 PROG = "python -m engine"
@@ -38,7 +38,7 @@ class _Parser(argparse.ArgumentParser):
         self.exit(2, "\n".join(lines) + "\n")
 
 
-def stage_parser(stage: Stage):
+def stage_parser(stage: Command):
     """The stage's parser (its spec's fields as flags, help from their descriptions) and the
     pydantic-settings source that turns parsed flags into spec values."""
     from pydantic_settings import CliSettingsSource
@@ -53,22 +53,29 @@ def stage_parser(stage: Stage):
     return parser, source
 
 
+def _listing(commands: dict[str, Command], width: int) -> str:
+    return "".join(textwrap.fill(command.doc, 100, initial_indent=f"  {name:<{width}}  ",
+                                 subsequent_indent=" " * (width + 4)) + "\n"
+                   for name, command in commands.items())
+
+
 def _usage() -> str:
-    width = max(map(len, STAGES))
-    listing = "".join(textwrap.fill(stage.doc, 100, initial_indent=f"  {name:<{width}}  ",
-                                    subsequent_indent=" " * (width + 4)) + "\n"
-                      for name, stage in STAGES.items())
+    width = max(map(len, [*STAGES, *COMMANDS]))
     return (f"usage: {PROG} STAGE [--config FILE] [--FIELD VALUE ...]\n       {PROG} STAGE "
-            f"--help\n\nRuns one lmforge stage on this node.\n\nstages:\n{listing}")
+            f"--help\n\nRuns one lmforge stage on this node.\n\nstages:\n"
+            f"{_listing(STAGES, width)}\ncommands (no artifact):\n{_listing(COMMANDS, width)}")
 
 
-def _stage_of(argv: list[str]) -> Stage:
-    """The stage named first; help or an error (naming the closest stage) otherwise."""
+def _stage_of(argv: list[str]) -> Command:
+    """The stage or command named first; help or an error (naming the closest stage)
+    otherwise."""
     if not argv or argv[0] in ("-h", "--help"):
         print(_usage(), end="")
         sys.exit(0 if argv else 2)
+    if argv[0] in COMMANDS:
+        return COMMANDS[argv[0]]
     if argv[0] not in STAGES:
-        close = difflib.get_close_matches(argv[0], STAGES, n=2)
+        close = difflib.get_close_matches(argv[0], [*STAGES, *COMMANDS], n=2)
         hint = f"; did you mean {' or '.join(close)}?" if close else ""
         print(f"{_usage()}\nerror: unknown stage {argv[0]!r}{hint}", file=sys.stderr)
         sys.exit(2)
@@ -109,7 +116,8 @@ def main(argv: list[str] | None = None) -> int:
         print("interrupted: no output was left under its final name", file=sys.stderr)
         return 130
     except Exception as exc:
-        full = out_of_space(exc, stage.output(spec)) if spec is not None else None
+        where = stage.output(spec) if spec is not None else None
+        full = out_of_space(exc, where) if where is not None else None
         if full is None:
             raise
         print(f"error: {full}", file=sys.stderr)
@@ -117,7 +125,7 @@ def main(argv: list[str] | None = None) -> int:
     finally:
         for sig, handler in previous.items():
             signal.signal(sig, handler)
-    if manifest is not None:  # ranks other than 0 of a distributed stage return None
+    if manifest is not None:  # commands and ranks other than 0 of a distributed stage: None
         print(manifest.model_dump_json(indent=2))
     return 0
 

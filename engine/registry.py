@@ -5,7 +5,8 @@ optionally, the manifest summary's keys that describe the artifact (a model's sh
 rather than measure it, so that tracking records them as parameters, not metrics.
 
 The CLI, cluster/, tasks/ and flows/ all go through it, so a new stage is one engine module plus
-one line here. Spec modules never import torch and work modules are imported only to run: listing
+one line here. A command (the server) is run by the CLI the same way but writes no artifact, so
+cluster/, tasks/ and flows/ never see it. Spec modules never import torch and work modules are imported only to run: listing
 stages, reading their help and checking specs stay fast, and the flow process never loads torch.
 """
 
@@ -17,13 +18,12 @@ from typing import Any, Callable
 
 
 @dataclass(frozen=True)
-class Stage:
+class Command:
+    """What the CLI runs: a spec (its flags) and `run(spec)`."""
+
     name: str
     spec_ref: str  # "module:Class"
     run_ref: str   # "module:function"
-    kind: str
-    output_field: str
-    settings: tuple[str, ...] = ()
 
     @property
     def spec(self) -> type:
@@ -37,6 +37,17 @@ class Stage:
     def doc(self) -> str:
         """What the stage does: its spec's docstring, whole."""
         return " ".join((self.spec.__doc__ or "").split())
+
+    def output(self, spec) -> str | None:
+        """Where the command writes: nowhere (a stage says where its artifact goes)."""
+        return None
+
+
+@dataclass(frozen=True)
+class Stage(Command):
+    kind: str
+    output_field: str
+    settings: tuple[str, ...] = ()
 
     def input_paths(self, spec) -> dict[str, str]:
         """What the stage reads for `spec`, by input name (the names of its fingerprints)."""
@@ -82,6 +93,9 @@ _TABLE = [
           "eval-report", "output"),
 ]
 STAGES: dict[str, Stage] = {stage.name: stage for stage in _TABLE}
+COMMANDS: dict[str, Command] = {
+    "serve": Command("serve", "engine.serve.spec:Spec", "engine.serve.server:run"),
+}
 
 
 def get_stage(name: str) -> Stage:

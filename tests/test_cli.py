@@ -13,7 +13,7 @@ import pytest
 from pydantic import BaseModel
 
 from engine.__main__ import main, stage_parser
-from engine.registry import STAGES, get_stage
+from engine.registry import COMMANDS, STAGES, get_stage
 from engine.spec import load_spec
 
 REPO = Path(__file__).resolve().parents[1]
@@ -39,12 +39,12 @@ def _flags(model: type[BaseModel], prefix: str = "") -> set[str]:
     return out
 
 
-@pytest.mark.parametrize("stage", STAGES)
+@pytest.mark.parametrize("stage", [*STAGES.values(), *COMMANDS.values()], ids=lambda s: s.name)
 def test_every_field_is_a_flag(stage):
-    parser, _ = stage_parser(get_stage(stage))
+    parser, _ = stage_parser(stage)
     known = {flag.removeprefix("--") for action in parser._actions
              for flag in action.option_strings}
-    assert _flags(get_stage(stage).spec) - known == set()
+    assert _flags(stage.spec) - known == set()
 
 
 def test_nested_flags_merge_over_the_spec_file(tmp_path):
@@ -98,15 +98,16 @@ def test_missing_input_named_by_file_line_and_field(tmp_path, capsys):
 def test_help_shows_whole_stage_descriptions():
     out = subprocess.run([sys.executable, "-m", "engine", "--help"], cwd=REPO, text=True,
                          capture_output=True, timeout=60).stdout
-    for name, stage in STAGES.items():
+    for name, stage in {**STAGES, **COMMANDS}.items():
         assert f"{name} {stage.doc}" in " ".join(out.split())
 
 
 @pytest.mark.parametrize("code", ["import flows.lifecycle, flows.train, flows.evaluate, "
                                   "flows.data_prep, flows.compare",
                                   "from engine.__main__ import _usage, stage_parser\n"
-                                  "from engine.registry import STAGES\n_usage()\n"
-                                  "[stage_parser(s) for s in STAGES.values()]"])
+                                  "from engine.registry import COMMANDS, STAGES\n_usage()\n"
+                                  "[stage_parser(s) for s in [*STAGES.values(), "
+                                  "*COMMANDS.values()]]"])
 def test_no_torch_in_the_flow_process_or_the_cli_help(code):
     probe = f"{code}\nimport sys\nassert 'torch' not in sys.modules, 'torch was imported'"
     proc = subprocess.run([sys.executable, "-c", probe], cwd=REPO, capture_output=True, text=True,
