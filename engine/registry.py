@@ -6,8 +6,9 @@ rather than measure it, so that tracking records them as parameters, not metrics
 
 The CLI, cluster/, tasks/ and flows/ all go through it, so a new stage is one engine module plus
 one line here. A command (the server) is run by the CLI the same way but writes no artifact, so
-cluster/, tasks/ and flows/ never see it. Spec modules never import torch and work modules are imported only to run: listing
-stages, reading their help and checking specs stay fast, and the flow process never loads torch.
+cluster/, tasks/ and flows/ never see it. Spec modules never import torch and work modules are
+imported only to run: listing stages, reading their help and checking specs stay fast, and the
+flow process never loads torch.
 """
 
 from __future__ import annotations
