@@ -213,7 +213,8 @@ def test_bad_prompts_are_refused(stories, tokenizer):
 def test_counter_based_draws_follow_the_distribution():
     probs = torch.tensor([0.5, 0.25, 0.15, 0.07, 0.03])
     seeds = torch.arange(40_000, dtype=torch.long) * 7919 + 12345
-    picks = [(probs / exponential_noise(seeds, step, 5)).argmax(dim=-1) for step in (0, 1)]
+    picks = [(probs / exponential_noise(seeds, torch.full_like(seeds, step), 5)).argmax(dim=-1)
+             for step in (0, 1)]
     for drawn in picks:
         frequency = torch.bincount(drawn, minlength=5).double() / len(seeds)
         sigma = (probs * (1 - probs) / len(seeds)).sqrt()
@@ -222,5 +223,23 @@ def test_counter_based_draws_follow_the_distribution():
     both = ((picks[0] == 0) & (picks[1] == 0)).double().mean().item()
     assert abs(both - 0.25) < 4.5 * (0.25 * 0.75 / len(seeds)) ** 0.5
     # a pure function of (seed, step, token)
-    again = exponential_noise(seeds[:5], 1, 5)
-    assert torch.equal(again, exponential_noise(seeds, 1, 5)[:5])
+    one = torch.ones_like(seeds)
+    again = exponential_noise(seeds[:5], one[:5], 5)
+    assert torch.equal(again, exponential_noise(seeds, one, 5)[:5])
+
+
+def test_a_refilled_batch_gives_the_same_completions(stories, tokenizer):
+    """max_batch 2: whenever one of two rows ends, the survivor is prefilled again together with
+    the next prompt; the completions are those of one big batch."""
+    model, _ = stories
+    texts = ["Once upon a time", "The cat", "Tim and Sam went to the", "A bird", "She was happy",
+             "The big tree"]
+    prompts = prompts_of(tokenizer, texts)
+    for base in (SamplingParams(temperature=0), SamplingParams(temperature=0.9, top_p=0.9, seed=3)):
+        # rows end at different steps, so refills happen
+        params = [base.model_copy(update={"max_tokens": n}) for n in (40, 12, 30, 25, 8, 33)]
+        one = Generator(model, tokenizer, CPU, progress=False).generate(prompts, params)
+        refilled = Generator(model, tokenizer, CPU, max_batch=2,
+                             progress=False).generate(prompts, params)
+        assert [c[0].token_ids for c in refilled] == [c[0].token_ids for c in one]
+        assert [len(c[0].token_ids) for c in one] == [40, 12, 30, 25, 8, 33]

@@ -1,10 +1,7 @@
 """Batched decoding with a KV cache: prefill the left-padded prompts in one forward, then one
-token per forward for every row until each has met its stop condition. Rows that finish leave the
-batch (their cache rows are dropped) once they are a quarter of it.
-
-Prompts are grouped into batches under a token budget (rows × (longest prompt + new tokens)),
-longest first; with dynamic-NTK RoPE only prompts of one length share a batch (its frequencies
-depend on the batch's longest position). A completion ends at EOS (unless ignore_eos), at a stop
+token per forward for every row until each has met its stop condition. A batch whose rows are
+half finished is refilled with waiting prompts (see `Generator._run`); without waiting prompts,
+finished rows leave the batch once they are a quarter of it. A completion ends at EOS (unless ignore_eos), at a stop
 token or stop string, after max_tokens, or when the model's context (`context_length`) is full
 ("length").
 """
@@ -12,6 +9,7 @@ token or stop string, after max_tokens, or when the model's context (`context_le
 from __future__ import annotations
 
 import random
+from collections import deque
 from dataclasses import dataclass, field
 from typing import Sequence
 
@@ -77,11 +75,11 @@ class Generator:
                 for prompt, p in zip(prompts, per_prompt) for i in range(p.n)]
         for row in rows:
             self._check(row)
-        total = sum(min(r.params.max_tokens, self._room(r)) for r in rows)
+        total = sum(self._budget(r) for r in rows)
         with tqdm(total=total, desc=desc, unit="tok", unit_scale=True, leave=False,
                   disable=not self.progress) as bar:
-            for batch in self._batches(rows):
-                self._decode(batch, bar)
+            for group in self._groups(rows):
+                self._run(group, bar)
         completions, i = [], 0
         for p in per_prompt:
             completions.append([r.done for r in rows[i:i + p.n]])
@@ -94,6 +92,10 @@ class Generator:
     def _room(self, row: Row) -> int:
         return self.context - len(row.prompt)
 
+    def _budget(self, row: Row) -> int:
+        """How many tokens the row may generate in all."""
+        return min(row.params.max_tokens, self._room(row))
+
     def _check(self, row: Row) -> None:
         if not row.prompt:
             raise ValueError("an empty prompt: give at least one token (e.g. BOS)")
@@ -105,59 +107,77 @@ class Generator:
             raise ValueError(f"token id {top} is outside the model's vocabulary "
                              f"({self.cfg.vocab_size})")
 
-    def _batches(self, rows: list[Row]):
-        """Longest prompt first; rows × (longest prompt + longest output) within the budget."""
-        order = sorted(rows, key=lambda r: -len(r.prompt))
-        same_length = isinstance(self.cfg.rope_scaling, DynamicScaling)
-        batch: list[Row] = []
-        for row in order:
-            grown = batch + [row]
-            width = len(grown[0].prompt) + max(min(r.params.max_tokens, self._room(r))
-                                               for r in grown)
-            fits = len(grown) <= self.max_batch and len(grown) * width <= self.max_batch_tokens
-            if batch and (not fits or (same_length and len(row.prompt) != len(batch[0].prompt))):
-                yield batch
-                grown = [row]
-            batch = grown
-        if batch:
-            yield batch
+    def _groups(self, rows: list[Row]) -> list[list[Row]]:
+        """Rows that may share batches: all; with dynamic-NTK RoPE only those of one prompt
+        length (the frequencies depend on the batch's longest position)."""
+        if not isinstance(self.cfg.rope_scaling, DynamicScaling):
+            return [rows]
+        groups: dict[int, list[Row]] = {}
+        for row in rows:
+            groups.setdefault(len(row.prompt), []).append(row)
+        return list(groups.values())
 
-    def _decode(self, rows: list[Row], bar: tqdm) -> None:
+    def _run(self, rows: list[Row], bar: tqdm) -> None:
+        """Decode the rows, longest prompt first. Whenever half of a batch has finished and rows
+        are waiting, the batch is refilled: the survivors (prompt + output so far) are prefilled
+        again with the newcomers, which costs less than decoding on with a half-empty batch.
+        (Not with dynamic NTK: a survivor's positions would set its neighbours' frequencies.)"""
+        waiting = deque(sorted(rows, key=lambda r: -len(r.prompt)))
+        refill = not isinstance(self.cfg.rope_scaling, DynamicScaling)
+        running: list[Row] = []
+        while waiting or running:
+            while waiting and (not running or self._fits(running + [waiting[0]])):
+                running.append(waiting.popleft())
+            running = self._decode(running, bar, stop_at_half=refill and bool(waiting))
+
+    def _fits(self, rows: list[Row]) -> bool:
+        """rows × (longest sequence so far + most tokens still to come) within the budget."""
+        width = (max(len(r.prompt) + len(r.out) for r in rows)
+                 + max(self._budget(r) - len(r.out) for r in rows))
+        return len(rows) <= self.max_batch and len(rows) * width <= self.max_batch_tokens
+
+    def _decode(self, rows: list[Row], bar: tqdm, stop_at_half: bool) -> list[Row]:
+        """Prefill the rows' sequences (prompt + output so far, left-padded), then a token per
+        step; the unfinished rows when stopped at half, else none."""
         dev, vocab = self.device, self.cfg.vocab_size
-        length = len(rows[0].prompt)
-        pad = torch.tensor([length - len(r.prompt) for r in rows], device=dev)
+        sequences = [r.prompt + r.out for r in rows]
+        length = max(map(len, sequences))
+        pad = torch.tensor([length - len(q) for q in sequences], device=dev)
         ids = torch.zeros(len(rows), length, dtype=torch.long, device=dev)
-        for i, r in enumerate(rows):
-            ids[i, length - len(r.prompt):] = torch.tensor(r.prompt)
-        real = torch.arange(length, device=dev)[None] >= pad[:, None]
-        seen = torch.zeros(len(rows), vocab, dtype=torch.long, device=dev).scatter_add_(
-            1, ids, real.long()) > 0  # the prompt's tokens, for the repetition penalty
-        counts = torch.zeros(len(rows), vocab, device=dev)
+        for i, q in enumerate(sequences):
+            ids[i, length - len(q):] = torch.tensor(q)
+        at = torch.arange(length, device=dev)[None]
+        steps = torch.tensor([len(r.out) for r in rows], device=dev)
+        seen = torch.zeros(len(rows), vocab, device=dev).scatter_add_(
+            1, ids, (at >= pad[:, None]).float()) > 0  # for the repetition penalty
+        counts = torch.zeros(len(rows), vocab, device=dev).scatter_add_(
+            1, ids, (at >= length - steps[:, None]).float())  # output tokens only
         settings = RowSettings.of([r.params for r in rows], [r.seed for r in rows], dev)
-        slots = length + max(min(r.params.max_tokens, self._room(r)) for r in rows)
+        slots = length + max(self._budget(r) - len(r.out) for r in rows)
         step = Step(0, prefill_mask(pad, length))
-        positions = (torch.arange(length, device=dev)[None] - pad[:, None]).clamp_min(0)
         live = list(range(len(rows)))
         with kv_cache(self.model, step, slots) as caches:
-            logits = self._logits(ids, positions)
+            logits = self._logits(ids, (at - pad[:, None]).clamp_min(0))
             for t in range(slots - length):
-                tokens = choose(logits, seen, counts, settings, t)
+                tokens = choose(logits, seen, counts, settings, steps)
                 self._record(rows, live, tokens, logits)
                 seen[torch.arange(len(live)), tokens] = True
                 counts[torch.arange(len(live)), tokens] += 1
+                steps += 1
                 bar.update(len(live))
                 alive = [j for j, i in enumerate(live) if rows[i].done is None]
-                if not alive:
-                    return
+                if not alive or (stop_at_half and len(alive) <= len(rows) // 2):
+                    return [rows[live[j]] for j in alive]
                 if len(alive) <= 0.75 * len(live):
                     keep = torch.tensor(alive, device=dev)
                     for cache in caches:
                         cache.keep(keep)
                     pad, tokens, seen, counts = pad[keep], tokens[keep], seen[keep], counts[keep]
-                    settings = settings.keep(keep)
+                    steps, settings = steps[keep], settings.keep(keep)
                     live = [live[j] for j in alive]
                 step.start, step.mask = length + t, decode_mask(pad, length + t + 1)
                 logits = self._logits(tokens[:, None], (length + t - pad)[:, None])
+        return []
 
     def _logits(self, ids: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
         hidden = self.model.forward_hidden(ids, positions)
@@ -186,7 +206,7 @@ class Generator:
             found = self._stop_string(row)
             if found is not None:
                 return found
-        if len(row.out) >= min(p.max_tokens, self._room(row)):
+        if len(row.out) >= self._budget(row):
             return self._completion(row, row.out, "length", None)
         return None
 

@@ -38,9 +38,9 @@ def _mix(x: torch.Tensor) -> torch.Tensor:
     return x ^ (x >> 16)
 
 
-def exponential_noise(seeds: torch.Tensor, step: int, vocab: int) -> torch.Tensor:
-    """Exp(1) noise [batch, vocab] as a function of (seed, step, token) alone."""
-    key = _mix((seeds & _M32) ^ _mix((seeds >> 32) ^ _mix(torch.full_like(seeds, step & _M32))))
+def exponential_noise(seeds: torch.Tensor, steps: torch.Tensor, vocab: int) -> torch.Tensor:
+    """Exp(1) noise [batch, vocab] as a function of (row seed, row step, token) alone."""
+    key = _mix((seeds & _M32) ^ _mix((seeds >> 32) ^ _mix(steps & _M32)))
     tokens = torch.arange(vocab, device=seeds.device)
     bits = _mix(_mix(key[:, None] ^ _times(tokens, 0x9E3779B9)[None]) ^ key[:, None])
     return -torch.log((bits.double() + 0.5) / 2**32).float()
@@ -132,14 +132,15 @@ def filter_logits(logits: torch.Tensor, rows: RowSettings) -> torch.Tensor:
 
 
 def choose(logits: torch.Tensor, seen: torch.Tensor, output_counts: torch.Tensor,
-           rows: RowSettings, step: int) -> torch.Tensor:
-    """The next token of every row [batch]: argmax where temperature is 0, else a draw."""
+           rows: RowSettings, steps: torch.Tensor) -> torch.Tensor:
+    """The next token of every row [batch]: argmax where temperature is 0, else a draw (the
+    noise of a row's draw depends on its seed and `steps`, its tokens generated so far)."""
     logits = apply_penalties(logits.float(), seen, output_counts, rows)
     tokens = logits.argmax(dim=-1)
     if len(rows.random):
         drawing = rows.drawing()
         probs = filter_logits(logits[rows.random], drawing).softmax(dim=-1)
         # probs / q with q ~ Exp(1) picks token t with probability probs[t] (vLLM's draw)
-        q = exponential_noise(drawing.seeds, step, probs.shape[-1])
+        q = exponential_noise(drawing.seeds, steps[rows.random], probs.shape[-1])
         tokens[rows.random] = (probs / q).argmax(dim=-1)
     return tokens
