@@ -1,0 +1,115 @@
+"""Two generation backends behind one call, `generate(prompts, params) -> [[Completion]]` (one
+list of n per prompt): lmforge's own generator (engine.generate.generator) and vLLM's offline
+`LLM`. `choose` resolves `auto` on the node that runs the job."""
+
+from __future__ import annotations
+
+import importlib.util
+from pathlib import Path
+from typing import Protocol, Sequence
+
+import torch
+
+from engine.data.tokenizer import Tokenizer
+from engine.errors import InputError
+from engine.evaluate.source import Source
+from engine.formats import model_format
+from engine.generate.params import Completion, SamplingParams
+from engine.synthesize.spec import Spec
+
+_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
+_VLLM_DTYPES = {"auto": "auto", "bf16": "bfloat16", "fp16": "float16", "fp32": "float32"}
+
+
+class Backend(Protocol):
+    name: str
+
+    def generate(self, prompts: Sequence[Sequence[int]], params: Sequence[SamplingParams],
+                 desc: str) -> list[list[Completion]]: ...
+
+
+def choose(spec: Spec, device: torch.device) -> str:
+    """The backend `spec.backend` names; auto: vllm where it imports and a GPU is present."""
+    if spec.backend != "auto":
+        return spec.backend
+    if device.type == "cuda" and importlib.util.find_spec("vllm") is not None:
+        return "vllm"
+    return "engine"
+
+
+class EngineBackend:
+    """lmforge's generator on the teacher loaded by engine.evaluate.source."""
+
+    name = "engine"
+
+    def __init__(self, source: Source, tok: Tokenizer, spec: Spec, device: torch.device) -> None:
+        from engine.generate.generator import Generator
+
+        dtype = _DTYPES.get(spec.dtype) or (torch.bfloat16 if device.type == "cuda"
+                                            else torch.float32)
+        model = source.model.to(device=device, dtype=dtype).eval()
+        self.tok = tok
+        self.generator = Generator(model, tok, device, max_batch_tokens=spec.max_batch_tokens,
+                                   progress=spec.progress)
+
+    def generate(self, prompts: Sequence[Sequence[int]], params: Sequence[SamplingParams],
+                 desc: str) -> list[list[Completion]]:
+        outputs = self.generator.generate(prompts, list(params), desc=desc)
+        return [[self._in_context(prompt, c) for c in completions]
+                for prompt, completions in zip(prompts, outputs)]
+
+    def _in_context(self, prompt: Sequence[int], c: Completion) -> Completion:
+        """The completion's text decoded after its prompt, as vLLM decodes it: alone, a
+        SentencePiece tokenizer drops the space its first token starts with ("a" + "time")."""
+        before = self.tok.decode(prompt)
+        whole = self.tok.decode([*prompt, *c.token_ids])
+        if not whole.startswith(before):  # a character split across the boundary: keep the
+            return c                      # generator's own text
+        text = whole[len(before):]
+        if isinstance(c.stop_reason, str):  # the stop string ends the text, excluded
+            text = text[:text.find(c.stop_reason)] if c.stop_reason in text else c.text
+        c.text = text
+        return c
+
+
+class VllmBackend:
+    """vLLM's offline API: `LLM(model=...)`, `LLM.generate` on token-id prompts
+    (`{"prompt_token_ids": ids}`, a TokensPrompt) with one `vllm.SamplingParams` per prompt;
+    tensor parallel over `tensor_parallel_size` GPUs of this rank."""
+
+    name = "vllm"
+
+    def __init__(self, spec: Spec, tokenizer: str | None) -> None:
+        import vllm
+
+        if model_format(Path(spec.teacher)) != "hf":
+            raise InputError(f"{spec.teacher}: the vllm backend loads HF model folders; convert "
+                             f"the native checkpoint first (stage convert), or use backend engine")
+        self.vllm = vllm
+        self.progress = spec.progress
+        self.llm = vllm.LLM(model=spec.teacher, tokenizer=tokenizer or spec.teacher,
+                            tensor_parallel_size=spec.tensor_parallel_size,
+                            dtype=_VLLM_DTYPES[spec.dtype], seed=spec.seed,
+                            gpu_memory_utilization=spec.gpu_memory_utilization)
+
+    def generate(self, prompts: Sequence[Sequence[int]], params: Sequence[SamplingParams],
+                 desc: str) -> list[list[Completion]]:
+        requests = [{"prompt_token_ids": list(p)} for p in prompts]
+        outputs = self.llm.generate(requests, [self._params(p) for p in params],
+                                    use_tqdm=self.progress)
+        return [[_completion(o, len(r.prompt_token_ids)) for o in r.outputs] for r in outputs]
+
+    def _params(self, p: SamplingParams):
+        fields = p.model_dump(exclude={"logprobs"})
+        # ours: the sampled token's log-probability or none; vLLM's: that many top tokens besides
+        return self.vllm.SamplingParams(**fields, logprobs=0 if p.logprobs else None)
+
+
+def _completion(out, prompt_tokens: int) -> Completion:
+    """vLLM's CompletionOutput as ours."""
+    logprobs = None
+    if out.logprobs is not None:
+        logprobs = [step[token].logprob for step, token in zip(out.logprobs, out.token_ids)]
+    return Completion(token_ids=list(out.token_ids), text=out.text,
+                      finish_reason="length" if out.finish_reason == "length" else "stop",
+                      stop_reason=out.stop_reason, logprobs=logprobs, prompt_tokens=prompt_tokens)
