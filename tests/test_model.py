@@ -15,7 +15,6 @@ from pydantic import ValidationError
 
 from engine.errors import InputError, SpecError
 from engine.model.config import ModelConfig
-from engine.model.generate import generate_greedy
 from engine.model.hf_names import from_hf_name, load_hf_state_dict, to_hf_name, to_hf_state_dict
 from engine.model.llama import LlamaModel
 from engine.model.rope import inverse_frequencies
@@ -274,8 +273,15 @@ def test_stories260k_logits_match_hf(stories260k):
 def test_stories260k_greedy_and_nll_match_llama2c(stories260k):
     model, _, reference = stories260k
     greedy = reference["greedy_from_bos"]
-    out = generate_greedy(model, torch.tensor([greedy["prompt_ids"]]), greedy["max_new_tokens"])
-    assert out[0].tolist() == greedy["ids"]
+    from engine.data.tokenizer import load_tokenizer
+    from engine.generate.generator import Generator
+    from engine.generate.params import SamplingParams
+
+    generator = Generator(model, load_tokenizer(TINY_LLAMA / "hf"), torch.device("cpu"),
+                          progress=False)
+    params = SamplingParams(temperature=0, max_tokens=greedy["max_new_tokens"], ignore_eos=True)
+    (out,), = generator.generate([greedy["prompt_ids"]], params)
+    assert greedy["prompt_ids"] + out.token_ids == greedy["ids"]
     ids = torch.tensor([reference["nll_example"]["ids_with_bos"]])
     with torch.no_grad():
         logprobs = model(ids)[0, :-1].double().log_softmax(-1)

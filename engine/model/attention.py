@@ -93,11 +93,15 @@ class Attention(nn.Module):
         self.wv = nn.Linear(cfg.hidden_size, kv_size, bias=cfg.qkv_bias)
         self.wo = nn.Linear(q_size, cfg.hidden_size, bias=False)
         self.kernel = attention_kernel(cfg.attention_backend)
+        # decoding installs a KV cache here from outside (engine.generate.cache): a callable
+        # (q, k, v) -> out that stores k and v and attends over everything stored so far
+        self.cache: Kernel | None = None
 
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
         batch, seq, _ = x.shape
         q = self.wq(x).view(batch, seq, -1, self.head_dim)
         k = self.wk(x).view(batch, seq, -1, self.head_dim)
         v = self.wv(x).view(batch, seq, -1, self.head_dim)
-        out = self.kernel(apply_rope(q, cos, sin), apply_rope(k, cos, sin), v)
+        kernel = self.kernel if self.cache is None else self.cache
+        out = kernel(apply_rope(q, cos, sin), apply_rope(k, cos, sin), v)
         return self.wo(out.reshape(batch, seq, -1))
