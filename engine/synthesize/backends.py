@@ -48,28 +48,12 @@ class EngineBackend:
         dtype = _DTYPES.get(spec.dtype) or (torch.bfloat16 if device.type == "cuda"
                                             else torch.float32)
         model = source.model.to(device=device, dtype=dtype).eval()
-        self.tok = tok
         self.generator = Generator(model, tok, device, max_batch_tokens=spec.max_batch_tokens,
                                    progress=spec.progress)
 
     def generate(self, prompts: Sequence[Sequence[int]], params: Sequence[SamplingParams],
                  desc: str) -> list[list[Completion]]:
-        outputs = self.generator.generate(prompts, list(params), desc=desc)
-        return [[self._in_context(prompt, c) for c in completions]
-                for prompt, completions in zip(prompts, outputs)]
-
-    def _in_context(self, prompt: Sequence[int], c: Completion) -> Completion:
-        """The completion's text decoded after its prompt, as vLLM decodes it: alone, a
-        SentencePiece tokenizer drops the space its first token starts with ("a" + "time")."""
-        before = self.tok.decode(prompt)
-        whole = self.tok.decode([*prompt, *c.token_ids])
-        if not whole.startswith(before):  # a character split across the boundary: keep the
-            return c                      # generator's own text
-        text = whole[len(before):]
-        if isinstance(c.stop_reason, str):  # the stop string ends the text, excluded
-            text = text[:text.find(c.stop_reason)] if c.stop_reason in text else c.text
-        c.text = text
-        return c
+        return self.generator.generate(prompts, list(params), desc=desc)
 
 
 class VllmBackend:

@@ -24,6 +24,13 @@ _COUNTED = ("documents", "prompts", "completions", "generated_tokens", "empty_do
 def write_corpus(spec: Spec, store: ShardStore, count: int, inputs: dict[str, str],
                  fingerprint: str, wall_s: float) -> Manifest:
     out = Path(spec.output)
+    stats = [store.stats(k) for k in range(count)]
+    if not any(s["prompts"] for s in stats):
+        skipped = {key: sum(s.get(key, 0) for s in stats)
+                   for key in ("empty_documents", "short_documents")}
+        raise InputError(f"{', '.join(spec.input)}: no document gave a prompt ({skipped['empty_documents']} "
+                         f"empty, {skipped['short_documents']} shorter than prefix_tokens "
+                         f"{spec.prefix_tokens}: see short_documents)")
     rows_filter = RowFilter(spec.filters)
     samples: list[dict] = []
     kept_tokens = 0
@@ -44,7 +51,7 @@ def write_corpus(spec: Spec, store: ShardStore, count: int, inputs: dict[str, st
         staged.commit()
     files = {p.name: sha256_file(p) for p in sorted(out.glob("part-*.jsonl"))}
     files["samples.json"] = sha256_file(out / "samples.json")
-    summary = _summary([store.stats(k) for k in range(count)], rows_filter, kept_tokens, wall_s)
+    summary = _summary(stats, rows_filter, kept_tokens, wall_s)
     summary["teacher"] = inputs["teacher"]
     manifest = Manifest(kind="corpus", stage="synthesize", spec=spec.model_dump(mode="json"),
                         inputs=inputs, fingerprint=fingerprint, summary=summary, files=files)

@@ -16,11 +16,17 @@ from engine.spec import StageSpec
 
 _NOT_OUTPUT = {"affects_output": False}
 _INPUT = {"input": True}
-# the Megatron Cookbook's sampling, except its repetition penalty of 2.0: vLLM's penalty divides
-# positive logits (multiplies negative ones) of every token already seen, and at 2.0 that bends
-# ordinary text away from common words; 1.0 leaves the teacher's distribution alone
-COOKBOOK_SAMPLING = SamplingParams(temperature=0.7, top_p=0.9, max_tokens=4096,
-                                   repetition_penalty=1.0)
+class CookbookSampling(SamplingParams):
+    """vLLM's sampling parameters with the Megatron Cookbook's defaults (temperature 0.7, top-p
+    0.9, 4,096 new tokens), except its repetition penalty of 2.0: vLLM's penalty divides the
+    positive logits (multiplies the negative ones) of every token already seen, and at 2.0 that
+    bends ordinary text away from common words; 1.0 leaves the teacher's distribution alone.
+    Defaults of a subclass, not a default instance: a spec that sets one field keeps the others."""
+
+    temperature: float = Field(0.7, ge=0, description="0: greedy")
+    top_p: float = Field(0.9, gt=0, le=1, description="nucleus: the smallest set of tokens "
+                         "whose probability reaches top_p")
+    max_tokens: int = Field(4096, ge=1, description="new tokens at most")
 
 
 class Filters(BaseModel):
@@ -69,8 +75,8 @@ class Spec(StageSpec):
         "skip", description="documents of fewer tokens than prefix_tokens: skipped (counted), "
         "or used whole as the prefix")
     add_bos: bool = Field(True, description="the prompt starts with the tokenizer's BOS")
-    sampling: SamplingParams = Field(
-        COOKBOOK_SAMPLING, description="vLLM's sampling parameters; max_tokens is cut to what "
+    sampling: CookbookSampling = Field(
+        default_factory=CookbookSampling, description="vLLM's sampling parameters; max_tokens is cut to what "
         "the teacher's context leaves after the prompt; seed: set `seed` instead")
     seed: int = Field(1234, description="each prompt's own seed derives from it and the "
                       "document's index: rows do not depend on shards, ranks or batches")
@@ -103,7 +109,7 @@ class Spec(StageSpec):
 
     @field_validator("sampling")
     @classmethod
-    def _no_sampling_seed(cls, v: SamplingParams) -> SamplingParams:
+    def _no_sampling_seed(cls, v: CookbookSampling) -> CookbookSampling:
         if v.seed is not None:
             raise ValueError("sampling.seed: set `seed` instead (every prompt gets its own seed, "
                              "derived from it)")
