@@ -1,7 +1,8 @@
 """The corpus artifact: the generated shards filtered in corpus order into `part-<k>.jsonl` (one
-row per kept completion; a shard that keeps nothing has no part), `samples.json` (the first
-kept completions, as columns: MLflow's table), and the manifest with the counts and the
-throughput. The tokenize stage reads the folder as it is (its top-level JSONL files)."""
+row per kept completion; a shard that keeps nothing has no part), `tables/samples.json` (the
+first kept completions, as columns: MLflow's table; in a subfolder, which readers of the corpus
+folder pass over), and the manifest with the counts and the throughput. The tokenize stage reads
+the folder as it is (its top-level JSONL files)."""
 
 from __future__ import annotations
 
@@ -16,6 +17,7 @@ from engine.synthesize.filters import RowFilter
 from engine.synthesize.shards import ShardStore
 from engine.synthesize.spec import Spec
 
+SAMPLES = "tables/samples.json"
 SAMPLE_COLUMNS = ("document", "prefix", "completion", "finish_reason", "completion_tokens")
 _COUNTED = ("documents", "prompts", "completions", "generated_tokens", "empty_documents",
             "short_documents", "short_documents_whole", "max_tokens_cut")
@@ -46,11 +48,11 @@ def write_corpus(spec: Spec, store: ShardStore, count: int, inputs: dict[str, st
                              f"the generated shards stay in {store.root}: run again with other "
                              f"filters to reuse them")
         table = {c: [r[c] for r in samples] for c in SAMPLE_COLUMNS}
-        with open(staged.stage(out / "samples.json"), "w", encoding="utf-8") as f:
+        with open(staged.stage(out / SAMPLES), "w", encoding="utf-8") as f:
             json.dump(table, f, ensure_ascii=False, indent=1)
         staged.commit()
     files = {p.name: sha256_file(p) for p in sorted(out.glob("part-*.jsonl"))}
-    files["samples.json"] = sha256_file(out / "samples.json")
+    files[SAMPLES] = sha256_file(out / SAMPLES)
     summary = _summary(stats, rows_filter, kept_tokens, wall_s)
     summary["teacher"] = inputs["teacher"]
     manifest = Manifest(kind="corpus", stage="synthesize", spec=spec.model_dump(mode="json"),
