@@ -1,5 +1,5 @@
 """Prompts: a document's first `prefix_tokens` tokens in the teacher's tokenizer, and the text
-they decode to (the row's prefix). Documents with no tokens are skipped; shorter ones are
+they decode to (the row's prefix). Empty documents (whitespace only) are skipped; shorter ones are
 skipped or used whole, as the spec says; both are counted."""
 
 from __future__ import annotations
@@ -33,7 +33,7 @@ def make_prompts(documents: list[Document], tok: Tokenizer, prefix_tokens: int,
     counts: Counter = Counter()
     prompts = []
     for doc, ids in zip(documents, _leading_tokens(documents, tok, prefix_tokens)):
-        if not ids:
+        if not doc.text.strip():
             counts["empty_documents"] += 1
             continue
         if len(ids) < prefix_tokens:
