@@ -267,9 +267,10 @@ class StageRun:
         mlflow.log_dict(self.run_id, redact(manifest.model_dump(mode="json")), "manifest.json")
         for path in _descriptive_files(manifest, location):
             mlflow.log_artifact(self.run_id, str(path), "artifact")
-            if path.parent.name == TABLES:  # shown by the UI's table view (sample completions)
+            if path.parent.name == TABLES:  # the UI's table view (sample completions); at the
+                # top level: mlflow.load_table cannot find a table whose name holds a "/"
                 mlflow.log_table(self.run_id, json.loads(path.read_text(encoding="utf-8")),
-                                 f"{TABLES}/{path.name}")
+                                 path.name)
         if metrics_file and metrics_file.is_file():
             mlflow.log_artifact(self.run_id, str(metrics_file), "metrics")
         if job_log is not None and job_log.is_file():
