@@ -6,7 +6,6 @@ vLLM backend's calls against a stand-in that records them."""
 from __future__ import annotations
 
 import json
-import os
 import signal
 import subprocess
 import sys
@@ -74,7 +73,8 @@ def test_end_to_end_rows_counts_and_tokenize(corpus, straight, tmp_path):
         assert row["text"] == row["prefix"] + row["completion"]
         assert len(row["prefix_token_ids"]) == 8 and row["prompt_tokens"] == 9  # BOS
         assert tok.decode(row["prefix_token_ids"]) == row["prefix"]
-        assert row["teacher"] == manifest.inputs["teacher"] and row["sampling"]["temperature"] == 0.7
+        assert row["teacher"] == manifest.inputs["teacher"]
+        assert row["sampling"]["temperature"] == 0.7
         assert row["finish_reason"] in ("stop", "length") and 0 < row["completion_tokens"] <= 12
     # honest throughput: the tokens the rows hold, not prompts × max_tokens
     assert s["kept_tokens"] == sum(r["completion_tokens"] for r in rows) <= s["generated_tokens"]

@@ -30,9 +30,9 @@ def write_corpus(spec: Spec, store: ShardStore, count: int, inputs: dict[str, st
     if not any(s["prompts"] for s in stats):
         skipped = {key: sum(s.get(key, 0) for s in stats)
                    for key in ("empty_documents", "short_documents")}
-        raise InputError(f"{', '.join(spec.input)}: no document gave a prompt ({skipped['empty_documents']} "
-                         f"empty, {skipped['short_documents']} shorter than prefix_tokens "
-                         f"{spec.prefix_tokens}: see short_documents)")
+        raise InputError(f"{', '.join(spec.input)}: no document gave a prompt "
+                         f"({skipped['empty_documents']} empty, {skipped['short_documents']} "
+                         f"shorter than prefix_tokens {spec.prefix_tokens}: see short_documents)")
     rows_filter = RowFilter(spec.filters)
     samples: list[dict] = []
     kept_tokens = 0
@@ -78,11 +78,12 @@ def _summary(stats: list[dict], rows_filter: RowFilter, kept_tokens: int, wall_s
     seconds = sum(s["seconds"] for s in stats)
     finish = sum((Counter(s["finish_reasons"]) for s in stats), Counter())
     filtered = {why: n for why, n in rows_filter.counts.items() if why != "kept"}
+    per_s = max(seconds, 1e-9)
     return {**totals, "kept": rows_filter.counts["kept"], "kept_tokens": kept_tokens,
             "filtered": filtered, "finish_reasons": dict(finish),
             "shards": len(stats), "backend": stats[0]["backend"] if stats else None,
             "ranks": len({s["rank"] for s in stats}),
             "throughput": {"generation_seconds": round(seconds, 3),
-                           "tokens_per_second": round(totals["generated_tokens"] / max(seconds, 1e-9), 1),
-                           "prompts_per_second": round(totals["prompts"] / max(seconds, 1e-9), 3),
+                           "tokens_per_second": round(totals["generated_tokens"] / per_s, 1),
+                           "prompts_per_second": round(totals["prompts"] / per_s, 3),
                            "wall_seconds": round(wall_s, 3)}}

@@ -50,7 +50,8 @@ def _leading_tokens(documents: list[Document], tok: Tokenizer, n: int) -> list[l
     limit = (n + _MARGIN_TOKENS) * _CHARS_PER_TOKEN
     out = [list(ids) for ids in tok.encode([d.text[:limit] for d in documents])]
     # a cut that gave too few tokens (long tokens), where the text goes on: encode it whole
-    again = [i for i, d in enumerate(documents) if len(d.text) > limit and len(out[i]) < n + _MARGIN_TOKENS]
+    again = [i for i, d in enumerate(documents)
+             if len(d.text) > limit and len(out[i]) < n + _MARGIN_TOKENS]
     for i, ids in zip(again, tok.encode([documents[i].text for i in again])):
         out[i] = list(ids)
     return out

@@ -76,8 +76,8 @@ class Spec(StageSpec):
         "or used whole as the prefix")
     add_bos: bool = Field(True, description="the prompt starts with the tokenizer's BOS")
     sampling: CookbookSampling = Field(
-        default_factory=CookbookSampling, description="vLLM's sampling parameters; max_tokens is cut to what "
-        "the teacher's context leaves after the prompt; seed: set `seed` instead")
+        default_factory=CookbookSampling, description="vLLM's sampling parameters; max_tokens "
+        "is cut to what the teacher's context leaves after the prompt; seed: set `seed` instead")
     seed: int = Field(1234, description="each prompt's own seed derives from it and the "
                       "document's index: rows do not depend on shards, ranks or batches")
     backend: Literal["auto", "engine", "vllm"] = Field(
