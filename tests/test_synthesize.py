@@ -5,6 +5,7 @@ vLLM backend's calls against a stand-in that records them."""
 
 from __future__ import annotations
 
+import importlib.machinery
 import json
 import signal
 import subprocess
@@ -86,6 +87,17 @@ def test_end_to_end_rows_counts_and_tokenize(corpus, straight, tmp_path):
     done = tokenize.run(tokenize.Spec(input=[str(straight)], output_prefix=str(tmp_path / "d"),
                                       tokenizer=str(shared("tiny-llama", "hf")), progress=False))
     assert done.summary["documents"] == len(rows)
+
+
+def test_n_completions_per_prompt(corpus, tmp_path):
+    spec = _spec(corpus, tmp_path / "out", sampling={"max_tokens": 8, "n": 2},
+                 filters={"max_repeated_ngrams": None, "near_duplicates": False})
+    s = run(spec).summary
+    rows = _rows(tmp_path / "out")
+    assert s["completions"] == 16 and s["kept"] == len(rows)
+    ids = {r["id"] for r in rows}
+    assert len(ids) == len(rows) and {r["sample"] for r in rows} == {0, 1}
+    assert all(r["id"] == f"{r['document']}#{r['sample']}" for r in rows)
 
 
 def test_killed_run_resumes_to_the_same_rows(corpus, straight, tmp_path):
@@ -225,10 +237,11 @@ def test_spec_defaults_checks_and_vllm_missing(tmp_path):
                                        "backend": "vllm"})
 
 
-def test_vllm_backend_calls_the_offline_api(monkeypatch, tmp_path):
-    """vLLM cannot run here (no GPU): a stand-in module records the calls, which must be vLLM's
-    documented ones, and returns outputs shaped as vLLM's RequestOutput."""
-    calls = {}
+@pytest.fixture
+def fake_vllm(monkeypatch) -> dict:
+    """vLLM cannot run here (no GPU): a stand-in module that records the calls made to it and
+    answers as vLLM's documented API does (RequestOutput, CompletionOutput, Logprob)."""
+    calls: dict = {"generate": []}
 
     class SamplingParams:
         def __init__(self, **kw):
@@ -239,24 +252,48 @@ def test_vllm_backend_calls_the_offline_api(monkeypatch, tmp_path):
             calls["llm"] = kw
 
         def generate(self, prompts, sampling_params, use_tqdm):
-            calls["generate"] = (prompts, sampling_params, use_tqdm)
+            calls["generate"].append((prompts, sampling_params, use_tqdm))
             step = types.SimpleNamespace
             return [step(prompt_token_ids=p["prompt_token_ids"], outputs=[step(
                 index=0, text=" and then", token_ids=[7, 8], cumulative_logprob=-1.0,
                 logprobs=[{7: step(logprob=-0.5)}, {8: step(logprob=-0.25)}],
                 finish_reason="length", stop_reason=None)]) for p in prompts]
 
-    monkeypatch.setitem(sys.modules, "vllm", types.SimpleNamespace(LLM=LLM,
-                                                                   SamplingParams=SamplingParams))
+    module = types.ModuleType("vllm")
+    module.__spec__ = importlib.machinery.ModuleSpec("vllm", None)
+    module.LLM, module.SamplingParams = LLM, SamplingParams
+    monkeypatch.setitem(sys.modules, "vllm", module)
+    return calls
+
+
+def test_vllm_backend_calls_the_offline_api(fake_vllm):
     teacher = shared("tiny-llama", "hf")
-    spec = Spec.model_construct(**{**Spec(input=["c"], teacher=str(teacher), output="o").__dict__,
-                                   "backend": "vllm", "tensor_parallel_size": 2})
-    backend = backends.VllmBackend(spec, None)
-    assert calls["llm"]["model"] == str(teacher) and calls["llm"]["tensor_parallel_size"] == 2
+    spec = Spec(input=["c"], teacher=str(teacher), output="o", backend="vllm",
+                tensor_parallel_size=2)
+    backend = backends.VllmBackend(spec)
+    llm = fake_vllm["llm"]
+    assert (llm["model"], llm["tokenizer"], llm["tensor_parallel_size"]) == (str(teacher),
+                                                                            str(teacher), 2)
     params = spec.sampling.model_copy(update={"seed": 5, "logprobs": True})
     out = backend.generate([[1, 2, 3]], [params], desc="shard 0")
-    prompts, sampling, _ = calls["generate"]
+    prompts, sampling, _ = fake_vllm["generate"][0]
     assert prompts == [{"prompt_token_ids": [1, 2, 3]}]
     assert sampling[0].kw["seed"] == 5 and sampling[0].kw["logprobs"] == 0
     assert sampling[0].kw["temperature"] == 0.7 and sampling[0].kw["max_tokens"] == 4096
     assert out == [[Completion([7, 8], " and then", "length", None, [-0.5, -0.25], 3)]]
+
+
+def test_vllm_stage_end_to_end_never_loads_the_weights(fake_vllm, corpus, monkeypatch, tmp_path):
+    from engine.synthesize import stage
+
+    def no_weights(*args, **kwargs):
+        raise AssertionError("the vllm backend must not load the teacher into this process")
+
+    monkeypatch.setattr(stage, "load_source", no_weights)
+    manifest = run(_spec(corpus, tmp_path / "out", backend="vllm"))
+    s = manifest.summary
+    assert s["backend"] == "vllm" and s["prompts"] == 8 and s["generated_tokens"] == 16
+    # every stand-in completion is the same text: one kept, the others exact duplicates
+    assert s["kept"] == 1 and s["filtered"] == {"exact_duplicate": 7}
+    assert sum(len(p) for p, _, _ in fake_vllm["generate"]) == 8
+    assert _rows(tmp_path / "out")[0]["text"].endswith(" and then")

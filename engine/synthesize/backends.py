@@ -10,11 +10,13 @@ from typing import Protocol, Sequence
 
 import torch
 
+from engine.convert.hf import read_config
 from engine.data.tokenizer import Tokenizer
 from engine.errors import InputError
 from engine.evaluate.source import Source
 from engine.formats import model_format
 from engine.generate.params import Completion, SamplingParams
+from engine.model.config import ModelConfig
 from engine.synthesize.spec import Spec
 
 _DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
@@ -56,6 +58,18 @@ class EngineBackend:
         return self.generator.generate(prompts, list(params), desc=desc)
 
 
+def hf_config(teacher: str) -> ModelConfig:
+    """An HF teacher's config alone (the vllm backend never loads the weights here)."""
+    path = Path(teacher)
+    if model_format(path) != "hf":
+        raise InputError(f"{teacher}: the vllm backend loads HF model folders; convert the "
+                         f"native checkpoint first (stage convert), or use backend engine")
+    try:
+        return ModelConfig.from_hf(read_config(path))
+    except ValueError as exc:  # InputError included
+        raise InputError(f"{path / 'config.json'}: {exc}") from None
+
+
 class VllmBackend:
     """vLLM's offline API: `LLM(model=...)`, `LLM.generate` on token-id prompts
     (`{"prompt_token_ids": ids}`, a TokensPrompt) with one `vllm.SamplingParams` per prompt;
@@ -63,15 +77,12 @@ class VllmBackend:
 
     name = "vllm"
 
-    def __init__(self, spec: Spec, tokenizer: str | None) -> None:
+    def __init__(self, spec: Spec) -> None:
         import vllm
 
-        if model_format(Path(spec.teacher)) != "hf":
-            raise InputError(f"{spec.teacher}: the vllm backend loads HF model folders; convert "
-                             f"the native checkpoint first (stage convert), or use backend engine")
         self.vllm = vllm
         self.progress = spec.progress
-        self.llm = vllm.LLM(model=spec.teacher, tokenizer=tokenizer or spec.teacher,
+        self.llm = vllm.LLM(model=spec.teacher, tokenizer=_tokenizer_folder(spec),
                             tensor_parallel_size=spec.tensor_parallel_size,
                             dtype=_VLLM_DTYPES[spec.dtype], seed=spec.seed,
                             gpu_memory_utilization=spec.gpu_memory_utilization)
@@ -87,6 +98,15 @@ class VllmBackend:
         fields = p.model_dump(exclude={"logprobs"})
         # ours: the sampled token's log-probability or none; vLLM's: that many top tokens besides
         return self.vllm.SamplingParams(**fields, logprobs=0 if p.logprobs else None)
+
+
+def _tokenizer_folder(spec: Spec) -> str:
+    """vLLM loads a tokenizer by folder (transformers' AutoTokenizer): the teacher's, or the
+    folder of the one given."""
+    if spec.tokenizer is None:
+        return spec.teacher
+    path = Path(spec.tokenizer)
+    return str(path.parent if path.is_file() else path)
 
 
 def _completion(out, prompt_tokens: int) -> Completion:

@@ -22,13 +22,15 @@ from pathlib import Path
 import torch
 
 from engine.data.tokenize import resolve_inputs
-from engine.data.tokenizer import Tokenizer
+from engine.data.tokenizer import Tokenizer, load_tokenizer
 from engine.errors import InputError
-from engine.evaluate.source import Source, load_source
+from engine.evaluate.source import load_source
+from engine.formats import tokenizer_path
 from engine.lineage import stage_inputs
 from engine.manifest import Manifest, complete, fingerprint
 from engine.signals import StopSignals
-from engine.synthesize.backends import Backend, EngineBackend, VllmBackend, choose
+from engine.model.config import ModelConfig
+from engine.synthesize.backends import Backend, EngineBackend, VllmBackend, choose, hf_config
 from engine.synthesize.documents import read_documents, shards
 from engine.synthesize.output import write_corpus
 from engine.synthesize.prompts import Prompt, make_prompts
@@ -47,13 +49,10 @@ def run(spec: Spec) -> Manifest | None:
     files = resolve_inputs(spec.input)
     inputs = stage_inputs(input_paths(spec))
     rank, world = int(os.environ.get("RANK", "0")), int(os.environ.get("WORLD_SIZE", "1"))
-    source = load_source(spec.teacher, spec.tokenizer)
-    tok = source.tokenizer()
-    check_teacher(spec, source, tok)
+    device = _device(spec.device)
+    backend, cfg, tok = _backend(spec, device)
     store = ShardStore(out)
     store.open(_plan(spec, inputs))
-    device = _device(spec.device)
-    backend = _backend(spec, source, tok, device)
     log.info("synthesize: rank %d of %d, backend %s on %s, %d input file(s)", rank, world,
              backend.name, device, len(files))
     started = time.perf_counter()
@@ -65,7 +64,7 @@ def run(spec: Spec) -> Manifest | None:
             count = k + 1
             if k % world != rank or store.done(k):
                 continue
-            generate_shard(spec, k, docs, tok, backend, source.cfg.max_position_embeddings,
+            generate_shard(spec, k, docs, tok, backend, cfg.max_position_embeddings,
                            inputs["teacher"], store, rank)
             if stop.received is not None:
                 raise stop.as_exception()
@@ -81,17 +80,16 @@ def run(spec: Spec) -> Manifest | None:
     return manifest
 
 
-def check_teacher(spec: Spec, source: Source, tok: Tokenizer) -> None:
+def check_teacher(spec: Spec, cfg: ModelConfig, tok: Tokenizer) -> None:
     """Fail before any generation on a tokenizer the teacher cannot read or prompts its context
     cannot hold."""
-    if tok.vocab_size > source.cfg.vocab_size:
+    if tok.vocab_size > cfg.vocab_size:
         raise InputError(f"{tok.path}: the tokenizer has {tok.vocab_size} tokens, the teacher "
-                         f"{source.path} embeds {source.cfg.vocab_size}: not the teacher's "
-                         f"tokenizer")
+                         f"{spec.teacher} embeds {cfg.vocab_size}: not the teacher's tokenizer")
     if spec.add_bos and tok.bos_id is None:
         raise InputError(f"{tok.path}: add_bos, but the tokenizer has no BOS token")
     longest = spec.prefix_tokens + int(spec.add_bos)
-    context = source.cfg.max_position_embeddings
+    context = cfg.max_position_embeddings
     if longest >= context:
         raise InputError(f"prefix_tokens {spec.prefix_tokens}: prompts of up to {longest} "
                          f"tokens leave no room to generate in the teacher's context of "
@@ -111,10 +109,25 @@ def _device(name: str) -> torch.device:
     return torch.device("cpu")
 
 
-def _backend(spec: Spec, source: Source, tok: Tokenizer, device: torch.device) -> Backend:
+def _backend(spec: Spec, device: torch.device) -> tuple[Backend, ModelConfig, Tokenizer]:
+    """The backend, the teacher's config and tokenizer, checked before any weight is loaded
+    into this process (vLLM loads its own: here, only config.json is read)."""
     if choose(spec, device) == "vllm":
-        return VllmBackend(spec, str(source.tokenizer_path) if source.tokenizer_path else None)
-    return EngineBackend(source, tok, spec, device)
+        cfg, tok = hf_config(spec.teacher), _hf_tokenizer(spec)
+        check_teacher(spec, cfg, tok)
+        return VllmBackend(spec), cfg, tok
+    source = load_source(spec.teacher, spec.tokenizer)
+    tok = source.tokenizer()
+    check_teacher(spec, source.cfg, tok)
+    return EngineBackend(source, tok, spec, device), source.cfg, tok
+
+
+def _hf_tokenizer(spec: Spec) -> Tokenizer:
+    path = tokenizer_path(spec.teacher, spec.tokenizer)
+    if path is None:
+        raise InputError(f"{spec.teacher}: no tokenizer found beside the model (tokenizer.json "
+                         f"or tokenizer.model); set tokenizer")
+    return load_tokenizer(path)
 
 
 def generate_shard(spec: Spec, k: int, docs: list, tok: Tokenizer, backend: Backend,
