@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import importlib.machinery
 import json
+import os
 import signal
 import subprocess
 import sys
@@ -266,7 +267,9 @@ def fake_vllm(monkeypatch) -> dict:
     return calls
 
 
-def test_vllm_backend_calls_the_offline_api(fake_vllm):
+def test_vllm_backend_calls_the_offline_api(fake_vllm, monkeypatch):
+    monkeypatch.setenv("LOCAL_RANK", "1")  # the second rank of a node of 4 GPUs: GPUs 2 and 3
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "0,1,2,3")
     teacher = shared("tiny-llama", "hf")
     spec = Spec(input=["c"], teacher=str(teacher), output="o", backend="vllm",
                 tensor_parallel_size=2)
@@ -274,6 +277,7 @@ def test_vllm_backend_calls_the_offline_api(fake_vllm):
     llm = fake_vllm["llm"]
     assert (llm["model"], llm["tokenizer"], llm["tensor_parallel_size"]) == (str(teacher),
                                                                             str(teacher), 2)
+    assert os.environ["CUDA_VISIBLE_DEVICES"] == "2,3"
     params = spec.sampling.model_copy(update={"seed": 5, "logprobs": True})
     out = backend.generate([[1, 2, 3]], [params], desc="shard 0")
     prompts, sampling, _ = fake_vllm["generate"][0]

@@ -5,6 +5,7 @@ list of n per prompt): lmforge's own generator (engine.generate.generator) and v
 from __future__ import annotations
 
 import importlib.util
+import os
 from pathlib import Path
 from typing import Protocol, Sequence
 
@@ -78,6 +79,7 @@ class VllmBackend:
     name = "vllm"
 
     def __init__(self, spec: Spec) -> None:
+        _rank_gpus(spec.tensor_parallel_size)
         import vllm
 
         self.vllm = vllm
@@ -98,6 +100,24 @@ class VllmBackend:
         fields = p.model_dump(exclude={"logprobs"})
         # ours: the sampled token's log-probability or none; vLLM's: that many top tokens besides
         return self.vllm.SamplingParams(**fields, logprobs=0 if p.logprobs else None)
+
+
+def _rank_gpus(tp: int) -> None:
+    """This rank's `tp` GPUs of the node (local rank r: the r-th group of tp), as the only ones
+    vLLM sees: every rank's engine would otherwise start on the node's first GPUs. vLLM's engine
+    process, started after this, reads CUDA_VISIBLE_DEVICES afresh."""
+    local = os.environ.get("LOCAL_RANK")
+    if local is None:
+        return
+    visible = os.environ.get("CUDA_VISIBLE_DEVICES")
+    devices = visible.split(",") if visible else [str(i) for i in range(torch.cuda.device_count())]
+    first = int(local) * tp
+    mine = devices[first:first + tp]
+    if len(mine) < tp:
+        raise InputError(f"local rank {local} needs GPUs {first}-{first + tp - 1} "
+                         f"(tensor_parallel_size {tp}), the node shows {len(devices)}: run "
+                         f"{len(devices) // tp} rank(s) per node")
+    os.environ["CUDA_VISIBLE_DEVICES"] = ",".join(mine)
 
 
 def _tokenizer_folder(spec: Spec) -> str:
