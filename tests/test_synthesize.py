@@ -212,6 +212,22 @@ def test_empty_documents_only(tmp_path):
         run(_spec(tmp_path / "c.jsonl", tmp_path / "out"))
 
 
+def test_malformed_lines_and_document_ids(tmp_path):
+    from engine.synthesize.documents import read_documents
+
+    good = tmp_path / "good.jsonl"
+    good.write_text('{"text": "a", "id": 7}\n\n{"text": "b", "id": "x"}\n')
+    docs = list(read_documents([good], "text", "id"))
+    assert [(d.index, d.id, d.text) for d in docs] == [(0, "7", "a"), (1, "x", "b")]
+    assert [d.id for d in read_documents([good], "text", None)] == ["good.jsonl:1", "good.jsonl:3"]
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"text": "a"}\n[1, 2]\n')
+    with pytest.raises(InputError, match=r"bad.jsonl:2: expected a JSON object, got list"):
+        list(read_documents([bad], "text", None))
+    with pytest.raises(InputError, match=r"bad.jsonl:1: no id in key 'id'"):
+        list(read_documents([bad], "text", "id"))
+
+
 def test_prompt_longer_than_the_teachers_context(corpus, tmp_path):
     with pytest.raises(InputError, match="prefix_tokens 600: prompts of up to 601 tokens leave "
                                          "no room to generate in the teacher's context of 512"):

@@ -34,8 +34,8 @@ def read_documents(files: list[Path], text_key: str, id_key: str | None) -> Iter
             for number, line in enumerate(f, start=1):
                 if not line.strip():
                     continue
-                yield Document(index, _document_id(path, number, line, id_key),
-                               _text(path, number, line, text_key))
+                text = _text(path, number, line, text_key)  # first: it checks the line's JSON
+                yield Document(index, _document_id(path, number, line, id_key), text)
                 index += 1
 
 
