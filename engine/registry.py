@@ -92,6 +92,8 @@ _TABLE = [
           "checkpoint", "checkpoint.save", TRAINING_SIZE),
     Stage("evaluate", "engine.evaluate.spec:Spec", "engine.evaluate.stage:run",
           "eval-report", "output"),
+    Stage("synthesize", "engine.synthesize.spec:Spec", "engine.synthesize.stage:run",
+          "corpus", "output", ("teacher", "backend", "shards")),
 ]
 STAGES: dict[str, Stage] = {stage.name: stage for stage in _TABLE}
 COMMANDS: dict[str, Command] = {

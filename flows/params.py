@@ -21,6 +21,8 @@ ExportOptions = stage_options("convert", frozenset({"load_dir", "save_dir", "sou
                                                    "target_format", "tokenizer"}), "ExportOptions")
 EvaluateOptions = stage_options("evaluate", frozenset({"load_dir", "output", "tokenizer"}),
                                 "EvaluateOptions")
+SynthesizeOptions = stage_options("synthesize", frozenset({"input", "teacher", "tokenizer",
+                                                           "output"}), "SynthesizeOptions")
 
 
 def tiny_llama() -> BaseModel:

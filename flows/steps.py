@@ -10,7 +10,7 @@ from pathlib import Path
 from typing import NamedTuple
 
 from engine.formats import model_format
-from flows.params import DataParams, EvalParams, TrainParams
+from flows.params import DataParams, EvalParams, SynthesizeOptions, TrainParams
 from flows.runner import Runner
 from tasks.artifact import ArtifactRef
 from tasks.fields import merged
@@ -99,4 +99,12 @@ async def evaluate_model(runner: Runner, evaluation: EvalParams, model: Model,
     refs["evaluate"] = ref = await runner.stage(
         "evaluate", merged(evaluation.options, load_dir=model.path, ppl=ppl, tokenizer=tokenizer))
     await runner.evaluated(ref)
+    return ref
+
+
+async def synthesize_corpus(runner: Runner, options: SynthesizeOptions, corpus: list[str],
+                            teacher: Model, tokenizer: str | None, refs: Refs) -> ArtifactRef:
+    """The teacher's continuations of the corpus's documents: a corpus (JSONL shards)."""
+    refs["synthesize"] = ref = await runner.stage(
+        "synthesize", merged(options, input=corpus, teacher=teacher.path, tokenizer=tokenizer))
     return ref

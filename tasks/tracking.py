@@ -4,7 +4,8 @@ The store is `MLFLOW_TRACKING_URI` when set (a server), else SQLite under LMFORG
 (`sqlite:///<home>/mlflow.db`, artifacts in `<home>/mlartifacts/<experiment>/`). A stage's run
 holds its spec as params, the engine's step metrics (logged live by the job, completed from the
 JSON lines afterwards), its summary figures, and as artifacts the spec, the manifest, the small
-descriptive files of the artifact (evaluation reports, configs), the metrics file and a loss curve;
+descriptive files of the artifact (evaluation reports, configs; its `tables/*.json` also as MLflow
+tables: a synthesized corpus's sample completions), the metrics file and a loss curve;
 what it read as dataset and model inputs (tasks/run_inputs.py), and the model it built or
 evaluated as a logged model with its figures (tasks/logged_models.py). Experiments are MLflow 3
 model-training experiments (`mlflow.experimentKind`).
@@ -16,6 +17,7 @@ artifacts, links — goes through engine/redact.py: secret-named fields and URL 
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import re
 import time
@@ -52,6 +54,7 @@ FLOW_RUN_TAG = "prefect.flow_run_id"
 # looked at yet opens on the GenAI side (an empty Traces page); "custom_model_development" is
 # its model-training view, where the runs table with its nested stage runs is
 KIND_TAG, MODEL_TRAINING = "mlflow.experimentKind", "custom_model_development"
+TABLES = "tables"  # an artifact's folder of tables as columns ({"column": [values]}), JSON
 DESCRIPTIVE = (".json", ".md", ".yaml", ".txt")  # artifact files copied into the run ...
 DESCRIPTIVE_MAX_BYTES = 1 << 20                   # ... when this small
 PARAM_BATCH, PARAM_MAX, TAG_MAX = 100, 6000, 5000
@@ -264,6 +267,10 @@ class StageRun:
         mlflow.log_dict(self.run_id, redact(manifest.model_dump(mode="json")), "manifest.json")
         for path in _descriptive_files(manifest, location):
             mlflow.log_artifact(self.run_id, str(path), "artifact")
+            if path.parent.name == TABLES:  # the UI's table view (sample completions); at the
+                # top level: mlflow.load_table cannot find a table whose name holds a "/"
+                mlflow.log_table(self.run_id, json.loads(path.read_text(encoding="utf-8")),
+                                 path.name)
         if metrics_file and metrics_file.is_file():
             mlflow.log_artifact(self.run_id, str(metrics_file), "metrics")
         if job_log is not None and job_log.is_file():
