@@ -4,6 +4,9 @@ top-p 0.9, a seed per prompt. Counts generated tokens only.
 
     python -m bench.generate --shape tinyllama-1.1b --prompts 1024 --backends ours hf vllm
     python -m bench.generate --tiny                  # CPU check: a tiny model, 8 prompts
+    python -m bench.generate --verify                # GPU check: CUDA graphs vs eager vs HF, fp32
+    python -m bench.generate --save-teacher DIR --tokenizer TOKDIR  # a random HF teacher for
+                                                     # `python -m engine synthesize`
 
 Prints one JSON line per backend: prompts, new tokens, seconds, generated tokens/s, peak memory.
 """
@@ -71,7 +74,8 @@ def timed(fn) -> float:
 
 def run_ours(args, cfg, device, dtype) -> dict:
     model = random_model(cfg, device, dtype)
-    generator = Generator(model, NoText(), device, max_batch=args.max_batch, progress=False)
+    generator = Generator(model, NoText(), device, max_batch=args.max_batch, progress=False,
+                          cuda_graphs=not args.no_graphs)
     data, settings = prompts(args, cfg.vocab_size), params(args)
     generator.generate(data[:2], settings[:2])  # warm-up
     out = []
@@ -85,7 +89,8 @@ def run_hf(args, cfg, device, dtype) -> dict:
 
     hf_cfg = dict(cfg.to_hf())
     config = transformers.AutoConfig.for_model(hf_cfg.pop("model_type"), **hf_cfg)
-    model = transformers.AutoModelForCausalLM.from_config(config, dtype=dtype).to(device).eval()
+    with torch.device(device):  # random initialisation on the GPU: minutes on CPU for 8B
+        model = transformers.AutoModelForCausalLM.from_config(config, dtype=dtype).eval()
     data = torch.tensor(prompts(args, cfg.vocab_size)[:args.hf_prompts], device=device)
     mask = torch.ones_like(data)
 
@@ -121,6 +126,62 @@ def run_vllm(args, cfg, device, dtype) -> dict:
 RUNS = {"ours": run_ours, "hf": run_hf, "vllm": run_vllm}
 
 
+def save_teacher(args, cfg: ModelConfig) -> None:
+    """The shape with random bf16 weights as an HF folder, with the tokenizer files of
+    --tokenizer, its context the shape's own (2,048 for TinyLlama)."""
+    import shutil
+
+    from engine.convert.hf import write_hf
+
+    folder = Path(args.save_teacher)
+    folder.mkdir(parents=True, exist_ok=True)
+    cfg = cfg.model_copy(update={"max_position_embeddings": 2048})
+    write_hf(folder, random_model(cfg, torch.device("cuda" if torch.cuda.is_available()
+                                                    else "cpu"), torch.bfloat16).cpu(),
+             "bf16", 5 << 30, {})
+    for file in Path(args.tokenizer).iterdir():
+        if file.is_file():
+            shutil.copy(file, folder / file.name)
+
+
+def verify(device: torch.device) -> None:
+    """Greedy tokens of ragged prompts, fp32: ours with CUDA graphs, ours eager and HF generate
+    must agree; and seeded sampling with and without graphs."""
+    import transformers
+
+    from engine.convert.hf import export_state_dict
+
+    torch.manual_seed(0)
+    cfg = ModelConfig(vocab_size=1000, hidden_size=256, intermediate_size=512, num_layers=4,
+                      num_heads=8, num_kv_heads=2, max_position_embeddings=256)
+    model = random_model(cfg, device, torch.float32)
+    with torch.no_grad():
+        model.embed.weight.normal_(0.0, 1.0)  # peaked logits: no near-ties between backends
+    data = [torch.randint(3, 1000, (n,)).tolist() for n in range(5, 165, 10)]
+    greedy = SamplingParams(temperature=0, max_tokens=48, ignore_eos=True)
+    ours = {graphs: [c[0].token_ids for c in Generator(model, NoText(), device, progress=False,
+                                                        cuda_graphs=graphs).generate(data, greedy)]
+            for graphs in (True, False)}
+    hf_cfg = dict(cfg.to_hf())
+    config = transformers.AutoConfig.for_model(hf_cfg.pop("model_type"), **hf_cfg)
+    hf = transformers.AutoModelForCausalLM.from_config(config).to(device).eval()
+    hf.load_state_dict(export_state_dict(model, torch.float32))
+    same_hf = 0
+    for prompt, tokens in zip(data, ours[True]):
+        ids = torch.tensor([prompt], device=device)
+        out = hf.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=48,
+                          min_new_tokens=48, do_sample=False, pad_token_id=0)
+        same_hf += out[0, len(prompt):].tolist() == tokens
+    sampled = SamplingParams(temperature=0.7, top_p=0.9, max_tokens=48, ignore_eos=True, seed=3)
+    draws = [[c[0].token_ids for c in Generator(model, NoText(), device, progress=False,
+                                                cuda_graphs=graphs).generate(data, sampled)]
+             for graphs in (True, False)]
+    print(json.dumps({"verify": "cuda graphs", "prompts": len(data),
+                      "greedy_graphs_eq_eager": sum(a == b for a, b in zip(*ours.values())),
+                      "greedy_graphs_eq_hf": same_hf,
+                      "sampled_graphs_eq_eager": sum(a == b for a, b in zip(*draws))}), flush=True)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--shape", choices=SHAPES, default="tinyllama-1.1b")
@@ -130,13 +191,21 @@ def main() -> None:
     parser.add_argument("--prompt-len", type=int, default=128)
     parser.add_argument("--new", type=int, default=512)
     parser.add_argument("--max-batch", type=int, default=256)
+    parser.add_argument("--no-graphs", action="store_true", help="ours: eager decode steps")
+    parser.add_argument("--verify", action="store_true", help=verify.__doc__.splitlines()[0])
+    parser.add_argument("--save-teacher", metavar="DIR", help=save_teacher.__doc__.split(",")[0])
+    parser.add_argument("--tokenizer", metavar="DIR", help="--save-teacher: tokenizer files")
     parser.add_argument("--backends", nargs="+", choices=RUNS, default=["ours", "hf"])
     args = parser.parse_args()
     if args.tiny:
         args.shape, args.prompts, args.hf_prompts, args.new = "tiny", 8, 8, 32
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if args.verify:
+        return verify(device)
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
     cfg = ModelConfig(**SHAPES[args.shape], max_position_embeddings=args.prompt_len + args.new)
+    if args.save_teacher:
+        return save_teacher(args, cfg)
     for backend in args.backends:
         if device.type == "cuda":
             torch.cuda.reset_peak_memory_stats()

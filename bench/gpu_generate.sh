@@ -1,17 +1,54 @@
 #!/usr/bin/env bash
-# Generation throughput on the GPU machine (bench/generate.py), logs under $OUT.
-# The image lacks pydantic and its kin: carry .whl/ (made here by `bench/gpu_generate.sh wheels`).
-#   device run, carry [".whl"]:  bash bench/gpu_generate.sh run "--shape tinyllama-1.1b --backends ours hf"
+# Generation throughput on the GPU machine (bench/generate.py and the synthesize stage), logs under
+# $OUT. The image lacks pydantic and its kin, datasketch and vLLM: `bash bench/gpu_generate.sh
+# wheels` puts them under .whl/ here (.whl/py, .whl/bench: a tokenizer and a corpus; .whl/vllm: the
+# four 46 MiB parts of ../shared/tools/vllm-bundle). Then device runs back to back (a held machine
+# keeps /tmp), each carrying [".whl/py", ".whl/bench"] and at most one part (64 MiB a run):
+#   bash bench/gpu_generate.sh part        carry + .whl/vllm/part_aa (part_ad: + setup.sh, zstandard)
+#   bash bench/gpu_generate.sh run "--shape tinyllama-1.1b --backends ours hf vllm"
+#   bash bench/gpu_generate.sh stage vllm tinyllama-1.1b      (or engine: the synthesize stage)
 set -euo pipefail
+shared=${SHARED:-../shared}
 case "$1" in
 wheels)
     python3 -m pip download -q --only-binary=:all: --python-version 3.12 \
-        --platform manylinux2014_x86_64 --platform manylinux_2_17_x86_64 -d .whl \
+        --platform manylinux2014_x86_64 --platform manylinux_2_17_x86_64 -d .whl/py \
         pydantic pydantic-settings python-dotenv typing-inspection annotated-types \
-        typing-extensions tqdm ;;
-run)
-    python3 -m pip install -q --no-index --no-deps --target /tmp/site .whl/*.whl
-    export PYTHONPATH="/tmp/site:$PWD"
-    nvidia-smi --query-gpu=name,clocks.sm,clocks.max.sm --format=csv,noheader
-    python3 -m bench.generate $2 2>&1 | tee -a "${OUT:-/tmp}/generate.log" ;;
+        typing-extensions tqdm
+    python3 -m pip download -q --no-deps -d .whl/py datasketch
+    bash "$shared/tools/vllm-bundle/bundle.sh" "$shared/tools/vllm-bundle/gpu-image-packages.txt" \
+        "$PWD/.whl/vllm"
+    mkdir -p .whl/bench/tokenizer
+    cp "$shared"/data/tokenizers/llama2/tokenizer* .whl/bench/tokenizer/
+    # 1,024 documents of 1,100 characters (~250 Llama-2 tokens) from Moby-Dick
+    python3 -c 'import json, sys; t = open(sys.argv[1]).read().split()
+text = " ".join(t); docs = [text[i * 1100:(i + 1) * 1100] for i in range(1024)]
+assert len(docs[-1]) == 1100
+open(".whl/bench/corpus.jsonl", "w").writelines(json.dumps({"text": d}) + "\n" for d in docs)' \
+        "$shared/data/text/gutenberg/pg2701.txt" ;;
+part)
+    mkdir -p /tmp/parts
+    cp .whl/vllm/* /tmp/parts/ ;;
+run|stage)
+    python3 -m pip install -q --no-index --no-deps --target /tmp/site .whl/py/*.whl 2>/dev/null
+    if [ -f /tmp/parts/part_ad ] && [ ! -d /tmp/site/vllm ]; then bash /tmp/parts/setup.sh; fi
+    export PYTHONPATH="/tmp/site:$PWD" VLLM_NO_USAGE_STATS=1
+    log="${OUT:-/tmp}/generate.log"
+    nvidia-smi --query-gpu=name,clocks.sm,clocks.max.sm --format=csv,noheader | tee -a "$log"
+    if [ "$1" = run ]; then
+        python3 -m bench.generate $2 2>&1 | tee -a "$log"
+    else  # stage BACKEND SHAPE: 1,024 documents, 128-token prefixes, 512 new tokens each
+        teacher=/tmp/teacher-$3
+        [ -d "$teacher" ] || python3 -m bench.generate --shape "$3" --save-teacher "$teacher" \
+            --tokenizer .whl/bench/tokenizer
+        rm -rf "/tmp/synth-$2-$3"
+        python3 -m engine synthesize --input .whl/bench/corpus.jsonl --teacher "$teacher" \
+            --output "/tmp/synth-$2-$3" --backend "$2" \
+            --sampling.max-tokens 512 --sampling.ignore-eos --no-progress 2>&1 \
+            | tee -a "$log"
+        python3 -c 'import json, sys; m = json.load(open(sys.argv[1]))
+s = m["summary"]; print(json.dumps({"stage": sys.argv[2], "shape": sys.argv[3],
+"generated_tokens": s["generated_tokens"], **s["throughput"]}))' \
+            "/tmp/synth-$2-$3/manifest.json" "$2" "$3" | tee -a "$log"
+    fi ;;
 esac

@@ -13,8 +13,7 @@ from conftest import random_hf_model, shared
 from engine.data.tokenizer import load_tokenizer
 from engine.generate.generator import Generator
 from engine.generate.params import SamplingParams
-from engine.generate.sampling import (RowSettings, apply_penalties, exponential_noise,
-                                     filter_logits)
+from engine.generate.sampling import RowSettings, apply_penalties, draw, filter_logits
 from engine.model.hf_names import load_hf_state_dict
 from engine.model.llama import LlamaModel
 from tests.test_model import config
@@ -127,7 +126,8 @@ def test_penalties_and_filters_equal_vllm_formulas():
         seen[i, prompt + output] = True
         counts[i] = torch.bincount(torch.tensor(output), minlength=vocab).float()
     penalised = apply_penalties(torch.from_numpy(logits), seen, counts, rows)
-    filtered = filter_logits(penalised, rows).numpy()
+    ordered, order = filter_logits(penalised, rows)
+    filtered = torch.empty_like(ordered).scatter_(1, order, ordered).numpy()
     for i, p in enumerate(params):
         expected = vllm_penalties(logits[i], prompts[i], outputs[i], p.repetition_penalty,
                                   p.frequency_penalty, p.presence_penalty)
@@ -213,8 +213,10 @@ def test_bad_prompts_are_refused(stories, tokenizer):
 def test_counter_based_draws_follow_the_distribution():
     probs = torch.tensor([0.5, 0.25, 0.15, 0.07, 0.03])
     seeds = torch.arange(40_000, dtype=torch.long) * 7919 + 12345
-    picks = [(probs / exponential_noise(seeds, torch.full_like(seeds, step), 5)).argmax(dim=-1)
-             for step in (0, 1)]
+    shuffled = torch.tensor([3, 0, 4, 1, 2])  # columns in another order than the vocabulary's
+    logits = probs.log()[None].expand(len(seeds), 5)
+    picks = [draw(logits[:, shuffled], shuffled[None].expand(len(seeds), 5).contiguous(), seeds,
+                  torch.full_like(seeds, step)) for step in (0, 1)]
     for drawn in picks:
         frequency = torch.bincount(drawn, minlength=5).double() / len(seeds)
         sigma = (probs * (1 - probs) / len(seeds)).sqrt()
@@ -222,10 +224,10 @@ def test_counter_based_draws_follow_the_distribution():
     # two steps of one row are independent draws: both pick token 0 with probability 1/4
     both = ((picks[0] == 0) & (picks[1] == 0)).double().mean().item()
     assert abs(both - 0.25) < 4.5 * (0.25 * 0.75 / len(seeds)) ** 0.5
-    # a pure function of (seed, step, token)
+    # a pure function of (seed, step)
     one = torch.ones_like(seeds)
-    again = exponential_noise(seeds[:5], one[:5], 5)
-    assert torch.equal(again, exponential_noise(seeds, one, 5)[:5])
+    again = draw(logits[:5], None, seeds[:5], one[:5])
+    assert torch.equal(again, draw(logits, None, seeds, one)[:5])
 
 
 def test_a_refilled_batch_gives_the_same_completions(stories, tokenizer):

@@ -17,7 +17,8 @@ import torch
 from tqdm import tqdm
 
 from engine.data.tokenizer import Tokenizer
-from engine.generate.cache import Step, decode_mask, kv_cache, prefill_mask
+from engine.generate.cache import Step, decode_width, kv_cache, prefill_mask
+from engine.generate.graphs import DecodeStep
 from engine.generate.params import Completion, SamplingParams
 from engine.generate.sampling import RowSettings, choose, row_seed
 from engine.model.config import DynamicScaling, ModelConfig
@@ -57,8 +58,10 @@ class Generator:
     """Continue token prompts with a Llama-family model (on its device, in its dtype)."""
 
     def __init__(self, model: torch.nn.Module, tokenizer: Tokenizer, device: torch.device,
-                 max_batch_tokens: int = 1 << 18, max_batch: int = 256, progress: bool = True):
+                 max_batch_tokens: int = 1 << 18, max_batch: int = 256, progress: bool = True,
+                 cuda_graphs: bool = True):
         self.model, self.tokenizer, self.device = model, tokenizer, device
+        self.graphs = cuda_graphs and device.type == "cuda"
         self.cfg = model.cfg
         self.context = context_length(self.cfg)
         self.max_batch_tokens, self.max_batch, self.progress = max_batch_tokens, max_batch, progress
@@ -154,11 +157,13 @@ class Generator:
             1, ids, (at >= length - steps[:, None]).float())  # output tokens only
         settings = RowSettings.of([r.params for r in rows], [r.seed for r in rows], dev)
         slots = length + max(self._budget(r) - len(r.out) for r in rows)
-        step = Step(0, prefill_mask(pad, length))
+        step = Step(torch.arange(length, device=dev), prefill_mask(pad, length))
+        decode = DecodeStep(self.model, step, graphs=self.graphs)
         live = list(range(len(rows)))
         with kv_cache(self.model, step, slots) as caches:
-            logits = self._logits(ids, (at - pad[:, None]).clamp_min(0))
-            for t in range(slots - length):
+            hidden = self.model.forward_hidden(ids, (at - pad[:, None]).clamp_min(0))
+            logits = self.model.logits(hidden[:, -1]).float()
+            for slot in range(length, slots):
                 tokens = choose(logits, seen, counts, settings, steps)
                 self._record(rows, live, tokens, logits)
                 seen[torch.arange(len(live)), tokens] = True
@@ -175,13 +180,8 @@ class Generator:
                     pad, tokens, seen, counts = pad[keep], tokens[keep], seen[keep], counts[keep]
                     steps, settings = steps[keep], settings.keep(keep)
                     live = [live[j] for j in alive]
-                step.start, step.mask = length + t, decode_mask(pad, length + t + 1)
-                logits = self._logits(tokens[:, None], (length + t - pad)[:, None])
+                logits = decode(tokens, pad, slot, decode_width(slot, slots))
         return []
-
-    def _logits(self, ids: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
-        hidden = self.model.forward_hidden(ids, positions)
-        return self.model.logits(hidden[:, -1]).float()
 
     def _record(self, rows: list[Row], live: list[int], tokens: torch.Tensor,
                 logits: torch.Tensor) -> None:

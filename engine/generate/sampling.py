@@ -1,8 +1,9 @@
 """One decoding step's choice of the next token for every row, as vLLM's sampler makes it (see
 engine/generate/params.py for the order). Parameters are per row, so rows with different
-settings share a batch. Random draws are a pure function of (the row's seed, the step, the token):
-counter-based noise computed for the whole batch at once, so a row's tokens do not depend on its
-neighbours, and no per-row generator is called each step."""
+settings share a batch. A row's random draw is a pure function of (the row's seed, its step): a
+counter-based uniform number computed for the whole batch at once, so a row's tokens do not
+depend on its neighbours, and no per-row generator is called each step. (The draw is exact, but
+not vLLM's stream of random numbers: equal seeds give other tokens there.)"""
 
 from __future__ import annotations
 
@@ -38,12 +39,10 @@ def _mix(x: torch.Tensor) -> torch.Tensor:
     return x ^ (x >> 16)
 
 
-def exponential_noise(seeds: torch.Tensor, steps: torch.Tensor, vocab: int) -> torch.Tensor:
-    """Exp(1) noise [batch, vocab] as a function of (row seed, row step, token) alone."""
-    key = _mix((seeds & _M32) ^ _mix((seeds >> 32) ^ _mix(steps & _M32)))
-    tokens = torch.arange(vocab, device=seeds.device)
-    bits = _mix(_mix(key[:, None] ^ _times(tokens, 0x9E3779B9)[None]) ^ key[:, None])
-    return -torch.log((bits.double() + 0.5) / 2**32).float()
+def uniform(seeds: torch.Tensor, steps: torch.Tensor) -> torch.Tensor:
+    """U(0, 1) draws [batch], open at both ends, as a function of (row seed, row step) alone."""
+    bits = _mix((seeds & _M32) ^ _mix((seeds >> 32) ^ _mix(steps & _M32)))
+    return (bits.double() + 0.5) / 2**32
 
 
 @dataclass
@@ -62,6 +61,7 @@ class RowSettings:
     random: torch.Tensor  # rows that draw (temperature > 0)
     sorts: bool
     uses_min_p: bool
+    penalizes: bool
 
     @classmethod
     def of(cls, params: list[SamplingParams], seeds: list[int],
@@ -78,7 +78,9 @@ class RowSettings:
                    column(seeds, torch.long),
                    column([i for i, p in enumerate(params) if p.temperature > 0], torch.long),
                    any(p.top_k > 0 or p.top_p < 1 for p in params),
-                   any(p.min_p > 0 for p in params))
+                   any(p.min_p > 0 for p in params),
+                   any((p.repetition_penalty, p.frequency_penalty, p.presence_penalty) != (1, 0, 0)
+                       for p in params))
 
     def drawing(self) -> RowSettings:
         """The settings of the rows that draw."""
@@ -86,7 +88,7 @@ class RowSettings:
         return RowSettings(self.temperature[r], self.top_p[r], self.top_k[r], self.min_p[r],
                            self.repetition[r], self.frequency[r], self.presence[r],
                            self.seeds[r], torch.arange(len(r), device=r.device), self.sorts,
-                           self.uses_min_p)
+                           self.uses_min_p, self.penalizes)
 
     def keep(self, rows: torch.Tensor) -> RowSettings:
         """The settings of the listed rows, in that order."""
@@ -96,7 +98,7 @@ class RowSettings:
         return RowSettings(self.temperature[rows], self.top_p[rows], self.top_k[rows],
                            self.min_p[rows], self.repetition[rows], self.frequency[rows],
                            self.presence[rows], self.seeds[rows], random[random >= 0],
-                           self.sorts, self.uses_min_p)
+                           self.sorts, self.uses_min_p, self.penalizes)
 
 
 def apply_penalties(logits: torch.Tensor, seen: torch.Tensor, output_counts: torch.Tensor,
@@ -109,16 +111,18 @@ def apply_penalties(logits: torch.Tensor, seen: torch.Tensor, output_counts: tor
     return logits - rows.presence[:, None] * (output_counts > 0)
 
 
-def filter_logits(logits: torch.Tensor, rows: RowSettings) -> torch.Tensor:
+def filter_logits(logits: torch.Tensor,
+                  rows: RowSettings) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Temperature, then min-p, top-k and top-p: the tokens a random draw may pick keep their
-    (tempered) logits, the others become -inf."""
+    (tempered) logits, the others become -inf. Returned in ascending order with the token ids of
+    each column when top-k or top-p sorted them, else in vocabulary order with None."""
     logits = logits / rows.temperature.clamp_min(1e-6)[:, None]
     if rows.uses_min_p:
         probs = logits.softmax(dim=-1)
         too_unlikely = probs < rows.min_p[:, None] * probs.amax(dim=-1, keepdim=True)
         logits = logits.masked_fill(too_unlikely, float("-inf"))
     if not rows.sorts:
-        return logits
+        return logits, None
     ordered, order = logits.sort(dim=-1)  # ascending, as vLLM's top-k/top-p
     vocab = logits.shape[-1]
     k = torch.where(rows.top_k > 0, rows.top_k, vocab).clamp(max=vocab)
@@ -127,20 +131,30 @@ def filter_logits(logits: torch.Tensor, rows: RowSettings) -> torch.Tensor:
     cumulative = ordered.softmax(dim=-1).cumsum(dim=-1)
     outside = cumulative <= 1 - rows.top_p[:, None]
     outside[:, -1] = False  # the most likely token always stays
-    ordered = ordered.masked_fill(outside, float("-inf"))
-    return torch.empty_like(logits).scatter_(1, order, ordered)
+    return ordered.masked_fill(outside, float("-inf")), order
+
+
+def draw(logits: torch.Tensor, order: torch.Tensor | None, seeds: torch.Tensor,
+         steps: torch.Tensor) -> torch.Tensor:
+    """A token [batch] from softmax(logits) of each row by inverse CDF: the first column whose
+    cumulative probability reaches the row's uniform(seed, step) share of the total. One random
+    number a row, where a Gumbel or exponential race (vLLM's) needs one per vocabulary entry."""
+    cdf = logits.softmax(dim=-1).cumsum(dim=-1)
+    target = uniform(seeds, steps).to(cdf.dtype)[:, None] * cdf[:, -1:]
+    picked = torch.searchsorted(cdf, target).clamp_max(cdf.shape[-1] - 1)
+    return (picked if order is None else order.gather(1, picked))[:, 0]
 
 
 def choose(logits: torch.Tensor, seen: torch.Tensor, output_counts: torch.Tensor,
            rows: RowSettings, steps: torch.Tensor) -> torch.Tensor:
     """The next token of every row [batch]: argmax where temperature is 0, else a draw (the
-    noise of a row's draw depends on its seed and `steps`, its tokens generated so far)."""
-    logits = apply_penalties(logits.float(), seen, output_counts, rows)
+    random number of a row's draw depends on its seed and `steps`, its tokens generated so far)."""
+    logits = logits.float()
+    if rows.penalizes:
+        logits = apply_penalties(logits, seen, output_counts, rows)
     tokens = logits.argmax(dim=-1)
     if len(rows.random):
         drawing = rows.drawing()
-        probs = filter_logits(logits[rows.random], drawing).softmax(dim=-1)
-        # probs / q with q ~ Exp(1) picks token t with probability probs[t] (vLLM's draw)
-        q = exponential_noise(drawing.seeds, steps[rows.random], probs.shape[-1])
-        tokens[rows.random] = (probs / q).argmax(dim=-1)
+        kept, order = filter_logits(logits[rows.random], drawing)
+        tokens[rows.random] = draw(kept, order, drawing.seeds, steps[rows.random])
     return tokens

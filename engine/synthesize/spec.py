@@ -91,7 +91,7 @@ class Spec(StageSpec):
     dtype: Literal["auto", "bf16", "fp16", "fp32"] = Field(
         "auto", description="compute dtype; auto: bf16 on GPU, fp32 on CPU")
     device: Literal["auto", "cpu", "cuda"] = Field("auto", json_schema_extra=_NOT_OUTPUT)
-    max_batch_tokens: int = Field(16384, gt=0, description="engine: tokens per batch (prompt "
+    max_batch_tokens: int = Field(1 << 18, gt=0, description="engine: tokens per batch (prompt "
                                   "and KV cache)", json_schema_extra=_NOT_OUTPUT)
     shard_documents: int = Field(1024, ge=1, description="documents per work shard: the unit of "
                                  "resume and of the ranks' split")
