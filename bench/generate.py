@@ -84,13 +84,18 @@ def run_ours(args, cfg, device, dtype) -> dict:
     return {"prompts": len(data), "seconds": seconds}
 
 
-def run_hf(args, cfg, device, dtype) -> dict:
+def hf_model(cfg: ModelConfig, device: torch.device, dtype: torch.dtype):
+    """The shape as an HF transformers model with random weights."""
     import transformers
 
     hf_cfg = dict(cfg.to_hf())
     config = transformers.AutoConfig.for_model(hf_cfg.pop("model_type"), **hf_cfg)
     with torch.device(device):  # random initialisation on the GPU: minutes on CPU for 8B
-        model = transformers.AutoModelForCausalLM.from_config(config, dtype=dtype).eval()
+        return transformers.AutoModelForCausalLM.from_config(config, dtype=dtype).eval()
+
+
+def run_hf(args, cfg, device, dtype) -> dict:
+    model = hf_model(cfg, device, dtype)
     data = torch.tensor(prompts(args, cfg.vocab_size)[:args.hf_prompts], device=device)
     mask = torch.ones_like(data)
 
@@ -147,8 +152,6 @@ def save_teacher(args, cfg: ModelConfig) -> None:
 def verify(device: torch.device) -> None:
     """Greedy tokens of ragged prompts, fp32: ours with CUDA graphs, ours eager and HF generate
     must agree; and seeded sampling with and without graphs."""
-    import transformers
-
     from engine.convert.hf import export_state_dict
 
     torch.manual_seed(0)
@@ -162,9 +165,7 @@ def verify(device: torch.device) -> None:
     ours = {graphs: [c[0].token_ids for c in Generator(model, NoText(), device, progress=False,
                                                         cuda_graphs=graphs).generate(data, greedy)]
             for graphs in (True, False)}
-    hf_cfg = dict(cfg.to_hf())
-    config = transformers.AutoConfig.for_model(hf_cfg.pop("model_type"), **hf_cfg)
-    hf = transformers.AutoModelForCausalLM.from_config(config).to(device).eval()
+    hf = hf_model(cfg, device, torch.float32)
     hf.load_state_dict(export_state_dict(model, torch.float32))
     same_hf = 0
     for prompt, tokens in zip(data, ours[True]):
