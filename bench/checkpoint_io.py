@@ -18,7 +18,7 @@ import torch
 
 from engine.model.config import ModelConfig
 from engine.model.llama import LlamaModel
-from engine.train import checkpoint as ckpt
+from engine.checkpoint import store as ckpt
 
 
 class _Timed:

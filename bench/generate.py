@@ -81,7 +81,23 @@ def run_ours(args, cfg, device, dtype) -> dict:
     out = []
     seconds = timed(lambda: out.extend(generator.generate(data, settings)))
     assert all(len(c[0].token_ids) == args.new for c in out)
+    if args.profile:
+        profile(lambda: generator.generate(data[:args.max_batch], params(args)[:args.max_batch]))
     return {"prompts": len(data), "seconds": seconds}
+
+
+def profile(fn) -> None:
+    """The kernels and operators that took the most device time in one more call of fn."""
+    from torch.profiler import ProfilerActivity
+    from torch.profiler import profile as torch_profile
+
+    gpu = torch.cuda.is_available()
+    with torch_profile(activities=[ProfilerActivity.CPU]
+                       + [ProfilerActivity.CUDA] * gpu) as prof:
+        timed(fn)
+    order = "self_device_time_total" if gpu else "self_cpu_time_total"
+    print(prof.key_averages().table(sort_by=order, row_limit=25, max_name_column_width=60),
+          flush=True)
 
 
 def hf_model(cfg: ModelConfig, device: torch.device, dtype: torch.dtype):
@@ -114,6 +130,7 @@ def run_vllm(args, cfg, device, dtype) -> dict:
     from vllm import LLM
     from vllm import SamplingParams as VllmParams
 
+    torch.cuda.empty_cache()  # vLLM sizes its KV cache from the memory free now
     from engine.convert.hf import write_hf
 
     folder = Path(tempfile.mkdtemp(prefix="bench-generate-"))
@@ -193,6 +210,8 @@ def main() -> None:
     parser.add_argument("--new", type=int, default=512)
     parser.add_argument("--max-batch", type=int, default=256)
     parser.add_argument("--no-graphs", action="store_true", help="ours: eager decode steps")
+    parser.add_argument("--profile", action="store_true",
+                        help="ours: then one batch under torch.profiler, top kernels printed")
     parser.add_argument("--verify", action="store_true", help=verify.__doc__.splitlines()[0])
     parser.add_argument("--save-teacher", metavar="DIR", help=save_teacher.__doc__.split(",")[0])
     parser.add_argument("--tokenizer", metavar="DIR", help="--save-teacher: tokenizer files")

@@ -56,7 +56,7 @@ def begin_attempt(run: RunDir, checkpoint_dir: str | None) -> Attempt:
     if checkpoint_dir is not None:
         start_step = 0
         if Path(checkpoint_dir).is_dir():  # a fresh run has no folder: spare the torch import
-            from engine.train.latest import latest_iteration
+            from engine.checkpoint.latest import latest_iteration
 
             start_step = latest_iteration(checkpoint_dir) or 0
     attempt = Attempt(number=len(previous) + 1, reason=reason, start_step=start_step,

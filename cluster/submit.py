@@ -24,7 +24,6 @@ from cluster.resources import Resources
 from engine.errors import Preempted, SpecError
 from engine.registry import get_stage
 from engine.spec import StageSpec, dump_spec, format_validation_error
-from engine.train.spec import TrainSpec
 
 
 def submit(stage: str, spec: dict[str, Any] | StageSpec, resources: Resources | dict | None = None,
@@ -40,7 +39,7 @@ def submit(stage: str, spec: dict[str, Any] | StageSpec, resources: Resources | 
     check(profile, resources)
     run = RunDir.create(run_dir or profile.runs_root() / RunDir.new_name(stage))
     run.spec.write_text(dump_spec(spec) + "\n", encoding="utf-8")
-    checkpoint_dir = spec.checkpoint.save if isinstance(spec, TrainSpec) else None
+    checkpoint_dir = entry.checkpoint_dir(spec)
     artifact = entry.output(spec)  # the manifest to rewrite with the attempts (docs/cluster.md)
     record = {"stage": stage, "executor": profile.executor, "profile": profile.source,
               "resources": resources.model_dump(), "submitted_at": _now()}

@@ -7,7 +7,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from engine.errors import InputError
-from engine.train.latest import LATEST
+from engine.checkpoint.latest import LATEST
 
 CONFIG = "config.json"  # an HF model folder's
 TOKENIZER_DIR = "tokenizer"  # a native checkpoint root's copy of its tokenizer

@@ -2,7 +2,9 @@
 `input_paths(spec) -> {name: path}`, what engine.lineage fingerprints), its work (`run(spec) ->
 Manifest`), the kind of artifact it writes, the dotted spec field naming where that goes and,
 optionally, the manifest summary's keys that describe the artifact (a model's shape, token ids)
-rather than measure it, so that tracking records them as parameters, not metrics.
+rather than measure it, so that tracking records them as parameters, not metrics. A resumable
+stage also names the spec field holding its checkpoint folder: cluster/ reads the latest iteration
+there to record where each attempt starts.
 
 The CLI, cluster/, tasks/ and flows/ all go through it, so a new stage is one engine module plus
 one line here. A command (the server) is run by the CLI the same way but writes no artifact, so
@@ -49,6 +51,7 @@ class Stage(Command):
     kind: str
     output_field: str
     settings: tuple[str, ...] = ()
+    checkpoint_field: str | None = None
 
     def input_paths(self, spec) -> dict[str, str]:
         """What the stage reads for `spec`, by input name (the names of its fingerprints)."""
@@ -64,10 +67,18 @@ class Stage(Command):
 
     def output(self, spec) -> str | None:
         """Where the stage writes its artifact for `spec` (a folder, or a dataset prefix)."""
-        value = spec
-        for part in self.output_field.split("."):
-            value = getattr(value, part)
-        return value
+        return _field(spec, self.output_field)
+
+    def checkpoint_dir(self, spec) -> str | None:
+        """Where a resumable stage keeps the checkpoints it resumes from; None for the others."""
+        return _field(spec, self.checkpoint_field) if self.checkpoint_field else None
+
+
+def _field(spec, dotted: str):
+    value = spec
+    for part in dotted.split("."):
+        value = getattr(value, part)
+    return value
 
 
 def _load(ref: str) -> Any:
@@ -87,9 +98,9 @@ _TABLE = [
     Stage("convert", "engine.convert.spec:Spec", "engine.convert.stage:run",  # kind "checkpoint"
           "hf-model", "save_dir", ("model", "token_ids", "parameters")),  # for a native target
     Stage("pretrain", "engine.train.spec:PretrainSpec", "engine.train.pretrain:run",
-          "checkpoint", "checkpoint.save", TRAINING_SIZE),
+          "checkpoint", "checkpoint.save", TRAINING_SIZE, "checkpoint.save"),
     Stage("finetune", "engine.train.spec:FinetuneSpec", "engine.train.finetune:run",
-          "checkpoint", "checkpoint.save", TRAINING_SIZE),
+          "checkpoint", "checkpoint.save", TRAINING_SIZE, "checkpoint.save"),
     Stage("evaluate", "engine.evaluate.spec:Spec", "engine.evaluate.stage:run",
           "eval-report", "output"),
     Stage("synthesize", "engine.synthesize.spec:Spec", "engine.synthesize.stage:run",

@@ -21,7 +21,7 @@ from engine.convert.verify import VerificationError
 from engine.errors import InputError
 from engine.model.config import ModelConfig
 from engine.model.llama import LlamaModel
-from engine.train.checkpoint import save_checkpoint
+from engine.checkpoint.store import save_checkpoint
 
 transformers = pytest.importorskip("transformers")
 

@@ -21,10 +21,10 @@ from conftest import REPO, TINY_MODEL, logged_losses
 from engine.manifest import complete
 from engine.model.config import ModelConfig
 from engine.model.llama import LlamaModel
-from engine.train import checkpoint as ckpt
+from engine.checkpoint import store as ckpt
 
 RUNNER = REPO / "tests" / "fault_runner.py"
-CK = "engine.train.checkpoint"
+CK = "engine.checkpoint.store"
 RUNS = [(1, "fp32"), (2, "bf16-master")]  # (seed, precision), alternated over the faults
 
 

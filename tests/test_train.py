@@ -22,7 +22,7 @@ from engine.manifest import sha256_file
 from engine.model.config import ModelConfig
 from engine.model.llama import LlamaModel
 from engine.spec import load_spec
-from engine.train import checkpoint as ckpt
+from engine.checkpoint import store as ckpt
 from engine.train.schedule import LRSchedule
 from engine.train.spec import PretrainSpec
 

@@ -15,7 +15,7 @@ from engine.errors import InputError
 from engine.model.config import ModelConfig
 from engine.model.llama import LlamaModel
 from engine.spec import format_validation_error
-from engine.train.checkpoint import checkpoint_path, load_checkpoint, read_meta, save_checkpoint
+from engine.checkpoint.store import checkpoint_path, load_checkpoint, read_meta, save_checkpoint
 
 MODEL_CONFIG = "model_config.json"  # as the checkpoint code writes it
 

@@ -48,7 +48,7 @@ from engine.model.llama import LlamaModel
 from engine.parallel import distributed
 from engine.parallel.data_parallel import set_gradient_sync, wrap
 from engine.signals import StopSignals
-from engine.train import checkpoint as ckpt
+from engine.checkpoint import store as ckpt
 from engine.train.flops import flops_per_token, peak_flops
 from engine.train.master_adamw import MasterAdamW, norm_gains, total_norm
 from engine.train.spec import TrainSpec, input_paths

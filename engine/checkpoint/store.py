@@ -40,10 +40,10 @@ from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model
                                                      set_optimizer_state_dict)
 
 from engine.atomic import atomic_write_text, fsync_dir, out_of_space
+from engine.checkpoint.latest import LATEST, latest_iteration
+from engine.checkpoint.safe_load import SafePlanner, SafeReader, rng_state, set_rng_state
 from engine.errors import InputError
 from engine.manifest import HASH_THREADS, FileEntry, check_files, sha256_file, sha256_files
-from engine.train.latest import LATEST, latest_iteration
-from engine.train.safe_load import SafePlanner, SafeReader, rng_state, set_rng_state
 
 log = logging.getLogger(__name__)
 _NAME = re.compile(r"iter_(\d{7,})")
