@@ -37,6 +37,10 @@ def submit(stage: str, spec: dict[str, Any] | StageSpec, resources: Resources | 
     profile = profile if isinstance(profile, Profile) else load_profile(profile)
     resources = profile.resources.override(resources)
     check(profile, resources)
+    try:
+        spec.check_world(resources.world_size)
+    except ValueError as exc:
+        raise SpecError(f"{stage} on {resources.world_size} rank(s): {exc}") from None
     run = RunDir.create(run_dir or profile.runs_root() / RunDir.new_name(stage))
     run.spec.write_text(dump_spec(spec) + "\n", encoding="utf-8")
     checkpoint_dir = entry.checkpoint_dir(spec)

@@ -31,6 +31,10 @@ class StageSpec(BaseModel):
         """The spec's fields that change the output, as JSON-able data (nested sections too)."""
         return _output_fields(self)
 
+    def check_world(self, world_size: int) -> None:
+        """Raise ValueError if the stage cannot run on `world_size` ranks (checked at
+        submission, before a job is queued)."""
+
 
 def _output_fields(model: BaseModel) -> dict[str, Any]:
     out: dict[str, Any] = {}

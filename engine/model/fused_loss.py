@@ -17,6 +17,9 @@ from __future__ import annotations
 import functools
 
 import torch
+from torch.distributed.tensor import DTensor
+
+from engine.model.vocab_parallel_loss import vocab_parallel_cross_entropy
 
 
 def _lse_and_loss(logits: torch.Tensor, targets: torch.Tensor,
@@ -97,7 +100,11 @@ def linear_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, targets: to
 
     `compute_dtype` is the matmul dtype (default: the hidden states'); log-sum-exp and the loss are
     always fp32, as in an fp32 cross-entropy over full logits. `compiled` fuses each chunk's
-    softmax arithmetic into one kernel (default: on CUDA)."""
+    softmax arithmetic into one kernel (default: on CUDA). A weight that tensor parallelism
+    sharded over the vocabulary goes to engine/model/vocab_parallel_loss.py."""
+    if isinstance(weight, DTensor):
+        return vocab_parallel_cross_entropy(hidden, weight, targets, mask, chunk_rows,
+                                            compute_dtype or hidden.dtype)
     if compiled is None:
         compiled = hidden.is_cuda
     return _LinearCrossEntropy.apply(hidden, weight, targets, mask, chunk_rows,

@@ -21,6 +21,7 @@ import math
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.distributed.tensor import DTensor, distribute_tensor
 
 from engine.model.attention import Attention
 from engine.model.config import ModelConfig
@@ -67,10 +68,11 @@ class SwiGLU(nn.Module):
         self.w_down = nn.Linear(cfg.intermediate_size, cfg.hidden_size, bias=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        rows, hidden = self.w_gate.weight.shape  # rows: this shard's FFN width under TP
+        gate, up = local_shard(self.w_gate.weight), local_shard(self.w_up.weight)
+        rows, hidden = gate.shape  # rows: this rank's FFN width under tensor parallelism
         block = math.gcd(rows, self.BLOCK)
-        stacked = torch.stack((self.w_gate.weight.view(rows // block, block, hidden),
-                               self.w_up.weight.view(rows // block, block, hidden)), dim=1)
+        stacked = torch.stack((gate.view(rows // block, block, hidden),
+                               up.view(rows // block, block, hidden)), dim=1)
         both = F.linear(x, stacked.flatten(0, 2)).unflatten(-1, (rows // block, 2, block))
         return self.w_down((F.silu(both[..., 0, :]) * both[..., 1, :]).flatten(-2))
 
@@ -155,7 +157,17 @@ class LlamaModel(nn.Module):
                 param.zero_()
             else:
                 scale = out_std if name.endswith(("attn.wo.weight", "mlp.w_down.weight")) else std
-                param.copy_(_seeded_normal(param.shape, scale, seed, name))
+                full = _seeded_normal(param.shape, scale, seed, name).to(param.device)
+                if isinstance(param, DTensor):  # a sharded parameter takes its own slice
+                    full = distribute_tensor(full, param.device_mesh, param.placements,
+                                             src_data_rank=None)
+                param.copy_(full)
+
+
+def local_shard(weight: torch.Tensor) -> torch.Tensor:
+    """This rank's part of a weight that tensor parallelism sharded (a DTensor), for code that
+    computes with the raw weight; the weight itself otherwise."""
+    return weight.to_local() if isinstance(weight, DTensor) else weight
 
 
 def canonical_name(name: str) -> str:

@@ -1,6 +1,3 @@
-"""Parallelism applied to a plain model from outside: process groups, data parallel (DDP or FSDP2);
-tensor, sequence and pipeline parallelism plug in here."""
-
-from typing import Literal
-
-DataParallel = Literal["ddp", "fsdp"]  # the modes engine/parallel/data_parallel.py applies
+"""Parallelism applied to a plain model from outside: the layout of a job's ranks (layout.py,
+torch-free) as one DeviceMesh (mesh.py); tensor + sequence parallel (tensor_parallel.py), pipeline
+stages (pipeline.py), data parallel (data_parallel.py) and activation recompute (recompute.py)."""

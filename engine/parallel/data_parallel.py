@@ -1,26 +1,50 @@
-"""Data parallelism over every rank of the job: DDP (replicated optimizer; fastest for small
-models) or FSDP2 `fully_shard` per block (ZeRO-3 style sharding of parameters, gradients and
-optimizer state: Megatron's distributed optimizer and more)."""
+"""Data parallelism over the mesh's data-parallel ranks: DDP for a model that is whole on every
+rank (no TP, no PP: the fastest for small models, and the only one MasterAdamW's bf16 weights
+work with), otherwise FSDP2 `fully_shard` per block — sharded over dp_shard (ZeRO-3 style:
+parameters, gradients and optimizer state; Megatron's distributed optimizer and more), replicated
+over dp_replicate (HSDP when both are > 1; plain replication when dp_shard is 1, which is how
+"ddp" runs alongside TP or PP). Under FSDP the parameters and optimizer state stay fp32 and a
+MixedPrecisionPolicy gathers them in the compute dtype and reduces gradients in fp32.
+"""
 
 from __future__ import annotations
 
 import torch
 import torch.distributed as dist
 from torch import nn
+from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 
-from engine.parallel import DataParallel
+from engine.parallel.layout import DataParallel
+from engine.parallel.mesh import Mesh
+
+_COMPUTE = {"bf16": torch.bfloat16, "fp16": torch.float16}
 
 
-def wrap(model: nn.Module, mode: DataParallel, device: torch.device) -> nn.Module:
-    """Wrap for data parallelism; a single process gets the model back unchanged."""
-    if not dist.is_initialized() or dist.get_world_size() == 1:
-        return model
-    if mode == "fsdp":
-        from torch.distributed.fsdp import fully_shard
+def uses_ddp(mode: DataParallel, mesh: Mesh) -> bool:
+    return mode == "ddp" and mesh.layout.tp == mesh.layout.pp == 1
 
-        for block in model.layers.values():
-            fully_shard(block)
-        fully_shard(model)
+
+def apply_fsdp(parts: list[nn.Module], mode: DataParallel, mesh: Mesh, precision: str) -> None:
+    """fully_shard each block and each model part (a pipeline stage, or the model) over the
+    data-parallel sub-mesh; nothing when there is one data-parallel rank or DDP applies."""
+    if mesh.layout.dp == 1 or uses_ddp(mode, mesh):
+        return
+    # a 2-D mesh is FSDP's HSDP form: replicated over its first dimension, sharded over its second
+    dp_mesh = mesh.sub("dp_replicate", "dp_shard") if mesh.layout.dp_replicate > 1 else mesh.sub("dp_shard")
+    dtype = _COMPUTE.get(precision)
+    policy = MixedPrecisionPolicy(param_dtype=dtype, reduce_dtype=torch.float32 if dtype else None)
+    pipelined = mesh.layout.pp > 1
+    for part in parts:
+        for block in part.layers.values():
+            # under a pipeline schedule a stage's blocks run again for the backward of each
+            # micro-batch: keeping them gathered saves an all-gather per micro-batch
+            fully_shard(block, mesh=dp_mesh, mp_policy=policy, reshard_after_forward=not pipelined)
+        fully_shard(part, mesh=dp_mesh, mp_policy=policy, reshard_after_forward=not pipelined)
+
+
+def wrap_ddp(model: nn.Module, mode: DataParallel, mesh: Mesh, device: torch.device) -> nn.Module:
+    """DDP over every rank when it applies (see uses_ddp); the model unchanged otherwise."""
+    if mesh.mesh is None or not uses_ddp(mode, mesh):
         return model
     from torch.nn.parallel import DistributedDataParallel
 

@@ -44,13 +44,15 @@ from engine.lineage import artifact_manifest, stage_fingerprint
 from engine.manifest import Manifest, complete, sha256_file, write_manifest
 from engine.metrics import MetricsSink
 from engine.model.config import ModelConfig
-from engine.model.llama import LlamaModel
 from engine.parallel import distributed
-from engine.parallel.data_parallel import set_gradient_sync, wrap
+from engine.parallel.data_parallel import set_gradient_sync
+from engine.parallel.grad_norm import clip_grad_norm_
+from engine.parallel.mesh import Mesh, all_reduce_sum, build_mesh
 from engine.signals import StopSignals
 from engine.checkpoint import store as ckpt
+from engine.train.build import build
 from engine.train.flops import flops_per_token, peak_flops
-from engine.train.master_adamw import MasterAdamW, norm_gains, total_norm
+from engine.train.master_adamw import MasterAdamW, total_norm
 from engine.train.spec import TrainSpec, input_paths
 
 log = logging.getLogger(__name__)
@@ -79,6 +81,9 @@ def _resolve_model_config(spec: TrainSpec, start: Path | None) -> ModelConfig:
     if spec.data.seq_length > stored.max_position_embeddings:
         raise InputError(f"data.seq_length {spec.data.seq_length} is above the checkpoint's "
                          f"max_position_embeddings {stored.max_position_embeddings} ({start})")
+    errors = spec.layout_errors(stored)
+    if errors:
+        raise InputError(f"{start}: " + "; ".join(errors))
     return stored
 
 
@@ -94,22 +99,6 @@ def _eod_id(spec: TrainSpec) -> int | None:
     raise InputError("data.eod_mask_loss needs data.eod_id: the datasets have no manifest naming it")
 
 
-def _optimizer(model: torch.nn.Module, spec: TrainSpec, device: torch.device) -> torch.optim.Optimizer:
-    """AdamW with weight decay on the matrices but the embedding; MasterAdamW (built before the
-    data-parallel wrapper, which then sees bf16 weights; its update compiled on CUDA, where
-    torch's AdamW is fused) or torch's fused AdamW."""
-    decay, no_decay = [], []
-    for name, p in model.named_parameters():
-        (decay if p.ndim >= 2 and "embed" not in name else no_decay).append(p)
-    o = spec.optim
-    groups = [{"params": decay, "weight_decay": o.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
-    if spec.precision == "bf16-master":
-        return MasterAdamW(groups, lr=o.lr, betas=(o.beta1, o.beta2), eps=o.eps,
-                           keep_fp32=norm_gains(model), compile=device.type == "cuda")
-    return torch.optim.AdamW(groups, lr=o.lr, betas=(o.beta1, o.beta2), eps=o.eps,
-                             fused=device.type == "cuda")
-
-
 def _fp32_weights(optimizer: torch.optim.Optimizer):
     """The model's fp32 weights in its parameters for a checkpoint's save or load: MasterAdamW's
     masters swapped in, or the parameters themselves."""
@@ -117,7 +106,7 @@ def _fp32_weights(optimizer: torch.optim.Optimizer):
 
 
 class Batches:
-    """Micro-batches of one rank, addressed by (iteration, accumulation step)."""
+    """Micro-batches of one data-parallel rank, addressed by (iteration, accumulation step)."""
 
     def __init__(self, samples, global_batch: int, micro_batch: int, rank: int, world: int,
                  device: torch.device, eod_id: int | None) -> None:
@@ -155,8 +144,9 @@ def _loss_sum(model, inputs, targets, mask, autocast: torch.dtype | None,
 
 @torch.no_grad()
 def evaluate(model, batches: Batches, iters: int, autocast: torch.dtype | None,
-             fused: bool = True) -> tuple[float, int]:
-    """Mean token loss over `iters` validation global batches (all ranks), and tokens scored."""
+             fused: bool = True, dp_group=None) -> tuple[float, int]:
+    """Mean token loss over `iters` validation global batches (all data-parallel ranks), and
+    tokens scored."""
     model.eval()
     total = torch.zeros(2, dtype=torch.float64, device=batches.device)
     for it in range(iters):
@@ -164,7 +154,7 @@ def evaluate(model, batches: Batches, iters: int, autocast: torch.dtype | None,
             total[0] += _loss_sum(model, inputs, targets, mask, autocast, fused).double()
             total[1] += mask.sum()
     model.train()
-    distributed.all_reduce_sum(total)
+    all_reduce_sum(total, dp_group)
     loss_sum, count = total.tolist()
     return loss_sum / max(count, 1), int(count)
 
@@ -197,11 +187,18 @@ def _finished(spec: TrainSpec, stage: str) -> Manifest | None:
     return manifest
 
 
+def _mesh(spec: TrainSpec, env: distributed.Env) -> Mesh:
+    try:
+        spec.check_world(env.world_size)
+        return build_mesh(spec.layout(env.world_size), env.device)
+    except ValueError as exc:
+        raise InputError(str(exc)) from None
+
+
 def _train(spec: TrainSpec, stage: str, env: distributed.Env, stop: StopSignals) -> Manifest:
-    G, m, W = spec.global_batch_size, spec.micro_batch_size, env.world_size
-    if G % (m * W):
-        raise InputError(f"global_batch_size {G} is not a multiple of micro_batch_size {m} × "
-                         f"{W} data-parallel ranks")
+    mesh = _mesh(spec, env)
+    G, W = spec.global_batch_size, mesh.layout.dp
+    dp_group = mesh.groups["dp"]
     save_dir = Path(spec.checkpoint.save)
     resume = ckpt.latest_iteration(save_dir) is not None
     start = ckpt.checkpoint_path(save_dir) if resume else (
@@ -221,25 +218,14 @@ def _train(spec: TrainSpec, stage: str, env: distributed.Env, stop: StopSignals)
     if not env.is_main:
         sets = build_samples(spec.data.blend, spec.data.split, spec.data.seq_length, num, spec.seed,
                              spec.data.cache_dir, verify=False)
-    train_batches = Batches(sets["train"], G, m, env.rank, W, env.device, eod_id)
-    valid_batches = Batches(sets["valid"], G, m, env.rank, W, env.device, eod_id) if n_valid else None
+    m = spec.micro_batch_size
+    train_batches = Batches(sets["train"], G, m, mesh.dp_rank, W, env.device, eod_id)
+    valid_batches = (Batches(sets["valid"], G, m, mesh.dp_rank, W, env.device, eod_id)
+                     if n_valid else None)
 
-    torch.manual_seed(spec.seed)
-    with torch.device("meta"):
-        model = LlamaModel(cfg)
-    n_params = sum(p.numel() for p in model.parameters())
-    model.to_empty(device=env.device)
-    model.init_weights(spec.seed)
-    if spec.compile:
-        for block in model.layers.values():
-            block.compile()
+    built = build(cfg, spec, mesh, env.device)
+    model, optimizer, n_params = built.model, built.optimizer, built.parameters
     master = spec.precision == "bf16-master"
-    if master:  # the wrapper must see the bf16 weights that MasterAdamW makes
-        optimizer = _optimizer(model, spec, env.device)
-        model = wrap(model, spec.data_parallel, env.device)
-    else:  # FSDP replaces the parameters: the optimizer takes the wrapped ones
-        model = wrap(model, spec.data_parallel, env.device)
-        optimizer = _optimizer(model, spec, env.device)
     autocast = _AUTOCAST.get(spec.precision)
     scaler = torch.amp.GradScaler(env.device.type) if spec.precision == "fp16" else None
 
@@ -258,7 +244,8 @@ def _train(spec: TrainSpec, stage: str, env: distributed.Env, stop: StopSignals)
     sink = MetricsSink(spec.metrics_file or save_dir / "metrics.jsonl", enabled=env.is_main)
     if iteration == 0:
         sink.log_params({"stage": stage, **spec.model_dump(mode="json", exclude={"model"}),
-                         "model": cfg.model_dump(mode="json"), "world_size": W})
+                         "model": cfg.model_dump(mode="json"), "world_size": env.world_size,
+                         "layout": mesh.layout.describe()})
     tokens_per_iter = G * spec.data.seq_length
     flops_tok = flops_per_token(cfg, spec.data.seq_length)
     peak = peak_flops(env.device)
@@ -274,8 +261,9 @@ def _train(spec: TrainSpec, stage: str, env: distributed.Env, stop: StopSignals)
                                         {**meta_common, "consumed_samples": it * G, **extra},
                                         cfg.model_dump(mode="json"), spec.checkpoint.keep_last)
 
-    log.info("training %s: %d iterations of %d samples × %d tokens on %d rank(s), %s, %s",
-             stage, spec.iters, G, spec.data.seq_length, W, env.device, spec.precision)
+    log.info("training %s: %d iterations of %d samples × %d tokens on %d rank(s) (%s), %s, %s",
+             stage, spec.iters, G, spec.data.seq_length, env.world_size, mesh.layout.describe(),
+             env.device, spec.precision)
     if _agree(stop.received is not None, env.device):
         raise Preempted(f"{stop.name or 'a stop signal'} received during start-up, before "
                         f"iteration {iteration + 1}; nothing new to save")
@@ -287,7 +275,8 @@ def _train(spec: TrainSpec, stage: str, env: distributed.Env, stop: StopSignals)
         torch.cuda.reset_peak_memory_stats(env.device)
     model.train()
     if valid_batches and spec.eval.initial and iteration == 0:
-        vloss, _ = evaluate(model, valid_batches, spec.eval.iters, autocast, spec.fused_loss)
+        vloss, _ = evaluate(model, valid_batches, spec.eval.iters, autocast, spec.fused_loss,
+                            dp_group)
         sink.log_metrics({"valid_loss": vloss, "valid_ppl": math.exp(min(vloss, 50))}, 0)
         log.info("iter 0 | valid loss %.4f", vloss)
     while iteration < spec.iters:
@@ -296,7 +285,7 @@ def _train(spec: TrainSpec, stage: str, env: distributed.Env, stop: StopSignals)
             group["lr"] = lr
         micro = list(train_batches.iteration(iteration))
         count = torch.stack([mask.sum() for _, _, mask in micro]).sum().double()
-        distributed.all_reduce_sum(count)
+        all_reduce_sum(count, dp_group)
         step_loss = torch.zeros((), dtype=torch.float64, device=env.device)
         # MasterAdamW sums several micro-batches in fp32 and reduces the sums once, after them;
         # a single micro-batch is reduced by the wrapper, overlapped with the backward
@@ -318,10 +307,8 @@ def _train(spec: TrainSpec, stage: str, env: distributed.Env, stop: StopSignals)
             clip_scale = ((spec.optim.clip_grad / (grad_norm + 1e-6)).clamp(max=1.0)
                           if spec.optim.clip_grad else None)
         else:
-            grad_norm = torch.nn.utils.clip_grad_norm_(
-                model.parameters(), spec.optim.clip_grad or float("inf"), foreach=True)
-            grad_norm = grad_norm.full_tensor() if hasattr(grad_norm, "full_tensor") else grad_norm
-        distributed.all_reduce_sum(step_loss)
+            grad_norm = clip_grad_norm_(model.parameters(), spec.optim.clip_grad)
+        all_reduce_sum(step_loss, dp_group)
         grad_bad = ~torch.isfinite(grad_norm)
         if scaler:  # an overflow is the scaler's to handle while lowering the scale can help
             grad_bad &= scaler.get_scale() <= 1.0
@@ -361,9 +348,9 @@ def _train(spec: TrainSpec, stage: str, env: distributed.Env, stop: StopSignals)
             tps = window_steps * tokens_per_iter / elapsed
             last = {"loss": window_loss.item() / window_steps, "lr": lr,
                     "grad_norm": float(grad_norm), "tokens_per_s": tps,
-                    "tflops_per_gpu": tps * flops_tok / W / 1e12}
+                    "tflops_per_gpu": tps * flops_tok / env.world_size / 1e12}
             if peak:
-                last["mfu"] = tps * flops_tok / W / peak
+                last["mfu"] = tps * flops_tok / env.world_size / peak
             if env.device.type == "cuda":
                 last["peak_memory_gib"] = torch.cuda.max_memory_allocated(env.device) / 2**30
             sink.log_metrics(last, iteration)
@@ -374,7 +361,8 @@ def _train(spec: TrainSpec, stage: str, env: distributed.Env, stop: StopSignals)
         paused = time.perf_counter()  # evaluation and saving do not count against throughput
         if valid_batches and spec.eval.interval and (iteration % spec.eval.interval == 0
                                                      or iteration == spec.iters):
-            vloss, _ = evaluate(model, valid_batches, spec.eval.iters, autocast, spec.fused_loss)
+            vloss, _ = evaluate(model, valid_batches, spec.eval.iters, autocast, spec.fused_loss,
+                                dp_group)
             last.update(valid_loss=vloss, valid_ppl=math.exp(min(vloss, 50)))
             sink.log_metrics({"valid_loss": vloss, "valid_ppl": last["valid_ppl"]}, iteration)
             log.info("iter %d | valid loss %.4f | valid ppl %.3f", iteration, vloss, last["valid_ppl"])

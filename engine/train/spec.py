@@ -10,7 +10,7 @@ from pydantic_settings import CliVariadicArg
 
 from engine.data.samples import parse_blend
 from engine.model.config import ModelConfig
-from engine.parallel import DataParallel
+from engine.parallel.layout import DataParallel, Layout, Recompute, layout_for, model_errors
 from engine.spec import StageSpec
 from engine.train.schedule import LRSchedule
 
@@ -72,6 +72,19 @@ class TrainSpec(StageSpec):
                                    "weights and optimizer state")
     seed: int = 1234
     data_parallel: DataParallel = Field("ddp", description="ddp, or fsdp (sharded, ZeRO-3 style)")
+    data_parallel_replicate: int = Field(
+        1, ge=1, description="fsdp: replicas of the sharded model (HSDP: sharded within a "
+        "replica, gradients averaged across)", json_schema_extra=_NOT_OUTPUT)
+    tensor_parallel: int = Field(1, ge=1, description="ranks each layer's matmuls are split "
+                                 "over (Megatron's TP)", json_schema_extra=_NOT_OUTPUT)
+    sequence_parallel: bool = Field(True, description="with tensor_parallel: norms and the "
+                                    "residual stream split along the sequence",
+                                    json_schema_extra=_NOT_OUTPUT)
+    pipeline_parallel: int = Field(1, ge=1, description="pipeline stages the layers are split "
+                                   "into", json_schema_extra=_NOT_OUTPUT)
+    recompute: Recompute = Field("none", description="activation recompute per block: none, "
+                                 "selective (keep matmul and attention outputs) or full",
+                                 json_schema_extra=_NOT_OUTPUT)
     fused_loss: bool = Field(True, description="chunked LM head + cross-entropy, no full logits")
     compile: bool = Field(False, description="torch.compile each transformer block",
                           json_schema_extra=_NOT_OUTPUT)
@@ -100,7 +113,40 @@ class TrainSpec(StageSpec):
         if self.precision == "bf16-master" and self.data_parallel != "ddp":
             raise ValueError("precision bf16-master needs data_parallel ddp (FSDP keeps its own "
                              "fp32 shards: use bf16)")
+        if self.precision == "bf16-master" and (self.tensor_parallel > 1
+                                                or self.pipeline_parallel > 1):
+            raise ValueError("precision bf16-master is for a whole model per rank (DDP): with "
+                             "tensor_parallel or pipeline_parallel use bf16 (fp32 weights, "
+                             "bf16 compute)")
         return self
+
+    @model_validator(mode="after")
+    def _model_divides(self) -> "TrainSpec":
+        """A model that comes from `load` is checked when the checkpoint is read."""
+        if self.tensor_parallel > 1 and not self.fused_loss:
+            raise ValueError("tensor_parallel needs fused_loss (the vocab-parallel head)")
+        if self.model is not None:
+            errors = self.layout_errors(self.model)
+            if errors:
+                raise ValueError("; ".join(errors))
+        return self
+
+    def layout_errors(self, model: ModelConfig) -> list[str]:
+        layout = Layout(pp=self.pipeline_parallel, tp=self.tensor_parallel)
+        return model_errors(layout, model.num_heads, model.num_kv_heads, model.intermediate_size,
+                            model.vocab_size, model.num_layers, self.pipeline_parallel)
+
+    def layout(self, world_size: int) -> Layout:
+        """How `world_size` ranks divide (ValueError naming the numbers if they do not)."""
+        return layout_for(world_size, self.tensor_parallel, self.pipeline_parallel,
+                          self.data_parallel, self.data_parallel_replicate)
+
+    def check_world(self, world_size: int) -> None:
+        layout = self.layout(world_size)
+        if self.global_batch_size % (self.micro_batch_size * layout.dp):
+            raise ValueError(f"global_batch_size {self.global_batch_size} is not a multiple of "
+                             f"micro_batch_size {self.micro_batch_size} × {layout.dp} "
+                             f"data-parallel ranks ({layout.describe()})")
 
     @model_validator(mode="after")
     def _source(self) -> "TrainSpec":
