@@ -9,6 +9,7 @@ torch_dist saving calls it too (-> "cpu"), the save's tensor preload calls
 
 from __future__ import annotations
 
+import argparse
 import contextlib
 import os
 import socket
@@ -78,5 +79,6 @@ def save_dist(model, folder: Path, args) -> None:
 
 def load_dist(model, folder: Path) -> None:
     from megatron.core import dist_checkpointing
-    state = dist_checkpointing.load({"model": model.sharded_state_dict()}, str(folder))
+    with torch.serialization.safe_globals([argparse.Namespace]):  # common.pt's args
+        state = dist_checkpointing.load({"model": model.sharded_state_dict()}, str(folder))
     model.load_state_dict(state["model"])
