@@ -82,3 +82,31 @@ def load_dist(model, folder: Path) -> None:
     with torch.serialization.safe_globals([argparse.Namespace]):  # common.pt's args
         state = dist_checkpointing.load({"model": model.sharded_state_dict()}, str(folder))
     model.load_state_dict(state["model"])
+
+
+def main(work: Path) -> None:
+    """In a process of its own (megatron-core's global state stays out of the test session):
+    run megatron-core on our exports in `work` and save its logits; save a torch_dist
+    checkpoint megatron-core wrote itself, with its logits."""
+    from engine.convert.megatron_pickle import load_pickled
+    start()
+    cfg = ModelConfig.model_validate_json((work / "model_config.json").read_text())
+    padded = int((work / "padded_vocab.txt").read_text())
+    ids = torch.load(work / "ids.pt")
+    ours = gpt_model(cfg, padded)
+    state = load_pickled(work / "legacy" / "release" / "mp_rank_00" / "model_optim_rng.pt")
+    ours.load_state_dict(state["model"], strict=True)
+    torch.save(logits(ours, ids), work / "legacy_logits.pt")
+    ours_dist = gpt_model(cfg, padded)
+    load_dist(ours_dist, work / "dist" / "release")
+    torch.save(logits(ours_dist, ids), work / "dist_logits.pt")
+    torch.manual_seed(5)
+    own = gpt_model(cfg, padded)
+    save_dist(own, work / "mcore" / "iter_0000007", argparse.Namespace(**state["args"].__dict__))
+    (work / "mcore" / "latest_checkpointed_iteration.txt").write_text("7")
+    torch.save(logits(own, ids), work / "mcore_logits.pt")
+
+
+if __name__ == "__main__":
+    import sys
+    main(Path(sys.argv[1]))

@@ -45,20 +45,24 @@ def _rope(args: dict[str, Any], epfl: bool) -> Any:
 def check_supported(args: dict[str, Any], where: str, epfl: bool) -> None:
     bad = [f"{name}={args[name]!r}" for name in _UNSUPPORTED
            if args.get(name) and not (epfl and name == "rotary_interleaved")]
-    norm = args.get("normalization")
-    if norm is not None and norm != "RMSNorm" or (epfl and not args.get("use_rms_norm")):
-        bad.append(f"normalization={norm!r} (use_rms_norm={args.get('use_rms_norm')!r})"
-                   if epfl else f"normalization={norm!r}")
-    if epfl and args.get("glu_activation") != "swiglu":
-        bad.append(f"glu_activation={args.get('glu_activation')!r}")
-    if not epfl and args.get("swiglu") is False:
-        bad.append("swiglu=False")
+    if epfl:
+        if not args.get("use_rms_norm"):
+            bad.append(f"use_rms_norm={args.get('use_rms_norm')!r}")
+        if args.get("glu_activation") != "swiglu":
+            bad.append(f"glu_activation={args.get('glu_activation')!r}")
+    else:  # Megatron-LM always records both; their defaults are LayerNorm and GeLU
+        if args.get("normalization") != "RMSNorm":
+            bad.append(f"normalization={args.get('normalization')!r}")
+        if args.get("swiglu") is not True:
+            bad.append(f"swiglu={args.get('swiglu')!r}")
     if _get(args, "rotary_percent", default=1.0) != 1.0:
         bad.append(f"rotary_percent={args['rotary_percent']}")
     if bad:
+        hint = ("; its args are EPFL Megatron-LLM's: use --source-format megatron-epfl"
+                if not epfl and "use_rms_norm" in args else "")
         raise InputError(f"{where}: Megatron arguments that lmforge's Llama-family model does "
                          f"not have: {', '.join(bad)} (it needs RMSNorm, SwiGLU, full RoPE, no "
-                         "linear biases but optional q/k/v biases)")
+                         f"linear biases but optional q/k/v biases){hint}")
 
 
 def config_from_args(args: dict[str, Any], vocab_size: int, where: str,
@@ -87,7 +91,7 @@ def config_from_args(args: dict[str, Any], vocab_size: int, where: str,
         tie_word_embeddings=bool(tied),
         init_std=_get(args, "init_method_std", default=0.02),
     )
-    missing = [name for name, value in fields.items() if value is None]
+    missing = [name for name, value in fields.items() if value is None and name != "head_dim"]
     if missing:
         raise InputError(f"{where}: Megatron arguments lack {', '.join(missing)}")
     try:

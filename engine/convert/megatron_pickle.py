@@ -53,7 +53,10 @@ _MEGATRON_CLASSES = (
     "megatron.model.enums.AttnMaskType",
     "megatron.legacy.model.enums.AttnMaskType",
 )
-_NUMPY_RECONSTRUCT = np.core.multiarray._reconstruct  # numpy arrays in the RNG state
+try:  # numpy arrays in the RNG state; numpy 2 moved numpy.core to numpy._core
+    from numpy._core.multiarray import _reconstruct as _NUMPY_RECONSTRUCT
+except ImportError:
+    from numpy.core.multiarray import _reconstruct as _NUMPY_RECONSTRUCT
 ALLOWED = [argparse.Namespace, types.SimpleNamespace, pathlib.PosixPath, signal.Signals,
            io.BytesIO, np.ndarray, np.dtype, type(np.dtype(np.uint32)),
            (_NUMPY_RECONSTRUCT, "numpy.core.multiarray._reconstruct"),
