@@ -1,7 +1,7 @@
 """megatron-core 0.16.1 as an independent reference for the Megatron conversions: its GPTModel
 with the local layer spec, built on the CPU in this process (a one-process gloo group).
 
-Three things in megatron-core assume CUDA even on the local spec, each sidestepped here, never
+Four things in megatron-core assume CUDA even on the local spec, each sidestepped here, never
 in the engine: the rotary embedding moves its frequencies to `torch.cuda.current_device()` and
 torch_dist saving calls it too (-> "cpu"), the save's tensor preload calls
 `torch.cuda.synchronize()` (-> no-op), attention dropout forks a CUDA RNG state even at p=0

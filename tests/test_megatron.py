@@ -5,7 +5,7 @@ we run its torch_dist checkpoint, and bad inputs say what is wrong."""
 
 from __future__ import annotations
 
-import json
+import argparse
 import os
 import subprocess
 import sys
@@ -68,19 +68,23 @@ def test_tp2_pp2_round_trips_bitwise_and_by_hf_logits(hf_folder, model, tmp_path
     assert sorted(p.name for p in release.iterdir()) == [
         "mp_rank_00_000", "mp_rank_00_001", "mp_rank_01_000", "mp_rank_01_001"]
     assert (tmp_path / "mg" / "latest_checkpointed_iteration.txt").read_text() == "release"
-    assert manifest.kind == "checkpoint" and manifest.summary["megatron"]["padded_vocab_size"] == 256
+    assert manifest.kind == "checkpoint"
+    assert manifest.summary["megatron"]["padded_vocab_size"] == 256
     rank = load_pickled(release / "mp_rank_01_001" / "model_optim_rng.pt")
     args = vars(rank["args"])
-    assert (args["padded_vocab_size"], args["vocab_size"], args["num_query_groups"]) == (256, 200, 2)
+    assert (args["padded_vocab_size"], args["vocab_size"]) == (256, 200)
+    assert (args["num_query_groups"], args["tensor_model_parallel_size"]) == (2, 2)
     local = rank["model"]
     assert local["output_layer.weight"].shape == (128, 64)  # half of the padded vocabulary
     assert "decoder.layers.1.self_attention.linear_qkv.weight" in local  # layers 2, 3 as 0, 1
     assert "decoder.layers.2.self_attention.linear_qkv.weight" not in local
-    assert local["decoder.layers.0.self_attention.linear_qkv.weight"].shape == (64, 64)  # 1 group: 2 q, k, v
+    # one query group per rank: 2 q heads, k, v of 16 rows each
+    assert local["decoder.layers.0.self_attention.linear_qkv.weight"].shape == (64, 64)
     assert manifest.summary["verification"]["max_abs_diff"] <= 1e-5
 
     back = convert(tmp_path / "mg", tmp_path / "hf", "megatron", "hf")
-    result = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "hf", dtype=torch.float32)
+    result = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "hf",
+                                                               dtype=torch.float32)
     source = transformers.AutoModelForCausalLM.from_pretrained(hf_folder, dtype=torch.float32)
     with torch.no_grad():
         assert torch.equal(result(IDS).logits, source(IDS).logits)
@@ -132,7 +136,7 @@ def _legacy_rank_files(model: LlamaModel, root: Path, epfl: bool, tp: int = 2) -
         file = root / "iter_0000010" / f"mp_rank_{t:02d}" / "model_optim_rng.pt"
         file.parent.mkdir(parents=True)
         torch.save({"model": {"language_model": language_model},
-                    "args": __import__("argparse").Namespace(**args),
+                    "args": argparse.Namespace(**args),
                     "checkpoint_version": 3.0, "iteration": 10}, file)
     (root / "latest_checkpointed_iteration.txt").write_text("10")
 

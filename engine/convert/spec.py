@@ -30,10 +30,10 @@ MEGATRON_SOURCES = ("megatron", "megatron-epfl", "mcore-dist")
 
 
 class Spec(StageSpec):
-    """Convert between HF model folders, native checkpoints and Megatron-LM checkpoints
-    (per-rank `megatron`, EPFL Megatron-LLM's `megatron-epfl`, megatron-core `mcore-dist`).
-    The result is checked against its source by logits before it is renamed into place; over
-    tolerance, nothing is left at the output path."""
+    """Convert between HF model folders, native checkpoints and Megatron checkpoints (per-rank
+    files, EPFL's layout of them, torch_dist folders). The result is checked against its source
+    by logits before it is renamed into place; over tolerance, nothing is left at the output
+    path."""
 
     load_dir: str = Field(description="source: HF model folder, native or Megatron checkpoint "
                                       "folder (its latest iteration) or one iteration's folder",

@@ -1,5 +1,6 @@
-"""convert: between HF model folders, native checkpoints and Megatron-LM checkpoints. The result is checked against its source by logits before it is renamed into place; over
-tolerance, nothing is left at the output path."""
+"""convert: between HF model folders, native checkpoints and Megatron-LM checkpoints. The result
+is checked against its source by logits before it is renamed into place; over tolerance, nothing
+is left at the output path."""
 
 from __future__ import annotations
 
