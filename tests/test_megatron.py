@@ -160,7 +160,7 @@ def test_every_megatron_naming_imports_to_the_same_logits(model, tmp_path, layou
     assert torch.allclose(our_logits(result), our_logits(model), atol=1e-6, rtol=0)
 
 
-def test_epfl_layout_differs_from_megatron_core_s(model, tmp_path):
+def test_epfl_files_given_as_megatron_are_refused_with_a_hint(model, tmp_path):
     """EPFL files given as plain Megatron are refused by their args, not read with the wrong
     fc1 and RoPE layouts."""
     _legacy_rank_files(model, tmp_path / "src", epfl=True)
