@@ -262,6 +262,6 @@ def test_damaged_index_and_bin_name_the_file(tmp_path):
         hf_io.load_hf(tmp_path / "src")
 
 
-def test_dtype_is_for_hf_output_only():
-    with pytest.raises(ValueError, match="dtype applies to HF output only"):
+def test_dtype_is_for_hf_and_megatron_output_only():
+    with pytest.raises(ValueError, match="dtype applies to HF and Megatron output only"):
         Spec(load_dir="a", save_dir="b", source_format="hf", target_format="native", dtype="bf16")

@@ -8,6 +8,7 @@ from typing import Literal
 
 from pydantic import Field, field_validator, model_validator
 
+from engine.convert.megatron_layout import layout_problems, source_config
 from engine.spec import StageSpec
 
 TOLERANCE = 1e-4  # largest |logit difference| between a conversion's source and result (fp32)
@@ -23,24 +24,44 @@ def parse_size(text: str | int) -> int:
     return int(float(match[1]) * _UNITS[(match[2] or "").upper()])
 
 
-Format = Literal["hf", "native"]
+Format = Literal["hf", "native", "megatron", "megatron-epfl", "mcore-dist"]
+MEGATRON_TARGETS = ("megatron", "mcore-dist")
+MEGATRON_SOURCES = ("megatron", "megatron-epfl", "mcore-dist")
 
 
 class Spec(StageSpec):
-    """Convert an HF model folder or a native checkpoint into the other format (or HF to HF).
-    The result is checked against its source by logits before it is renamed into place; over
-    tolerance, nothing is left at the output path."""
+    """Convert between HF model folders, native checkpoints and Megatron checkpoints (per-rank
+    files, EPFL's layout of them, torch_dist folders). The result is checked against its source
+    by logits before it is renamed into place; over tolerance, nothing is left at the output
+    path."""
 
-    load_dir: str = Field(description="source: HF model folder, or native checkpoint folder "
-                                      "(its latest iteration) or iter_* folder",
+    load_dir: str = Field(description="source: HF model folder, native or Megatron checkpoint "
+                                      "folder (its latest iteration) or one iteration's folder",
                           json_schema_extra={"input": True})
     save_dir: str = Field(description="output folder (must not exist or be empty)",
                           json_schema_extra={"affects_output": False})
-    source_format: Format = Field(description="hf or native")
-    target_format: Format = Field(description="hf or native")
+    source_format: Format = Field(description="hf, native, megatron (per-rank torch files), "
+                                              "megatron-epfl or mcore-dist (torch_dist)")
+    target_format: Format = Field(description="hf, native, megatron or mcore-dist")
     dtype: Literal["bf16", "fp16", "fp32"] | None = Field(
-        None, description="HF output dtype; default: as the source stores its weights (fp32 for "
-                          "native sources). Native checkpoints always hold fp32 weights")
+        None, description="HF / Megatron output dtype; default: as the source stores its "
+                          "weights (fp32 for native sources). Native checkpoints always hold "
+                          "fp32 weights")
+    tensor_parallel: int = Field(1, ge=1, description="Megatron output: tensor-parallel ranks "
+                                                      "(must divide heads, KV groups, FFN)")
+    pipeline_parallel: int = Field(1, ge=1, description="Megatron output: pipeline stages "
+                                                        "(must divide the layers)")
+    make_vocab_size_divisible_by: int = Field(
+        128, ge=1, description="Megatron output: the vocabulary is padded to a multiple of "
+                               "this x tensor_parallel")
+    megatron_norm_names: Literal["local", "te"] = Field(
+        "local", description="megatron output: the norms named as megatron-core's local spec "
+                             "(input_layernorm, pre_mlp_layernorm) or Transformer Engine's "
+                             "(linear_qkv.layer_norm_weight, linear_fc1.layer_norm_weight)")
+    vocab_size: int | None = Field(
+        None, gt=0, description="Megatron source: the real vocabulary size, the rest of the "
+                                "padded rows cut off; default: the args' vocab_size, else the "
+                                "tokenizer's (tokenizer.json), else all rows kept")
     max_shard_size: str = Field("5GB", description="HF output: largest safetensors shard "
                                                    "(5GB = 5e9 bytes, 5GiB = 2^30 bytes)")
     tokenizer: str | None = Field(None, description="tokenizer folder or file to ship with the "
@@ -56,10 +77,37 @@ class Spec(StageSpec):
         return value
 
     @model_validator(mode="after")
-    def _dtype_for_hf(self) -> Spec:
+    def _fields_fit_formats(self) -> Spec:
         if self.dtype is not None and self.target_format == "native":
-            raise ValueError("dtype applies to HF output only: native checkpoints hold fp32 "
-                             "master weights")
+            raise ValueError("dtype applies to HF and Megatron output only: native checkpoints "
+                             "hold fp32 master weights")
+        if self.target_format == "megatron-epfl":
+            raise ValueError("megatron-epfl is a source format only: write megatron (megatron-"
+                             "core names) instead")
+        megatron_out = self.target_format in MEGATRON_TARGETS
+        changed = [name for name in ("tensor_parallel", "pipeline_parallel",
+                                     "make_vocab_size_divisible_by")
+                   if getattr(self, name) != type(self).model_fields[name].default]
+        if changed and not megatron_out:
+            raise ValueError(f"{', '.join(changed)} apply to Megatron output (target_format "
+                             f"megatron or mcore-dist) only")
+        if self.megatron_norm_names != "local" and self.target_format != "megatron":
+            raise ValueError("megatron_norm_names applies to target_format megatron only "
+                             "(mcore-dist always stores Transformer Engine's names)")
+        if self.vocab_size is not None and self.source_format not in MEGATRON_SOURCES:
+            raise ValueError("vocab_size applies to Megatron sources only")
+        return self
+
+    @model_validator(mode="after")
+    def _layout_fits_source(self) -> Spec:
+        """Checked where the source's config is visible, so a layout that cannot hold the model
+        is refused before a job is queued."""
+        if self.target_format in MEGATRON_TARGETS:
+            cfg = source_config(self.load_dir, self.source_format)
+            problems = layout_problems(cfg, self.tensor_parallel, self.pipeline_parallel) \
+                if cfg else []
+            if problems:
+                raise ValueError(f"{self.load_dir}: {'; '.join(problems)}")
         return self
 
 

@@ -17,6 +17,7 @@ from typing import Any
 import torch
 
 from engine.convert.hf import load_hf
+from engine.convert.megatron_formats import load_megatron_source
 from engine.convert.native import load_native
 from engine.convert.spec import TOLERANCE
 from engine.errors import LmforgeError
@@ -96,6 +97,15 @@ def compare(reference: torch.Tensor, result: torch.Tensor, tolerance: float) -> 
     return report
 
 
+def load_result(fmt: str, folder: Path) -> LlamaModel:
+    """A conversion's result, read back from disk by the reader of its format."""
+    if fmt == "hf":
+        return load_hf(folder)[2]
+    if fmt == "native":
+        return load_native(folder)[1]
+    return load_megatron_source(fmt, folder)[1]
+
+
 def verify(source_format: str, source: Path, source_model: LlamaModel, target_format: str,
            result: Path, cast: torch.dtype | None, tolerance: float = TOLERANCE) -> dict[str, Any]:
     """Run source and result on the fixed batch and compare; the summary for the manifest.
@@ -111,7 +121,7 @@ def verify(source_format: str, source: Path, source_model: LlamaModel, target_fo
         logits = transformers_logits(result, ids, None, check_loading=True)
     result_by_tf = logits is not None
     if logits is None:
-        model = load_hf(result)[2] if target_format == "hf" else load_native(result)[1]
+        model = load_result(target_format, result)
         logits = our_logits(model, ids, None)
     report = compare(reference, logits, tolerance)
     return {"reference": {"source": runner_name(source_format == "hf", source_by_tf),
