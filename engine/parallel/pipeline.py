@@ -15,7 +15,9 @@ Usage, per rank of the pipeline group:
     modules = stage_modules(meta_model, "1f1b", pp_rank, pp_size)      # {stage id: module}
     for m in modules.values(): m.to_empty(device=device); m.init_weights(seed)  # or a load
     stages = pipeline_stages(modules, pp_size * virtual, pp_group, device)
-    schedule = build_schedule("1f1b", stages, n_microbatches, fused_loss_fn(modules[last]))
+    is_first, is_last = 0 in modules, pp_size * virtual - 1 in modules
+    loss_fn = fused_loss_fn(modules[pp_size * virtual - 1]) if is_last else None
+    schedule = build_schedule("1f1b", stages, n_microbatches, loss_fn)
     loss_sum = pipeline_step(schedule, inputs, targets, mask, is_first, is_last, scale)
     clip_grad_norm_(params_of_all_local_stages, max_norm, pp_group)
 """
