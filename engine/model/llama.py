@@ -107,17 +107,21 @@ class LlamaModel(nn.Module):
 
     def forward_hidden(self, input_ids: torch.Tensor,
                        position_ids: torch.Tensor | None = None) -> torch.Tensor:
-        """The final-normed hidden states [batch, seq, hidden], for losses that fuse the head."""
+        """The final-normed hidden states [batch, seq, hidden], for losses that fuse the head.
+
+        A pipeline stage (engine/parallel/pipeline.py) is this model with parts set to None:
+        without `embed` the input is the previous stage's hidden states, without `norm` the
+        output is the residual stream as the next stage takes it."""
         if position_ids is None:
             position_ids = torch.arange(input_ids.shape[1], device=input_ids.device)[None]
-        h = self.embed(input_ids)
+        h = input_ids if self.embed is None else self.embed(input_ids)
         device = h.device.type
         if torch.is_autocast_enabled(device) and torch.get_autocast_dtype(device) == torch.bfloat16:
             h = h.to(torch.bfloat16)  # a bf16 residual stream, as Megatron's bf16 (fp16 keeps fp32)
         cos, sin = rope_cos_sin(self.cfg, position_ids, h.dtype)
         for block in self.layers.values():
             h = block(h, cos, sin)
-        return self.norm(h)
+        return h if self.norm is None else self.norm(h)
 
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
         if self.lm_head is None:
@@ -133,10 +137,17 @@ class LlamaModel(nn.Module):
         hidden = self.forward_hidden(input_ids, position_ids)
         if targets is None:
             return self.logits(hidden)
+        mask = torch.ones_like(targets, dtype=torch.bool) if loss_mask is None else loss_mask
+        return self.head_loss(hidden, targets, mask)
+
+    def head_loss(self, hidden: torch.Tensor, targets: torch.Tensor,
+                  mask: torch.Tensor) -> torch.Tensor:
+        """The sum of the masked token losses of the final-normed `hidden`, head and
+        cross-entropy fused; also the pipeline's last-stage loss, so both compute the same."""
         weight = self.embed.weight if self.lm_head is None else self.lm_head.weight
         device = hidden.device.type
-        dtype = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else hidden.dtype
-        mask = torch.ones_like(targets, dtype=torch.bool) if loss_mask is None else loss_mask
+        autocast = torch.is_autocast_enabled(device)
+        dtype = torch.get_autocast_dtype(device) if autocast else hidden.dtype
         return linear_cross_entropy(hidden, weight, targets, mask, compute_dtype=dtype)
 
     @torch.no_grad()

@@ -1,0 +1,282 @@
+"""Pipeline parallelism through torch.distributed.pipelining, applied to a plain LlamaModel.
+
+The model's layers are split into `pp_size · virtual` stages. A stage is the model itself with
+what it does not own deleted (built on the meta device, materialised afterwards, so no rank ever
+holds the whole model): the blocks outside its range, the embedding unless it is the first stage,
+the final norm and head unless it is the last. Every parameter keeps its global name
+(`layers.17.attn.wq.weight` at any PP), so checkpoints do not depend on the layout.
+
+A stage's output is its hidden states, the last stage's final-normed. The head runs inside the
+schedule's loss, fused with cross-entropy (engine/model/fused_loss.py), so full logits are never
+materialised. See docs/parallelism.md.
+
+Usage, per rank of the pipeline group:
+
+    modules = stage_modules(meta_model, "1f1b", pp_rank, pp_size)      # {stage id: module}
+    for m in modules.values(): m.to_empty(device=device); m.init_weights(seed)  # or a load
+    stages = pipeline_stages(modules, pp_size * virtual, pp_group, device)
+    is_first, is_last = 0 in modules, pp_size * virtual - 1 in modules
+    loss_fn = fused_loss_fn(modules[pp_size * virtual - 1]) if is_last else None
+    schedule = build_schedule("1f1b", stages, n_microbatches, loss_fn)
+    loss_sum = pipeline_step(schedule, inputs, targets, mask, is_first, is_last, scale)
+    clip_grad_norm_(params_of_all_local_stages, max_norm, pp_group)
+"""
+
+from __future__ import annotations
+
+import copy
+from typing import Callable, Literal, get_args
+
+import torch
+import torch.distributed as dist
+from torch import nn
+from torch.distributed.device_mesh import DeviceMesh
+from torch.distributed.pipelining import (PipelineStage, Schedule1F1B, ScheduleDualPipeV,
+                                          ScheduleGPipe, ScheduleInterleaved1F1B,
+                                          ScheduleInterleavedZeroBubble, ScheduleZBVZeroBubble)
+from torch.distributed.tensor import DTensor
+
+from engine.errors import SpecError
+from engine.model.llama import LlamaModel
+
+PipelineSchedule = Literal["gpipe", "1f1b", "interleaved-1f1b", "interleaved-zb", "zbv",
+                           "dualpipev"]
+"""torch's schedules: GPipe (all forwards, then all backwards), 1F1B (one stage per rank),
+interleaved 1F1B and interleaved zero-bubble (ZB1P) over `virtual` looped stages per rank,
+ZB-V and DualPipeV over two stages per rank placed in a V."""
+
+_SCHEDULES = {
+    "gpipe": ScheduleGPipe,
+    "1f1b": Schedule1F1B,
+    "interleaved-1f1b": ScheduleInterleaved1F1B,
+    "interleaved-zb": ScheduleInterleavedZeroBubble,
+    "zbv": ScheduleZBVZeroBubble,
+    "dualpipev": ScheduleDualPipeV,
+}
+_SINGLE_STAGE = ("gpipe", "1f1b")  # torch's PipelineScheduleSingle: one stage per rank
+_V_SHAPED = ("zbv", "dualpipev")  # exactly two stages per rank: (r, 2·pp − 1 − r)
+
+IGNORE = -100
+"""The target of a token whose loss is masked out: the loss mask travels inside the targets
+(see pipeline_step)."""
+
+
+def split_layers(num_layers: int, num_stages: int,
+                 layers_per_stage: list[int] | None = None) -> list[range]:
+    """The global layer indices of each stage: `layers_per_stage` when given, else as even as
+    possible. A remainder goes to the middle stages, then to the first, never to the last: the
+    last stage also runs the head and the loss (2·vocab·hidden FLOPs a token, more than a block
+    for large vocabularies), the first only an embedding lookup; the middle ones run blocks alone.
+    """
+    if layers_per_stage is None:
+        if not 1 <= num_stages <= num_layers:
+            raise SpecError(f"{num_layers} layers cannot make {num_stages} pipeline stages of "
+                            "at least one layer each")
+        base, extra = divmod(num_layers, num_stages)
+        takers = list(range(1, num_stages - 1)) + [0]
+        counts = [base + (stage in takers[:extra]) for stage in range(num_stages)]
+    else:
+        counts = list(layers_per_stage)
+        if len(counts) != num_stages:
+            raise SpecError(f"layers_per_stage {counts} names {len(counts)} stages; the pipeline "
+                            f"has {num_stages}")
+        if sum(counts) != num_layers or min(counts) < 1:
+            raise SpecError(f"layers_per_stage {counts} must be at least 1 each and sum to the "
+                            f"model's {num_layers} layers (they sum to {sum(counts)})")
+    starts = [sum(counts[:i]) for i in range(num_stages)]
+    return [range(start, start + n) for start, n in zip(starts, counts)]
+
+
+def stage_ids(schedule: PipelineSchedule, pp_rank: int, pp_size: int,
+              virtual: int = 1) -> list[int]:
+    """The stages this rank runs, in pipeline order: looped (`rank + k·pp_size`, as torch's
+    interleaved schedules place them) or, for the V schedules, rank r holds r and 2·pp − 1 − r,
+    so the first and last stage share rank 0 and the turn of the V needs no transfer."""
+    if schedule in _V_SHAPED:  # virtual is 2 (check_layout)
+        return [pp_rank, 2 * pp_size - 1 - pp_rank]
+    return [pp_rank + k * pp_size for k in range(virtual)]
+
+
+def check_layout(schedule: str, pp_size: int, virtual: int) -> None:
+    """The stages per rank (`virtual`) that `schedule` runs; the errors name the numbers."""
+    if schedule not in _SCHEDULES:
+        raise SpecError(f"unknown pipeline schedule {schedule!r}; one of "
+                        f"{get_args(PipelineSchedule)}")
+    if pp_size < 1:
+        raise SpecError(f"pipeline size {pp_size} must be ≥ 1")
+    if schedule in _SINGLE_STAGE and virtual != 1:
+        raise SpecError(f"schedule {schedule!r} runs one stage per rank, not virtual={virtual}: "
+                        "use interleaved-1f1b or interleaved-zb for virtual stages")
+    if schedule in ("interleaved-1f1b", "interleaved-zb") and virtual < 2:
+        raise SpecError(f"schedule {schedule!r} needs virtual ≥ 2 stages per rank, not "
+                        f"{virtual}: use 1f1b for one")
+    if schedule in _V_SHAPED and virtual != 2:
+        raise SpecError(f"schedule {schedule!r} needs exactly virtual=2 stages per rank, not "
+                        f"{virtual}")
+
+
+def check_schedule(schedule: str, pp_size: int, virtual: int, n_microbatches: int) -> None:
+    """check_layout, and the micro-batch counts `schedule` can run."""
+    check_layout(schedule, pp_size, virtual)
+    num_stages = pp_size * virtual
+    if n_microbatches < 1:
+        raise SpecError(f"{n_microbatches} micro-batches: the pipeline needs at least 1")
+    if schedule in ("1f1b", "dualpipev") and n_microbatches < num_stages:
+        raise SpecError(f"schedule {schedule!r} needs at least as many micro-batches as stages: "
+                        f"{n_microbatches} micro-batches for {num_stages} stages")
+    rounds = max(1, n_microbatches // pp_size)
+    if schedule in ("interleaved-1f1b", "interleaved-zb") and n_microbatches % rounds:
+        raise SpecError(f"schedule {schedule!r} runs micro-batches in rounds of pipeline size "
+                        f"{pp_size}: {n_microbatches} micro-batches are not a multiple of "
+                        f"{rounds} rounds (use a multiple of {pp_size}, or fewer than it)")
+
+
+def stage_modules(model: LlamaModel, schedule: PipelineSchedule, pp_rank: int, pp_size: int,
+                  virtual: int = 1,
+                  layers_per_stage: list[int] | None = None) -> dict[int, LlamaModel]:
+    """This rank's stages of `model` (built on the meta device), by stage id: copies with what
+    they do not own deleted, still on the meta device — materialise each with
+    `to_empty(device=...)` and `init_weights(seed)` (the init is seeded by global parameter name,
+    so the weights equal the unsplit model's) or a checkpoint load.
+
+    Tied embeddings are refused for more than one stage: the first stage's embedding and the last
+    stage's head would be one weight on two ranks, whose gradients would have to be summed
+    between them every step (Megatron's embedding group); untie the head instead."""
+    check_layout(schedule, pp_size, virtual)
+    num_stages = pp_size * virtual
+    if model.cfg.tie_word_embeddings and num_stages > 1:
+        raise SpecError(f"tie_word_embeddings is not supported with {num_stages} pipeline stages: "
+                        "the embedding (first stage) and the head (last stage) would be one "
+                        "weight on two ranks; train with an untied head or without pipeline "
+                        "parallelism")
+    ranges = split_layers(model.cfg.num_layers, num_stages, layers_per_stage)
+    ids = stage_ids(schedule, pp_rank, pp_size, virtual)
+    return {i: _stage_module(model, ranges[i], i == 0, i == num_stages - 1) for i in ids}
+
+
+def _stage_module(model: LlamaModel, layers: range, is_first: bool, is_last: bool) -> LlamaModel:
+    stage = copy.deepcopy(model)  # on the meta device: no memory
+    for key in list(stage.layers.keys()):
+        if int(key) not in layers:
+            del stage.layers[key]
+    if not is_first:
+        stage.embed = None
+    if not is_last:
+        stage.norm = None
+        stage.lm_head = None
+    # A stage's output is its hidden states: the head runs in the loss (fused_loss_fn). Set on
+    # the instance, so __call__ and the hooks that wrappers (FSDP2) put on it still run.
+    stage.forward = stage.forward_hidden
+    return stage
+
+
+def pipeline_stages(modules: dict[int, nn.Module], num_stages: int,
+                    group: dist.ProcessGroup | DeviceMesh,
+                    device: torch.device) -> list[PipelineStage]:
+    """torch's stages over this rank's materialised (and wrapped) stage modules, in stage order;
+    `group` is the pipeline's process group or 1-D mesh (the job mesh's `pp` dimension)."""
+    group = group.get_group() if isinstance(group, DeviceMesh) else group
+    return [PipelineStage(module, i, num_stages, device, group=group)
+            for i, module in sorted(modules.items())]
+
+
+def fused_loss_fn(last_stage: LlamaModel) -> Callable[..., torch.Tensor]:
+    """The schedule's loss for the last stage: (final-normed hidden states, targets with IGNORE
+    where masked, scale) → scale · the sum of the micro-batch's masked token losses, through the
+    stage's head fused with cross-entropy (LlamaModel.head_loss, as in one process).
+
+    It reads the head weight at each call, after the stage's forward: under FSDP2 the last stage
+    must keep its parameters unsharded after the forward (reshard_after_forward=False, as
+    torchtitan does with PP), or the weight read here would be the shard."""
+    if last_stage.norm is None:
+        raise ValueError("fused_loss_fn takes the last stage's module (the one with the norm "
+                         "and head)")
+
+    def loss_fn(hidden: torch.Tensor, labels: torch.Tensor, scale: float | torch.Tensor = 1.0):
+        mask = labels != IGNORE
+        return last_stage.head_loss(hidden, labels.clamp(min=0), mask) * scale
+
+    return loss_fn
+
+
+def build_schedule(name: PipelineSchedule, stages: list[PipelineStage], n_microbatches: int,
+                   loss_fn: Callable[..., torch.Tensor] | None):
+    """torch's schedule `name` over this rank's stages; `loss_fn` (fused_loss_fn) on the rank of
+    the last stage, None on the others. Gradients are not divided by the number of
+    micro-batches (scale_grads=False): the loss is scaled by the caller, as the loop scales it
+    without a pipeline, so both compute the same gradients."""
+    if any(stage.is_last for stage in stages) != (loss_fn is not None):
+        raise ValueError("loss_fn goes with the last stage: given on its rank, None elsewhere")
+    pp_size = stages[0].group_size
+    check_schedule(name, pp_size, len(stages), n_microbatches)
+    if stages[0].num_stages != pp_size * len(stages):
+        raise ValueError(f"{len(stages)} stages on each of {pp_size} ranks, but the stages say "
+                         f"the pipeline has {stages[0].num_stages}")
+    cls = _SCHEDULES[name]
+    first = stages[0] if name in _SINGLE_STAGE else stages
+    # torch runs the backward only where it has a loss_fn, so every rank gets one; only the
+    # last stage's ever calls it
+    return cls(first, n_microbatches=n_microbatches, loss_fn=loss_fn or _no_loss_here,
+               scale_grads=False)
+
+
+def _no_loss_here(*_args, **_kwargs) -> torch.Tensor:
+    raise RuntimeError("the loss runs on the rank of the last pipeline stage only")
+
+
+def pipeline_step(schedule, inputs: torch.Tensor | None, targets: torch.Tensor | None,
+                  mask: torch.Tensor | None, is_first: bool, is_last: bool,
+                  scale: float | torch.Tensor) -> torch.Tensor | None:
+    """Forward and backward of one accumulation: the batch is cut into the schedule's
+    micro-batches along dim 0. The first stage's rank passes `inputs`, the last stage's
+    `targets` and `mask` (others may pass None). Each micro-batch's loss is `scale` times its
+    masked token-loss sum — the loop's scale, data-parallel size / global loss tokens — so the
+    gradients equal one process's. Returns, on the last stage's rank, the unscaled loss sum
+    (fp32, detached); None elsewhere.
+
+    torch's schedules call loss_fn(output, target) and split only `target` per micro-batch, so
+    the mask rides in the targets, as IGNORE at masked positions: one tensor of the targets'
+    shape that is split like the inputs."""
+    n_microbatches = schedule._n_microbatches  # torch keeps it private
+    args = ()
+    if is_first:
+        args = (inputs,)
+        _check_batch(inputs, n_microbatches)
+    labels, losses = None, None
+    if is_last:
+        _check_batch(targets, n_microbatches)
+        labels, losses = targets.masked_fill(~mask.bool(), IGNORE), []
+    schedule.step(*args, target=labels, losses=losses, return_outputs=False,
+                  loss_kwargs={"scale": scale})
+    if not is_last:
+        return None
+    return torch.stack(losses).detach().sum() / scale
+
+
+def _check_batch(batch: torch.Tensor, n_microbatches: int) -> None:
+    if batch.shape[0] % n_microbatches:
+        raise ValueError(f"a batch of {batch.shape[0]} samples does not split into "
+                         f"{n_microbatches} equal micro-batches")
+
+
+def global_grad_norm(parameters, pp_group: dist.ProcessGroup | DeviceMesh) -> torch.Tensor:
+    """The 2-norm of the gradients of every stage of the pipeline: each rank's local norm (a
+    DTensor's made whole over its own mesh first), squared and summed over the pipeline group."""
+    group = pp_group.get_group() if isinstance(pp_group, DeviceMesh) else pp_group
+    grads = [p.grad for p in parameters if p.grad is not None]
+    norm = torch.nn.utils.get_total_norm(grads, 2.0)
+    if isinstance(norm, DTensor):
+        norm = norm.full_tensor()
+    squared = norm.float().square()
+    dist.all_reduce(squared, op=dist.ReduceOp.SUM, group=group)
+    return squared.sqrt()
+
+
+def clip_grad_norm_(parameters, max_norm: float,
+                    pp_group: dist.ProcessGroup | DeviceMesh) -> torch.Tensor:
+    """torch's clip_grad_norm_ over the parameters of all stages of the pipeline: every rank
+    scales its gradients by the same coefficient, from the global norm, which it returns."""
+    parameters = list(parameters)
+    norm = global_grad_norm(parameters, pp_group)
+    torch.nn.utils.clip_grads_with_norm_(parameters, max_norm, norm)
+    return norm
