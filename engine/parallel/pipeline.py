@@ -19,7 +19,7 @@ Usage, per rank of the pipeline group:
     loss_fn = fused_loss_fn(modules[pp_size * virtual - 1]) if is_last else None
     schedule = build_schedule("1f1b", stages, n_microbatches, loss_fn)
     loss_sum = pipeline_step(schedule, inputs, targets, mask, is_first, is_last, scale)
-    clip_grad_norm_(params_of_all_local_stages, max_norm, pp_group)
+    clip_grad_norm_(params_of_all_local_stages, max_norm, pp_group)   # engine/parallel/grad_norm.py
 """
 
 from __future__ import annotations
@@ -29,12 +29,11 @@ from typing import Callable, Literal, get_args
 
 import torch
 import torch.distributed as dist
-from torch import nn
 from torch.distributed.device_mesh import DeviceMesh
+from torch import nn
 from torch.distributed.pipelining import (PipelineStage, Schedule1F1B, ScheduleDualPipeV,
                                           ScheduleGPipe, ScheduleInterleaved1F1B,
                                           ScheduleInterleavedZeroBubble, ScheduleZBVZeroBubble)
-from torch.distributed.tensor import DTensor
 
 from engine.errors import SpecError
 from engine.model.llama import LlamaModel
@@ -257,26 +256,3 @@ def _check_batch(batch: torch.Tensor, n_microbatches: int) -> None:
     if batch.shape[0] % n_microbatches:
         raise ValueError(f"a batch of {batch.shape[0]} samples does not split into "
                          f"{n_microbatches} equal micro-batches")
-
-
-def global_grad_norm(parameters, pp_group: dist.ProcessGroup | DeviceMesh) -> torch.Tensor:
-    """The 2-norm of the gradients of every stage of the pipeline: each rank's local norm (a
-    DTensor's made whole over its own mesh first), squared and summed over the pipeline group."""
-    group = pp_group.get_group() if isinstance(pp_group, DeviceMesh) else pp_group
-    grads = [p.grad for p in parameters if p.grad is not None]
-    norm = torch.nn.utils.get_total_norm(grads, 2.0)
-    if isinstance(norm, DTensor):
-        norm = norm.full_tensor()
-    squared = norm.float().square()
-    dist.all_reduce(squared, op=dist.ReduceOp.SUM, group=group)
-    return squared.sqrt()
-
-
-def clip_grad_norm_(parameters, max_norm: float,
-                    pp_group: dist.ProcessGroup | DeviceMesh) -> torch.Tensor:
-    """torch's clip_grad_norm_ over the parameters of all stages of the pipeline: every rank
-    scales its gradients by the same coefficient, from the global norm, which it returns."""
-    parameters = list(parameters)
-    norm = global_grad_norm(parameters, pp_group)
-    torch.nn.utils.clip_grads_with_norm_(parameters, max_norm, norm)
-    return norm
