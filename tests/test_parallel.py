@@ -68,7 +68,6 @@ def reference(tiny_dataset, tmp_path_factory) -> Path:
 LAYOUTS = {  # name: (ranks, spec fields)
     "tp2-selective": (2, {"tensor_parallel": 2, "recompute": "selective"}),
     "tp2-no-sp-full": (2, {"tensor_parallel": 2, "sequence_parallel": False, "recompute": "full"}),
-    "fsdp2-full": (2, {"data_parallel": "fsdp", "recompute": "full"}),
     "hsdp2x2": (4, {"data_parallel": "fsdp", "data_parallel_replicate": 2}),
     "tp2-fsdp2": (4, {"tensor_parallel": 2, "data_parallel": "fsdp"}),
     "tp2-ddp2": (4, {"tensor_parallel": 2}),

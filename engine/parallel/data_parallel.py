@@ -30,7 +30,8 @@ def apply_fsdp(parts: list[nn.Module], mode: DataParallel, mesh: Mesh, precision
     if mesh.layout.dp == 1 or uses_ddp(mode, mesh):
         return
     # a 2-D mesh is FSDP's HSDP form: replicated over its first dimension, sharded over its second
-    dp_mesh = mesh.sub("dp_replicate", "dp_shard") if mesh.layout.dp_replicate > 1 else mesh.sub("dp_shard")
+    replicated = mesh.layout.dp_replicate > 1
+    dp_mesh = mesh.sub("dp_replicate", "dp_shard") if replicated else mesh.sub("dp_shard")
     dtype = _COMPUTE.get(precision)
     policy = MixedPrecisionPolicy(param_dtype=dtype, reduce_dtype=torch.float32 if dtype else None)
     pipelined = mesh.layout.pp > 1
@@ -48,7 +49,8 @@ def wrap_ddp(model: nn.Module, mode: DataParallel, mesh: Mesh, device: torch.dev
         return model
     from torch.nn.parallel import DistributedDataParallel
 
-    ddp = DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
+    ids = [device.index] if device.type == "cuda" else None
+    ddp = DistributedDataParallel(model, device_ids=ids)
     if any(p.dtype != torch.float32 for p in model.parameters()):
         ddp.register_comm_hook(None, _fp32_mean)
     return ddp
