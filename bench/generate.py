@@ -130,12 +130,13 @@ def run_vllm(args, cfg, device, dtype) -> dict:
     from vllm import LLM
     from vllm import SamplingParams as VllmParams
 
-    torch.cuda.empty_cache()  # vLLM sizes its KV cache from the memory free now
     from engine.convert.hf import write_hf
 
     folder = Path(tempfile.mkdtemp(prefix="bench-generate-"))
     write_hf(folder, random_model(cfg, device, dtype).cpu(), "bf16", 5 << 30, {})
-    llm = LLM(folder, skip_tokenizer_init=True, dtype="bfloat16", seed=0,
+    torch.cuda.empty_cache()  # vLLM sizes its KV cache from the memory free now
+    llm = LLM(str(folder), skip_tokenizer_init=True, dtype="bfloat16", seed=0,
+              gpu_memory_utilization=0.85,
               max_model_len=args.prompt_len + args.new)
     data = [{"prompt_token_ids": p} for p in prompts(args, cfg.vocab_size)]
     settings = [VllmParams(temperature=0.7, top_p=0.9, max_tokens=args.new, ignore_eos=True,

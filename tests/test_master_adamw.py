@@ -12,7 +12,9 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
-from engine.parallel.data_parallel import wrap
+from engine.parallel.data_parallel import wrap_ddp
+from engine.parallel.layout import Layout
+from engine.parallel.mesh import build_mesh
 from engine.train.master_adamw import MasterAdamW, total_norm
 
 
@@ -126,7 +128,8 @@ def _ddp_rank(rank: int, port: int, out) -> None:
     local.weight.data.copy_(model.weight.data)
     x = torch.randn(3, 8, generator=torch.Generator().manual_seed(rank)).bfloat16()
     local(x).float().square().sum().backward()
-    ddp = wrap(model, "ddp", torch.device("cpu"))
+    mesh = build_mesh(Layout(dp_replicate=3), torch.device("cpu"))
+    ddp = wrap_ddp(model, "ddp", mesh, torch.device("cpu"))
     ddp(x).float().square().sum().backward()
     grads = [torch.empty_like(local.weight.grad) for _ in range(3)]
     dist.all_gather(grads, local.weight.grad)
