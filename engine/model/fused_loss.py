@@ -19,8 +19,6 @@ import functools
 import torch
 from torch.distributed.tensor import DTensor
 
-from engine.model.vocab_parallel_loss import vocab_parallel_cross_entropy
-
 
 def _lse_and_loss(logits: torch.Tensor, targets: torch.Tensor,
                   mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -103,6 +101,8 @@ def linear_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, targets: to
     softmax arithmetic into one kernel (default: on CUDA). A weight that tensor parallelism
     sharded over the vocabulary goes to engine/model/vocab_parallel_loss.py."""
     if isinstance(weight, DTensor):
+        from engine.model.vocab_parallel_loss import vocab_parallel_cross_entropy  # imports this
+
         return vocab_parallel_cross_entropy(hidden, weight, targets, mask, chunk_rows,
                                             compute_dtype or hidden.dtype)
     if compiled is None:

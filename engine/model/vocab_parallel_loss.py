@@ -12,6 +12,8 @@ import torch
 import torch.distributed as dist
 from torch.distributed.tensor import DTensor, Replicate
 
+from engine.model.fused_loss import _LinearCrossEntropy
+
 
 def _chunk(logits: torch.Tensor, targets: torch.Tensor, mask: torch.Tensor, first: int,
            group: dist.ProcessGroup, need_grad: bool):
@@ -35,7 +37,9 @@ def _chunk(logits: torch.Tensor, targets: torch.Tensor, mask: torch.Tensor, firs
     return loss, (grad * mask[:, None]).to(logits.dtype)
 
 
-class _VocabParallelLinearCrossEntropy(torch.autograd.Function):
+class _VocabParallelLinearCrossEntropy(_LinearCrossEntropy):
+    """The backward is the one-process one: scale the gradients the forward saved."""
+
     @staticmethod
     def forward(ctx, hidden, weight, targets, mask, group, chunk_rows: int, compute_dtype):
         h = hidden.reshape(-1, hidden.shape[-1])
@@ -59,12 +63,6 @@ class _VocabParallelLinearCrossEntropy(torch.autograd.Function):
             ctx.save_for_backward(grad_h.to(hidden.dtype).view(hidden.shape),
                                   grad_w.to(weight.dtype))
         return total
-
-    @staticmethod
-    def backward(ctx, grad_total):
-        grad_h, grad_w = ctx.saved_tensors
-        return (grad_h * grad_total.to(grad_h.dtype), grad_w * grad_total.to(grad_w.dtype),
-                None, None, None, None, None)
 
 
 def vocab_parallel_cross_entropy(hidden: torch.Tensor, weight: DTensor, targets: torch.Tensor,
