@@ -126,8 +126,7 @@ def test_penalties_and_filters_equal_vllm_formulas():
         seen[i, prompt + output] = True
         counts[i] = torch.bincount(torch.tensor(output), minlength=vocab).float()
     penalised = apply_penalties(torch.from_numpy(logits), seen, counts, rows)
-    ordered, order = filter_logits(penalised, rows)
-    filtered = torch.empty_like(ordered).scatter_(1, order, ordered).numpy()
+    filtered = filter_logits(penalised, rows).numpy()
     for i, p in enumerate(params):
         expected = vllm_penalties(logits[i], prompts[i], outputs[i], p.repetition_penalty,
                                   p.frequency_penalty, p.presence_penalty)
@@ -210,13 +209,28 @@ def test_bad_prompts_are_refused(stories, tokenizer):
         generator.generate([[1], [1]], [GREEDY])
 
 
+def test_the_sort_free_nucleus_equals_vllms_sorted_one():
+    """Top-k and top-p by thresholds keep the tokens vLLM's sort keeps, over a wide vocabulary,
+    flat and peaked rows, tiny and whole nuclei."""
+    rng = np.random.default_rng(1)
+    vocab = 4096
+    logits = rng.normal(0, 1, (8, vocab)) * np.array([0.1, 1, 3, 8, 1, 3, 0.5, 2])[:, None]
+    params = [SamplingParams(top_p=p, top_k=k, temperature=t) for p, k, t in
+              ((0.9, 0, 0.7), (0.5, 0, 1.0), (0.99, 0, 1.0), (0.01, 0, 1.0), (1.0, 50, 1.0),
+               (0.3, 1000, 0.5), (0.999, 0, 2.0), (0.9, 4096, 1.0))]
+    filtered = filter_logits(torch.tensor(logits, dtype=torch.float32),
+                             RowSettings.of(params, list(range(8)), CPU)).numpy()
+    for i, p in enumerate(params):
+        kept = vllm_filter(logits[i].astype(np.float32), p.temperature, p.min_p, p.top_k, p.top_p)
+        assert (np.isfinite(filtered[i]) == np.isfinite(kept)).all(), i
+    assert np.isfinite(filtered[3]).sum() < 10 < np.isfinite(filtered[6]).sum() < vocab
+
+
 def test_counter_based_draws_follow_the_distribution():
     probs = torch.tensor([0.5, 0.25, 0.15, 0.07, 0.03])
     seeds = torch.arange(40_000, dtype=torch.long) * 7919 + 12345
-    shuffled = torch.tensor([3, 0, 4, 1, 2])  # columns in another order than the vocabulary's
     logits = probs.log()[None].expand(len(seeds), 5)
-    picks = [draw(logits[:, shuffled], shuffled[None].expand(len(seeds), 5).contiguous(), seeds,
-                  torch.full_like(seeds, step)) for step in (0, 1)]
+    picks = [draw(logits, seeds, torch.full_like(seeds, step)) for step in (0, 1)]
     for drawn in picks:
         frequency = torch.bincount(drawn, minlength=5).double() / len(seeds)
         sigma = (probs * (1 - probs) / len(seeds)).sqrt()
@@ -226,8 +240,8 @@ def test_counter_based_draws_follow_the_distribution():
     assert abs(both - 0.25) < 4.5 * (0.25 * 0.75 / len(seeds)) ** 0.5
     # a pure function of (seed, step)
     one = torch.ones_like(seeds)
-    again = draw(logits[:5], None, seeds[:5], one[:5])
-    assert torch.equal(again, draw(logits, None, seeds, one)[:5])
+    again = draw(logits[:5], seeds[:5], one[:5])
+    assert torch.equal(again, draw(logits, seeds, one)[:5])
 
 
 def test_a_refilled_batch_gives_the_same_completions(stories, tokenizer):

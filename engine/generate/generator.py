@@ -19,6 +19,7 @@ from tqdm import tqdm
 from engine.data.tokenizer import Tokenizer
 from engine.generate.cache import Step, decode_width, kv_cache, prefill_mask
 from engine.generate.graphs import DecodeStep
+from engine.generate.weights import stacked_mlp_weights
 from engine.generate.params import Completion, SamplingParams
 from engine.generate.sampling import RowSettings, choose, row_seed
 from engine.model.config import DynamicScaling, ModelConfig
@@ -80,7 +81,7 @@ class Generator:
             self._check(row)
         total = sum(self._budget(r) for r in rows)
         with tqdm(total=total, desc=desc, unit="tok", unit_scale=True, leave=False,
-                  disable=not self.progress) as bar:
+                  disable=not self.progress) as bar, stacked_mlp_weights(self.model):
             for group in self._groups(rows):
                 self._run(group, bar)
         completions, i = [], 0

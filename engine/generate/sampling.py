@@ -7,6 +7,7 @@ not vLLM's stream of random numbers: equal seeds give other tokens there.)"""
 
 from __future__ import annotations
 
+import functools
 import hashlib
 from dataclasses import dataclass
 
@@ -48,7 +49,7 @@ def uniform(seeds: torch.Tensor, steps: torch.Tensor) -> torch.Tensor:
 @dataclass
 class RowSettings:
     """The sampling parameters of a batch's rows as tensors [batch] on the device, and which
-    filters any row uses (so that a batch without top-k/top-p never sorts its vocabulary)."""
+    filters any row uses (a batch without them skips their passes over the vocabulary)."""
 
     temperature: torch.Tensor
     top_p: torch.Tensor
@@ -59,7 +60,8 @@ class RowSettings:
     presence: torch.Tensor
     seeds: torch.Tensor
     random: torch.Tensor  # rows that draw (temperature > 0)
-    sorts: bool
+    uses_top_k: bool
+    uses_top_p: bool
     uses_min_p: bool
     penalizes: bool
 
@@ -77,7 +79,7 @@ class RowSettings:
                    column([p.presence_penalty for p in params]),
                    column(seeds, torch.long),
                    column([i for i, p in enumerate(params) if p.temperature > 0], torch.long),
-                   any(p.top_k > 0 or p.top_p < 1 for p in params),
+                   any(p.top_k > 0 for p in params), any(p.top_p < 1 for p in params),
                    any(p.min_p > 0 for p in params),
                    any((p.repetition_penalty, p.frequency_penalty, p.presence_penalty) != (1, 0, 0)
                        for p in params))
@@ -87,8 +89,8 @@ class RowSettings:
         r = self.random
         return RowSettings(self.temperature[r], self.top_p[r], self.top_k[r], self.min_p[r],
                            self.repetition[r], self.frequency[r], self.presence[r],
-                           self.seeds[r], torch.arange(len(r), device=r.device), self.sorts,
-                           self.uses_min_p, self.penalizes)
+                           self.seeds[r], torch.arange(len(r), device=r.device), self.uses_top_k,
+                           self.uses_top_p, self.uses_min_p, self.penalizes)
 
     def keep(self, rows: torch.Tensor) -> RowSettings:
         """The settings of the listed rows, in that order."""
@@ -98,7 +100,7 @@ class RowSettings:
         return RowSettings(self.temperature[rows], self.top_p[rows], self.top_k[rows],
                            self.min_p[rows], self.repetition[rows], self.frequency[rows],
                            self.presence[rows], self.seeds[rows], random[random >= 0],
-                           self.sorts, self.uses_min_p, self.penalizes)
+                           self.uses_top_k, self.uses_top_p, self.uses_min_p, self.penalizes)
 
 
 def apply_penalties(logits: torch.Tensor, seen: torch.Tensor, output_counts: torch.Tensor,
@@ -111,38 +113,66 @@ def apply_penalties(logits: torch.Tensor, seen: torch.Tensor, output_counts: tor
     return logits - rows.presence[:, None] * (output_counts > 0)
 
 
-def filter_logits(logits: torch.Tensor,
-                  rows: RowSettings) -> tuple[torch.Tensor, torch.Tensor | None]:
+def filter_logits(logits: torch.Tensor, rows: RowSettings) -> torch.Tensor:
     """Temperature, then min-p, top-k and top-p: the tokens a random draw may pick keep their
-    (tempered) logits, the others become -inf. Returned in ascending order with the token ids of
-    each column when top-k or top-p sorted them, else in vocabulary order with None."""
+    (tempered) logits, the others become -inf. Nothing is sorted: top-k keeps what reaches the
+    k-th largest logit, top-p what reaches the nucleus's least probability (`nucleus_floor`);
+    ties at either edge all stay, where vLLM's sort keeps an arbitrary part of them."""
     logits = logits / rows.temperature.clamp_min(1e-6)[:, None]
     if rows.uses_min_p:
         probs = logits.softmax(dim=-1)
         too_unlikely = probs < rows.min_p[:, None] * probs.amax(dim=-1, keepdim=True)
         logits = logits.masked_fill(too_unlikely, float("-inf"))
-    if not rows.sorts:
-        return logits, None
-    ordered, order = logits.sort(dim=-1)  # ascending, as vLLM's top-k/top-p
-    vocab = logits.shape[-1]
-    k = torch.where(rows.top_k > 0, rows.top_k, vocab).clamp(max=vocab)
-    kth = ordered.gather(1, (vocab - k)[:, None])
-    ordered = ordered.masked_fill(ordered < kth, float("-inf"))
-    cumulative = ordered.softmax(dim=-1).cumsum(dim=-1)
-    outside = cumulative <= 1 - rows.top_p[:, None]
-    outside[:, -1] = False  # the most likely token always stays
-    return ordered.masked_fill(outside, float("-inf")), order
+    if rows.uses_top_k:
+        k = rows.top_k.clamp(max=logits.shape[-1])  # 0: no top-k for that row
+        largest = logits.topk(int(k.max()), dim=-1).values
+        kth = largest.gather(1, (k - 1).clamp_min(0)[:, None])
+        logits = logits.masked_fill((logits < kth) & (k[:, None] > 0), float("-inf"))
+    if rows.uses_top_p:
+        probs = logits.softmax(dim=-1)
+        logits = logits.masked_fill(probs < nucleus_floor(probs, rows.top_p), float("-inf"))
+    return logits
 
 
-def draw(logits: torch.Tensor, order: torch.Tensor | None, seeds: torch.Tensor,
-         steps: torch.Tensor) -> torch.Tensor:
-    """A token [batch] from softmax(logits) of each row by inverse CDF: the first column whose
+def _mass_at_most(probs: torch.Tensor, ceiling: torch.Tensor) -> torch.Tensor:
+    return torch.where(probs <= ceiling[:, None], probs, 0).sum(dim=-1)
+
+
+@functools.cache
+def _fused_mass_at_most():
+    """_mass_at_most as one pass over the vocabulary (eager: three), compiled on first use."""
+    return torch.compile(_mass_at_most, dynamic=True)
+
+
+def nucleus_floor(probs: torch.Tensor, top_p: torch.Tensor) -> torch.Tensor:
+    """The least probability [batch, 1] of a row's top-p nucleus. vLLM drops, in ascending
+    order, the tokens whose cumulative probability is at most 1 - top_p: a token of probability q
+    stays iff the mass of all tokens of probability <= q exceeds 1 - top_p. That mass grows with
+    q, so the least such q is found by bisection over the bit patterns of positive floats (which
+    order as the floats do): 30 passes over the vocabulary where a sort takes longer. The most
+    likely token always stays."""
+    mass_at_most = _fused_mass_at_most() if probs.is_cuda else _mass_at_most
+    low = torch.zeros(len(probs), dtype=torch.int32, device=probs.device)  # mass(0) <= 1 - p
+    high = torch.full_like(low, _ONE_BITS)  # the ceiling of every probability
+    drop = 1 - top_p
+    for _ in range(_ONE_BITS.bit_length()):  # halves high - low down to 1
+        middle = (low + high) // 2
+        above = mass_at_most(probs, middle.view(torch.float32)) > drop
+        high, low = torch.where(above, middle, high), torch.where(above, low, middle)
+    floor = high.view(torch.float32)[:, None]
+    return torch.minimum(floor, probs.amax(dim=-1, keepdim=True))
+
+
+_ONE_BITS = 0x3F800000  # the bit pattern of 1.0f
+
+
+def draw(logits: torch.Tensor, seeds: torch.Tensor, steps: torch.Tensor) -> torch.Tensor:
+    """A token [batch] from softmax(logits) of each row by inverse CDF: the first token whose
     cumulative probability reaches the row's uniform(seed, step) share of the total. One random
     number a row, where a Gumbel or exponential race (vLLM's) needs one per vocabulary entry."""
     cdf = logits.softmax(dim=-1).cumsum(dim=-1)
     target = uniform(seeds, steps).to(cdf.dtype)[:, None] * cdf[:, -1:]
-    picked = torch.searchsorted(cdf, target).clamp_max(cdf.shape[-1] - 1)
-    return (picked if order is None else order.gather(1, picked))[:, 0]
+    return torch.searchsorted(cdf, target).clamp_max(cdf.shape[-1] - 1)[:, 0]
 
 
 def choose(logits: torch.Tensor, seen: torch.Tensor, output_counts: torch.Tensor,
@@ -155,6 +185,6 @@ def choose(logits: torch.Tensor, seen: torch.Tensor, output_counts: torch.Tensor
     tokens = logits.argmax(dim=-1)
     if len(rows.random):
         drawing = rows.drawing()
-        kept, order = filter_logits(logits[rows.random], drawing)
-        tokens[rows.random] = draw(kept, order, drawing.seeds, steps[rows.random])
+        kept = filter_logits(logits[rows.random], drawing)
+        tokens[rows.random] = draw(kept, drawing.seeds, steps[rows.random])
     return tokens

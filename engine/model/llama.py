@@ -66,14 +66,22 @@ class SwiGLU(nn.Module):
         self.w_gate = nn.Linear(cfg.hidden_size, cfg.intermediate_size, bias=False)
         self.w_up = nn.Linear(cfg.hidden_size, cfg.intermediate_size, bias=False)
         self.w_down = nn.Linear(cfg.intermediate_size, cfg.hidden_size, bias=False)
+        # set from outside while the weights cannot change (decoding, engine/generate/): a
+        # decode step then reads the stacked weight instead of stacking it again
+        self.stacked: torch.Tensor | None = None
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def stacked_weight(self) -> torch.Tensor:
         gate, up = local_shard(self.w_gate.weight), local_shard(self.w_up.weight)
         rows, hidden = gate.shape  # rows: this rank's FFN width under tensor parallelism
         block = math.gcd(rows, self.BLOCK)
-        stacked = torch.stack((gate.view(rows // block, block, hidden),
-                               up.view(rows // block, block, hidden)), dim=1)
-        both = F.linear(x, stacked.flatten(0, 2)).unflatten(-1, (rows // block, 2, block))
+        return torch.stack((gate.view(rows // block, block, hidden),
+                            up.view(rows // block, block, hidden)), dim=1).flatten(0, 2)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        stacked = self.stacked if self.stacked is not None else self.stacked_weight()
+        rows = stacked.shape[0] // 2
+        block = math.gcd(rows, self.BLOCK)
+        both = F.linear(x, stacked).unflatten(-1, (rows // block, 2, block))
         return self.w_down((F.silu(both[..., 0, :]) * both[..., 1, :]).flatten(-2))
 
 
