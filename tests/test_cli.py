@@ -64,6 +64,16 @@ def test_nested_flags_merge_over_the_spec_file(tmp_path):
     assert spec.iters == 9
 
 
+def test_a_model_given_by_flags_alone_derives_its_head_dim(tmp_path):
+    config = tmp_path / "pretrain.yaml"
+    config.write_text("data: {blend: [A], seq_length: 32}\ncheckpoint: {save: out}\n")
+    spec = _spec("pretrain", ["--model.vocab-size", "64", "--model.hidden-size", "48",
+                              "--model.intermediate-size", "32", "--model.num-layers", "1",
+                              "--model.num-heads", "6", "--model.num-kv-heads", "2",
+                              "--model.max-position-embeddings", "64"], config)
+    assert spec.model.head_dim == 8
+
+
 def test_a_bad_flag_value_names_the_flag(tmp_path, capsys):
     assert main(["generate-corpus", "--output", str(tmp_path / "c"), "--documents", "0"]) == 2
     assert "<command line>: --documents: Input should be greater than or equal to 1" in \

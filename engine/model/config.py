@@ -125,8 +125,11 @@ class ModelConfig(_Record):
             return data
         data = dict(data)
         if data.get("head_dim") is None:
-            hidden, heads = data.get("hidden_size"), data.get("num_heads")
-            if isinstance(hidden, int) and isinstance(heads, int) and heads > 0:
+            try:  # flags arrive as strings; a bad value is named by the field's own check
+                hidden, heads = int(data["hidden_size"]), int(data["num_heads"])
+            except (KeyError, TypeError, ValueError):
+                hidden = heads = 0
+            if heads > 0:
                 if hidden % heads:
                     raise ValueError(f"hidden_size {hidden} is not divisible by num_heads {heads}; "
                                      "set head_dim explicitly")

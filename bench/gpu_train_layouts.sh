@@ -1,0 +1,35 @@
+#!/usr/bin/env bash
+# Training tokens/s, MFU and peak memory on one GPU through the real pretrain stage, for each
+# activation recompute mode and under FSDP2 (bench/configs/gpu_layouts.yaml: 12 iterations, the
+# last 4 measured; the job is stopped after them, before its final checkpoint: an 8B one would
+# not fit the machine's disk). Logs under $OUT. The image lacks pydantic: carry .whl/py
+# (`bash bench/gpu_generate.sh wheels`).
+#   bash bench/gpu_train_layouts.sh SHAPE RECOMPUTE MICRO_BATCH [ddp|fsdp]
+set -euo pipefail
+python3 -m pip install -q --no-index --no-deps --target /tmp/site .whl/py/*.whl 2>/dev/null
+export PYTHONPATH="/tmp/site:$PWD"
+W=/tmp/lmforge-layouts
+if [ ! -d "$W/ds" ]; then
+    python3 -m engine generate-corpus --output "$W/corpus" --documents 20000 --shards 4 >/dev/null
+    python3 -m engine train-tokenizer --input "$W/corpus" --output "$W/tok" --vocab-size 512 >/dev/null
+    python3 -m engine tokenize --input "$W/corpus" --output-prefix "$W/ds/stories" \
+        --tokenizer "$W/tok/tokenizer.model" --append-eod --workers 8 --no-progress >/dev/null
+fi
+case "$1" in  # vocab hidden ffn layers heads kv-heads
+tinyllama-1.1b) shape=(32000 2048 5632 22 32 4) ;;
+llama-3.2-3b)   shape=(128256 3072 8192 28 24 8) ;;
+llama-3-8b)     shape=(128256 4096 14336 32 32 8) ;;
+*) echo "unknown shape $1" >&2; exit 2 ;;
+esac
+log="${OUT:-/tmp}/train-$1-$2-mb$3-${4:-ddp}.log"
+rm -rf "$W/ckpt"
+python3 -m engine pretrain --config bench/configs/gpu_layouts.yaml \
+    --model.vocab-size "${shape[0]}" --model.hidden-size "${shape[1]}" \
+    --model.intermediate-size "${shape[2]}" --model.num-layers "${shape[3]}" \
+    --model.num-heads "${shape[4]}" --model.num-kv-heads "${shape[5]}" \
+    --model.max-position-embeddings 4096 --recompute "$2" --micro-batch-size "$3" \
+    --global-batch-size "$3" --data-parallel "${4:-ddp}" >"$log" 2>&1 &
+job=$!
+until grep -q "iter 12/12" "$log" || ! kill -0 "$job" 2>/dev/null; do sleep 1; done
+kill "$job" 2>/dev/null || true
+grep -E "iter 12/12|Error|error" "$log" | tail -3
