@@ -66,7 +66,8 @@ def test_nested_flags_merge_over_the_spec_file(tmp_path):
 
 def test_a_model_given_by_flags_alone_derives_its_head_dim(tmp_path):
     config = tmp_path / "pretrain.yaml"
-    config.write_text("data: {blend: [A], seq_length: 32}\ncheckpoint: {save: out}\n")
+    config.write_text("data: {blend: [A], seq_length: 32}\ncheckpoint: {save: out}\n"
+                      "iters: 5\nglobal_batch_size: 2\n")
     spec = _spec("pretrain", ["--model.vocab-size", "64", "--model.hidden-size", "48",
                               "--model.intermediate-size", "32", "--model.num-layers", "1",
                               "--model.num-heads", "6", "--model.num-kv-heads", "2",
