@@ -18,8 +18,15 @@ wheels)
     python3 -m pip download -q --no-deps -d .whl/py datasketch
     bash "$shared/tools/vllm-bundle/bundle.sh" "$shared/tools/vllm-bundle/gpu-image-packages.txt" \
         "$PWD/.whl/vllm"
-    mkdir -p .whl/bench/tokenizer
+    mkdir -p .whl/bench/tokenizer .whl/bench/tokenizer-128k
     cp "$shared"/data/tokenizers/llama2/tokenizer* .whl/bench/tokenizer/
+    # Llama-3's 128,256 ids for the 8B teacher: Llama-2's BPE with 96,256 more vocabulary entries
+    # that no merge reaches (random weights emit them; they decode as their names)
+    python3 -c 'import json, sys; t = json.load(open(sys.argv[1])); v = t["model"]["vocab"]
+v.update({f"<r{i}>": i for i in range(len(v), 128256)})
+json.dump(t, open(sys.argv[2], "w"), ensure_ascii=False, separators=(",", ":"))' \
+        .whl/bench/tokenizer/tokenizer.json .whl/bench/tokenizer-128k/tokenizer.json
+    cp .whl/bench/tokenizer/tokenizer_config.json .whl/bench/tokenizer-128k/
     # 1,024 documents of 1,100 characters (~250 Llama-2 tokens) from Moby-Dick
     python3 -c 'import json, sys; t = open(sys.argv[1]).read().split()
 text = " ".join(t); docs = [text[i * 1100:(i + 1) * 1100] for i in range(1024)]
@@ -39,8 +46,10 @@ run|stage)
         python3 -m bench.generate $2 2>&1 | tee -a "$log"
     else  # stage BACKEND SHAPE: 1,024 documents, 128-token prefixes, 512 new tokens each
         teacher=/tmp/teacher-$3
+        tokenizer=.whl/bench/tokenizer
+        [ "$3" = tinyllama-1.1b ] || tokenizer=.whl/bench/tokenizer-128k  # carry it then
         [ -d "$teacher" ] || python3 -m bench.generate --shape "$3" --save-teacher "$teacher" \
-            --tokenizer .whl/bench/tokenizer
+            --tokenizer "$tokenizer"
         rm -rf "/tmp/synth-$2-$3"
         python3 -m engine synthesize --input .whl/bench/corpus.jsonl --teacher "$teacher" \
             --output "/tmp/synth-$2-$3" --backend "$2" \
