@@ -224,6 +224,26 @@ def test_slurm_two_nodes_ddp_streams_logs_and_writes_manifest(slurm_cluster, dat
 
 
 @pytest.mark.slow
+@pytest.mark.timeout(150)
+def test_slurm_tensor_parallel_across_two_nodes_matches_inline(slurm_cluster, dataset,
+                                                              inline_losses, tmp_path):
+    """TP 2 over n1 and n2 (one rank each), from the profile's layout: the spec names none."""
+    profile = load_profile("testcluster")
+    profile = profile.model_copy(update={"layout": LayoutDefaults(tensor_parallel=2)})
+    save = tmp_path / "ckpt"
+    job = submit("pretrain", _spec(dataset, save), {"nodes": 2}, profile, run_dir=tmp_path / "run")
+    manifest = _wait(job, 120)
+    assert job.state == "COMPLETED" and manifest.summary["iterations"] == 20
+    assert job.log_tail(50, rank=1)[0].startswith("[cluster] rank 1/2 on n2")
+    params = json.loads((save / "metrics.jsonl").read_text().splitlines()[0])["data"]
+    assert (params["tensor_parallel"], params["world_size"]) == (2, 2)
+    assert params["layout"] == "pp 1 × dp_replicate 1 × dp_shard 1 × tp 2"
+    losses = _losses(save)
+    assert sorted(losses) == sorted(inline_losses)
+    assert max(abs(losses[i] - inline_losses[i]) for i in inline_losses) < 1e-5
+
+
+@pytest.mark.slow
 def test_slurm_profile_checked_against_sinfo(slurm_cluster, dataset, tmp_path):
     site = tmp_path / "site.yaml"
     site.write_text("executor: slurm\nresources:\n  time_min: 5\nslurm:\n  partition: gpu\n")
