@@ -1,7 +1,8 @@
 """Cluster profiles: where and how stages run, as data (YAML) rather than code.
 
 A profile names the executor (`slurm`, `local`, `inline`) and everything site-specific: partition,
-account, qos, constraint, setup lines, container, environment, default resources, requeue policy.
+account, qos, constraint, setup lines, container, environment, default resources, the default
+parallel layout of training stages, requeue policy.
 Shipped profiles live in cluster/profiles/*.yaml and are loaded by name; any other YAML file by
 path. Unknown fields are errors that name the file, line and field, like stage specs.
 """
@@ -16,7 +17,9 @@ from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, ValidationError,
 
 from cluster.resources import Resources
 from engine.errors import LmforgeError, SpecError
-from engine.spec import format_validation_error, read_config
+from engine.parallel.layout import DataParallel, Recompute
+from engine.spec import StageSpec, format_validation_error, read_config
+from engine.train.spec import TrainSpec
 
 PROFILES_DIR = Path(__file__).resolve().parent / "profiles"
 DEFAULT_PROFILE = "local"
@@ -58,6 +61,25 @@ class Requeue(_Section):
                                  "are not counted")
 
 
+class LayoutDefaults(_Section):
+    """The parallel layout training stages (pretrain, finetune) get on this cluster where their
+    spec names none, e.g. TP over the GPUs of a node. Merged into the spec's data before it is
+    validated (so `data_parallel: fsdp` brings its default precision, bf16) and fingerprinted."""
+    tensor_parallel: int | None = Field(None, ge=1)
+    sequence_parallel: bool | None = None
+    pipeline_parallel: int | None = Field(None, ge=1)
+    data_parallel: DataParallel | None = None
+    data_parallel_replicate: int | None = Field(None, ge=1)
+    recompute: Recompute | None = None
+
+    def for_spec(self, model: type[StageSpec], given: dict) -> dict:
+        """The defaults a spec of `model` takes: none for stages that do not train (convert's
+        tensor_parallel is the layout it writes), and none of the fields `given` names."""
+        if not issubclass(model, TrainSpec):
+            return {}
+        return {k: v for k, v in self.model_dump(exclude_none=True).items() if k not in given}
+
+
 class Profile(_Section):
     executor: Literal["slurm", "local", "inline"]
     description: str = ""
@@ -69,6 +91,7 @@ class Profile(_Section):
     env: dict[str, str | int | float] = Field(default_factory=dict,
                                               description="environment of every rank's engine")
     resources: Resources = Resources()
+    layout: LayoutDefaults = LayoutDefaults()
     requeue: Requeue = Requeue()
     slurm: SlurmSettings | None = None
 

@@ -33,14 +33,7 @@ def submit(stage: str, spec: dict[str, Any] | StageSpec, resources: Resources | 
     ($LMFORGE_CLUSTER_PROFILE, else `local`). `run_dir` defaults to a new folder under the
     profile's runs_dir."""
     entry = get_stage(stage)
-    spec = _validated(stage, spec)
-    profile = profile if isinstance(profile, Profile) else load_profile(profile)
-    resources = profile.resources.override(resources)
-    check(profile, resources)
-    try:
-        spec.check_world(resources.world_size)
-    except ValueError as exc:
-        raise SpecError(f"{stage} on {resources.world_size} rank(s): {exc}") from None
+    spec, resources, profile = prepare(stage, spec, resources, profile, preflight=True)
     run = RunDir.create(run_dir or profile.runs_root() / RunDir.new_name(stage))
     run.spec.write_text(dump_spec(spec) + "\n", encoding="utf-8")
     checkpoint_dir = entry.checkpoint_dir(spec)
@@ -59,16 +52,49 @@ def submit(stage: str, spec: dict[str, Any] | StageSpec, resources: Resources | 
     return job
 
 
-def _validated(stage: str, spec: dict[str, Any] | StageSpec) -> StageSpec:
-    model = get_stage(stage).spec
-    if isinstance(spec, model):
-        return spec
-    if isinstance(spec, StageSpec):
-        raise SpecError(f"stage {stage} takes a {model.__name__}, not a {type(spec).__name__}")
+def prepare(stage: str, spec: dict[str, Any] | StageSpec, resources: Resources | dict | None = None,
+            profile: Profile | str | Path | None = None,
+            preflight: bool = False) -> tuple[StageSpec, Resources, Profile]:
+    """What `submit` checks (a flow's dry run does this for every stage): the profile; the spec,
+    with the profile's layout defaults for the fields it does not name; the resources, with
+    `preflight` also against the executor and the live cluster (cluster/preflight.py); and that
+    the spec's layout divides their world size."""
+    profile = profile if isinstance(profile, Profile) else load_profile(profile)
+    spec, defaults = _validated(stage, spec, profile)
+    resources = profile.resources.override(resources)
+    if preflight:
+        check(profile, resources)
     try:
-        return model.model_validate(spec)
+        spec.check_world(resources.world_size)
+    except ValueError as exc:
+        raise SpecError(f"{stage} on {resources.world_size} rank(s): {exc}"
+                        f"{_from_profile(profile, defaults)}") from None
+    return spec, resources, profile
+
+
+def _validated(stage: str, spec: dict[str, Any] | StageSpec,
+               profile: Profile) -> tuple[StageSpec, dict[str, Any]]:
+    """The spec as the stage's model, and the profile's layout defaults it took."""
+    model = get_stage(stage).spec
+    if isinstance(spec, StageSpec) and not isinstance(spec, model):
+        raise SpecError(f"stage {stage} takes a {model.__name__}, not a {type(spec).__name__}")
+    given = spec.model_dump(exclude_unset=True) if isinstance(spec, StageSpec) else spec
+    defaults = profile.layout.for_spec(model, given)
+    if isinstance(spec, model) and not defaults:
+        return spec, defaults
+    try:
+        return model.model_validate({**given, **defaults}), defaults
     except ValidationError as exc:
-        raise SpecError(format_validation_error(exc, f"<{stage} spec>")) from None
+        raise SpecError(format_validation_error(exc, f"<{stage} spec>")
+                        + _from_profile(profile, defaults)) from None
+
+
+def _from_profile(profile: Profile, defaults: dict[str, Any]) -> str:
+    if not defaults:
+        return ""
+    taken = ", ".join(f"{k} {v}" for k, v in defaults.items())
+    where = profile.where("layout", next(iter(defaults)))
+    return f" (with {taken} from the profile's layout, {where})"
 
 
 def _inline(stage: str, spec: StageSpec, run: RunDir, profile: Profile,

@@ -1,9 +1,11 @@
 """How a flow's steps reach the stage task — for real, or as a dry run.
 
 A flow runs its steps twice: first dry, where every stage's spec (with placeholders for outputs
-not built yet) goes through the engine's full model and nothing is submitted, then for real. So a
-spec that only a cross-field check rejects (a bad evaluation template, a finetune without a base)
-fails the flow before its first job, not after hours of training.
+not built yet) goes through the engine's full model and cluster/'s checks short of the live
+cluster (the profile, its layout defaults, the layout over the stage's ranks) and nothing is
+submitted, then for real. So a spec that only a cross-field check rejects (a bad evaluation
+template, a finetune without a base, TP 2 on one rank) fails the flow before its first job, not
+after hours of training.
 """
 
 from __future__ import annotations
@@ -11,6 +13,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
+from cluster.submit import prepare
 from engine.data.tokenize import resolve_inputs
 from flows.params import RunParams
 from tasks.artifact import ArtifactRef
@@ -25,8 +28,9 @@ class Runner:
     dry: bool = False
 
     async def stage(self, stage: str, spec: dict[str, Any], label: str | None = None) -> ArtifactRef:
-        if self.dry:
-            validate_spec(stage, spec)
+        if self.dry:  # the spec, and its layout on the profile's ranks
+            prepare(stage, validate_spec(stage, spec), self.run.resources.get(stage),
+                    self.run.profile)
             planned = f"<{label or stage}>"
             return ArtifactRef(stage=stage, kind="planned", path=planned, fingerprint="-",
                                cached=False, summary={}, files=[f"{planned}.bin"])

@@ -25,8 +25,11 @@ def set_field(data: dict[str, Any], dotted: str, value: Any) -> dict[str, Any]:
 
 
 def merged(options: BaseModel | dict[str, Any] | None, **wired: Any) -> dict[str, Any]:
-    """Options as plain data with the wired fields set (`data__blend=` sets `data.blend`)."""
-    data = options.model_dump(mode="json") if isinstance(options, BaseModel) else dict(options or {})
+    """Options as plain data — the fields they name, so that what they leave to defaults (a
+    cluster profile's layout: cluster/profiles.py) stays left — with the wired fields set
+    (`data__blend=` sets `data.blend`)."""
+    data = (options.model_dump(mode="json", exclude_unset=True) if isinstance(options, BaseModel)
+            else dict(options or {}))
     for key, value in wired.items():
         data = set_field(data, key.replace("__", "."), value)
     return data

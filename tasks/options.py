@@ -6,6 +6,11 @@ those fields: the same types, bounds, defaults and descriptions, copied from the
 so the Prefect UI draws the same form and rejects the same bad values (a negative `iters`) before
 the flow starts. The complete spec is validated by the engine's own model once the flow has
 filled the wired fields (flows do this for every stage before the first submission).
+
+The layout fields of the training stages (cluster/profiles.py: LayoutDefaults) are the one
+difference: in the options they default to None, "the cluster profile's layout, else the
+engine's default". A form sends every value it shows; with the engine's own defaults shown
+(tensor_parallel 1), every run from the UI would override the profile's layout.
 """
 
 from __future__ import annotations
@@ -14,11 +19,14 @@ import copy
 from functools import cache
 from typing import Any
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, create_model
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, create_model, model_validator
+from pydantic.fields import FieldInfo
 
+from cluster.profiles import LayoutDefaults
 from engine.errors import SpecError
 from engine.registry import get_stage
 from engine.spec import StageSpec, format_validation_error
+from engine.train.spec import TrainSpec
 from tasks.outputs import UNSET, check_written, given_location, with_location
 
 
@@ -27,11 +35,29 @@ def stage_options(stage: str, omit: frozenset[str] = frozenset(), name: str | No
     return _without(get_stage(stage).spec, frozenset(omit), name or f"{_camel(stage)}Options")
 
 
+LAYOUT = frozenset(LayoutDefaults.model_fields)
+
+
+class _Options(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    @model_validator(mode="after")
+    def _layout_none_is_not_given(self) -> "_Options":
+        """So that flows pass on (tasks/fields.py: merged) only the layout the user chose."""
+        for name in LAYOUT & set(type(self).model_fields):
+            if getattr(self, name) is None:
+                self.model_fields_set.discard(name)
+        return self
+
+
 @cache
 def _without(model: type[BaseModel], omit: frozenset[str], name: str) -> type[BaseModel]:
     fields: dict[str, Any] = {}
     for field_name, info in model.model_fields.items():
         if field_name in omit:
+            continue
+        if field_name in LAYOUT and issubclass(model, TrainSpec):
+            fields[field_name] = (info.annotation | None, _left_to_profile(info))
             continue
         nested = frozenset(o.split(".", 1)[1] for o in omit if o.startswith(field_name + "."))
         if not nested:
@@ -42,7 +68,15 @@ def _without(model: type[BaseModel], omit: frozenset[str], name: str) -> type[Ba
         fields[field_name] = (sub, Field(default_factory=sub, description=info.description)
                               if optional else Field(description=info.description))
     doc = (model.__doc__ or "").strip()
-    return create_model(name, __config__=ConfigDict(extra="forbid"), __doc__=doc or None, **fields)
+    return create_model(name, __base__=_Options, __doc__=doc or None, **fields)
+
+
+def _left_to_profile(info: FieldInfo) -> FieldInfo:
+    field = copy.copy(info)
+    field.default = None
+    field.description = (f"{info.description}. None: the cluster profile's layout, else "
+                         f"{info.default}")
+    return field
 
 
 def _camel(name: str) -> str:

@@ -55,11 +55,15 @@ async def run_stage(stage: str, spec: dict[str, Any] | StageSpec,
     $LMFORGE_CLUSTER_PROFILE, else `local`) with `resources` overriding the profile's defaults;
     `timeout_s` bounds the wait (default: the job's time limits plus a day in the queue)."""
     log = get_run_logger()
-    data = spec.model_dump(mode="json") if isinstance(spec, StageSpec) else dict(spec)
+    cluster = load_profile(profile)
+    data = (spec.model_dump(mode="json", exclude_unset=True) if isinstance(spec, StageSpec)
+            else dict(spec))
+    # the profile's layout for what the spec leaves unnamed, before the fingerprint: data_parallel
+    # is one of its fields (ddp or fsdp changes the default precision)
+    data = {**cluster.layout.for_spec(get_stage(stage).spec, data), **data}
     fingerprint, inputs = await asyncio.to_thread(_inputs, stage, validate_spec(stage, data))
     location = given_location(stage, data) or auto_location(stage, fingerprint)
     checked = validate_spec(stage, data, location)
-    cluster = load_profile(profile)
     wanted = cluster.resources.override(resources)
     timeout_s = timeout_s or wait_limit_s(cluster, wanted)
 

@@ -19,11 +19,12 @@ from pydantic import ValidationError
 
 from cluster.executors import slurm_parameters
 from cluster.jobs import Job, JobFailed
-from cluster.profiles import ProfileError, load_profile
+from cluster.profiles import LayoutDefaults, ProfileError, load_profile
 from cluster.resources import Resources
-from cluster.submit import submit
+from cluster.submit import prepare, submit
 from engine.errors import SpecError
 from engine.manifest import read_manifest
+from engine.train.spec import PretrainSpec, TrainSpec
 
 MODEL = TINY_MODEL
 
@@ -146,6 +147,40 @@ def test_gpu_profile_becomes_sbatch_and_srun_options():
     assert params["setup"] == ["export LMFORGE_HOME=/shared/$USER/lmforge"]
 
 
+def test_profile_layout_defaults_fill_what_the_spec_leaves(tmp_path):
+    """A profile's layout reaches the spec where the spec names no value (before its validation)
+    and the world-size check with the profile's resources; never a stage that does not train."""
+    assert set(LayoutDefaults.model_fields) < set(TrainSpec.model_fields)
+    site = tmp_path / "site.yaml"
+    site.write_text("executor: local\nresources:\n  tasks_per_node: 2\nlayout:\n"
+                    "  tensor_parallel: 2\n  recompute: selective\n")
+    spec = _spec("/data/ds", tmp_path / "s")
+    taken, resources, _ = prepare("pretrain", spec, None, site)
+    assert (taken.tensor_parallel, taken.recompute, resources.world_size) == (2, "selective", 2)
+    mine, _, _ = prepare("pretrain", {**spec, "tensor_parallel": 1}, None, site)
+    assert (mine.tensor_parallel, mine.recompute) == (1, "selective")  # the spec's value wins
+    model = PretrainSpec.model_validate(spec)  # a spec model: its unset fields take the defaults
+    assert prepare("pretrain", model, None, site)[0].tensor_parallel == 2
+    fsdp = load_profile(site).model_copy(update={"layout": LayoutDefaults(data_parallel="fsdp")})
+    no_precision = {k: v for k, v in spec.items() if k != "precision"}
+    assert prepare("pretrain", no_precision, None, fsdp)[0].precision == "bf16"  # fsdp's default
+    convert = {"load_dir": "/m", "save_dir": str(tmp_path / "c"), "source_format": "native",
+               "target_format": "megatron"}  # its tensor_parallel is the layout it writes
+    assert prepare("convert", convert, None, site)[0].tensor_parallel == 1
+    with pytest.raises(SpecError, match=r"pretrain on 3 rank\(s\): world size 3 is not a "
+                       r"multiple of tensor_parallel 2 .* \(with tensor_parallel 2, recompute "
+                       r"selective from the profile's layout, .*site\.yaml:5\)"):
+        submit("pretrain", spec, {"tasks_per_node": 3}, site, tmp_path / "run")
+    with pytest.raises(SpecError, match=r"num_kv_heads 2 is not divisible by tensor_parallel 4"):
+        prepare("pretrain", {**spec, "tensor_parallel": 4}, None, site)
+    site.write_text("executor: local\nlayout:\n  tensor_parallel: 0\n")
+    with pytest.raises(ProfileError, match=r"site\.yaml:3: layout\.tensor_parallel: Input should "
+                                           r"be greater than or equal to 1"):
+        prepare("pretrain", spec, None, site)
+    assert not (tmp_path / "run").exists()
+    assert load_profile("gpu-cluster").layout.tensor_parallel == 8
+
+
 # ---------------------------------------------------------------- local executor
 @pytest.mark.timeout(150)
 def test_local_two_processes_match_inline(dataset, inline_losses, tmp_path):
@@ -186,6 +221,26 @@ def test_slurm_two_nodes_ddp_streams_logs_and_writes_manifest(slurm_cluster, dat
     assert params["kind"] == "params" and params["data"]["world_size"] == 2
     losses = _losses(save)  # gloo DDP across "nodes" n1 and n2 = one rank
     assert max(abs(losses[i] - inline_losses[i]) for i in inline_losses) < 1e-6
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(150)
+def test_slurm_tensor_parallel_across_two_nodes_matches_inline(slurm_cluster, dataset,
+                                                              inline_losses, tmp_path):
+    """TP 2 over n1 and n2 (one rank each), from the profile's layout: the spec names none."""
+    profile = load_profile("testcluster")
+    profile = profile.model_copy(update={"layout": LayoutDefaults(tensor_parallel=2)})
+    save = tmp_path / "ckpt"
+    job = submit("pretrain", _spec(dataset, save), {"nodes": 2}, profile, run_dir=tmp_path / "run")
+    manifest = _wait(job, 120)
+    assert job.state == "COMPLETED" and manifest.summary["iterations"] == 20
+    assert job.log_tail(50, rank=1)[0].startswith("[cluster] rank 1/2 on n2")
+    params = json.loads((save / "metrics.jsonl").read_text().splitlines()[0])["data"]
+    assert (params["tensor_parallel"], params["world_size"]) == (2, 2)
+    assert params["layout"] == "pp 1 × dp_replicate 1 × dp_shard 1 × tp 2"
+    losses = _losses(save)
+    assert sorted(losses) == sorted(inline_losses)
+    assert max(abs(losses[i] - inline_losses[i]) for i in inline_losses) < 1e-5
 
 
 @pytest.mark.slow

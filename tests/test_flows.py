@@ -20,6 +20,7 @@ from prefect.client.schemas.filters import (ArtifactFilter, ArtifactFilterFlowRu
 from prefect.exceptions import ParameterTypeError
 from prefect.settings import PREFECT_UI_URL
 from prefect.testing.utilities import prefect_test_harness
+from prefect.utilities.callables import parameter_schema
 
 from cluster.jobs import JobFailed
 from cluster.profiles import ProfileError
@@ -28,6 +29,7 @@ from flows.compare import compare
 from flows.data_prep import data_prep
 from flows.evaluate import evaluate
 from flows.lifecycle import lifecycle
+from flows.train import train
 from tasks import submission, tracking
 from tasks.artifact import ArtifactRef
 from tasks.lease import Lease
@@ -134,6 +136,43 @@ def test_bad_parameters_are_refused_before_any_job(home, tmp_path):
     with pytest.raises(SpecError, match="fineval_shots"):
         asyncio.run(evaluate(model=str(hf), evaluation={"options": {"fineval_shots": [-1]}},
                              run=INLINE))
+    assert not (home / "jobs").exists() and not (home / "artifacts").exists()
+
+
+def test_training_layout_is_in_the_form_and_checked_before_any_job(home, tmp_path):
+    form = parameter_schema(train).definitions["TrainOptions"]["properties"]
+    typed = {name: form[name]["anyOf"][0] for name in
+             ("tensor_parallel", "pipeline_parallel", "data_parallel_replicate", "data_parallel",
+              "sequence_parallel", "recompute")}
+    assert typed == {"tensor_parallel": {"type": "integer", "minimum": 1},
+                     "pipeline_parallel": {"type": "integer", "minimum": 1},
+                     "data_parallel_replicate": {"type": "integer", "minimum": 1},
+                     "data_parallel": {"type": "string", "enum": ["ddp", "fsdp"]},
+                     "sequence_parallel": {"type": "boolean"},
+                     "recompute": {"type": "string", "enum": ["none", "selective", "full"]}}
+    assert form["tensor_parallel"]["default"] is None  # the profile's, else 1: a form sends it
+
+    def pretrain(profile="inline", **layout):
+        training = {**TINY_TRAIN, "options": {**TINY_TRAIN["options"], **layout}}
+        asyncio.run(train(dataset=str(tmp_path / "ds"), training=training,
+                          run={"profile": profile}))
+
+    with pytest.raises(ParameterTypeError, match="tensor_parallel"):
+        pretrain(tensor_parallel=0)
+    with pytest.raises(ParameterTypeError, match="recompute"):
+        pretrain(recompute="most")
+    with pytest.raises(SpecError, match="model num_heads 2 is not divisible by tensor_parallel 4"):
+        pretrain(tensor_parallel=4)
+    with pytest.raises(SpecError, match=r"pretrain on 1 rank\(s\): world size 1 is not a "
+                                        r"multiple of tensor_parallel 2"):
+        pretrain(tensor_parallel=2)
+    site = tmp_path / "site.yaml"  # a layout from the profile, checked on the profile's ranks
+    site.write_text("executor: local\nresources:\n  tasks_per_node: 3\nlayout:\n"
+                    "  tensor_parallel: 2\n")
+    with pytest.raises(SpecError, match=r"world size 3 is not a multiple of tensor_parallel 2 .*"
+                                        r"\(with tensor_parallel 2 from the profile's layout, "
+                                        r".*site\.yaml:5\)"):
+        pretrain(str(site))
     assert not (home / "jobs").exists() and not (home / "artifacts").exists()
 
 
