@@ -1,11 +1,14 @@
-"""Megatron-LM interop in the convert stage: per-rank checkpoints at TP 2 x PP 2 round-trip
-bitwise and by HF logits, every naming Megatron has used (megatron-core local and TE, legacy GPT,
-EPFL Megatron-LLM) imports to the same logits, megatron-core 0.16.1 itself runs our exports and
-we run its torch_dist checkpoint, and bad inputs say what is wrong."""
+"""Megatron-LM interop in the convert stage: per-rank checkpoints at TP 2 x PP 2, with
+megatron-core or legacy GPT names, round-trip bitwise and by HF logits, virtual pipeline chunks
+sit where Megatron-LM puts them and round-trip, every naming Megatron has used (megatron-core
+local and TE, legacy GPT, EPFL Megatron-LLM) imports to the same logits, megatron-core 0.16.1
+itself runs our exports and we run its torch_dist checkpoint, and bad inputs say what is
+wrong."""
 
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import subprocess
 import sys
@@ -61,9 +64,30 @@ def our_logits(model: LlamaModel) -> torch.Tensor:
         return model(IDS)
 
 
-def test_tp2_pp2_round_trips_bitwise_and_by_hf_logits(hf_folder, model, tmp_path):
-    manifest = convert(hf_folder, tmp_path / "mg", "hf", "megatron", tensor_parallel=2,
-                       pipeline_parallel=2)
+def _round_trips(hf_folder: Path, tmp_path: Path, **layout):
+    """HF -> Megatron -> HF: transformers computes the same logits, bit for bit; native ->
+    Megatron -> native: the same bytes. Returns the HF -> Megatron manifest."""
+    manifest = convert(hf_folder, tmp_path / "mg", "hf", "megatron", **layout)
+    assert manifest.summary["verification"]["max_abs_diff"] <= 1e-5
+    back = convert(tmp_path / "mg", tmp_path / "hf", "megatron", "hf")
+    result = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "hf",
+                                                               dtype=torch.float32)
+    source = transformers.AutoModelForCausalLM.from_pretrained(hf_folder, dtype=torch.float32)
+    with torch.no_grad():
+        assert torch.equal(result(IDS).logits, source(IDS).logits)
+    assert back.summary["verification"]["max_abs_diff"] <= 1e-5
+
+    convert(hf_folder, tmp_path / "native", "hf", "native")
+    convert(tmp_path / "native", tmp_path / "mg2", "native", "megatron", **layout)
+    convert(tmp_path / "mg2", tmp_path / "native2", "megatron", "native")
+    before, after = load_native(tmp_path / "native")[1], load_native(tmp_path / "native2")[1]
+    for name, tensor in before.state_dict().items():
+        assert torch.equal(tensor, after.state_dict()[name]), name
+    return manifest
+
+
+def test_tp2_pp2_round_trips_bitwise_and_by_hf_logits(hf_folder, tmp_path):
+    manifest = _round_trips(hf_folder, tmp_path, tensor_parallel=2, pipeline_parallel=2)
     release = tmp_path / "mg" / "release"
     assert sorted(p.name for p in release.iterdir()) == [
         "mp_rank_00_000", "mp_rank_00_001", "mp_rank_01_000", "mp_rank_01_001"]
@@ -80,23 +104,80 @@ def test_tp2_pp2_round_trips_bitwise_and_by_hf_logits(hf_folder, model, tmp_path
     assert "decoder.layers.2.self_attention.linear_qkv.weight" not in local
     # one query group per rank: 2 q heads, k, v of 16 rows each
     assert local["decoder.layers.0.self_attention.linear_qkv.weight"].shape == (64, 64)
-    assert manifest.summary["verification"]["max_abs_diff"] <= 1e-5
 
-    back = convert(tmp_path / "mg", tmp_path / "hf", "megatron", "hf")
-    result = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "hf",
-                                                               dtype=torch.float32)
-    source = transformers.AutoModelForCausalLM.from_pretrained(hf_folder, dtype=torch.float32)
-    with torch.no_grad():
-        assert torch.equal(result(IDS).logits, source(IDS).logits)
-    assert back.summary["verification"]["max_abs_diff"] <= 1e-5
 
-    convert(hf_folder, tmp_path / "native", "hf", "native")
-    convert(tmp_path / "native", tmp_path / "mg2", "native", "megatron", tensor_parallel=2,
-            pipeline_parallel=2)
-    convert(tmp_path / "mg2", tmp_path / "native2", "megatron", "native")
-    before, after = load_native(tmp_path / "native")[1], load_native(tmp_path / "native2")[1]
-    for name, tensor in before.state_dict().items():
-        assert torch.equal(tensor, after.state_dict()[name]), name
+def test_legacy_names_tp2_pp2_round_trip_and_lay_out_as_megatron_lm_saves_them(
+        hf_folder, model, tmp_path):
+    """The legacy GPT model's nested state dict, each TP rank's QKV holding its query group
+    [q heads; k; v] and its dense_h_to_4h [gate_r; up_r], checked against the source's own
+    tensors (not through our converter's layout code)."""
+    manifest = _round_trips(hf_folder, tmp_path, tensor_parallel=2, pipeline_parallel=2,
+                            megatron_names="legacy")
+    assert manifest.summary["megatron"]["names"] == "legacy"
+    release = tmp_path / "mg" / "release"
+    first = load_pickled(release / "mp_rank_00_000" / "model_optim_rng.pt")["model"]
+    assert sorted(first) == ["language_model"]
+    assert sorted(first["language_model"]) == ["embedding", "encoder"]
+    assert first["language_model"]["embedding"]["word_embeddings"]["weight"].shape == (128, 64)
+    rank = load_pickled(release / "mp_rank_01_001" / "model_optim_rng.pt")
+    args = vars(rank["args"])
+    assert (args["use_legacy_models"], args["transformer_impl"], args["normalization"],
+            args["swiglu"], args["position_embedding_type"],
+            args["untie_embeddings_and_output_weights"], args["group_query_attention"],
+            args["num_query_groups"]) == (True, "local", "RMSNorm", True, "rope", True, True, 2)
+    language_model = rank["model"]["language_model"]
+    assert sorted(language_model) == ["encoder", "output_layer"]
+    assert language_model["output_layer"]["weight"].shape == (128, 64)
+    encoder = language_model["encoder"]
+    assert sorted(encoder) == sorted(
+        [f"layers.{i}.{name}" for i in (0, 1) for name in (
+            "input_norm.weight", "self_attention.query_key_value.weight",
+            "self_attention.dense.weight", "post_attention_norm.weight",
+            "mlp.dense_h_to_4h.weight", "mlp.dense_4h_to_h.weight")] + ["final_norm.weight"])
+    block = model.layers["2"]  # pipeline rank 1's layer 0; TP rank 1: query group 1
+    q, k, v = (getattr(block.attn, w).weight for w in ("wq", "wk", "wv"))
+    assert torch.equal(encoder["layers.0.self_attention.query_key_value.weight"],
+                       torch.cat([q[32:], k[16:], v[16:]]))
+    assert torch.equal(encoder["layers.0.mlp.dense_h_to_4h.weight"],
+                       torch.cat([block.mlp.w_gate.weight[48:], block.mlp.w_up.weight[48:]]))
+    assert torch.equal(encoder["layers.0.self_attention.dense.weight"], block.attn.wo.weight[:, 32:])
+
+
+def test_virtual_pipeline_chunks_sit_where_megatron_lm_puts_them_and_round_trip(model, tmp_path):
+    """PP 2 x VP 2 over 4 layers: pipeline rank s holds model0 = layer s and model1 = layer
+    2 + s, each numbered 0 within its chunk (Megatron-LM's interleaved assignment)."""
+    convert_native(model, tmp_path / "native")
+    convert(tmp_path / "native", tmp_path / "mg", "native", "megatron", pipeline_parallel=2,
+            virtual_pipeline_parallel=2)
+    release = tmp_path / "mg" / "release"
+    ranks = [load_pickled(release / f"mp_rank_00_{s:03d}" / "model_optim_rng.pt")
+             for s in range(2)]
+    assert (vars(ranks[0]["args"])["virtual_pipeline_model_parallel_size"],
+            vars(ranks[0]["args"])["num_layers_per_virtual_pipeline_stage"]) == (2, 1)
+    proj = "decoder.layers.0.self_attention.linear_proj.weight"
+    for s, rank in enumerate(ranks):
+        assert "model" not in rank
+        for c in range(2):
+            chunk = rank[f"model{c}"]
+            assert torch.equal(chunk[proj], model.layers[str(2 * c + s)].attn.wo.weight)
+            assert "decoder.layers.1.self_attention.linear_proj.weight" not in chunk
+            assert ("embedding.word_embeddings.weight" in chunk) == ((s, c) == (0, 0))
+            assert ("output_layer.weight" in chunk) == ((s, c) == (1, 1))
+            assert ("decoder.final_layernorm.weight" in chunk) == ((s, c) == (1, 1))
+
+    convert(tmp_path / "mg", tmp_path / "back", "megatron", "native")
+    result = load_native(tmp_path / "back")[1]
+    for name, tensor in model.state_dict().items():
+        assert torch.equal(tensor, result.state_dict()[name]), name
+    assert torch.equal(our_logits(result), our_logits(model))
+
+    file = release / "mp_rank_00_001" / "model_optim_rng.pt"
+    data = torch.load(file, weights_only=False)
+    del data["model1"]
+    torch.save(data, file)
+    with pytest.raises(InputError, match=r"mp_rank_00_001/model_optim_rng\.pt: 1 model chunks, "
+                                         r".*mp_rank_00_000/model_optim_rng\.pt has 2"):
+        convert(tmp_path / "mg", tmp_path / "out", "megatron", "native")
 
 
 def _legacy_rank_files(model: LlamaModel, root: Path, epfl: bool, tp: int = 2) -> None:
@@ -120,7 +201,8 @@ def _legacy_rank_files(model: LlamaModel, root: Path, epfl: bool, tp: int = 2) -
         args = dict(num_layers=4, hidden_size=64, ffn_hidden_size=96, num_attention_heads=4,
                     group_query_attention=True, num_query_groups=2, max_position_embeddings=64,
                     normalization="RMSNorm", swiglu=True, untie_embeddings_and_output_weights=True,
-                    norm_epsilon=1e-5, tensor_model_parallel_size=tp, padded_vocab_size=padded)
+                    norm_epsilon=1e-5, tensor_model_parallel_size=tp, padded_vocab_size=padded,
+                    rotary_base=500000)  # in the args, but the legacy model uses 10000
     for t in range(tp):
         def shard(layer, part):
             return split(parts[layer, part], part, tp)[t]
@@ -212,7 +294,7 @@ def test_torch_dist_saved_by_megatron_core_imports(megatron_core_run, tmp_path):
     assert manifest.summary["verification"]["max_abs_diff"] == 0.0
 
 
-def test_a_layout_that_does_not_divide_the_model_is_refused_before_queueing(hf_folder):
+def test_a_layout_that_does_not_divide_the_model_is_refused_before_queueing(hf_folder, tmp_path):
     with pytest.raises(ValidationError, match="tensor_parallel 4 does not divide num_kv_heads "
                                               r"\(query groups.*\) 2"):
         Spec(load_dir=str(hf_folder), save_dir="out", source_format="hf",
@@ -226,6 +308,27 @@ def test_a_layout_that_does_not_divide_the_model_is_refused_before_queueing(hf_f
     with pytest.raises(ValidationError, match="source format only"):
         Spec(load_dir=str(hf_folder), save_dir="out", source_format="hf",
              target_format="megatron-epfl")
+    with pytest.raises(ValidationError, match=r"pipeline_parallel 2 x virtual_pipeline_parallel "
+                                              r"3 \(6 model chunks\) does not divide num_layers 4"):
+        Spec(load_dir=str(hf_folder), save_dir="out", source_format="hf",
+             target_format="megatron", pipeline_parallel=2, virtual_pipeline_parallel=3)
+    with pytest.raises(ValidationError, match="virtual_pipeline_parallel 2 needs pipeline_parallel"):
+        Spec(load_dir=str(hf_folder), save_dir="out", source_format="hf",
+             target_format="megatron", virtual_pipeline_parallel=2)
+    with pytest.raises(ValidationError, match="megatron_names apply to target_format megatron"):
+        Spec(load_dir=str(hf_folder), save_dir="out", source_format="hf",
+             target_format="mcore-dist", megatron_names="legacy")
+    with pytest.raises(ValidationError, match="te is for megatron-core names"):
+        Spec(load_dir=str(hf_folder), save_dir="out", source_format="hf",
+             target_format="megatron", megatron_names="legacy", megatron_norm_names="te")
+    llama3 = tmp_path / "llama3"
+    llama3.mkdir()
+    (llama3 / "config.json").write_text(json.dumps(
+        CFG.model_copy(update={"rope_theta": 500000.0}).to_hf()))
+    with pytest.raises(ValidationError, match="rope_theta 500000: Megatron-LM's legacy model "
+                                              "always uses RoPE base 10000"):
+        Spec(load_dir=str(llama3), save_dir="out", source_format="hf",
+             target_format="megatron", megatron_names="legacy")
 
 
 def test_missing_rank_file_unknown_key_and_foreign_class(model, tmp_path):

@@ -6,9 +6,11 @@
 
 Each file holds `model` (`model0`, `model1`, ... with virtual pipeline stages), `args`,
 `checkpoint_version`, `iteration`. Pipeline stages hold contiguous layer ranges, numbered from 0
-within each stage; with virtual stages, chunk c of pipeline rank s is stage c * PP + s.
-Written as "release" with only the model (no optimizer or RNG state): Megatron-LM refuses
-iteration 0, and loads a release checkpoint with `--finetune` / `--no-load-optim --no-load-rng`.
+within each stage; with virtual stages (Megatron-LM's interleaved schedule), chunk c of pipeline
+rank s is stage c * PP + s. Written as "release" with only the model (no optimizer or RNG
+state): Megatron-LM refuses iteration 0, and loads a release checkpoint with `--finetune` /
+`--no-load-optim --no-load-rng`. Tensors are named as megatron-core's GPTModel names them (flat)
+or as the legacy GPTModel saves them (nested dicts, engine/convert/megatron_names.py).
 """
 
 from __future__ import annotations
@@ -123,9 +125,11 @@ def _parse_chunk(state: dict[str, Any], file: Path) -> dict[tuple[int | None, st
     return parsed
 
 
-def read_rank_files(folder: Path) -> tuple[dict[str, Any], dict[tuple[int, int], list], int, int]:
-    """(args, {(tp rank, pp rank): its parsed model chunks}, TP, PP); every file the args'
-    layout calls for must be there."""
+def read_rank_files(folder: Path) -> tuple[dict[str, Any], dict[tuple[int, int], list], int,
+                                           int, bool]:
+    """(args, {(tp rank, pp rank): its parsed model chunks}, TP, PP, whether the tensors have
+    the legacy GPT names); every file the args' layout calls for must be there, each with as
+    many model chunks as the first."""
     first = sorted(folder.glob(f"mp_rank_*/{FILE}"))
     if not first:
         raise InputError(f"{folder}: no mp_rank_*/{FILE} files")
@@ -136,6 +140,8 @@ def read_rank_files(folder: Path) -> tuple[dict[str, Any], dict[tuple[int, int],
     expected = [(t, s) for s in range(pp) for t in range(tp)]
     layout = (f"TP {tp} x PP {pp}: {rank_dir(0, 0, pp)} ... {rank_dir(tp - 1, pp - 1, pp)}"
               f"/{FILE}")
+    chunks = _models(data, first[0])
+    legacy = any(key.startswith("language_model") for key in flatten(chunks[0]))
     ranks = {}
     for t, s in expected:
         file = folder / rank_dir(t, s, pp) / FILE
@@ -146,8 +152,12 @@ def read_rank_files(folder: Path) -> tuple[dict[str, Any], dict[tuple[int, int],
         if version < 2.0:
             raise InputError(f"{file}: checkpoint_version {version}: QKV layouts before version "
                              "2.0 are not supported")
-        ranks[t, s] = [_parse_chunk(chunk, file) for chunk in _models(rank_data, file)]
-    return args, ranks, tp, pp
+        models = _models(rank_data, file)
+        if len(models) != len(chunks):
+            raise InputError(f"{file}: {len(models)} model chunks, {first[0]} has {len(chunks)}"
+                             " (virtual pipeline stages must be the same on every rank)")
+        ranks[t, s] = [_parse_chunk(chunk, file) for chunk in models]
+    return args, ranks, tp, pp, legacy
 
 
 def merge_ranks(ranks: dict[tuple[int, int], list], tp: int, pp: int, tied: bool) -> Parts:
@@ -204,60 +214,84 @@ def load_megatron(path: Path, epfl: bool = False, vocab_size: int | None = None,
                   tokenizer: Path | None = None) -> tuple[ModelConfig, LlamaModel, str]:
     """(config, model in fp32, dtype the weights are stored in) of a per-rank checkpoint."""
     folder = iteration_dir(path)
-    args, ranks, tp, pp = read_rank_files(folder)
+    args, ranks, tp, pp, legacy = read_rank_files(folder)
     where = str(folder)
     embed = next((chunk[None, "embed"] for chunk in ranks[0, 0] if (None, "embed") in chunk),
                  None)
     if embed is None:
         raise InputError(f"{folder / rank_dir(0, 0, pp) / FILE}: no word embeddings")
     vocab = real_vocab(args, vocab_size, tokenizer, embed.shape[0] * tp)
-    cfg = config_from_args(args, vocab, where, epfl)
+    cfg = config_from_args(args, vocab, where, epfl, legacy)
     parts = merge_ranks(ranks, tp, pp, cfg.tie_word_embeddings)
     return cfg, build_model(cfg, parts, epfl, where), stored_dtype(ranks)
 
 
 def write_megatron(root: Path, model: LlamaModel, tensor_parallel: int, pipeline_parallel: int,
-                   divisible_by: int, dtype: str, norms: str) -> list[str]:
+                   divisible_by: int, dtype: str, names_as: str,
+                   virtual_pipeline: int = 1) -> list[str]:
     """root/latest_checkpointed_iteration.txt ("release") + release/mp_rank_*/model_optim_rng.pt;
-    returns the files written."""
-    cfg, tp, pp = model.cfg, tensor_parallel, pipeline_parallel
-    check_layout(cfg, tp, pp)
+    `names_as` "local" / "te" (megatron-core, its norms as the local spec's or TE's) or "legacy"
+    (the legacy GPT model); `virtual_pipeline` model chunks per pipeline rank. Returns the files
+    written."""
+    cfg, tp, pp, vp = model.cfg, tensor_parallel, pipeline_parallel, virtual_pipeline
+    check_layout(cfg, tp, pp, vp, legacy=names_as == "legacy")
     padded = padded_vocab(cfg.vocab_size, divisible_by, tp)
-    args = args_from_config(cfg, tp, pp, divisible_by, padded, dtype, norms, "torch")
+    args = args_from_config(cfg, tp, pp, divisible_by, padded, dtype, names_as, "torch", vp)
     cast = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(dtype, torch.float32)
     state = {n: t.detach().to(cast) for n, t in model.state_dict().items()}
     parts = to_parts(state, cfg, padded)
-    per_stage = cfg.num_layers // pp
+    stages = pp * vp
+    per_stage = cfg.num_layers // stages
     written = []
     for s in range(pp):
-        stage = _stage_parts(parts, s, per_stage, pp, cfg.tie_word_embeddings, norms)
+        chunks = [_stage_parts(parts, c * pp + s, per_stage, stages, cfg.tie_word_embeddings)
+                  for c in range(vp)]
         for t in range(tp):
-            local = {name: split(tensor, part, tp)[t] for name, (part, tensor) in stage.items()}
-            local.update({name: None for name in _extra_states(local)})
+            local = [_named({key: split(tensor, key[1], tp)[t] for key, tensor in chunk.items()},
+                            names_as, cfg.tie_word_embeddings) for chunk in chunks]
+            models = {"model": local[0]} if vp == 1 else {f"model{c}": m
+                                                          for c, m in enumerate(local)}
             file = root / RELEASE / rank_dir(t, s, pp) / FILE
             file.parent.mkdir(parents=True)
             torch.save({"args": args, "checkpoint_version": CHECKPOINT_VERSION, "iteration": 0,
-                        "model": local}, file)
+                        **models}, file)
             written.append(str(file.relative_to(root)))
     (root / LATEST).write_text(RELEASE)
     return written
 
 
-def _stage_parts(parts: Parts, stage: int, per_stage: int, pp: int, tied: bool,
-                 norms: str) -> dict[str, tuple[str, torch.Tensor]]:
-    """megatron-core name -> (part, whole tensor) of one pipeline stage, layers renumbered from
-    0. The last stage of a tied model holds the head as a copy of the embedding."""
-    first, last = stage == 0, stage == pp - 1
-    out: dict[str, tuple[str, torch.Tensor]] = {}
+def _stage_parts(parts: Parts, stage: int, per_stage: int, stages: int, tied: bool) -> Parts:
+    """The tensors of one pipeline stage, layers renumbered from 0. The last stage of a tied
+    model holds the head as a copy of the embedding when it lacks the embedding itself."""
+    first, last = stage == 0, stage == stages - 1
+    out: Parts = {}
     for (layer, part), tensor in parts.items():
         if layer is None:
             if (part == "embed" and first) or (part in ("output", "final_norm") and last):
-                out[names.top_name(part)] = (part, tensor)
+                out[None, part] = tensor
         elif stage * per_stage <= layer < (stage + 1) * per_stage:
-            out[names.layer_name(layer - stage * per_stage, part, norms)] = (part, tensor)
-    if tied and last and pp > 1:
-        out[names.top_name("output")] = ("output", parts[None, "embed"])
+            out[layer - stage * per_stage, part] = tensor
+    if tied and last and stages > 1:
+        out[None, "output"] = parts[None, "embed"]
     return out
+
+
+def _named(local: Parts, names_as: str, tied: bool) -> dict[str, Any]:
+    """One rank's model chunk as Megatron saves it: megatron-core's flat state dict, or the
+    legacy model's nested one."""
+    if names_as == "legacy":
+        nested: dict[str, Any] = {}
+        for (layer, part), tensor in local.items():
+            *dicts, key = names.legacy_path(layer, part, tied)
+            node = nested
+            for name in dicts:
+                node = node.setdefault(name, {})
+            node[key] = tensor
+        return nested
+    flat = {names.top_name(part) if layer is None else names.layer_name(layer, part, names_as):
+            tensor for (layer, part), tensor in local.items()}
+    flat.update({name: None for name in _extra_states(flat)})
+    return flat
 
 
 def _extra_states(local: dict[str, torch.Tensor]) -> list[str]:

@@ -25,5 +25,7 @@ def write_megatron_target(spec, folder: Path, model: LlamaModel, dtype: str) -> 
     if spec.target_format == "mcore-dist":
         return write_mcore_dist(folder, model, spec.tensor_parallel, spec.pipeline_parallel,
                                 spec.make_vocab_size_divisible_by, dtype)
+    names_as = "legacy" if spec.megatron_names == "legacy" else spec.megatron_norm_names
     return write_megatron(folder, model, spec.tensor_parallel, spec.pipeline_parallel,
-                          spec.make_vocab_size_divisible_by, dtype, spec.megatron_norm_names)
+                          spec.make_vocab_size_divisible_by, dtype, names_as,
+                          spec.virtual_pipeline_parallel)

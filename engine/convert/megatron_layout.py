@@ -10,6 +10,8 @@ from pathlib import Path
 from engine.errors import InputError
 from engine.model.config import ModelConfig
 
+LEGACY_ROPE_BASE = 10000.0
+
 
 def padded_vocab(vocab_size: int, divisible_by: int, tensor_parallel: int) -> int:
     """Megatron's rule: the vocabulary grows to a multiple of make_vocab_size_divisible_by × TP,
@@ -18,22 +20,49 @@ def padded_vocab(vocab_size: int, divisible_by: int, tensor_parallel: int) -> in
     return -(-vocab_size // multiple) * multiple
 
 
-def layout_problems(cfg: ModelConfig, tensor_parallel: int, pipeline_parallel: int) -> list[str]:
-    """Each number of the model that the layout does not divide, said as such."""
-    tp, pp = tensor_parallel, pipeline_parallel
+def layout_problems(cfg: ModelConfig, tensor_parallel: int, pipeline_parallel: int,
+                    virtual_pipeline: int = 1, legacy: bool = False) -> list[str]:
+    """Each number of the model that the layout does not divide, said as such; with `legacy`
+    (Megatron-LM's legacy GPT model), also the RoPE it cannot compute."""
+    tp, pp, vp = tensor_parallel, pipeline_parallel, virtual_pipeline
+    stages = (f"pipeline_parallel {pp}" if vp == 1 else
+              f"pipeline_parallel {pp} x virtual_pipeline_parallel {vp} ({pp * vp} model chunks)")
     wanted = [(tp, "tensor_parallel", cfg.num_heads, "num_heads (attention heads)"),
               (tp, "tensor_parallel", cfg.num_kv_heads,
                "num_kv_heads (query groups: each rank holds whole groups)"),
-              (tp, "tensor_parallel", cfg.intermediate_size, "intermediate_size (FFN width)"),
-              (pp, "pipeline_parallel", cfg.num_layers, "num_layers (equal pipeline stages)")]
-    return [f"{name} {split} does not divide {what} {number}"
-            for split, name, number, what in wanted if number % split]
+              (tp, "tensor_parallel", cfg.intermediate_size, "intermediate_size (FFN width)")]
+    problems = [f"{name} {split} does not divide {what} {number}"
+                for split, name, number, what in wanted if number % split]
+    if cfg.num_layers % (pp * vp):
+        problems.append(f"{stages} does not divide num_layers {cfg.num_layers} (equal pipeline "
+                        "stages)")
+    if vp > 1 and pp == 1:
+        problems.append(f"virtual_pipeline_parallel {vp} needs pipeline_parallel > 1")
+    if legacy:
+        problems += legacy_rope_problems(cfg)
+    return problems
 
 
-def check_layout(cfg: ModelConfig, tensor_parallel: int, pipeline_parallel: int) -> None:
-    problems = layout_problems(cfg, tensor_parallel, pipeline_parallel)
+def legacy_rope_problems(cfg: ModelConfig) -> list[str]:
+    """Megatron-LM's legacy model builds its RotaryEmbedding without a base (10000, whatever
+    --rotary-base says) and knows only linear scaling (--rotary-seq-len-interpolation-factor)."""
+    problems = []
+    if cfg.rope_theta != LEGACY_ROPE_BASE:
+        problems.append(f"rope_theta {cfg.rope_theta:g}: Megatron-LM's legacy model always uses "
+                        f"RoPE base {LEGACY_ROPE_BASE:g} (write megatron_names mcore)")
+    if cfg.rope_scaling.type not in ("none", "linear"):
+        problems.append(f"rope_scaling {cfg.rope_scaling.type}: Megatron-LM's legacy model has "
+                        "linear RoPE scaling only (write megatron_names mcore)")
+    return problems
+
+
+def check_layout(cfg: ModelConfig, tensor_parallel: int, pipeline_parallel: int,
+                 virtual_pipeline: int = 1, legacy: bool = False) -> None:
+    problems = layout_problems(cfg, tensor_parallel, pipeline_parallel, virtual_pipeline, legacy)
     if problems:
-        raise InputError(f"Megatron layout TP {tensor_parallel} x PP {pipeline_parallel} does "
+        layout = f"TP {tensor_parallel} x PP {pipeline_parallel}" + (
+            f" x VP {virtual_pipeline}" if virtual_pipeline > 1 else "")
+        raise InputError(f"Megatron layout {layout}{' (legacy names)' if legacy else ''} does "
                          f"not fit the model: {'; '.join(problems)}")
 
 

@@ -7,11 +7,14 @@ Parts: `embed`, `output`, `final_norm`, and per layer `attn_norm`, `qkv`, `qkv_b
   norms as the local spec's `input_layernorm` / `pre_mlp_layernorm` or as Transformer Engine's
   fused `linear_qkv.layer_norm_weight` / `linear_fc1.layer_norm_weight`;
 - legacy GPT (`language_model.embedding...`, `language_model.encoder.layers.N.self_attention.
-  query_key_value`, `dense`, `mlp.dense_h_to_4h`, `dense_4h_to_h`, `post_attention_layernorm`,
-  `language_model.output_layer`), stored as nested dicts that are flattened with dots;
+  query_key_value`, `dense`, `mlp.dense_h_to_4h`, `dense_4h_to_h`, the norms as `input_norm`,
+  `post_attention_norm`, `final_norm` (since late 2023; `*_layernorm` before, which Megatron-LM
+  still renames on load), `language_model.output_layer`), stored as nested dicts that are
+  flattened with dots;
 - EPFL Megatron-LLM's variants of the legacy names (`transformer` for `encoder`, `attention` for
   `self_attention`, `language_model.lm_head`).
-Export writes megatron-core names: the local spec's norms by default, TE's on request."""
+Export writes megatron-core names (the local spec's norms by default, TE's on request) or the
+legacy names as today's Megatron-LM legacy model and the Megatron Cookbook's fork save them."""
 
 from __future__ import annotations
 
@@ -39,12 +42,13 @@ _LOCAL = {"attn_norm": "input_layernorm.weight", "qkv": "self_attention.linear_q
           "fc1": "mlp.linear_fc1.weight", "fc2": "mlp.linear_fc2.weight"}
 _TE_NORMS = {"attn_norm": "self_attention.linear_qkv.layer_norm_weight",
              "mlp_norm": "mlp.linear_fc1.layer_norm_weight"}
-_LEGACY = {"input_layernorm.weight": "attn_norm",
-           "self_attention.query_key_value.weight": "qkv",
-           "self_attention.query_key_value.bias": "qkv_bias",
-           "self_attention.dense.weight": "proj",
-           "post_attention_layernorm.weight": "mlp_norm",
-           "mlp.dense_h_to_4h.weight": "fc1", "mlp.dense_4h_to_h.weight": "fc2"}
+_LEGACY_WRITTEN = {"attn_norm": "input_norm.weight",
+                   "qkv": "self_attention.query_key_value.weight",
+                   "qkv_bias": "self_attention.query_key_value.bias",
+                   "proj": "self_attention.dense.weight", "mlp_norm": "post_attention_norm.weight",
+                   "fc1": "mlp.dense_h_to_4h.weight", "fc2": "mlp.dense_4h_to_h.weight"}
+_LEGACY = {**{name: part for part, name in _LEGACY_WRITTEN.items()},
+           "input_layernorm.weight": "attn_norm", "post_attention_layernorm.weight": "mlp_norm"}
 _IN_LAYER = {**{name: part for part, name in _LOCAL.items()},
              **{name: part for part, name in _TE_NORMS.items()}, **_LEGACY,
              **{name.replace("self_attention.", "attention."): part
@@ -88,3 +92,17 @@ def layer_name(layer: int | None, part: str, norms: str) -> str:
     "local" or "te"."""
     name = (_TE_NORMS if norms == "te" else {}).get(part) or _LOCAL[part]
     return f"decoder.layers.{name}" if layer is None else f"decoder.layers.{layer}.{name}"
+
+
+def legacy_path(layer: int | None, part: str, tied: bool) -> tuple[str, ...]:
+    """Where the legacy GPTModel's `state_dict_for_save_checkpoint` puts a tensor: a dict per
+    module (language_model > embedding > word_embeddings > weight), the encoder's own state dict
+    flat inside its dict. The head of a tied model exists only on a last pipeline stage that
+    lacks the embedding, as `word_embeddings_for_head`."""
+    if layer is not None:
+        return ("language_model", "encoder", f"layers.{layer}.{_LEGACY_WRITTEN[part]}")
+    if part == "output" and tied:
+        return ("word_embeddings_for_head", "weight")
+    return {"embed": ("language_model", "embedding", "word_embeddings", "weight"),
+            "output": ("language_model", "output_layer", "weight"),
+            "final_norm": ("language_model", "encoder", "final_norm.weight")}[part]

@@ -51,6 +51,11 @@ class Spec(StageSpec):
                                                       "(must divide heads, KV groups, FFN)")
     pipeline_parallel: int = Field(1, ge=1, description="Megatron output: pipeline stages "
                                                         "(must divide the layers)")
+    virtual_pipeline_parallel: int = Field(
+        1, ge=1, description="megatron output: model chunks per pipeline rank, as Megatron-LM's "
+                             "interleaved schedule (--num-layers-per-virtual-pipeline-stage) "
+                             "saves them (model0, model1, ...); pipeline_parallel x this must "
+                             "divide the layers")
     make_vocab_size_divisible_by: int = Field(
         128, ge=1, description="Megatron output: the vocabulary is padded to a multiple of "
                                "this x tensor_parallel")
@@ -58,6 +63,13 @@ class Spec(StageSpec):
         "local", description="megatron output: the norms named as megatron-core's local spec "
                              "(input_layernorm, pre_mlp_layernorm) or Transformer Engine's "
                              "(linear_qkv.layer_norm_weight, linear_fc1.layer_norm_weight)")
+    megatron_names: Literal["mcore", "legacy"] = Field(
+        "mcore", description="megatron output: the tensors named as megatron-core's GPTModel "
+                             "names them (decoder.layers.N.self_attention.linear_qkv, ...) or as "
+                             "Megatron-LM's legacy GPT model saves them, nested dicts (language_"
+                             "model.encoder.layers.N.self_attention.query_key_value, ...: "
+                             "--use-legacy-models, the Megatron Cookbook's fork); legacy needs "
+                             "RoPE base 10000 and no RoPE scaling but linear")
     vocab_size: int | None = Field(
         None, gt=0, description="Megatron source: the real vocabulary size, the rest of the "
                                 "padded rows cut off; default: the args' vocab_size, else the "
@@ -91,9 +103,16 @@ class Spec(StageSpec):
         if changed and not megatron_out:
             raise ValueError(f"{', '.join(changed)} apply to Megatron output (target_format "
                              f"megatron or mcore-dist) only")
-        if self.megatron_norm_names != "local" and self.target_format != "megatron":
-            raise ValueError("megatron_norm_names applies to target_format megatron only "
-                             "(mcore-dist always stores Transformer Engine's names)")
+        only_megatron = [name for name in ("megatron_norm_names", "megatron_names",
+                                           "virtual_pipeline_parallel")
+                         if getattr(self, name) != type(self).model_fields[name].default]
+        if only_megatron and self.target_format != "megatron":
+            raise ValueError(f"{', '.join(only_megatron)} apply to target_format megatron only "
+                             "(mcore-dist stores Transformer Engine's names, every layer in one "
+                             "tensor, whatever the layout)")
+        if self.megatron_names == "legacy" and self.megatron_norm_names != "local":
+            raise ValueError("megatron_norm_names te is for megatron-core names: the legacy "
+                             "model's norms are input_norm / post_attention_norm")
         if self.vocab_size is not None and self.source_format not in MEGATRON_SOURCES:
             raise ValueError("vocab_size applies to Megatron sources only")
         return self
@@ -104,8 +123,9 @@ class Spec(StageSpec):
         is refused before a job is queued."""
         if self.target_format in MEGATRON_TARGETS:
             cfg = source_config(self.load_dir, self.source_format)
-            problems = layout_problems(cfg, self.tensor_parallel, self.pipeline_parallel) \
-                if cfg else []
+            problems = layout_problems(cfg, self.tensor_parallel, self.pipeline_parallel,
+                                       self.virtual_pipeline_parallel,
+                                       self.megatron_names == "legacy") if cfg else []
             if problems:
                 raise ValueError(f"{self.load_dir}: {'; '.join(problems)}")
         return self

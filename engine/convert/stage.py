@@ -117,6 +117,8 @@ def run(spec: Spec) -> Manifest:
             summary["weight_files"] = write_megatron_target(spec, tmp, model, dtype)
             summary["megatron"] = {"tensor_parallel": spec.tensor_parallel,
                                    "pipeline_parallel": spec.pipeline_parallel,
+                                   "virtual_pipeline_parallel": spec.virtual_pipeline_parallel,
+                                   "names": spec.megatron_names,
                                    "padded_vocab_size": padded_vocab(
                                        cfg.vocab_size, spec.make_vocab_size_divisible_by,
                                        spec.tensor_parallel)}
