@@ -80,6 +80,8 @@ class VllmBackend:
 
     def __init__(self, spec: Spec) -> None:
         _rank_gpus(spec.tensor_parallel_size)
+        # the stage has used CUDA by now (device choice): a forked engine process could not
+        os.environ.setdefault("VLLM_WORKER_MULTIPROC_METHOD", "spawn")
         import vllm
 
         self.vllm = vllm
