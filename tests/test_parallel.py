@@ -1,10 +1,14 @@
-"""Model parallelism on CPU (gloo): every layout trains like one process — the same losses and
-weights after 6 steps with gradient clipping, fp32 — and layouts that do not fit are refused
-before anything runs, naming the numbers."""
+"""Model parallelism on CPU (gloo): every layout trains like one process — the same losses,
+validation losses and weights after 6 steps with gradient clipping, fp32 — no rank holds the
+whole model, a run resumes in another layout, and layouts that do not fit are refused before
+anything runs, naming the numbers."""
 
 from __future__ import annotations
 
+import json
 import os
+import re
+import shutil
 import socket
 import subprocess
 import sys
@@ -22,11 +26,18 @@ from engine.model.llama import LlamaModel
 from engine.train.spec import PretrainSpec
 
 
+MODEL = {**TINY_MODEL, "num_layers": 4}  # 4 pipeline stages at PP 2 × 2 virtual
+
+
 def _spec(dataset: str, save: Path, **over) -> dict:
-    return {"model": TINY_MODEL, "data": {"blend": [dataset], "split": "95,5,0", "seq_length": 32},
+    return {"model": MODEL, "data": {"blend": [dataset], "split": "95,5,0", "seq_length": 32},
             "checkpoint": {"save": str(save)}, "iters": 6, "micro_batch_size": 2,
             "global_batch_size": 8, "precision": "fp32", "log_interval": 1, "device": "cpu",
-            "optim": {"lr": 3e-3, "warmup_iters": 2, "clip_grad": 0.5}, **over}
+            # Adam's eps well above the rounding of a near-zero gradient: with 1e-8, an
+            # element whose gradient is ~1e-8 moves by a lr-sized step whose sign its
+            # summation order decides (isolated 1.7e-5 weight differences at TP 2, 4 layers)
+            "optim": {"lr": 3e-3, "warmup_iters": 2, "clip_grad": 0.5, "eps": 1e-6},
+            "eval": {"interval": 3, "iters": 1}, **over}
 
 
 def _free_port() -> str:
@@ -35,8 +46,8 @@ def _free_port() -> str:
         return str(s.getsockname()[1])
 
 
-def train_ranks(spec: dict, ranks: int, tmp: Path) -> None:
-    """`python -m engine pretrain` as `ranks` processes of one job."""
+def train_ranks(spec: dict, ranks: int, tmp: Path) -> list[str]:
+    """`python -m engine pretrain` as `ranks` processes of one job; their logs."""
     cfg = tmp / f"spec-{time.monotonic_ns()}.yaml"
     cfg.write_text(yaml.safe_dump(spec))
     port = _free_port()
@@ -47,6 +58,29 @@ def train_ranks(spec: dict, ranks: int, tmp: Path) -> None:
         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for r in range(ranks)]
     results = [p.communicate(timeout=300) for p in procs]
     assert all(p.returncode == 0 for p in procs), "\n".join(err[-3000:] for _, err in results)
+    return [err for _, err in results]
+
+
+def parameter_shares(logs: list[str]) -> list[float]:
+    """Each rank's allocated parameter bytes as a share of the whole model's (build's log)."""
+    found = [re.search(r"holds (\d+) parameter bytes of the model's (\d+)", log) for log in logs]
+    return [int(m.group(1)) / int(m.group(2)) for m in found]
+
+
+def valid_losses(save: Path) -> dict[int, float]:
+    records = (json.loads(line) for line in (save / "metrics.jsonl").read_text().splitlines())
+    return {r["step"]: r["data"]["valid_loss"] for r in records
+            if r["kind"] == "metrics" and "valid_loss" in r["data"]}
+
+
+def assert_like_one_process(reference: Path, save: Path) -> None:
+    one, many = logged_losses(reference), logged_losses(save)
+    assert sorted(many) == list(range(1, 7))
+    assert max(abs(one[i] - many[i]) for i in one) < 1e-5, (one, many)
+    v1, vn = valid_losses(reference), valid_losses(save)
+    assert sorted(vn) == [3, 6] and max(abs(v1[i] - vn[i]) for i in v1) < 1e-5, (v1, vn)
+    a, b = weights(reference), weights(save)
+    assert max((a[k] - b[k]).abs().max().item() for k in a) < 1e-5
 
 
 def weights(save: Path) -> dict[str, torch.Tensor]:
@@ -61,30 +95,53 @@ def weights(save: Path) -> dict[str, torch.Tensor]:
 @pytest.fixture(scope="module")
 def reference(tiny_dataset, tmp_path_factory) -> Path:
     save = tmp_path_factory.mktemp("one-process") / "run"
-    train_ranks(_spec(tiny_dataset, save), 1, save.parent)
+    logs = train_ranks(_spec(tiny_dataset, save), 1, save.parent)
+    assert parameter_shares(logs) == [1.0]  # the measure below counts a whole model as whole
     return save
 
 
-LAYOUTS = {  # name: (ranks, spec fields)
-    "tp2-selective": (2, {"tensor_parallel": 2, "recompute": "selective"}),
-    "tp2-no-sp-full": (2, {"tensor_parallel": 2, "sequence_parallel": False, "recompute": "full"}),
-    "hsdp2x2": (4, {"data_parallel": "fsdp", "data_parallel_replicate": 2}),
-    "tp2-fsdp2": (4, {"tensor_parallel": 2, "data_parallel": "fsdp"}),
-    "tp2-ddp2": (4, {"tensor_parallel": 2}),
+PP = {"pipeline_parallel": 2}
+LAYOUTS = {  # name: (ranks, spec fields, the most of the model's parameters one rank may hold)
+    "tp2-no-sp-full": (2, {"tensor_parallel": 2, "sequence_parallel": False, "recompute": "full"},
+                       0.51),
+    "hsdp2x2": (4, {"data_parallel": "fsdp", "data_parallel_replicate": 2}, 0.51),
+    "tp2-fsdp2": (4, {"tensor_parallel": 2, "data_parallel": "fsdp"}, 0.26),
+    "tp2-ddp2": (4, {"tensor_parallel": 2}, 0.51),
 }
 
 
 @pytest.mark.slow
 @pytest.mark.parametrize("name", list(LAYOUTS))
 def test_layout_trains_like_one_process(name, tiny_dataset, reference, tmp_path):
-    ranks, fields = LAYOUTS[name]
+    ranks, fields, most = LAYOUTS[name]
     save = tmp_path / name
-    train_ranks(_spec(tiny_dataset, save, **fields), ranks, tmp_path)
-    one, many = logged_losses(reference), logged_losses(save)
-    assert sorted(many) == list(range(1, 7))
-    assert max(abs(one[i] - many[i]) for i in one) < 1e-5, (one, many)
-    a, b = weights(reference), weights(save)
-    assert max((a[k] - b[k]).abs().max().item() for k in a) < 1e-5
+    shares = parameter_shares(train_ranks(_spec(tiny_dataset, save, **fields), ranks, tmp_path))
+    assert max(shares) < most and sum(shares) >= 1.0, shares
+    assert_like_one_process(reference, save)
+
+
+@pytest.mark.slow
+def test_pipelines_train_like_one_process_and_resume_in_another_layout(tiny_dataset, reference,
+                                                                       tmp_path):
+    """TP 2 × PP 2 (1f1b over stages of 3 and 1 layers, sequence parallel, selective recompute)
+    for 6 steps, saving at step 3; then steps 4-6 again from that checkpoint at PP 2 × 2 virtual
+    stages (interleaved-1f1b, full recompute) × FSDP 2. Both runs are one process's."""
+    save = tmp_path / "run"
+    tp_pp = {**PP, "tensor_parallel": 2, "pipeline_layers": [3, 1], "recompute": "selective"}
+    logs = train_ranks(_spec(tiny_dataset, save, checkpoint={"save": str(save), "interval": 3},
+                             **tp_pp), 4, tmp_path)
+    # the first stage holds the embedding and 3 of the 4 blocks, halved by TP
+    assert max(parameter_shares(logs)) < 0.34 and sum(parameter_shares(logs)) >= 1.0
+    assert_like_one_process(reference, save)
+    shutil.rmtree(ckpt.iter_dir(save, 6))  # as if stopped after the checkpoint of iteration 3
+    (save / "manifest.json").unlink()
+    (save / "latest_checkpointed_iteration.txt").write_text("3\n")
+    pp_fsdp = {**PP, "pipeline_schedule": "interleaved-1f1b", "virtual_stages": 2,
+               "recompute": "full", "data_parallel": "fsdp", "precision": "fp32"}
+    logs = train_ranks(_spec(tiny_dataset, save, **pp_fsdp), 4, tmp_path)
+    assert f"resumed from {ckpt.iter_dir(save, 3)}" in logs[0]
+    assert max(parameter_shares(logs)) < 0.26 and sum(parameter_shares(logs)) >= 1.0
+    assert_like_one_process(reference, save)
 
 
 def test_layouts_that_do_not_divide_are_refused(tiny_dataset, tmp_path):
@@ -104,3 +161,26 @@ def test_layouts_that_do_not_divide_are_refused(tiny_dataset, tmp_path):
         spec().check_world(8)
     with pytest.raises(ValueError, match="bf16-master is for a whole model per rank"):
         spec(tensor_parallel=2, precision="bf16-master")
+
+
+def test_pipelines_that_do_not_fit_are_refused(tiny_dataset, tmp_path):
+    def spec(**fields) -> PretrainSpec:
+        return PretrainSpec.model_validate(_spec(tiny_dataset, tmp_path / "x", **PP, **fields))
+
+    with pytest.raises(ValueError, match=r"'interleaved-1f1b' needs virtual ≥ 2 stages per rank"):
+        spec(pipeline_schedule="interleaved-1f1b")
+    with pytest.raises(ValueError, match="num_layers 4 is fewer than the 6 pipeline stages"):
+        spec(pipeline_schedule="interleaved-1f1b", virtual_stages=3)
+    with pytest.raises(ValueError, match=r"layers_per_stage \[2, 1\] .* sum to the model's 4"):
+        spec(pipeline_layers=[2, 1])
+    with pytest.raises(ValueError, match="tie_word_embeddings is not supported with 2 pipeline"):
+        spec(model={**MODEL, "tie_word_embeddings": True})
+    with pytest.raises(ValueError, match="virtual_stages and pipeline_layers need "
+                                         "pipeline_parallel > 1"):
+        PretrainSpec.model_validate(_spec(tiny_dataset, tmp_path / "x", virtual_stages=2))
+    # 8 ranks: 4 data-parallel, so each runs 8 / (2 × 4) = 1 micro-batch through 2 stages
+    with pytest.raises(ValueError, match=r"1 micro-batches for 2 stages \(global_batch_size 8 / "
+                                         r"\(micro_batch_size 2 × 4 data-parallel ranks\)\)"):
+        spec().check_world(8)
+    spec(pipeline_schedule="zbv", virtual_stages=2).check_world(2)  # accepted
+    spec(pipeline_layers=[3, 1]).check_world(4)

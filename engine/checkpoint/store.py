@@ -48,6 +48,10 @@ from engine.manifest import HASH_THREADS, FileEntry, check_files, sha256_file, s
 log = logging.getLogger(__name__)
 _NAME = re.compile(r"iter_(\d{7,})")
 _LATER = ("meta.json", "model_config.json")  # written by rank 0 after the shards are hashed
+# optimizer state keyed by parameter name ("state.layers.3.attn.wq.weight.exp_avg", and its
+# param-group settings likewise), not by position in a rank's parameter list: a pipeline rank
+# holds only its stages' parameters, and another layout must find each one by name
+_OPTIM = StateDictOptions(flatten_optimizer_state_dict=True)
 
 
 def iter_dir(root: str | Path, iteration: int) -> Path:
@@ -150,6 +154,9 @@ def read_model_config(path: str | Path) -> dict[str, Any]:
 def save_checkpoint(root: str | Path, iteration: int, model: torch.nn.Module,
                     optimizer: torch.optim.Optimizer | None, meta: dict[str, Any],
                     model_config: dict[str, Any], keep_last: int | None = None) -> Path:
+    """Save `model` (this rank's part of it under the model's parameter names: a pipeline rank
+    passes its stages as one module, engine/parallel/pipeline.py's LocalStages) and
+    `optimizer`; every rank calls it."""
     root = Path(root)
     final = iter_dir(root, iteration)
     if is_complete(final):
@@ -189,7 +196,7 @@ def _write_shards(tmp: Path, model, optimizer) -> dict[str, FileEntry]:
     """Every rank writes its shards and RNG state and hashes them; rank 0 gets all hashes."""
     state: dict[str, Any] = {"model": get_model_state_dict(model)}
     if optimizer is not None:
-        state["optim"] = get_optimizer_state_dict(model, optimizer)
+        state["optim"] = get_optimizer_state_dict(model, optimizer, options=_OPTIM)
     with warnings.catch_warnings():  # single-process saves are intended, not a mistake
         warnings.filterwarnings("ignore", message="torch.distributed is disabled")
         # a rank's shards in several files: written and then hashed by several threads
@@ -314,7 +321,7 @@ def load_checkpoint(path: str | Path, model: torch.nn.Module,
     if optimizer is not None:
         if not meta.get("has_optimizer"):
             raise InputError(f"{path}: checkpoint holds no optimizer state")
-        state["optim"] = get_optimizer_state_dict(model, optimizer)
+        state["optim"] = get_optimizer_state_dict(model, optimizer, options=_OPTIM)
     try:
         with warnings.catch_warnings():
             warnings.filterwarnings("ignore", message="torch.distributed is disabled")
@@ -329,7 +336,7 @@ def load_checkpoint(path: str | Path, model: torch.nn.Module,
         raise InputError(f"{path}: checkpoint does not fit the model: {reason}") from None
     set_model_state_dict(model, state["model"], options=StateDictOptions(strict=True))
     if optimizer is not None:
-        set_optimizer_state_dict(model, optimizer, state["optim"])
+        set_optimizer_state_dict(model, optimizer, state["optim"], options=_OPTIM)
     rng_file = path / "rng" / f"rank_{_rank():05d}.pt"
     if restore_rng and meta.get("world_size") == _world() and rng_file.is_file():
         try:

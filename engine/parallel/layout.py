@@ -9,11 +9,20 @@ stages are furthest apart (their traffic is the smallest).
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Literal
+from typing import Literal, get_args
+
+from engine.errors import SpecError
 
 DIMS = ("pp", "dp_replicate", "dp_shard", "tp")
 DataParallel = Literal["ddp", "fsdp"]
 Recompute = Literal["none", "selective", "full"]  # see engine/parallel/recompute.py
+PipelineSchedule = Literal["gpipe", "1f1b", "interleaved-1f1b", "interleaved-zb", "zbv",
+                           "dualpipev"]
+"""torch's schedules (engine/parallel/pipeline.py): GPipe (all forwards, then all backwards),
+1F1B (one stage per rank), interleaved 1F1B and interleaved zero-bubble (ZB1P) over `virtual`
+looped stages per rank, ZB-V and DualPipeV over two stages per rank placed in a V."""
+SINGLE_STAGE = ("gpipe", "1f1b")  # torch's PipelineScheduleSingle: one stage per rank
+V_SHAPED = ("zbv", "dualpipev")  # exactly two stages per rank: (r, 2·pp − 1 − r)
 
 
 @dataclass(frozen=True)
@@ -65,15 +74,87 @@ def layout_for(world_size: int, tensor_parallel: int = 1, pipeline_parallel: int
 
 
 def model_errors(layout: Layout, num_heads: int, num_kv_heads: int, intermediate_size: int,
-                 vocab_size: int, num_layers: int, stages: int) -> list[str]:
+                 vocab_size: int, num_layers: int, stages: int,
+                 layers_per_stage: list[int] | None = None,
+                 tied_embeddings: bool = False) -> list[str]:
     """What does not divide: TP shards heads, KV heads, the FFN width and the vocabulary; the
-    pipeline needs a layer per stage (`stages` = pp × virtual stages)."""
+    pipeline needs a layer per stage (`stages` = pp × virtual stages), `layers_per_stage` (if
+    given) one count per stage summing to the layers, and an untied head."""
     tp, errors = layout.tp, []
     for name, value in (("num_heads", num_heads), ("num_kv_heads", num_kv_heads),
                         ("intermediate_size", intermediate_size), ("vocab_size", vocab_size)):
         if value % tp:
             errors.append(f"model {name} {value} is not divisible by tensor_parallel {tp}")
-    if num_layers < stages:
+    if layers_per_stage is None and num_layers < stages:
         errors.append(f"model num_layers {num_layers} is fewer than the {stages} pipeline "
                       f"stages (pipeline_parallel × virtual stages)")
+    elif layers_per_stage is not None:
+        try:
+            split_layers(num_layers, stages, layers_per_stage)
+        except SpecError as exc:
+            errors.append(str(exc))
+    if tied_embeddings and stages > 1:
+        errors.append(f"tie_word_embeddings is not supported with {stages} pipeline stages: the "
+                      "embedding (first stage) and the head (last stage) would be one weight on "
+                      "two ranks; train with an untied head or without pipeline parallelism")
     return errors
+
+
+def split_layers(num_layers: int, num_stages: int,
+                 layers_per_stage: list[int] | None = None) -> list[range]:
+    """The global layer indices of each stage: `layers_per_stage` when given, else as even as
+    possible. A remainder goes to the middle stages, then to the first, never to the last: the
+    last stage also runs the head and the loss (2·vocab·hidden FLOPs a token, more than a block
+    for large vocabularies), the first only an embedding lookup; the middle ones run blocks alone.
+    """
+    if layers_per_stage is None:
+        if not 1 <= num_stages <= num_layers:
+            raise SpecError(f"{num_layers} layers cannot make {num_stages} pipeline stages of "
+                            "at least one layer each")
+        base, extra = divmod(num_layers, num_stages)
+        takers = list(range(1, num_stages - 1)) + [0]
+        counts = [base + (stage in takers[:extra]) for stage in range(num_stages)]
+    else:
+        counts = list(layers_per_stage)
+        if len(counts) != num_stages:
+            raise SpecError(f"layers_per_stage {counts} names {len(counts)} stages; the pipeline "
+                            f"has {num_stages}")
+        if sum(counts) != num_layers or min(counts) < 1:
+            raise SpecError(f"layers_per_stage {counts} must be at least 1 each and sum to the "
+                            f"model's {num_layers} layers (they sum to {sum(counts)})")
+    starts = [sum(counts[:i]) for i in range(num_stages)]
+    return [range(start, start + n) for start, n in zip(starts, counts)]
+
+
+def check_layout(schedule: str, pp_size: int, virtual: int) -> None:
+    """The stages per rank (`virtual`) that `schedule` runs; the errors name the numbers."""
+    if schedule not in get_args(PipelineSchedule):
+        raise SpecError(f"unknown pipeline schedule {schedule!r}; one of "
+                        f"{get_args(PipelineSchedule)}")
+    if pp_size < 1:
+        raise SpecError(f"pipeline size {pp_size} must be ≥ 1")
+    if schedule in SINGLE_STAGE and virtual != 1:
+        raise SpecError(f"schedule {schedule!r} runs one stage per rank, not virtual={virtual}: "
+                        "use interleaved-1f1b or interleaved-zb for virtual stages")
+    if schedule in ("interleaved-1f1b", "interleaved-zb") and virtual < 2:
+        raise SpecError(f"schedule {schedule!r} needs virtual ≥ 2 stages per rank, not "
+                        f"{virtual}: use 1f1b for one")
+    if schedule in V_SHAPED and virtual != 2:
+        raise SpecError(f"schedule {schedule!r} needs exactly virtual=2 stages per rank, not "
+                        f"{virtual}")
+
+
+def check_schedule(schedule: str, pp_size: int, virtual: int, n_microbatches: int) -> None:
+    """check_layout, and the micro-batch counts `schedule` can run."""
+    check_layout(schedule, pp_size, virtual)
+    num_stages = pp_size * virtual
+    if n_microbatches < 1:
+        raise SpecError(f"{n_microbatches} micro-batches: the pipeline needs at least 1")
+    if schedule in ("1f1b", "dualpipev") and n_microbatches < num_stages:
+        raise SpecError(f"schedule {schedule!r} needs at least as many micro-batches as stages: "
+                        f"{n_microbatches} micro-batches for {num_stages} stages")
+    rounds = max(1, n_microbatches // pp_size)
+    if schedule in ("interleaved-1f1b", "interleaved-zb") and n_microbatches % rounds:
+        raise SpecError(f"schedule {schedule!r} runs micro-batches in rounds of pipeline size "
+                        f"{pp_size}: {n_microbatches} micro-batches are not a multiple of "
+                        f"{rounds} rounds (use a multiple of {pp_size}, or fewer than it)")

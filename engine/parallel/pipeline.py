@@ -10,10 +10,12 @@ A stage's output is its hidden states, the last stage's final-normed. The head r
 schedule's loss, fused with cross-entropy (engine/model/fused_loss.py), so full logits are never
 materialised. See docs/parallelism.md.
 
-Usage, per rank of the pipeline group:
+Usage, per rank of the pipeline group (engine/train/build.py and loop.py do this, with tensor
+parallel, recompute and FSDP applied to each stage module before it is materialised):
 
     modules = stage_modules(meta_model, "1f1b", pp_rank, pp_size)      # {stage id: module}
     for m in modules.values(): m.to_empty(device=device); m.init_weights(seed)  # or a load
+    model = LocalStages(modules)  # one module under global names: optimizer, checkpoints
     stages = pipeline_stages(modules, pp_size * virtual, pp_group, device)
     is_first, is_last = 0 in modules, pp_size * virtual - 1 in modules
     loss_fn = fused_loss_fn(modules[pp_size * virtual - 1]) if is_last else None
@@ -24,8 +26,9 @@ Usage, per rank of the pipeline group:
 
 from __future__ import annotations
 
+import contextlib
 import copy
-from typing import Callable, Literal, get_args
+from typing import Callable
 
 import torch
 import torch.distributed as dist
@@ -37,12 +40,8 @@ from torch.distributed.pipelining import (PipelineStage, Schedule1F1B, ScheduleD
 
 from engine.errors import SpecError
 from engine.model.llama import LlamaModel
-
-PipelineSchedule = Literal["gpipe", "1f1b", "interleaved-1f1b", "interleaved-zb", "zbv",
-                           "dualpipev"]
-"""torch's schedules: GPipe (all forwards, then all backwards), 1F1B (one stage per rank),
-interleaved 1F1B and interleaved zero-bubble (ZB1P) over `virtual` looped stages per rank,
-ZB-V and DualPipeV over two stages per rank placed in a V."""
+from engine.parallel.layout import (SINGLE_STAGE, V_SHAPED, PipelineSchedule, check_layout,
+                                    check_schedule, split_layers)
 
 _SCHEDULES = {
     "gpipe": ScheduleGPipe,
@@ -52,38 +51,9 @@ _SCHEDULES = {
     "zbv": ScheduleZBVZeroBubble,
     "dualpipev": ScheduleDualPipeV,
 }
-_SINGLE_STAGE = ("gpipe", "1f1b")  # torch's PipelineScheduleSingle: one stage per rank
-_V_SHAPED = ("zbv", "dualpipev")  # exactly two stages per rank: (r, 2·pp − 1 − r)
-
 IGNORE = -100
 """The target of a token whose loss is masked out: the loss mask travels inside the targets
 (see pipeline_step)."""
-
-
-def split_layers(num_layers: int, num_stages: int,
-                 layers_per_stage: list[int] | None = None) -> list[range]:
-    """The global layer indices of each stage: `layers_per_stage` when given, else as even as
-    possible. A remainder goes to the middle stages, then to the first, never to the last: the
-    last stage also runs the head and the loss (2·vocab·hidden FLOPs a token, more than a block
-    for large vocabularies), the first only an embedding lookup; the middle ones run blocks alone.
-    """
-    if layers_per_stage is None:
-        if not 1 <= num_stages <= num_layers:
-            raise SpecError(f"{num_layers} layers cannot make {num_stages} pipeline stages of "
-                            "at least one layer each")
-        base, extra = divmod(num_layers, num_stages)
-        takers = list(range(1, num_stages - 1)) + [0]
-        counts = [base + (stage in takers[:extra]) for stage in range(num_stages)]
-    else:
-        counts = list(layers_per_stage)
-        if len(counts) != num_stages:
-            raise SpecError(f"layers_per_stage {counts} names {len(counts)} stages; the pipeline "
-                            f"has {num_stages}")
-        if sum(counts) != num_layers or min(counts) < 1:
-            raise SpecError(f"layers_per_stage {counts} must be at least 1 each and sum to the "
-                            f"model's {num_layers} layers (they sum to {sum(counts)})")
-    starts = [sum(counts[:i]) for i in range(num_stages)]
-    return [range(start, start + n) for start, n in zip(starts, counts)]
 
 
 def stage_ids(schedule: PipelineSchedule, pp_rank: int, pp_size: int,
@@ -91,43 +61,9 @@ def stage_ids(schedule: PipelineSchedule, pp_rank: int, pp_size: int,
     """The stages this rank runs, in pipeline order: looped (`rank + k·pp_size`, as torch's
     interleaved schedules place them) or, for the V schedules, rank r holds r and 2·pp − 1 − r,
     so the first and last stage share rank 0 and the turn of the V needs no transfer."""
-    if schedule in _V_SHAPED:  # virtual is 2 (check_layout)
+    if schedule in V_SHAPED:  # virtual is 2 (check_layout)
         return [pp_rank, 2 * pp_size - 1 - pp_rank]
     return [pp_rank + k * pp_size for k in range(virtual)]
-
-
-def check_layout(schedule: str, pp_size: int, virtual: int) -> None:
-    """The stages per rank (`virtual`) that `schedule` runs; the errors name the numbers."""
-    if schedule not in _SCHEDULES:
-        raise SpecError(f"unknown pipeline schedule {schedule!r}; one of "
-                        f"{get_args(PipelineSchedule)}")
-    if pp_size < 1:
-        raise SpecError(f"pipeline size {pp_size} must be ≥ 1")
-    if schedule in _SINGLE_STAGE and virtual != 1:
-        raise SpecError(f"schedule {schedule!r} runs one stage per rank, not virtual={virtual}: "
-                        "use interleaved-1f1b or interleaved-zb for virtual stages")
-    if schedule in ("interleaved-1f1b", "interleaved-zb") and virtual < 2:
-        raise SpecError(f"schedule {schedule!r} needs virtual ≥ 2 stages per rank, not "
-                        f"{virtual}: use 1f1b for one")
-    if schedule in _V_SHAPED and virtual != 2:
-        raise SpecError(f"schedule {schedule!r} needs exactly virtual=2 stages per rank, not "
-                        f"{virtual}")
-
-
-def check_schedule(schedule: str, pp_size: int, virtual: int, n_microbatches: int) -> None:
-    """check_layout, and the micro-batch counts `schedule` can run."""
-    check_layout(schedule, pp_size, virtual)
-    num_stages = pp_size * virtual
-    if n_microbatches < 1:
-        raise SpecError(f"{n_microbatches} micro-batches: the pipeline needs at least 1")
-    if schedule in ("1f1b", "dualpipev") and n_microbatches < num_stages:
-        raise SpecError(f"schedule {schedule!r} needs at least as many micro-batches as stages: "
-                        f"{n_microbatches} micro-batches for {num_stages} stages")
-    rounds = max(1, n_microbatches // pp_size)
-    if schedule in ("interleaved-1f1b", "interleaved-zb") and n_microbatches % rounds:
-        raise SpecError(f"schedule {schedule!r} runs micro-batches in rounds of pipeline size "
-                        f"{pp_size}: {n_microbatches} micro-batches are not a multiple of "
-                        f"{rounds} rounds (use a multiple of {pp_size}, or fewer than it)")
 
 
 def stage_modules(model: LlamaModel, schedule: PipelineSchedule, pp_rank: int, pp_size: int,
@@ -167,6 +103,22 @@ def _stage_module(model: LlamaModel, layers: range, is_first: bool, is_last: boo
     # the instance, so __call__ and the hooks that wrappers (FSDP2) put on it still run.
     stage.forward = stage.forward_hidden
     return stage
+
+
+class LocalStages(nn.Module):
+    """This rank's stage modules seen as one module under the model's parameter names
+    (`layers.17.…`, `lm_head.weight`): what checkpoints, the optimizer's parameter groups and the
+    weight checks see, so a checkpoint does not depend on the layout. It shares the stages'
+    submodules and is never called: the schedule runs the stages."""
+
+    def __init__(self, modules: dict[int, LlamaModel]):
+        super().__init__()
+        self.layers = nn.ModuleDict()
+        for _, module in sorted(modules.items()):
+            self.layers.update(module.layers)
+            for part in ("embed", "norm", "lm_head"):
+                if getattr(module, part) is not None:
+                    setattr(self, part, getattr(module, part))
 
 
 def pipeline_stages(modules: dict[int, nn.Module], num_stages: int,
@@ -212,7 +164,7 @@ def build_schedule(name: PipelineSchedule, stages: list[PipelineStage], n_microb
         raise ValueError(f"{len(stages)} stages on each of {pp_size} ranks, but the stages say "
                          f"the pipeline has {stages[0].num_stages}")
     cls = _SCHEDULES[name]
-    first = stages[0] if name in _SINGLE_STAGE else stages
+    first = stages[0] if name in SINGLE_STAGE else stages
     # torch runs the backward only where it has a loss_fn, so every rank gets one; only the
     # last stage's ever calls it
     return cls(first, n_microbatches=n_microbatches, loss_fn=loss_fn or _no_loss_here,
@@ -225,13 +177,13 @@ def _no_loss_here(*_args, **_kwargs) -> torch.Tensor:
 
 def pipeline_step(schedule, inputs: torch.Tensor | None, targets: torch.Tensor | None,
                   mask: torch.Tensor | None, is_first: bool, is_last: bool,
-                  scale: float | torch.Tensor) -> torch.Tensor | None:
-    """Forward and backward of one accumulation: the batch is cut into the schedule's
-    micro-batches along dim 0. The first stage's rank passes `inputs`, the last stage's
-    `targets` and `mask` (others may pass None). Each micro-batch's loss is `scale` times its
-    masked token-loss sum — the loop's scale, data-parallel size / global loss tokens — so the
-    gradients equal one process's. Returns, on the last stage's rank, the unscaled loss sum
-    (fp32, detached); None elsewhere.
+                  scale: float | torch.Tensor, train: bool = True) -> torch.Tensor | None:
+    """Forward and backward of one accumulation (forward only, without gradients, unless
+    `train`): the batch is cut into the schedule's micro-batches along dim 0. The first stage's
+    rank passes `inputs`, the last stage's `targets` and `mask` (others may pass None). Each
+    micro-batch's loss is `scale` times its masked token-loss sum — the loop's scale,
+    data-parallel size / global loss tokens — so the gradients equal one process's. Returns, on
+    the last stage's rank, the unscaled loss sum (fp32, detached); None elsewhere.
 
     torch's schedules call loss_fn(output, target) and split only `target` per micro-batch, so
     the mask rides in the targets, as IGNORE at masked positions: one tensor of the targets'
@@ -245,8 +197,10 @@ def pipeline_step(schedule, inputs: torch.Tensor | None, targets: torch.Tensor |
     if is_last:
         _check_batch(targets, n_microbatches)
         labels, losses = targets.masked_fill(~mask.bool(), IGNORE), []
-    schedule.step(*args, target=labels, losses=losses, return_outputs=False,
-                  loss_kwargs={"scale": scale})
+    with contextlib.nullcontext() if train else torch.no_grad():
+        (schedule.step if train else schedule.eval)(
+            *args, target=labels, losses=losses, return_outputs=False,
+            loss_kwargs={"scale": scale})
     if not is_last:
         return None
     return torch.stack(losses).detach().sum() / scale

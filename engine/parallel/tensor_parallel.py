@@ -37,6 +37,22 @@ def apply_tensor_parallel(model: LlamaModel, tp_mesh: DeviceMesh, sequence_paral
     for block in model.layers.values():
         parallelize_module(block, tp_mesh, _block_plan(stream, sequence_parallel))
         block.mlp.register_forward_pre_hook(partial(_gather_for_local_weights, tp_mesh, stream))
+    if sequence_parallel and (model.embed is None or model.norm is None):  # a pipeline stage
+        _plain_stage_boundaries(model, tp_mesh)
+
+
+def _plain_stage_boundaries(stage: LlamaModel, tp_mesh: DeviceMesh) -> None:
+    """A pipeline stage sends and receives plain tensors: between stages the residual stream's
+    local sequence shard (a stage without the embedding makes it a DTensor again, so that its
+    positions count the whole sequence); from the last stage, into the loss, the whole
+    final-normed sequence, as the vocab-parallel loss would gather it."""
+    if stage.embed is None:
+        stage.register_forward_pre_hook(
+            lambda _module, args: (DTensor.from_local(args[0], tp_mesh, [Shard(1)]), *args[1:]))
+    gather = stage.norm is not None
+    stage.register_forward_hook(
+        lambda _module, _args, out: (out.redistribute(placements=[Replicate()]) if gather
+                                     else out).to_local())
 
 
 def _gather_for_local_weights(tp_mesh: DeviceMesh, stream, _module, args):

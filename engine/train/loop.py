@@ -18,6 +18,10 @@ skips in a row stop the run. Weights are checked finite before every save, and w
 stops, the checkpoints whose weights gave the non-finite loss are set aside, so the last good
 checkpoint — the one resume and finetune start from — has finite weights that give a finite loss.
 
+With pipeline parallelism a step's micro-batches go through the pipeline schedule instead of
+the accumulation loop, each scaled as above; the loss exists on the last stage and is summed
+over the pipeline group, then over the data-parallel group, as without a pipeline.
+
 Numerics (`precision`): bf16 and fp16 autocast over fp32 weights and optimizer state (fp16 with
 loss scaling); bf16-master (the default under DDP) keeps the model's weights in bf16 and their
 fp32 masters, moments and multi-micro-batch gradient sums in the optimizer (MasterAdamW, which
@@ -48,6 +52,7 @@ from engine.parallel import distributed
 from engine.parallel.data_parallel import set_gradient_sync
 from engine.parallel.grad_norm import clip_grad_norm_
 from engine.parallel.mesh import Mesh, all_reduce_sum, build_mesh
+from engine.parallel.pipeline import pipeline_step
 from engine.signals import StopSignals
 from engine.checkpoint import store as ckpt
 from engine.train.build import build
@@ -132,31 +137,12 @@ def _loss_sum(model, inputs, targets, mask, autocast: torch.dtype | None,
               fused: bool = True) -> torch.Tensor:
     """Sum of the masked token losses (fp32), through the fused chunked head + cross-entropy or
     over full fp32 logits; under autocast to `autocast` if given."""
-    ctx = (torch.autocast(inputs.device.type, dtype=autocast) if autocast
-           else contextlib.nullcontext())
-    with ctx:
+    with _autocast(inputs.device, autocast):
         if fused:
             return model(inputs, targets=targets, loss_mask=mask)
         logits = model(inputs)
     losses = F.cross_entropy(logits.float().flatten(0, 1), targets.flatten(), reduction="none")
     return (losses * mask.flatten()).sum()
-
-
-@torch.no_grad()
-def evaluate(model, batches: Batches, iters: int, autocast: torch.dtype | None,
-             fused: bool = True, dp_group=None) -> tuple[float, int]:
-    """Mean token loss over `iters` validation global batches (all data-parallel ranks), and
-    tokens scored."""
-    model.eval()
-    total = torch.zeros(2, dtype=torch.float64, device=batches.device)
-    for it in range(iters):
-        for inputs, targets, mask in batches.iteration(it):
-            total[0] += _loss_sum(model, inputs, targets, mask, autocast, fused).double()
-            total[1] += mask.sum()
-    model.train()
-    all_reduce_sum(total, dp_group)
-    loss_sum, count = total.tolist()
-    return loss_sum / max(count, 1), int(count)
 
 
 def train(spec: TrainSpec, stage: str) -> Manifest | None:
@@ -196,185 +182,336 @@ def _mesh(spec: TrainSpec, env: distributed.Env) -> Mesh:
 
 
 def _train(spec: TrainSpec, stage: str, env: distributed.Env, stop: StopSignals) -> Manifest:
-    mesh = _mesh(spec, env)
-    G, W = spec.global_batch_size, mesh.layout.dp
-    dp_group = mesh.groups["dp"]
-    save_dir = Path(spec.checkpoint.save)
-    resume = ckpt.latest_iteration(save_dir) is not None
-    start = ckpt.checkpoint_path(save_dir) if resume else (
-        ckpt.checkpoint_path(spec.load) if spec.load else None)
-    cfg = _resolve_model_config(spec, start)
-    eod_id = _eod_id(spec)
-    if env.device.type == "cuda":
-        set_split_k_reductions(low_precision=False)
+    return Trainer(spec, stage, env, stop).run()
 
-    n_valid = spec.eval.iters * G if spec.eval.interval or spec.eval.initial else 0
-    num = {"train": spec.iters * G, "valid": n_valid}
-    # rank 0 checks the datasets and builds the cached sample indices, the others then read them
-    if env.is_main:
-        sets = build_samples(spec.data.blend, spec.data.split, spec.data.seq_length, num, spec.seed,
-                             spec.data.cache_dir)
-    distributed.barrier()
-    if not env.is_main:
-        sets = build_samples(spec.data.blend, spec.data.split, spec.data.seq_length, num, spec.seed,
-                             spec.data.cache_dir, verify=False)
-    m = spec.micro_batch_size
-    train_batches = Batches(sets["train"], G, m, mesh.dp_rank, W, env.device, eod_id)
-    valid_batches = (Batches(sets["valid"], G, m, mesh.dp_rank, W, env.device, eod_id)
-                     if n_valid else None)
 
-    built = build(cfg, spec, mesh, env.device)
-    model, optimizer, n_params = built.model, built.optimizer, built.parameters
-    master = spec.precision == "bf16-master"
-    autocast = _AUTOCAST.get(spec.precision)
-    scaler = torch.amp.GradScaler(env.device.type) if spec.precision == "fp16" else None
+class Trainer:
+    """One run of the loop. __init__ sets up what every step needs (mesh, data, model, the
+    checkpoint started from); run() steps to the end. Each method is one part of a step."""
 
-    iteration = 0
-    if start is not None:
-        keep_optimizer = resume or stage == "pretrain"
-        with _fp32_weights(optimizer):
-            meta = ckpt.load_checkpoint(start, model, optimizer if keep_optimizer else None,
+    def __init__(self, spec: TrainSpec, stage: str, env: distributed.Env, stop: StopSignals):
+        self.spec, self.stage, self.env, self.stop = spec, stage, env, stop
+        self.mesh = _mesh(spec, env)
+        self.save_dir = Path(spec.checkpoint.save)
+        self.resume = ckpt.latest_iteration(self.save_dir) is not None
+        self.start = ckpt.checkpoint_path(self.save_dir) if self.resume else (
+            ckpt.checkpoint_path(spec.load) if spec.load else None)
+        self.cfg = _resolve_model_config(spec, self.start)
+        eod_id = _eod_id(spec)
+        if env.device.type == "cuda":
+            set_split_k_reductions(low_precision=False)
+        self.train_batches, self.valid_batches = self._batches(eod_id)
+        built = build(self.cfg, spec, self.mesh, env.device)
+        self.model, self.optimizer, self.pipeline = built.model, built.optimizer, built.pipeline
+        self.n_params = built.parameters
+        self.master = spec.precision == "bf16-master"
+        self.autocast = _AUTOCAST.get(spec.precision)
+        self.scaler = torch.amp.GradScaler(env.device.type) if spec.precision == "fp16" else None
+        self.iteration = self._load()
+        self.sink = MetricsSink(spec.metrics_file or self.save_dir / "metrics.jsonl",
+                                enabled=env.is_main)
+        self.last: dict[str, float] = {}
+
+    # ---- set-up ----
+
+    def _batches(self, eod_id: int | None) -> tuple[Batches, Batches | None]:
+        """The train and validation batches of this rank's data-parallel share. Rank 0 checks
+        the datasets and builds the cached sample indices, the others then read them."""
+        spec, G = self.spec, self.spec.global_batch_size
+        n_valid = spec.eval.iters * G if spec.eval.interval or spec.eval.initial else 0
+        args = (spec.data.blend, spec.data.split, spec.data.seq_length,
+                {"train": spec.iters * G, "valid": n_valid}, spec.seed, spec.data.cache_dir)
+        if self.env.is_main:
+            sets = build_samples(*args)
+        distributed.barrier()
+        if not self.env.is_main:
+            sets = build_samples(*args, verify=False)
+
+        def batches(split: str) -> Batches:
+            return Batches(sets[split], G, spec.micro_batch_size, self.mesh.dp_rank,
+                           self.mesh.layout.dp, self.env.device, eod_id)
+
+        return batches("train"), batches("valid") if n_valid else None
+
+    def _load(self) -> int:
+        """The weights of the checkpoint started from; its optimizer, RNG and iteration too when
+        resuming or continuing a pretrain. Returns the iteration to start at."""
+        if self.start is None:
+            return 0
+        keep_optimizer = self.resume or self.stage == "pretrain"
+        with _fp32_weights(self.optimizer):
+            meta = ckpt.load_checkpoint(self.start, self.model,
+                                        self.optimizer if keep_optimizer else None,
                                         restore_rng=keep_optimizer)
-        if keep_optimizer:
-            iteration = int(meta["iteration"])
-            if scaler and meta.get("grad_scaler"):
-                scaler.load_state_dict(meta["grad_scaler"])
-        log.info("%s from %s (iteration %d)", "resumed" if resume else "started", start, iteration)
+        iteration = int(meta["iteration"]) if keep_optimizer else 0
+        if keep_optimizer and self.scaler and meta.get("grad_scaler"):
+            self.scaler.load_state_dict(meta["grad_scaler"])
+        log.info("%s from %s (iteration %d)", "resumed" if self.resume else "started",
+                 self.start, iteration)
+        return iteration
 
-    sink = MetricsSink(spec.metrics_file or save_dir / "metrics.jsonl", enabled=env.is_main)
-    if iteration == 0:
-        sink.log_params({"stage": stage, **spec.model_dump(mode="json", exclude={"model"}),
-                         "model": cfg.model_dump(mode="json"), "world_size": env.world_size,
-                         "layout": mesh.layout.describe()})
-    tokens_per_iter = G * spec.data.seq_length
-    flops_tok = flops_per_token(cfg, spec.data.seq_length)
-    peak = peak_flops(env.device)
-    meta_common = {"spec": spec.model_dump(mode="json"), "stage": stage}
+    # ---- the loop ----
 
-    def save(it: int) -> Path:
-        extra = {"grad_scaler": scaler.state_dict()} if scaler else {}
-        with _fp32_weights(optimizer):
-            if not _weights_finite(model):
-                raise _diverged(save_dir, it, f"weights not finite after iteration {it}",
-                                env.is_main)
-            return ckpt.save_checkpoint(save_dir, it, model, optimizer,
-                                        {**meta_common, "consumed_samples": it * G, **extra},
-                                        cfg.model_dump(mode="json"), spec.checkpoint.keep_last)
+    def run(self) -> Manifest | None:
+        """Train to spec.iters; rank 0 returns the manifest."""
+        self._log_start()
+        if _agree(self.stop.received is not None, self.env.device):
+            raise Preempted(f"{self.stop.name or 'a stop signal'} received during start-up, "
+                            f"before iteration {self.iteration + 1}; nothing new to save")
+        if self.env.device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(self.env.device)
+        self.model.train()
+        if self.valid_batches and self.spec.eval.initial and self.iteration == 0:
+            self._validate()
+        window, nan_skips = _Window(self.env.device), 0
+        while self.iteration < self.spec.iters:
+            lr = self.spec.optim.at(self.iteration, self.spec.iters)
+            loss, grad_norm, nonfinite, stopping = self._step(lr)
+            if nonfinite:
+                nan_skips += 1
+                self._skipped(nan_skips)
+                continue
+            nan_skips = 0
+            self.iteration += 1
+            window.add(loss)
+            self._after_step(window, lr, grad_norm, stopping)
+        final = self._save()
+        return self._manifest(final) if self.env.is_main else None
 
-    log.info("training %s: %d iterations of %d samples × %d tokens on %d rank(s) (%s), %s, %s",
-             stage, spec.iters, G, spec.data.seq_length, env.world_size, mesh.layout.describe(),
-             env.device, spec.precision)
-    if _agree(stop.received is not None, env.device):
-        raise Preempted(f"{stop.name or 'a stop signal'} received during start-up, before "
-                        f"iteration {iteration + 1}; nothing new to save")
-    nan_skips = 0
-    last: dict[str, float] = {}
-    window_loss = torch.zeros((), dtype=torch.float64, device=env.device)
-    window_steps, window_start = 0, time.perf_counter()
-    if env.device.type == "cuda":
-        torch.cuda.reset_peak_memory_stats(env.device)
-    model.train()
-    if valid_batches and spec.eval.initial and iteration == 0:
-        vloss, _ = evaluate(model, valid_batches, spec.eval.iters, autocast, spec.fused_loss,
-                            dp_group)
-        sink.log_metrics({"valid_loss": vloss, "valid_ppl": math.exp(min(vloss, 50))}, 0)
-        log.info("iter 0 | valid loss %.4f", vloss)
-    while iteration < spec.iters:
-        lr = spec.optim.at(iteration, spec.iters)
-        for group in optimizer.param_groups:
+    def _step(self, lr: float) -> tuple[torch.Tensor, torch.Tensor, bool, bool]:
+        """One optimizer step on this iteration's global batch. Returns the mean token loss,
+        the gradient norm, and two flags every rank agrees on: the step was not finite (and
+        skipped), a stop signal arrived."""
+        for group in self.optimizer.param_groups:
             group["lr"] = lr
-        micro = list(train_batches.iteration(iteration))
+        micro = list(self.train_batches.iteration(self.iteration))
         count = torch.stack([mask.sum() for _, _, mask in micro]).sum().double()
-        all_reduce_sum(count, dp_group)
-        step_loss = torch.zeros((), dtype=torch.float64, device=env.device)
+        all_reduce_sum(count, self.mesh.groups["dp"])
+        loss_sum = self._forward_backward(micro, count)
+        grad_norm, clip_scale = self._clip()
+        all_reduce_sum(loss_sum, self.mesh.groups["dp"])
+        nonfinite, stopping = self._flags(loss_sum, grad_norm)
+        if nonfinite:
+            self.optimizer.zero_grad(set_to_none=True)
+            if self.scaler:
+                self.scaler.update()  # the inf check recorded by unscale_ lowers the scale
+        else:
+            self._optimizer_step(clip_scale)
+        return loss_sum / count, grad_norm, nonfinite, stopping
+
+    def _forward_backward(self, micro: list, count: torch.Tensor) -> torch.Tensor:
+        """The gradients of the step's loss (token losses over the global batch / its `count`
+        loss tokens, times the data-parallel size, which DP averages over); returns the loss sum
+        of this data-parallel rank's micro-batches (fp64)."""
+        W = self.mesh.layout.dp
+        if self.pipeline is not None:
+            return self._pipelined(micro, W / count, train=True)
+        step_loss = torch.zeros((), dtype=torch.float64, device=self.env.device)
         # MasterAdamW sums several micro-batches in fp32 and reduces the sums once, after them;
         # a single micro-batch is reduced by the wrapper, overlapped with the backward
-        summing = master and len(micro) > 1
+        summing = self.master and len(micro) > 1
         for a, (inputs, targets, mask) in enumerate(micro):
-            set_gradient_sync(model, a == len(micro) - 1 and not summing)
-            loss_sum = _loss_sum(model, inputs, targets, mask, autocast, spec.fused_loss)
-            loss = loss_sum * W / count  # DP averages gradients over W ranks
-            (scaler.scale(loss) if scaler else loss).backward()
+            set_gradient_sync(self.model, a == len(micro) - 1 and not summing)
+            loss_sum = _loss_sum(self.model, inputs, targets, mask, self.autocast,
+                                 self.spec.fused_loss)
+            loss = loss_sum * W / count
+            (self.scaler.scale(loss) if self.scaler else loss).backward()
             step_loss += loss_sum.detach().double()
             if summing:
-                optimizer.accumulate_grads()
+                self.optimizer.accumulate_grads()
         if summing:
-            optimizer.all_reduce_grads()
-        if scaler:
-            scaler.unscale_(optimizer)
-        if master:  # clipping's coefficient is applied inside the fp32 update
-            grad_norm = total_norm(optimizer.grads())
-            clip_scale = ((spec.optim.clip_grad / (grad_norm + 1e-6)).clamp(max=1.0)
-                          if spec.optim.clip_grad else None)
-        else:
-            grad_norm = clip_grad_norm_(model.parameters(), spec.optim.clip_grad)
-        all_reduce_sum(step_loss, dp_group)
+            self.optimizer.all_reduce_grads()
+        return step_loss
+
+    def _pipelined(self, micro: list, scale: torch.Tensor | float, train: bool) -> torch.Tensor:
+        """The micro-batches through the pipeline schedule, forward and backward (forward only
+        unless `train`), each micro-batch's loss times `scale`. Returns the loss sum of this
+        data-parallel rank (fp64) on every rank of its pipeline: the last stage has it."""
+        inputs, targets, mask = (torch.cat(parts) for parts in zip(*micro))
+        if self.scaler and train:
+            scale = self.scaler.scale(scale)
+        pipe = self.pipeline
+        with _autocast(self.env.device, self.autocast):
+            loss_sum = pipeline_step(pipe.schedule, inputs, targets, mask, pipe.is_first,
+                                     pipe.is_last, scale, train)
+        total = torch.zeros((), dtype=torch.float64, device=self.env.device)
+        if loss_sum is not None:
+            total += loss_sum.double()
+        return all_reduce_sum(total, self.mesh.groups["pp"])
+
+    def _clip(self) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """The global gradient norm (before clipping) and, under MasterAdamW, the clipping
+        coefficient that its fp32 update applies; otherwise the gradients are clipped here."""
+        if self.scaler:
+            self.scaler.unscale_(self.optimizer)
+        clip = self.spec.optim.clip_grad
+        if self.master:
+            norm = total_norm(self.optimizer.grads())
+            return norm, (clip / (norm + 1e-6)).clamp(max=1.0) if clip else None
+        return clip_grad_norm_(self.model.parameters(), clip, self.mesh.groups["pp"]), None
+
+    def _flags(self, loss_sum: torch.Tensor, grad_norm: torch.Tensor) -> tuple[bool, bool]:
+        """One small all-reduce: is the step not finite (on any rank), did a stop signal arrive."""
         grad_bad = ~torch.isfinite(grad_norm)
-        if scaler:  # an overflow is the scaler's to handle while lowering the scale can help
-            grad_bad &= scaler.get_scale() <= 1.0
-        bad = ~torch.isfinite(step_loss) | grad_bad
-        flags = torch.stack([bad.float(),
-                             torch.tensor(float(stop.received is not None), device=env.device)])
+        if self.scaler:  # an overflow is the scaler's to handle while lowering the scale can help
+            grad_bad &= self.scaler.get_scale() <= 1.0
+        bad = ~torch.isfinite(loss_sum) | grad_bad
+        flags = torch.stack([bad.float(), torch.tensor(float(self.stop.received is not None),
+                                                       device=self.env.device)])
         distributed.all_reduce_sum(flags)
         nonfinite, stopping = (bool(v) for v in flags.tolist())
-        if nonfinite:
-            nan_skips += 1
-            optimizer.zero_grad(set_to_none=True)
-            if scaler:
-                scaler.update()  # the inf check recorded by unscale_ lowers the scale
-            log.warning("iteration %d: non-finite loss or gradient, step skipped (%d/%d)",
-                        iteration + 1, nan_skips, spec.max_nan_skips)
-            if nan_skips > spec.max_nan_skips:
-                raise _diverged(save_dir, iteration, f"loss or gradient non-finite in {nan_skips} "
-                                f"consecutive steps at iteration {iteration + 1}", env.is_main)
-            continue
-        nan_skips = 0
-        if scaler:
-            scaler.step(optimizer)
-            scaler.update()
-        elif master:
-            optimizer.step(grad_scale=clip_scale)
-        else:
-            optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-        iteration += 1
-        window_loss += step_loss / count
-        window_steps += 1
+        return nonfinite, stopping
 
-        if iteration % spec.log_interval == 0 or iteration == spec.iters:
-            if env.device.type == "cuda":
-                torch.cuda.synchronize(env.device)
-            elapsed = time.perf_counter() - window_start
-            tps = window_steps * tokens_per_iter / elapsed
-            last = {"loss": window_loss.item() / window_steps, "lr": lr,
-                    "grad_norm": float(grad_norm), "tokens_per_s": tps,
-                    "tflops_per_gpu": tps * flops_tok / env.world_size / 1e12}
-            if peak:
-                last["mfu"] = tps * flops_tok / env.world_size / peak
-            if env.device.type == "cuda":
-                last["peak_memory_gib"] = torch.cuda.max_memory_allocated(env.device) / 2**30
-            sink.log_metrics(last, iteration)
-            log.info("iter %d/%d | %s", iteration, spec.iters,
-                     " | ".join(f"{k} {v:.4g}" for k, v in last.items()))
-            window_loss.zero_()
-            window_steps, window_start = 0, time.perf_counter()
-        paused = time.perf_counter()  # evaluation and saving do not count against throughput
-        if valid_batches and spec.eval.interval and (iteration % spec.eval.interval == 0
-                                                     or iteration == spec.iters):
-            vloss, _ = evaluate(model, valid_batches, spec.eval.iters, autocast, spec.fused_loss,
-                                dp_group)
-            last.update(valid_loss=vloss, valid_ppl=math.exp(min(vloss, 50)))
-            sink.log_metrics({"valid_loss": vloss, "valid_ppl": last["valid_ppl"]}, iteration)
-            log.info("iter %d | valid loss %.4f | valid ppl %.3f", iteration, vloss, last["valid_ppl"])
-        interval = spec.checkpoint.interval
-        if stopping:
-            save(iteration)
-            raise Preempted(f"signal received at iteration {iteration}; checkpoint saved")
-        if interval and iteration % interval == 0 and iteration != spec.iters:
-            save(iteration)
-        window_start += time.perf_counter() - paused
-    final = save(iteration)
-    return _manifest(spec, stage, final, last, iteration, n_params, start) if env.is_main else None
+    def _optimizer_step(self, clip_scale: torch.Tensor | None) -> None:
+        if self.scaler:
+            self.scaler.step(self.optimizer)
+            self.scaler.update()
+        elif self.master:
+            self.optimizer.step(grad_scale=clip_scale)
+        else:
+            self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+
+    def _skipped(self, nan_skips: int) -> None:
+        """A non-finite step was skipped; too many in a row stop the run."""
+        spec = self.spec
+        log.warning("iteration %d: non-finite loss or gradient, step skipped (%d/%d)",
+                    self.iteration + 1, nan_skips, spec.max_nan_skips)
+        if nan_skips > spec.max_nan_skips:
+            raise _diverged(self.save_dir, self.iteration,
+                            f"loss or gradient non-finite in {nan_skips} consecutive steps at "
+                            f"iteration {self.iteration + 1}", self.env.is_main)
+
+    def _after_step(self, window: _Window, lr: float, grad_norm: torch.Tensor,
+                    stopping: bool) -> None:
+        """Metrics, validation and checkpoints due after the step (the last two not counted
+        against throughput)."""
+        it, spec = self.iteration, self.spec
+        if it % spec.log_interval == 0 or it == spec.iters:
+            self.last = self._log_metrics(window, lr, grad_norm)
+        with window.paused():
+            if self.valid_batches and spec.eval.interval and (it % spec.eval.interval == 0
+                                                              or it == spec.iters):
+                self.last.update(self._validate())
+            if stopping:
+                self._save()
+                raise Preempted(f"signal received at iteration {it}; checkpoint saved")
+            interval = spec.checkpoint.interval
+            if interval and it % interval == 0 and it != spec.iters:
+                self._save()
+
+    # ---- metrics, validation, checkpoints ----
+
+    def _log_start(self) -> None:
+        spec, env = self.spec, self.env
+        if self.iteration == 0:
+            self.sink.log_params({"stage": self.stage,
+                                  **spec.model_dump(mode="json", exclude={"model"}),
+                                  "model": self.cfg.model_dump(mode="json"),
+                                  "world_size": env.world_size,
+                                  "layout": self.mesh.layout.describe()})
+        log.info("training %s: %d iterations of %d samples × %d tokens on %d rank(s) (%s), %s, "
+                 "%s", self.stage, spec.iters, spec.global_batch_size, spec.data.seq_length,
+                 env.world_size, self.mesh.layout.describe(), env.device, spec.precision)
+
+    def _log_metrics(self, window: _Window, lr: float, grad_norm: torch.Tensor) -> dict:
+        """Loss, throughput and MFU (over every rank of the job) since the last log line."""
+        device, spec = self.env.device, self.spec
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        loss, steps_per_s = window.take()
+        tps = steps_per_s * spec.global_batch_size * spec.data.seq_length
+        flops = tps * flops_per_token(self.cfg, spec.data.seq_length) / self.env.world_size
+        last = {"loss": loss, "lr": lr, "grad_norm": float(grad_norm), "tokens_per_s": tps,
+                "tflops_per_gpu": flops / 1e12}
+        peak = peak_flops(device)
+        if peak:
+            last["mfu"] = flops / peak
+        if device.type == "cuda":
+            last["peak_memory_gib"] = torch.cuda.max_memory_allocated(device) / 2**30
+        self.sink.log_metrics(last, self.iteration)
+        log.info("iter %d/%d | %s", self.iteration, spec.iters,
+                 " | ".join(f"{k} {v:.4g}" for k, v in last.items()))
+        return last
+
+    def _validate(self) -> dict[str, float]:
+        loss = self._validation_loss()
+        metrics = {"valid_loss": loss, "valid_ppl": math.exp(min(loss, 50))}
+        self.sink.log_metrics(metrics, self.iteration)
+        log.info("iter %d | valid loss %.4f | valid ppl %.3f", self.iteration, loss,
+                 metrics["valid_ppl"])
+        return metrics
+
+    @torch.no_grad()
+    def _validation_loss(self) -> float:
+        """Mean token loss over spec.eval.iters validation global batches (all data-parallel
+        ranks)."""
+        self.model.eval()
+        total = torch.zeros(2, dtype=torch.float64, device=self.env.device)
+        for it in range(self.spec.eval.iters):
+            micro = list(self.valid_batches.iteration(it))
+            if self.pipeline is not None:
+                total[0] += self._pipelined(micro, 1.0, train=False)
+            for inputs, targets, mask in micro:
+                if self.pipeline is None:
+                    total[0] += _loss_sum(self.model, inputs, targets, mask, self.autocast,
+                                          self.spec.fused_loss).double()
+                total[1] += mask.sum()
+        self.model.train()
+        all_reduce_sum(total, self.mesh.groups["dp"])
+        loss_sum, count = total.tolist()
+        return loss_sum / max(count, 1)
+
+    def _save(self) -> Path:
+        """A checkpoint of this iteration, after checking the weights are finite."""
+        extra = {"grad_scaler": self.scaler.state_dict()} if self.scaler else {}
+        meta = {"spec": self.spec.model_dump(mode="json"), "stage": self.stage,
+                "consumed_samples": self.iteration * self.spec.global_batch_size, **extra}
+        with _fp32_weights(self.optimizer):
+            if not _weights_finite(self.model):
+                raise _diverged(self.save_dir, self.iteration,
+                                f"weights not finite after iteration {self.iteration}",
+                                self.env.is_main)
+            return ckpt.save_checkpoint(self.save_dir, self.iteration, self.model,
+                                        self.optimizer, meta, self.cfg.model_dump(mode="json"),
+                                        self.spec.checkpoint.keep_last)
+
+    def _manifest(self, final: Path) -> Manifest:
+        return _manifest(self.spec, self.stage, final, self.last, self.iteration, self.n_params,
+                         self.start)
+
+
+class _Window:
+    """The steps since the last log line: their mean loss and their rate, the time spent in
+    validation and checkpoints left out."""
+
+    def __init__(self, device: torch.device):
+        self.loss = torch.zeros((), dtype=torch.float64, device=device)
+        self.steps, self.start = 0, time.perf_counter()
+
+    def add(self, loss: torch.Tensor) -> None:
+        self.loss += loss
+        self.steps += 1
+
+    def take(self) -> tuple[float, float]:
+        """(mean loss, steps per second), and a new window."""
+        mean = self.loss.item() / self.steps
+        rate = self.steps / (time.perf_counter() - self.start)
+        self.loss.zero_()
+        self.steps, self.start = 0, time.perf_counter()
+        return mean, rate
+
+    @contextlib.contextmanager
+    def paused(self):
+        paused = time.perf_counter()
+        try:
+            yield
+        finally:
+            self.start += time.perf_counter() - paused
+
+
+def _autocast(device: torch.device, dtype: torch.dtype | None):
+    return torch.autocast(device.type, dtype=dtype) if dtype else contextlib.nullcontext()
 
 
 def _agree(flag: bool, device: torch.device) -> bool:

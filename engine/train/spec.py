@@ -10,7 +10,9 @@ from pydantic_settings import CliVariadicArg
 
 from engine.data.samples import parse_blend
 from engine.model.config import ModelConfig
-from engine.parallel.layout import DataParallel, Layout, Recompute, layout_for, model_errors
+from engine.errors import SpecError
+from engine.parallel.layout import (DataParallel, Layout, PipelineSchedule, Recompute,
+                                    check_layout, check_schedule, layout_for, model_errors)
 from engine.spec import StageSpec
 from engine.train.schedule import LRSchedule
 
@@ -80,8 +82,19 @@ class TrainSpec(StageSpec):
     sequence_parallel: bool = Field(True, description="with tensor_parallel: norms and the "
                                     "residual stream split along the sequence",
                                     json_schema_extra=_NOT_OUTPUT)
-    pipeline_parallel: int = Field(1, ge=1, description="pipeline stages the layers are split "
-                                   "into", json_schema_extra=_NOT_OUTPUT)
+    pipeline_parallel: int = Field(1, ge=1, description="ranks the layers are split over, "
+                                   "in pipeline stages", json_schema_extra=_NOT_OUTPUT)
+    pipeline_schedule: PipelineSchedule = Field(
+        "1f1b", description="with pipeline_parallel: gpipe, 1f1b, interleaved-1f1b or "
+        "interleaved-zb (virtual_stages ≥ 2), zbv or dualpipev (virtual_stages 2); "
+        "the micro-batches of a step (global batch / (micro batch × data-parallel ranks)) "
+        "run through it", json_schema_extra=_NOT_OUTPUT)
+    virtual_stages: int = Field(1, ge=1, description="pipeline stages per pipeline rank (the "
+                                "interleaved and V schedules)", json_schema_extra=_NOT_OUTPUT)
+    pipeline_layers: list[int] | None = Field(
+        None, description="layers of each pipeline stage, in order (pipeline_parallel × "
+        "virtual_stages counts summing to num_layers); default: even, a remainder to the "
+        "middle stages", json_schema_extra=_NOT_OUTPUT)
     recompute: Recompute = Field("none", description="activation recompute per block: none, "
                                  "selective (keep matmul and attention outputs) or full",
                                  json_schema_extra=_NOT_OUTPUT)
@@ -121,6 +134,19 @@ class TrainSpec(StageSpec):
         return self
 
     @model_validator(mode="after")
+    def _pipeline_fields(self) -> "TrainSpec":
+        """The schedule's stages per rank; the pipeline fields mean nothing without a pipeline."""
+        if self.pipeline_parallel == 1:
+            if self.virtual_stages > 1 or self.pipeline_layers is not None:
+                raise ValueError("virtual_stages and pipeline_layers need pipeline_parallel > 1")
+            return self
+        if not self.fused_loss:
+            raise ValueError("pipeline_parallel needs fused_loss (the last stage's head runs "
+                             "fused with the loss)")
+        check_layout(self.pipeline_schedule, self.pipeline_parallel, self.virtual_stages)
+        return self
+
+    @model_validator(mode="after")
     def _model_divides(self) -> "TrainSpec":
         """A model that comes from `load` is checked when the checkpoint is read."""
         if self.tensor_parallel > 1 and not self.fused_loss:
@@ -131,10 +157,15 @@ class TrainSpec(StageSpec):
                 raise ValueError("; ".join(errors))
         return self
 
+    @property
+    def pipeline_stages(self) -> int:
+        return self.pipeline_parallel * self.virtual_stages
+
     def layout_errors(self, model: ModelConfig) -> list[str]:
         layout = Layout(pp=self.pipeline_parallel, tp=self.tensor_parallel)
         return model_errors(layout, model.num_heads, model.num_kv_heads, model.intermediate_size,
-                            model.vocab_size, model.num_layers, self.pipeline_parallel)
+                            model.vocab_size, model.num_layers, self.pipeline_stages,
+                            self.pipeline_layers, model.tie_word_embeddings)
 
     def layout(self, world_size: int) -> Layout:
         """How `world_size` ranks divide (ValueError naming the numbers if they do not)."""
@@ -147,6 +178,18 @@ class TrainSpec(StageSpec):
             raise ValueError(f"global_batch_size {self.global_batch_size} is not a multiple of "
                              f"micro_batch_size {self.micro_batch_size} × {layout.dp} "
                              f"data-parallel ranks ({layout.describe()})")
+        if layout.pp > 1:  # a step's micro-batches are the pipeline's
+            try:
+                check_schedule(self.pipeline_schedule, layout.pp, self.virtual_stages,
+                               self.micro_batches(layout))
+            except SpecError as exc:
+                raise ValueError(f"{exc} (global_batch_size {self.global_batch_size} / "
+                                 f"(micro_batch_size {self.micro_batch_size} × {layout.dp} "
+                                 f"data-parallel ranks))") from None
+
+    def micro_batches(self, layout: Layout) -> int:
+        """Micro-batches per rank and step (gradient accumulation, or the pipeline's)."""
+        return self.global_batch_size // (self.micro_batch_size * layout.dp)
 
     @model_validator(mode="after")
     def _source(self) -> "TrainSpec":
