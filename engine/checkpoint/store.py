@@ -300,6 +300,24 @@ def _verify(path: Path, meta: dict[str, Any]) -> None:
         raise InputError(errors[0])
 
 
+# how the optimizer runs, not what it computes: the built optimizer's choice, whatever the writer's
+_IMPLEMENTATION = ("foreach", "fused", "capturable", "differentiable")
+
+
+def _stored_hyperparameters(optim: dict[str, Any], stored: set[str]) -> list[dict[str, Any]]:
+    """Keep in `optim`'s param groups the hyper-parameters to read from the checkpoint; return
+    the others, the built optimizer's values. A checkpoint written by another optimizer class
+    (MasterAdamW under DDP, torch's AdamW under TP or FSDP) lacks the class's own flags
+    (AdamW's amsgrad, ...), and one written on another device has other implementation flags:
+    neither may stop a resume in another layout."""
+    built = []
+    for i, group in enumerate(optim["param_groups"]):
+        own = {key: group.pop(key) for key in list(group) if key in _IMPLEMENTATION
+               or f"optim.param_groups.{i}.{key}" not in stored}
+        built.append(own)
+    return built
+
+
 def load_checkpoint(path: str | Path, model: torch.nn.Module,
                     optimizer: torch.optim.Optimizer | None = None,
                     restore_rng: bool = True) -> dict[str, Any]:
@@ -309,12 +327,16 @@ def load_checkpoint(path: str | Path, model: torch.nn.Module,
     path = Path(path)
     meta = check_complete(path)
     _verify(path, meta)
-    SafeReader(str(path)).read_metadata()  # a refusal is clearer here than wrapped by dcp.load
+    # read here: a refusal is clearer than wrapped by dcp.load
+    stored = set(SafeReader(str(path)).read_metadata().state_dict_metadata)
     state: dict[str, Any] = {"model": get_model_state_dict(model)}
     if optimizer is not None:
         if not meta.get("has_optimizer"):
-            raise InputError(f"{path}: checkpoint holds no optimizer state")
+            raise InputError(f"{path}: checkpoint holds no optimizer state (weights only): "
+                             f"resume needs one written with it; finetune starts from the "
+                             f"weights with a fresh optimizer")
         state["optim"] = get_optimizer_state_dict(model, optimizer)
+        built = _stored_hyperparameters(state["optim"], stored)
     try:
         with warnings.catch_warnings():
             warnings.filterwarnings("ignore", message="torch.distributed is disabled")
@@ -329,6 +351,8 @@ def load_checkpoint(path: str | Path, model: torch.nn.Module,
         raise InputError(f"{path}: checkpoint does not fit the model: {reason}") from None
     set_model_state_dict(model, state["model"], options=StateDictOptions(strict=True))
     if optimizer is not None:
+        for group, own in zip(state["optim"]["param_groups"], built):
+            group.update(own)
         set_optimizer_state_dict(model, optimizer, state["optim"])
     rng_file = path / "rng" / f"rank_{_rank():05d}.pt"
     if restore_rng and meta.get("world_size") == _world() and rng_file.is_file():
