@@ -1,13 +1,12 @@
 """The reshard stage on CPU: a checkpoint trained with FSDP on 2 gloo ranks, rewritten for TP 2 on
 those ranks and then for 1 rank, holds the same weights and optimizer state bit for bit; training
 resumed from the 1-rank copy continues the 2-rank run's loss sequence; weights-only and
-consolidated outputs; layouts that do not fit, a missing shard file, and a checkpoint of
-MasterAdamW (DDP's bf16-master) loaded by torch's AdamW in another layout."""
+consolidated outputs; layouts that do not fit; and a checkpoint of MasterAdamW (DDP's
+bf16-master) loaded by torch's AdamW in another layout."""
 
 from __future__ import annotations
 
 import json
-import shutil
 from pathlib import Path
 
 import pytest
@@ -16,7 +15,6 @@ import yaml
 from torch.distributed.checkpoint.state_dict import get_optimizer_state_dict
 
 from conftest import TINY_MODEL, engine_ranks, logged_losses
-from engine.__main__ import main
 from engine.checkpoint import store as ckpt
 from engine.checkpoint.safe_load import SafeReader
 from engine.errors import InputError, SpecError
@@ -112,6 +110,8 @@ def test_weights_only_and_consolidated(job, tiny_dataset, tmp_path):
     assert manifest.summary["bytes"] < manifest.summary["source"]["bytes"] / 2
     assert_equal(everything(light, tiny_dataset),
                  {k: v for k, v in expected.items() if k.startswith("model.")})
+    with pytest.raises(ValueError, match="holds no optimizer state .* pass --no-optimizer"):
+        Spec(input=str(light), output=str(tmp_path / "again"))  # checked before any job
     with pytest.raises(InputError, match="holds no optimizer state .* finetune starts from the "
                                          "weights"):
         train(PretrainSpec.model_validate(_train_spec(tiny_dataset, tmp_path / "resume",
@@ -130,24 +130,14 @@ def test_weights_only_and_consolidated(job, tiny_dataset, tmp_path):
     assert optim["param_groups"][0]["betas"] == [0.9, 0.95]
 
 
-def test_bad_layouts_and_a_missing_shard_are_refused(job, tmp_path, capsys):
-    source = ckpt.iter_dir(job[0], 2)
-    out = tmp_path / "out"
-    assert main(["reshard", "--input", str(source), "--output", str(out),
-                 "--tensor-parallel", "4"]) == 2
-    assert "num_kv_heads 2 is not divisible by tensor_parallel 4" in capsys.readouterr().err
+def test_layouts_that_do_not_fit_are_refused(job, tmp_path):
+    """(A tensor_parallel the model does not divide, a missing shard: tests/bad_inputs_*.)"""
+    source, out = ckpt.iter_dir(job[0], 2), tmp_path / "out"
     with pytest.raises(SpecError, match="num_layers 2 is fewer than the 4 pipeline stages"):
         load_spec(Spec, overrides={"input": str(source), "output": str(out),
                                    "pipeline_parallel": 4})
     with pytest.raises(ValueError, match="world size 3 is not a multiple of tensor_parallel 2"):
         Spec(input=str(source), output=str(out), tensor_parallel=2).check_world(3)
-
-    damaged = tmp_path / "damaged"
-    shutil.copytree(source, damaged)
-    (damaged / "__1_0.distcp").unlink()
-    with pytest.raises(InputError, match=f"{damaged / '__1_0.distcp'}: missing"):
-        reshard.run(Spec(input=str(damaged), output=str(out), device="cpu"))
-    assert not out.exists() and not list(tmp_path.glob("out.tmp-*"))
 
 
 def test_master_weights_checkpoint_reshards_for_fsdp(tiny_dataset, tmp_path):
