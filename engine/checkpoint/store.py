@@ -175,7 +175,9 @@ def save_checkpoint(root: str | Path, iteration: int, model: torch.nn.Module,
                 _prune(root, keep_last)
             log.info("saved checkpoint %s", final)
     except BaseException as exc:
-        full = out_of_space(exc, root) if isinstance(exc, Exception) else None
+        # a full disk under dcp.save is a CheckpointException, which is no Exception
+        full = out_of_space(exc, root) if isinstance(exc, (Exception, CheckpointException)) \
+            else None
         if _rank() == 0:
             shutil.rmtree(tmp, ignore_errors=True)
         if full:

@@ -80,6 +80,7 @@ def _reshard(spec: Spec, env: distributed.Env) -> Manifest | None:
         log.info("reshard already finished: %s holds it (fingerprint %s); nothing to do", out,
                  fp[:16])
         return done if env.is_main else None
+    _from_main(env, lambda: _check_empty(out))
     meta = read_meta(source)
     cfg = ModelConfig.model_validate(read_model_config(source))
     if spec.optimizer and not meta.get("has_optimizer"):
@@ -90,6 +91,7 @@ def _reshard(spec: Spec, env: distributed.Env) -> Manifest | None:
         layout = spec.layout(env.world_size)
     except ValueError as exc:
         raise InputError(f"reshard on {env.world_size} rank(s): {exc}") from None
+    _warn_if_batch_does_not_divide(recorded, env.world_size)
     source_layout = _source_layout(meta)
     log.info("reshard %s (iteration %s, %s rank(s): %s) -> %s (%s rank(s): %s, %s, %s)",
              source, meta.get("iteration"), meta.get("world_size"),
@@ -107,13 +109,11 @@ def _reshard(spec: Spec, env: distributed.Env) -> Manifest | None:
     log.info("loaded %s in %.1f s", source, seconds["load"])
 
     carried = {k: v for k, v in meta.items() if k not in _FROM_SAVE}
-    if recorded is not None:
-        carried["spec"] = recorded
-    out_meta = {**carried, "layout": asdict(layout),
+    out_meta = {**carried, **({"spec": recorded.model_dump(mode="json")} if recorded else {}),
+                "layout": asdict(layout),
                 "resharded_from": {"path": str(source), "iteration": meta.get("iteration"),
                                    "world_size": meta.get("world_size"),
                                    "layout": source_layout}}
-    _from_main(env, lambda: _check_empty(out))
     with _staged(out, env) as tmp:
         write = _write_consolidated if spec.consolidate else _write_sharded
         files, verified = write(tmp, built, optimizer, out_meta, cfg, int(meta["iteration"]),
@@ -145,8 +145,19 @@ def _reshard(spec: Spec, env: distributed.Env) -> Manifest | None:
     return manifest if env.is_main else None
 
 
+def _warn_if_batch_does_not_divide(recorded: TrainSpec | None, world_size: int) -> None:
+    """The output's training spec, resumed as it is on these ranks, would be refused: say so
+    now (a resume sets its own batch sizes, so this is no error)."""
+    try:
+        if recorded is not None:
+            recorded.check_world(world_size)
+    except ValueError as exc:
+        log.warning("resuming with the recorded training spec on %d rank(s) needs other batch "
+                    "sizes: %s", world_size, exc)
+
+
 def training_specs(meta: dict[str, Any], cfg: ModelConfig,
-                   spec: Spec) -> tuple[dict[str, Any] | None, TrainSpec]:
+                   spec: Spec) -> tuple[TrainSpec | None, TrainSpec]:
     """(the training spec the output records — the source's, laid out as the target — or None
     when the source has none; the spec the model is built with). bf16-master needs a whole model
     per DDP rank: in other layouts it is recorded as bf16, the same fp32 weights and moments in a
@@ -168,7 +179,7 @@ def training_specs(meta: dict[str, Any], cfg: ModelConfig,
     precision = "bf16" if recorded.precision == "bf16-master" else recorded.precision
     build_spec = recorded.model_copy(update={"precision": precision, "recompute": "none",
                                              "compile": False})
-    return (recorded.model_dump(mode="json") if source is not None else None), build_spec
+    return (recorded if source is not None else None), build_spec
 
 
 def _source_layout(meta: dict[str, Any]) -> dict[str, int] | None:
