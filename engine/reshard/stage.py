@@ -86,7 +86,7 @@ def _reshard(spec: Spec, env: distributed.Env) -> Manifest | None:
     if spec.optimizer and not meta.get("has_optimizer"):
         raise InputError(f"{source}: holds no optimizer state (weights only): pass "
                          f"--no-optimizer (optimizer: false)")
-    recorded, build_spec = training_specs(meta, cfg, spec)
+    recorded, build_spec = _training_specs(meta, cfg, spec)
     try:
         layout = spec.layout(env.world_size)
     except ValueError as exc:
@@ -156,7 +156,7 @@ def _warn_if_batch_does_not_divide(recorded: TrainSpec | None, world_size: int) 
                     "sizes: %s", world_size, exc)
 
 
-def training_specs(meta: dict[str, Any], cfg: ModelConfig,
+def _training_specs(meta: dict[str, Any], cfg: ModelConfig,
                    spec: Spec) -> tuple[TrainSpec | None, TrainSpec]:
     """(the training spec the output records — the source's, laid out as the target — or None
     when the source has none; the spec the model is built with). bf16-master needs a whole model
