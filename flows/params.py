@@ -23,6 +23,7 @@ EvaluateOptions = stage_options("evaluate", frozenset({"load_dir", "output", "to
                                 "EvaluateOptions")
 SynthesizeOptions = stage_options("synthesize", frozenset({"input", "teacher", "tokenizer",
                                                            "output"}), "SynthesizeOptions")
+ReshardOptions = stage_options("reshard", frozenset({"input", "output"}), "ReshardOptions")
 
 
 def tiny_llama() -> BaseModel:

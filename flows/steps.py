@@ -10,7 +10,8 @@ from pathlib import Path
 from typing import NamedTuple
 
 from engine.formats import model_format
-from flows.params import DataParams, EvalParams, SynthesizeOptions, TrainParams
+from flows.params import (DataParams, EvalParams, ReshardOptions, SynthesizeOptions,
+                          TrainParams)
 from flows.runner import Runner
 from tasks.artifact import ArtifactRef
 from tasks.fields import merged
@@ -107,4 +108,12 @@ async def synthesize_corpus(runner: Runner, options: SynthesizeOptions, corpus: 
     """The teacher's continuations of the corpus's documents: a corpus (JSONL shards)."""
     refs["synthesize"] = ref = await runner.stage(
         "synthesize", merged(options, input=corpus, teacher=teacher.path, tokenizer=tokenizer))
+    return ref
+
+
+async def reshard_checkpoint(runner: Runner, options: ReshardOptions, checkpoint: str,
+                             refs: Refs) -> ArtifactRef:
+    """The checkpoint rewritten for the layout `options` names over the stage's ranks (the
+    run's resources for `reshard`), or consolidated into one file."""
+    refs["reshard"] = ref = await runner.stage("reshard", merged(options, input=checkpoint))
     return ref

@@ -90,7 +90,7 @@ async def run_stage(stage: str, spec: dict[str, Any] | StageSpec,
                              f"output, or force=True to replace it")
         # this artifact, damaged since it was built (a file missing or cut short): built again;
         # training stages resume from their own checkpoints instead
-        damaged = other is not None and get_stage(stage).kind != "checkpoint"
+        damaged = other is not None and get_stage(stage).checkpoint_field is None
         if force or damaged:
             if damaged:
                 log.warning("%s: %s is not complete (a file is missing or cut short): "

@@ -1,6 +1,7 @@
-"""Bad-input rows for native checkpoints read by pretrain (resume) and finetune (load): a damaged
-latest file, a shard changed after it was written, a folder missing a file, and a checkpoint
-crafted to run code when it is unpickled (its checksums made to match, as an attacker would)."""
+"""Bad-input rows for native checkpoints read by pretrain (resume), finetune (load) and reshard: a
+damaged latest file, a shard changed after it was written, a folder missing a file, a checkpoint
+crafted to run code when it is unpickled (its checksums made to match, as an attacker would), and
+a layout its model does not divide."""
 
 from __future__ import annotations
 
@@ -85,6 +86,13 @@ def _row(stage: str, case: str, damage, message: str, doc: str, outputs=()) -> B
     return BadInput(stage, case, argv, message, ("run/manifest.json", "tuned", *outputs), doc)
 
 
+def _reshard(case: str, damage, flags: list[str], message: str, doc: str) -> BadInput:
+    def argv(tmp: Path, fx: dict) -> list[str]:
+        damage(tmp, fx)
+        return ["--input", str(tmp / "run"), "--output", str(tmp / "out"), *flags]
+    return BadInput("reshard", case, argv, message, ("out",), doc)
+
+
 ROWS: list[BadInput] = [
     _row("pretrain", "resume: latest_checkpointed_iteration.txt is not a number", _latest_garbage,
          r"{tmp}/run/latest_checkpointed_iteration\.txt: expected an iteration number",
@@ -112,4 +120,14 @@ ROWS: list[BadInput] = [
          r"data",
          "…/run/iter_0000002/rng/rank_00000.pt: refused: it holds more than tensors and plain data",
          ("code-ran",)),
+    _reshard("a checkpoint shard missing", _shard_missing, [],
+             r"{tmp}/run/iter_\d+: the checkpoint named in .* is not complete \(.*__0_0\.distcp: "
+             r"missing",
+             "…/run/iter_0000002: the checkpoint named in …/run/latest_checkpointed_iteration.txt "
+             "is not complete (…/run/iter_0000002/__0_0.distcp: missing (listed in the artifact's "
+             "checksums)) and no older complete checkpoint is there"),
+    _reshard("a tensor_parallel the model does not divide", _run, ["--tensor-parallel", "4"],
+             r"<command line>: {tmp}/run: model num_kv_heads 2 is not divisible by "
+             r"tensor_parallel 4$",
+             "<command line>: …/run: model num_kv_heads 2 is not divisible by tensor_parallel 4"),
 ]

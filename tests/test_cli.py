@@ -114,7 +114,7 @@ def test_help_shows_whole_stage_descriptions():
 
 
 @pytest.mark.parametrize("code", ["import flows.lifecycle, flows.train, flows.evaluate, "
-                                  "flows.data_prep, flows.compare, flows.synthesize",
+                                  "flows.data_prep, flows.compare, flows.synthesize, flows.reshard",
                                   "from engine.__main__ import _usage, stage_parser\n"
                                   "from engine.registry import COMMANDS, STAGES\n_usage()\n"
                                   "[stage_parser(s) for s in [*STAGES.values(), "

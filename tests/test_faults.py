@@ -215,6 +215,8 @@ def _disk_cases(fx: dict, out: Path, tmp: Path) -> dict[str, list[str]]:
         "pretrain": ["--config", str(spec)],
         "convert": ["--load-dir", str(fx["checkpoint"]), "--save-dir", str(out / "hf"),
                     "--source-format", "native", "--target-format", "hf"],
+        "reshard": ["--input", str(fx["checkpoint"]), "--output", str(out / "resharded"),
+                    "--device", "cpu"],
         "evaluate": ["--load-dir", str(fx["hf_model"]), "--tokenizer", str(fx["tokenizer"]),
                      "--output", str(out / "report"),
                      "--ppl", str(fx["corpus"] / "stories-000.jsonl"), "--device", "cpu",
@@ -223,7 +225,7 @@ def _disk_cases(fx: dict, out: Path, tmp: Path) -> dict[str, list[str]]:
 
 
 @pytest.mark.parametrize("stage", ["generate-corpus", "train-tokenizer", "tokenize", "merge",
-                                   "pretrain", "convert", "evaluate"])
+                                   "pretrain", "convert", "reshard", "evaluate"])
 def test_full_disk_in_every_writing_stage(stage, full_disk, fixtures, tmp_path, capsys):
     from engine.__main__ import main
 

@@ -29,6 +29,7 @@ from flows.compare import compare
 from flows.data_prep import data_prep
 from flows.evaluate import evaluate
 from flows.lifecycle import lifecycle
+from flows.reshard import reshard
 from flows.train import train
 from tasks import submission, tracking
 from tasks.artifact import ArtifactRef
@@ -174,6 +175,36 @@ def test_training_layout_is_in_the_form_and_checked_before_any_job(home, tmp_pat
                                         r".*site\.yaml:5\)"):
         pretrain(str(site))
     assert not (home / "jobs").exists() and not (home / "artifacts").exists()
+
+
+def test_reshard_flow_builds_then_finds_its_checkpoint(home, tmp_path):
+    """A weights-only checkpoint (as convert writes one) resharded for FSDP: the stage's MLflow
+    run holds the target layout as params and the sizes and times as metrics; run again, it is
+    taken from the cache; a layout the model does not divide is refused before any job."""
+    from engine.convert.native import write_native
+    from engine.model.config import ModelConfig
+    from engine.model.llama import LlamaModel
+
+    cfg = ModelConfig.model_validate(TINY_TRAIN["options"]["model"])
+    model = LlamaModel(cfg)
+    model.init_weights(0)
+    write_native(tmp_path / "source", model, cfg, {"stage": "convert"})
+    options = {"data_parallel": "fsdp", "optimizer": False, "device": "cpu"}
+    with pytest.raises(SpecError, match="num_heads 2 is not divisible by tensor_parallel 4"):
+        asyncio.run(reshard(str(tmp_path / "source"), {**options, "tensor_parallel": 4}, INLINE))
+    assert not (home / "jobs").exists()
+
+    ref = asyncio.run(reshard(str(tmp_path / "source"), options, INLINE))["reshard"]
+    assert not ref.cached and ref.kind == "checkpoint"
+    assert ref.summary["format"] == "sharded" and ref.summary["parameters"] == sum(
+        p.numel() for p in model.parameters())
+    (run,) = stage_runs("reshard")
+    assert run.data.params["data_parallel"] == "fsdp" and run.data.params["optimizer"] == "False"
+    assert run.data.params["artifact.source.path"] == str(tmp_path / "source" / "iter_0000000")
+    assert run.data.metrics["bytes"] == ref.summary["bytes"] > 0
+    assert run.data.metrics["seconds.total"] > 0
+    again = asyncio.run(reshard(str(tmp_path / "source"), options, INLINE))["reshard"]
+    assert again.cached and again.path == ref.path
 
 
 def test_failing_stage_fails_the_flow_with_the_jobs_error(home, tmp_path):

@@ -6,12 +6,8 @@ anything runs, naming the numbers."""
 from __future__ import annotations
 
 import json
-import os
 import re
 import shutil
-import socket
-import subprocess
-import sys
 import time
 from pathlib import Path
 
@@ -19,7 +15,7 @@ import pytest
 import torch
 import yaml
 
-from conftest import REPO, TINY_MODEL, logged_losses
+from conftest import TINY_MODEL, engine_ranks, logged_losses
 from engine.checkpoint import store as ckpt
 from engine.model.config import ModelConfig
 from engine.model.llama import LlamaModel
@@ -40,25 +36,11 @@ def _spec(dataset: str, save: Path, **over) -> dict:
             "eval": {"interval": 3, "iters": 1}, **over}
 
 
-def _free_port() -> str:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return str(s.getsockname()[1])
-
-
 def train_ranks(spec: dict, ranks: int, tmp: Path) -> list[str]:
     """`python -m engine pretrain` as `ranks` processes of one job; their logs."""
     cfg = tmp / f"spec-{time.monotonic_ns()}.yaml"
     cfg.write_text(yaml.safe_dump(spec))
-    port = _free_port()
-    procs = [subprocess.Popen(
-        [sys.executable, "-m", "engine", "pretrain", "--config", str(cfg)], cwd=REPO,
-        env={**os.environ, "OMP_NUM_THREADS": "1", "RANK": str(r), "LOCAL_RANK": str(r),
-             "WORLD_SIZE": str(ranks), "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": port},
-        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for r in range(ranks)]
-    results = [p.communicate(timeout=300) for p in procs]
-    assert all(p.returncode == 0 for p in procs), "\n".join(err[-3000:] for _, err in results)
-    return [err for _, err in results]
+    return engine_ranks(["pretrain", "--config", str(cfg)], ranks=ranks)
 
 
 def parameter_shares(logs: list[str]) -> list[float]:

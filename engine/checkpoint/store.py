@@ -182,7 +182,9 @@ def save_checkpoint(root: str | Path, iteration: int, model: torch.nn.Module,
                 _prune(root, keep_last)
             log.info("saved checkpoint %s", final)
     except BaseException as exc:
-        full = out_of_space(exc, root) if isinstance(exc, Exception) else None
+        # a full disk under dcp.save is a CheckpointException, which is no Exception
+        full = out_of_space(exc, root) if isinstance(exc, (Exception, CheckpointException)) \
+            else None
         if _rank() == 0:
             shutil.rmtree(tmp, ignore_errors=True)
         if full:
@@ -307,6 +309,20 @@ def _verify(path: Path, meta: dict[str, Any]) -> None:
         raise InputError(errors[0])
 
 
+# how the optimizer runs, not what it computes: the built optimizer's choice, whatever the writer's
+_IMPLEMENTATION = ("foreach", "fused", "capturable", "differentiable")
+
+
+def _stored_hyperparameters(optim: dict[str, Any], stored: set[str]) -> dict[str, Any]:
+    """Take out of `optim` (flattened: `param_groups.<parameter>.<key>` entries) the
+    hyper-parameters not to read from the checkpoint and return them, the built optimizer's
+    values. A checkpoint written by another optimizer class (MasterAdamW under DDP, torch's AdamW
+    under TP or FSDP) lacks the class's own flags (AdamW's amsgrad, ...), and one written on
+    another device has other implementation flags: neither may stop a resume in another layout."""
+    return {key: optim.pop(key) for key in [k for k in optim if k.startswith("param_groups.")]
+            if key.rsplit(".", 1)[1] in _IMPLEMENTATION or f"optim.{key}" not in stored}
+
+
 def load_checkpoint(path: str | Path, model: torch.nn.Module,
                     optimizer: torch.optim.Optimizer | None = None,
                     restore_rng: bool = True) -> dict[str, Any]:
@@ -316,12 +332,16 @@ def load_checkpoint(path: str | Path, model: torch.nn.Module,
     path = Path(path)
     meta = check_complete(path)
     _verify(path, meta)
-    SafeReader(str(path)).read_metadata()  # a refusal is clearer here than wrapped by dcp.load
+    # read here: a refusal is clearer than wrapped by dcp.load
+    stored = set(SafeReader(str(path)).read_metadata().state_dict_metadata)
     state: dict[str, Any] = {"model": get_model_state_dict(model)}
     if optimizer is not None:
         if not meta.get("has_optimizer"):
-            raise InputError(f"{path}: checkpoint holds no optimizer state")
+            raise InputError(f"{path}: checkpoint holds no optimizer state (weights only): "
+                             f"resume needs one written with it; finetune starts from the "
+                             f"weights with a fresh optimizer")
         state["optim"] = get_optimizer_state_dict(model, optimizer, options=_OPTIM)
+        built = _stored_hyperparameters(state["optim"], stored)
     try:
         with warnings.catch_warnings():
             warnings.filterwarnings("ignore", message="torch.distributed is disabled")
@@ -336,6 +356,7 @@ def load_checkpoint(path: str | Path, model: torch.nn.Module,
         raise InputError(f"{path}: checkpoint does not fit the model: {reason}") from None
     set_model_state_dict(model, state["model"], options=StateDictOptions(strict=True))
     if optimizer is not None:
+        state["optim"].update(built)
         set_optimizer_state_dict(model, optimizer, state["optim"], options=_OPTIM)
     rng_file = path / "rng" / f"rank_{_rank():05d}.pt"
     if restore_rng and meta.get("world_size") == _world() and rng_file.is_file():
