@@ -143,6 +143,10 @@ def test_layouts_that_do_not_divide_are_refused(tiny_dataset, tmp_path):
         spec().check_world(8)
     with pytest.raises(ValueError, match="bf16-master is for a whole model per rank"):
         spec(tensor_parallel=2, precision="bf16-master")
+    unnamed = {k: v for k, v in _spec(tiny_dataset, tmp_path / "x").items() if k != "precision"}
+    assert [PretrainSpec.model_validate({**unnamed, **layout}).precision for layout in
+            ({}, {"tensor_parallel": "2"}, {"pipeline_parallel": 2}, {"data_parallel": "fsdp"})
+            ] == ["bf16-master", "bf16", "bf16", "bf16"]  # a split model keeps fp32 weights
 
 
 def test_pipelines_that_do_not_fit_are_refused(tiny_dataset, tmp_path):

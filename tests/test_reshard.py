@@ -14,7 +14,7 @@ import torch
 import yaml
 from torch.distributed.checkpoint.state_dict import get_optimizer_state_dict
 
-from conftest import TINY_MODEL, engine_ranks, logged_losses
+from conftest import engine_ranks, logged_losses
 from engine.checkpoint import store as ckpt
 from engine.checkpoint.safe_load import SafeReader
 from engine.errors import InputError, SpecError
@@ -56,7 +56,8 @@ def everything(path: Path, dataset: str) -> dict[str, torch.Tensor]:
     meta = ckpt.check_complete(ckpt.checkpoint_path(path))
     spec = PretrainSpec.model_validate(_spec(dataset, path / "unused"))
     cpu = torch.device("cpu")
-    built = build(ModelConfig.model_validate(TINY_MODEL), spec, build_mesh(Layout(), cpu), cpu)
+    cfg = ModelConfig.model_validate(ckpt.read_model_config(ckpt.checkpoint_path(path)))
+    built = build(cfg, spec, build_mesh(Layout(), cpu), cpu)
     optimizer = built.optimizer if meta["has_optimizer"] else None
     ckpt.load_checkpoint(ckpt.checkpoint_path(path), built.model, optimizer)
     out = {f"model.{k}": v for k, v in built.model.state_dict().items()}
@@ -133,9 +134,9 @@ def test_weights_only_and_consolidated(job, tiny_dataset, tmp_path):
 def test_layouts_that_do_not_fit_are_refused(job, tmp_path):
     """(A tensor_parallel the model does not divide, a missing shard: tests/bad_inputs_*.)"""
     source, out = ckpt.iter_dir(job[0], 2), tmp_path / "out"
-    with pytest.raises(SpecError, match="num_layers 2 is fewer than the 4 pipeline stages"):
+    with pytest.raises(SpecError, match="num_layers 4 is fewer than the 8 pipeline stages"):
         load_spec(Spec, overrides={"input": str(source), "output": str(out),
-                                   "pipeline_parallel": 4})
+                                   "pipeline_parallel": 8})
     with pytest.raises(ValueError, match="world size 3 is not a multiple of tensor_parallel 2"):
         Spec(input=str(source), output=str(out), tensor_parallel=2).check_world(3)
 

@@ -68,10 +68,11 @@ class TrainSpec(StageSpec):
     micro_batch_size: int = Field(1, gt=0)
     global_batch_size: int = Field(gt=0, description="samples per optimizer step, all ranks")
     precision: Literal["bf16", "bf16-master", "fp16", "fp32"] = Field(
-        "bf16-master", description="bf16-master (default with ddp): bf16 weights, fp32 master "
-                                   "weights, moments and gradient sums in the optimizer (ddp "
-                                   "only); bf16 (default with fsdp)/fp16: autocast over fp32 "
-                                   "weights and optimizer state")
+        "bf16-master", description="bf16-master (default with ddp, whole model per rank): bf16 "
+                                   "weights, fp32 master weights, moments and gradient sums in "
+                                   "the optimizer; bf16 (default with fsdp, tensor or pipeline "
+                                   "parallel)/fp16: autocast over fp32 weights and optimizer "
+                                   "state")
     seed: int = 1234
     data_parallel: DataParallel = Field("ddp", description="ddp, or fsdp (sharded, ZeRO-3 style)")
     data_parallel_replicate: int = Field(
@@ -116,8 +117,9 @@ class TrainSpec(StageSpec):
     @model_validator(mode="before")
     @classmethod
     def _default_precision(cls, data):
-        """bf16 master weights need DDP; FSDP keeps fp32 shards and computes under autocast."""
-        if isinstance(data, dict) and "precision" not in data and data.get("data_parallel") == "fsdp":
+        """bf16 master weights need a whole model per rank under DDP; FSDP, TP and PP keep fp32
+        weights (sharded) and compute under autocast."""
+        if isinstance(data, dict) and "precision" not in data and not _whole_model_ddp(data):
             return {**data, "precision": "bf16"}
         return data
 
@@ -228,3 +230,13 @@ def input_paths(spec: TrainSpec) -> dict[str, str]:
     if spec.load:
         paths["load"] = spec.load
     return paths
+
+
+def _whole_model_ddp(data: dict) -> bool:
+    """Whether raw spec fields ask for DDP over whole-model ranks (flags arrive as strings; a bad
+    value counts as whole and is named by its field's own check)."""
+    try:
+        split = int(data.get("tensor_parallel", 1)) > 1 or int(data.get("pipeline_parallel", 1)) > 1
+    except (TypeError, ValueError):
+        split = False
+    return data.get("data_parallel", "ddp") == "ddp" and not split
