@@ -56,30 +56,46 @@ def _chunk_fns(compiled: bool):
     return _compiled_chunk_fns() if compiled else (_chunk_loss, _chunk_loss_and_grad)
 
 
+def chunked_head(hidden: torch.Tensor, weight: torch.Tensor, compute_dtype, chunk_rows: int,
+                 chunk_fn, need_grad: bool, losses: tuple[int, ...] = ()):
+    """The head over row chunks of `hidden` (flattened to [rows, hidden]): `chunk_fn(logits,
+    rows)` gives each chunk's fp32 loss sums (shape `losses`) and, if `need_grad`, the gradient
+    of the loss with respect to the logits. Returns the summed losses and the gradients of their sum with respect to
+    `hidden` (its shape and dtype) and `weight` (its dtype), or None, None."""
+    h = hidden.reshape(-1, hidden.shape[-1])
+    w = weight.to(compute_dtype)
+    grad_h = torch.empty(h.shape, dtype=hidden.dtype, device=h.device) if need_grad else None
+    grad_w = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device) if need_grad else None
+    total = torch.zeros(losses, dtype=torch.float32, device=h.device)
+    for start in range(0, h.shape[0], chunk_rows):
+        rows = slice(start, start + chunk_rows)
+        hc = h[rows].to(compute_dtype)
+        loss, g = chunk_fn(hc @ w.t(), rows)
+        total += loss
+        if need_grad:
+            grad_h[rows] = (g @ w).to(hidden.dtype)
+            grad_w += (g.t() @ hc).float()
+    if not need_grad:
+        return total, None, None
+    return total, grad_h.view(hidden.shape), grad_w.to(weight.dtype)
+
+
 class _LinearCrossEntropy(torch.autograd.Function):
     @staticmethod
     def forward(ctx, hidden, weight, targets, mask, chunk_rows: int, compute_dtype, compiled: bool):
-        h = hidden.reshape(-1, hidden.shape[-1])
         t, m = targets.reshape(-1), mask.reshape(-1).to(torch.float32)
-        w = weight.to(compute_dtype)
         need_grad = any(ctx.needs_input_grad[:2])  # not under no_grad (evaluation)
         chunk_loss, chunk_loss_and_grad = _chunk_fns(compiled)
-        grad_h = torch.empty(h.shape, dtype=hidden.dtype, device=h.device) if need_grad else None
-        grad_w = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device) if need_grad else None
-        total = torch.zeros((), dtype=torch.float32, device=h.device)
-        for start in range(0, h.shape[0], chunk_rows):
-            hc = h[start:start + chunk_rows].to(compute_dtype)
-            logits = hc @ w.t()
-            tc, mc = t[start:start + chunk_rows], m[start:start + chunk_rows]
-            if not need_grad:
-                total += chunk_loss(logits, tc, mc)
-                continue
-            loss, g = chunk_loss_and_grad(logits, tc, mc)
-            total += loss
-            grad_h[start:start + chunk_rows] = (g @ w).to(hidden.dtype)
-            grad_w += (g.t() @ hc).float()
+
+        def chunk(logits, rows):
+            if need_grad:
+                return chunk_loss_and_grad(logits, t[rows], m[rows])
+            return chunk_loss(logits, t[rows], m[rows]), None
+
+        total, grad_h, grad_w = chunked_head(hidden, weight, compute_dtype, chunk_rows, chunk,
+                                             need_grad)
         if need_grad:
-            ctx.save_for_backward(grad_h.view(hidden.shape), grad_w.to(weight.dtype))
+            ctx.save_for_backward(grad_h, grad_w)
         return total
 
     @staticmethod

@@ -26,6 +26,7 @@ from torch.distributed.tensor import DTensor, distribute_tensor
 from engine.model.attention import Attention
 from engine.model.config import ModelConfig
 from engine.model.fused_loss import linear_cross_entropy
+from engine.model.kd_loss import TeacherTarget, linear_distillation_loss
 from engine.model.rope import rope_cos_sin
 
 # Segments that wrappers (torch.compile, activation checkpointing) insert into parameter names.
@@ -138,25 +139,31 @@ class LlamaModel(nn.Module):
 
     def forward(self, input_ids: torch.Tensor, position_ids: torch.Tensor | None = None,
                 targets: torch.Tensor | None = None,
-                loss_mask: torch.Tensor | None = None) -> torch.Tensor:
+                loss_mask: torch.Tensor | None = None,
+                teacher: TeacherTarget | None = None):
         """Logits; or, given `targets` (and a `loss_mask`), the sum of the masked token losses as
         an fp32 scalar, through the chunked head + cross-entropy that never materialises the
-        logits (engine/model/fused_loss.py). Going through forward keeps DDP/FSDP hooks intact."""
+        logits (engine/model/fused_loss.py); or, given a `teacher` too, the distillation loss
+        sum and its [CE, KD] parts (engine/model/kd_loss.py). Going through forward keeps
+        DDP/FSDP hooks intact."""
         hidden = self.forward_hidden(input_ids, position_ids)
         if targets is None:
             return self.logits(hidden)
         mask = torch.ones_like(targets, dtype=torch.bool) if loss_mask is None else loss_mask
+        if teacher is not None:
+            return linear_distillation_loss(hidden, self.head_weight(), teacher, targets, mask,
+                                            compute_dtype=_compute_dtype(hidden))
         return self.head_loss(hidden, targets, mask)
+
+    def head_weight(self) -> torch.Tensor:
+        return self.embed.weight if self.lm_head is None else self.lm_head.weight
 
     def head_loss(self, hidden: torch.Tensor, targets: torch.Tensor,
                   mask: torch.Tensor) -> torch.Tensor:
         """The sum of the masked token losses of the final-normed `hidden`, head and
         cross-entropy fused; also the pipeline's last-stage loss, so both compute the same."""
-        weight = self.embed.weight if self.lm_head is None else self.lm_head.weight
-        device = hidden.device.type
-        autocast = torch.is_autocast_enabled(device)
-        dtype = torch.get_autocast_dtype(device) if autocast else hidden.dtype
-        return linear_cross_entropy(hidden, weight, targets, mask, compute_dtype=dtype)
+        return linear_cross_entropy(hidden, self.head_weight(), targets, mask,
+                                    compute_dtype=_compute_dtype(hidden))
 
     @torch.no_grad()
     def init_weights(self, seed: int = 0) -> None:
@@ -181,6 +188,12 @@ class LlamaModel(nn.Module):
                     full = distribute_tensor(full, param.device_mesh, param.placements,
                                              src_data_rank=None)
                 param.copy_(full)
+
+
+def _compute_dtype(hidden: torch.Tensor) -> torch.dtype:
+    """The head's matmul dtype: autocast's if on, else the hidden states'."""
+    device = hidden.device.type
+    return torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else hidden.dtype
 
 
 def local_shard(weight: torch.Tensor) -> torch.Tensor:
