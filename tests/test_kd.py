@@ -1,11 +1,20 @@
 """Knowledge distillation: the chunked loss against full logits, and a run through the loop."""
 
+import json
+import shutil
+
 import pytest
 import torch
 import torch.nn.functional as F
 
+from engine.checkpoint import store as ckpt
+from engine.checkpoint.safe_load import SafeReader
+from engine.errors import InputError
 from engine.model.fused_loss import linear_cross_entropy
 from engine.model.kd_loss import TeacherTarget, linear_distillation_loss
+from engine.train.loop import Trainer, train
+from engine.train.spec import PretrainSpec
+from engine.train.teacher import _checkpoint_tokenizers, dataset_tokenizers
 
 V, H, HT, N = 96, 16, 24, 37
 
@@ -82,3 +91,79 @@ def test_teacher_tensors_get_no_gradient():
     loss, _ = linear_distillation_loss(hidden, weight, TeacherTarget(th, tw, 0.5, 1.0), targets, mask)
     loss.backward()
     assert th.grad is None and tw.grad is None and hidden.grad is not None
+
+
+def _distill_spec(fixtures, save, vocab_size=512, **distill):
+    from conftest import TINY_MODEL
+
+    student = {**TINY_MODEL, "hidden_size": 32, "intermediate_size": 64,  # smaller than the teacher
+               "vocab_size": vocab_size}
+    return PretrainSpec.model_validate({
+        "model": student, "data": {"blend": [fixtures["dataset"]], "seq_length": 32},
+        "checkpoint": {"save": str(save)}, "iters": 6, "global_batch_size": 4,
+        "micro_batch_size": 2, "optim": {"lr": 1e-2, "warmup_iters": 0, "min_lr": 1e-3},
+        "log_interval": 1, "precision": "fp32", "device": "cpu",
+        "distill": {"teacher": str(fixtures["checkpoint"]), "alpha": 0.5, "temperature": 2.0,
+                    **distill}})
+
+
+def test_distillation_run_trains_the_student_only(fixtures, tmp_path, monkeypatch):
+    """Through the real loop: the teacher is frozen, outside the optimizer and the checkpoint,
+    and the loss (with its CE and KD parts logged) goes down."""
+    trainers = []
+    init = Trainer.__init__
+    monkeypatch.setattr(Trainer, "__init__",
+                        lambda self, *a: (init(self, *a), trainers.append(self))[0])
+    train(_distill_spec(fixtures, tmp_path / "run", top_k=8), "pretrain")
+    (trainer,) = trainers
+    teacher = list(trainer.teacher.parameters())
+    assert teacher and all(not p.requires_grad and p.grad is None for p in teacher)
+    optimized = [p for group in trainer.optimizer.param_groups for p in group["params"]]
+    assert {id(p) for p in optimized}.isdisjoint(id(p) for p in teacher)
+    assert sum(p.numel() for p in optimized) == trainer.n_params
+    assert all(id(p) in {id(q) for q in optimized} for p in trainer.optimizer.state)
+
+    path = ckpt.checkpoint_path(tmp_path / "run")
+    stored = SafeReader(str(path)).read_metadata().state_dict_metadata
+    student = dict(trainer.model.named_parameters())
+    model_keys = {k.removeprefix("model.") for k in stored if k.startswith("model.")}
+    assert model_keys == set(student)
+    assert all(stored[f"model.{k}"].size == p.shape for k, p in student.items())
+    optim_keys = {k for k in stored if k.startswith("optim.")}
+    assert optim_keys and all(any(f".{name}." in k or k.endswith(f".{name}") for name in student)
+                              for k in optim_keys)
+
+    lines = (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()
+    steps = [m["data"] for m in map(json.loads, lines) if "loss_kd" in m["data"]]
+    assert len(steps) == 6
+    for m in steps:
+        assert m["loss"] == pytest.approx(0.5 * m["loss_ce"] + 0.5 * m["loss_kd"], rel=1e-6)
+    assert steps[-1]["loss"] < steps[0]["loss"] - 0.3, [m["loss"] for m in steps]
+
+
+def test_teacher_of_another_tokenizer_is_refused(fixtures, tmp_path):
+    recorded = _checkpoint_tokenizers(ckpt.checkpoint_path(fixtures["checkpoint"]))
+    assert recorded and recorded == dataset_tokenizers([fixtures["dataset"]])  # compared above
+    bigger = _distill_spec(fixtures, tmp_path / "a", vocab_size=1024)
+    with pytest.raises(InputError, match="vocabulary of 512 tokens, the student's has 1024"):
+        train(bigger, "pretrain")
+    other = tmp_path / "other-teacher"
+    shutil.copytree(fixtures["checkpoint"], other)
+    (other / "tokenizer").mkdir()
+    (other / "tokenizer" / "tokenizer.model").write_bytes(b"another tokenizer")
+    spec = _distill_spec(fixtures, tmp_path / "b", teacher=str(other))
+    with pytest.raises(InputError, match="another tokenizer than the student's data"):
+        train(spec, "pretrain")
+    spec = _distill_spec(fixtures, tmp_path / "c", teacher=str(fixtures["hf_model"]))
+    with pytest.raises(InputError, match="Hugging Face model; convert it"):
+        train(spec, "pretrain")
+
+
+def test_distill_spec_refuses_bad_values_and_tensor_parallel(fixtures, tmp_path):
+    spec = _distill_spec(fixtures, tmp_path).model_dump()
+    for bad, match in (({"alpha": 1.5}, "less than or equal to 1"),
+                       ({"temperature": 0}, "greater than 0"), ({"top_k": 0}, "greater than or equal to 1")):
+        with pytest.raises(ValueError, match=match):
+            PretrainSpec.model_validate({**spec, "distill": {**spec["distill"], **bad}})
+    with pytest.raises(ValueError, match="distill is not supported with tensor_parallel"):
+        PretrainSpec.model_validate({**spec, "tensor_parallel": 2, "precision": "bf16"})

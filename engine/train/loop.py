@@ -48,6 +48,7 @@ from engine.lineage import artifact_manifest, stage_fingerprint
 from engine.manifest import Manifest, complete, sha256_file, write_manifest
 from engine.metrics import MetricsSink
 from engine.model.config import ModelConfig
+from engine.model.kd_loss import TeacherTarget
 from engine.parallel import distributed
 from engine.parallel.data_parallel import set_gradient_sync
 from engine.parallel.grad_norm import clip_grad_norm_
@@ -59,6 +60,7 @@ from engine.train.build import build
 from engine.train.flops import flops_per_token, peak_flops
 from engine.train.master_adamw import MasterAdamW, total_norm
 from engine.train.spec import TrainSpec, input_paths
+from engine.train.teacher import load_teacher
 
 log = logging.getLogger(__name__)
 _AUTOCAST = {"bf16": torch.bfloat16, "fp16": torch.float16}
@@ -204,6 +206,8 @@ class Trainer:
         built = build(self.cfg, spec, self.mesh, env.device)
         self.model, self.optimizer, self.pipeline = built.model, built.optimizer, built.pipeline
         self.n_params = built.parameters
+        self.teacher = (load_teacher(spec.distill.teacher, self.cfg, spec.data.blend,
+                                     spec.precision, env.device) if spec.distill else None)
         self.master = spec.precision == "bf16-master"
         self.autocast = _AUTOCAST.get(spec.precision)
         self.scaler = torch.amp.GradScaler(env.device.type) if spec.precision == "fp16" else None
@@ -263,7 +267,7 @@ class Trainer:
         self.model.train()
         if self.valid_batches and self.spec.eval.initial and self.iteration == 0:
             self._validate()
-        window, nan_skips = _Window(self.env.device), 0
+        window, nan_skips = _Window(), 0
         while self.iteration < self.spec.iters:
             lr = self.spec.optim.at(self.iteration, self.spec.iters)
             loss, grad_norm, nonfinite, stopping = self._step(lr)
@@ -279,49 +283,67 @@ class Trainer:
         return self._manifest(final) if self.env.is_main else None
 
     def _step(self, lr: float) -> tuple[torch.Tensor, torch.Tensor, bool, bool]:
-        """One optimizer step on this iteration's global batch. Returns the mean token loss,
-        the gradient norm, and two flags every rank agrees on: the step was not finite (and
+        """One optimizer step on this iteration's global batch. Returns the mean token loss
+        (and, distilling, its cross-entropy and KD parts after it), the gradient norm, and two flags every rank agrees on: the step was not finite (and
         skipped), a stop signal arrived."""
         for group in self.optimizer.param_groups:
             group["lr"] = lr
         micro = list(self.train_batches.iteration(self.iteration))
         count = torch.stack([mask.sum() for _, _, mask in micro]).sum().double()
         all_reduce_sum(count, self.mesh.groups["dp"])
-        loss_sum = self._forward_backward(micro, count)
+        loss_sums = self._forward_backward(micro, count)
         grad_norm, clip_scale = self._clip()
-        all_reduce_sum(loss_sum, self.mesh.groups["dp"])
-        nonfinite, stopping = self._flags(loss_sum, grad_norm)
+        all_reduce_sum(loss_sums, self.mesh.groups["dp"])
+        nonfinite, stopping = self._flags(loss_sums[0], grad_norm)
         if nonfinite:
             self.optimizer.zero_grad(set_to_none=True)
             if self.scaler:
                 self.scaler.update()  # the inf check recorded by unscale_ lowers the scale
         else:
             self._optimizer_step(clip_scale)
-        return loss_sum / count, grad_norm, nonfinite, stopping
+        return loss_sums / count, grad_norm, nonfinite, stopping
 
     def _forward_backward(self, micro: list, count: torch.Tensor) -> torch.Tensor:
         """The gradients of the step's loss (token losses over the global batch / its `count`
         loss tokens, times the data-parallel size, which DP averages over); returns the loss sum
-        of this data-parallel rank's micro-batches (fp64)."""
+        of this data-parallel rank's micro-batches (fp64), and distilling its CE and KD sums
+        after it."""
         W = self.mesh.layout.dp
         if self.pipeline is not None:
-            return self._pipelined(micro, W / count, train=True)
-        step_loss = torch.zeros((), dtype=torch.float64, device=self.env.device)
+            return self._pipelined(micro, W / count, train=True).reshape(1)
+        step_loss = torch.zeros(3 if self.teacher else 1, dtype=torch.float64,
+                                device=self.env.device)
         # MasterAdamW sums several micro-batches in fp32 and reduces the sums once, after them;
         # a single micro-batch is reduced by the wrapper, overlapped with the backward
         summing = self.master and len(micro) > 1
         for a, (inputs, targets, mask) in enumerate(micro):
             set_gradient_sync(self.model, a == len(micro) - 1 and not summing)
-            loss_sum = _loss_sum(self.model, inputs, targets, mask, self.autocast,
-                                 self.spec.fused_loss)
+            if self.teacher is None:
+                loss_sum = _loss_sum(self.model, inputs, targets, mask, self.autocast,
+                                     self.spec.fused_loss)
+                sums = loss_sum.detach()[None]
+            else:
+                loss_sum, parts = self._distillation_loss_sum(inputs, targets, mask)
+                sums = torch.cat((loss_sum.detach()[None], parts))
             loss = loss_sum * W / count
             (self.scaler.scale(loss) if self.scaler else loss).backward()
-            step_loss += loss_sum.detach().double()
+            step_loss += sums.double()
             if summing:
                 self.optimizer.accumulate_grads()
         if summing:
             self.optimizer.all_reduce_grads()
         return step_loss
+
+    def _distillation_loss_sum(self, inputs, targets, mask) -> tuple[torch.Tensor, torch.Tensor]:
+        """The micro-batch's distillation loss sum and its [CE, KD] sums: the teacher's hidden
+        states without a graph, then the student's chunked heads with them."""
+        d = self.spec.distill
+        with torch.no_grad(), _autocast(inputs.device, self.autocast):
+            hidden = self.teacher.forward_hidden(inputs)
+        target = TeacherTarget(hidden, self.teacher.head_weight(), d.alpha, d.temperature,
+                               d.top_k)
+        with _autocast(inputs.device, self.autocast):
+            return self.model(inputs, targets=targets, loss_mask=mask, teacher=target)
 
     def _pipelined(self, micro: list, scale: torch.Tensor | float, train: bool) -> torch.Tensor:
         """The micro-batches through the pipeline schedule, forward and backward (forward only
@@ -419,10 +441,10 @@ class Trainer:
         device, spec = self.env.device, self.spec
         if device.type == "cuda":
             torch.cuda.synchronize(device)
-        loss, steps_per_s = window.take()
+        losses, steps_per_s = window.take()
         tps = steps_per_s * spec.global_batch_size * spec.data.seq_length
         flops = tps * flops_per_token(self.cfg, spec.data.seq_length) / self.env.world_size
-        last = {"loss": loss, "lr": lr, "grad_norm": float(grad_norm), "tokens_per_s": tps,
+        last = {"loss": losses[0], **dict(zip(("loss_ce", "loss_kd"), losses[1:])), "lr": lr, "grad_norm": float(grad_norm), "tokens_per_s": tps,
                 "tflops_per_gpu": flops / 1e12}
         peak = peak_flops(device)
         if peak:
@@ -482,22 +504,22 @@ class Trainer:
 
 
 class _Window:
-    """The steps since the last log line: their mean loss and their rate, the time spent in
-    validation and checkpoints left out."""
+    """The steps since the last log line: their mean losses (the loss, and distilling its parts)
+    and their rate, the time spent in validation and checkpoints left out."""
 
-    def __init__(self, device: torch.device):
-        self.loss = torch.zeros((), dtype=torch.float64, device=device)
+    def __init__(self):
+        self.loss: torch.Tensor | float = 0.0
         self.steps, self.start = 0, time.perf_counter()
 
     def add(self, loss: torch.Tensor) -> None:
-        self.loss += loss
+        self.loss = self.loss + loss
         self.steps += 1
 
-    def take(self) -> tuple[float, float]:
-        """(mean loss, steps per second), and a new window."""
-        mean = self.loss.item() / self.steps
+    def take(self) -> tuple[list[float], float]:
+        """(mean losses, steps per second), and a new window."""
+        mean = [v / self.steps for v in self.loss.tolist()]
         rate = self.steps / (time.perf_counter() - self.start)
-        self.loss.zero_()
+        self.loss = 0.0
         self.steps, self.start = 0, time.perf_counter()
         return mean, rate
 

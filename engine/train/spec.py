@@ -56,6 +56,18 @@ class EvalSection(_Section):
     initial: bool = Field(False, description="also validate before the first step (logged at step 0)")
 
 
+class DistillSection(_Section):
+    teacher: str = Field(description="native checkpoint or iter_* folder of the frozen teacher "
+                         "(a Hugging Face model: `convert` it to native first); same tokenizer "
+                         "as the student", json_schema_extra={"input": True})
+    alpha: float = Field(0.5, ge=0, le=1, description="weight of the cross-entropy with the "
+                         "data; 1 − alpha weighs τ²·KL(teacher ‖ student)")
+    temperature: float = Field(1.0, gt=0, description="τ: both models' logits divided by it "
+                               "in the KL")
+    top_k: int | None = Field(None, ge=1, description="KL over the teacher's k largest logits "
+                              "renormalised (sparse KD); None: the full vocabulary")
+
+
 class TrainSpec(StageSpec):
     model: ModelConfig | None = Field(None, description="architecture (None: the loaded checkpoint's)")
     load: str | None = Field(None, description="checkpoint or iter_* folder to start from",
@@ -100,6 +112,8 @@ class TrainSpec(StageSpec):
                                  "selective (keep matmul and attention outputs) or full",
                                  json_schema_extra=_NOT_OUTPUT)
     fused_loss: bool = Field(True, description="chunked LM head + cross-entropy, no full logits")
+    distill: DistillSection | None = Field(None, description="knowledge distillation from a "
+                                           "frozen teacher; None: plain cross-entropy")
     compile: bool = Field(False, description="torch.compile each transformer block",
                           json_schema_extra=_NOT_OUTPUT)
     device: Literal["auto", "cpu", "cuda"] = Field("auto", json_schema_extra=_NOT_OUTPUT)
@@ -157,6 +171,17 @@ class TrainSpec(StageSpec):
             errors = self.layout_errors(self.model)
             if errors:
                 raise ValueError("; ".join(errors))
+        return self
+
+    @model_validator(mode="after")
+    def _distillation_layout(self) -> "TrainSpec":
+        if self.distill is None:
+            return self
+        if not self.fused_loss:
+            raise ValueError("distill needs fused_loss (the chunked heads of both models)")
+        if self.tensor_parallel > 1 or self.pipeline_parallel > 1:
+            raise ValueError("distill is not supported with tensor_parallel or "
+                             "pipeline_parallel yet: use data parallelism (ddp or fsdp)")
         return self
 
     @property
@@ -225,10 +250,13 @@ class FinetuneSpec(TrainSpec):
 
 
 def input_paths(spec: TrainSpec) -> dict[str, str]:
-    """The datasets of the blend and the checkpoint started from (see engine.lineage)."""
+    """The datasets of the blend, the checkpoint started from and the teacher (see
+    engine.lineage)."""
     paths = {f"data[{i}]": prefix for i, (_, prefix) in enumerate(parse_blend(spec.data.blend))}
     if spec.load:
         paths["load"] = spec.load
+    if spec.distill:
+        paths["distill.teacher"] = spec.distill.teacher
     return paths
 
 

@@ -1,0 +1,85 @@
+"""The frozen teacher of knowledge distillation (engine/model/kd_loss.py): loaded in the training
+job from a native checkpoint, in the training's compute precision, in eval mode and without
+gradients; never seen by the optimizer or saved in checkpoints.
+
+Teacher and student must share the tokenizer: the vocabulary sizes must match, and where both
+sides record their tokenizer (the student's datasets through their tokenize manifests; the
+teacher through the tokenizer folder `convert` writes beside a checkpoint, or else the
+datasets its training spec names) the files must be the same.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+from pathlib import Path
+
+import torch
+
+from engine.checkpoint import store as ckpt
+from engine.data.samples import parse_blend
+from engine.errors import InputError
+from engine.formats import TOKENIZER_DIR
+from engine.lineage import artifact_manifest
+from engine.model.config import ModelConfig
+from engine.model.llama import LlamaModel
+
+log = logging.getLogger(__name__)
+
+
+def dataset_tokenizers(blend: list[str]) -> set[str]:
+    """The sha256 of the tokenizer each dataset of `blend` was tokenized with, where recorded."""
+    shas = set()
+    for _, prefix in parse_blend(blend):
+        manifest = artifact_manifest(prefix)
+        sha = ((manifest.summary.get("tokenizer") or {}) if manifest else {}).get("sha256")
+        if sha:
+            shas.add(sha)
+    return shas
+
+
+def _checkpoint_tokenizers(path: Path) -> set[str]:
+    """The sha256s of the tokenizer files recorded for the checkpoint folder `path` (an iter_*
+    folder): those `convert` copied beside it, or the tokenizer of the datasets it was trained on."""
+    folder = path.parent / TOKENIZER_DIR
+    if folder.is_dir():
+        return {hashlib.sha256(f.read_bytes()).hexdigest()
+                for f in folder.iterdir() if f.is_file() and f.name.startswith("tokenizer")}
+    blend = ((ckpt.read_meta(path).get("spec") or {}).get("data") or {}).get("blend")
+    return dataset_tokenizers(blend) if blend else set()
+
+
+def load_teacher(teacher: str, student: ModelConfig, blend: list[str], precision: str,
+                 device: torch.device) -> LlamaModel:
+    """The teacher's model from checkpoint `teacher`, frozen, in bf16 (fp32 if the training
+    is); InputError if it cannot be the student's teacher."""
+    if (Path(teacher) / "config.json").is_file():
+        raise InputError(f"distill.teacher {teacher}: a Hugging Face model; convert it to a "
+                         f"native checkpoint first (python -m engine convert)")
+    path = ckpt.checkpoint_path(teacher)
+    cfg = ModelConfig.model_validate(ckpt.read_model_config(path))
+    if cfg.vocab_size != student.vocab_size:
+        raise InputError(f"distill.teacher {path}: vocabulary of {cfg.vocab_size} tokens, the "
+                         f"student's has {student.vocab_size}: teacher and student must share "
+                         f"the tokenizer")
+    _check_tokenizer(path, blend)
+    with torch.device("meta"):
+        model = LlamaModel(cfg)
+    model.to_empty(device=device)
+    ckpt.load_checkpoint(path, model, restore_rng=False)
+    dtype = torch.float32 if precision == "fp32" else torch.bfloat16
+    model.to(dtype).eval().requires_grad_(False)
+    log.info("teacher %s: %d parameters, %s, frozen", path,
+             sum(p.numel() for p in model.parameters()), dtype)
+    return model
+
+
+def _check_tokenizer(path: Path, blend: list[str]) -> None:
+    teacher, student = _checkpoint_tokenizers(path), dataset_tokenizers(blend)
+    if not teacher or not student:
+        log.warning("distill.teacher %s: the tokenizer of the %s is not recorded; only the "
+                    "vocabulary sizes were compared", path, "teacher" if not teacher else "data")
+    elif not teacher & student:
+        raise InputError(f"distill.teacher {path}: trained with another tokenizer than the "
+                         f"student's data (tokenizer sha256 {sorted(teacher)} vs "
+                         f"{sorted(student)}): teacher and student must share the tokenizer")
