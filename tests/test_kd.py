@@ -7,14 +7,19 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from conftest import TINY_MODEL, engine_ranks
+
 from engine.checkpoint import store as ckpt
 from engine.checkpoint.safe_load import SafeReader
 from engine.errors import InputError
+from engine.model.config import ModelConfig
+from engine.model.llama import LlamaModel
+from engine.parallel.mesh import build_mesh
 from engine.model.fused_loss import linear_cross_entropy
 from engine.model.kd_loss import TeacherTarget, linear_distillation_loss
 from engine.train.loop import Trainer, train
 from engine.train.spec import PretrainSpec
-from engine.train.teacher import _checkpoint_tokenizers, dataset_tokenizers
+from engine.train.teacher import _checkpoint_tokenizers, dataset_tokenizers, load_teacher
 
 V, H, HT, N = 96, 16, 24, 37
 
@@ -94,8 +99,6 @@ def test_teacher_tensors_get_no_gradient():
 
 
 def _distill_spec(fixtures, save, vocab_size=512, **distill):
-    from conftest import TINY_MODEL
-
     student = {**TINY_MODEL, "hidden_size": 32, "intermediate_size": 64,  # smaller than the teacher
                "vocab_size": vocab_size}
     return PretrainSpec.model_validate({
@@ -133,12 +136,41 @@ def test_distillation_run_trains_the_student_only(fixtures, tmp_path, monkeypatc
     assert optim_keys and all(any(f".{name}." in k or k.endswith(f".{name}") for name in student)
                               for k in optim_keys)
 
-    lines = (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()
-    steps = [m["data"] for m in map(json.loads, lines) if "loss_kd" in m["data"]]
+    steps = _logged(tmp_path / "run")
     assert len(steps) == 6
     for m in steps:
         assert m["loss"] == pytest.approx(0.5 * m["loss_ce"] + 0.5 * m["loss_kd"], rel=1e-6)
     assert steps[-1]["loss"] < steps[0]["loss"] - 0.3, [m["loss"] for m in steps]
+
+    # two ranks under FSDP, the teacher sharded as the student: the same run
+    spec = _distill_spec(fixtures, tmp_path / "fsdp", top_k=8).model_dump(mode="json")
+    config = tmp_path / "fsdp.json"
+    config.write_text(json.dumps({**spec, "data_parallel": "fsdp"}))
+    engine_ranks(["pretrain", "--config", str(config)], ranks=2)
+    for one, two in zip(steps, _logged(tmp_path / "fsdp"), strict=True):
+        for key in ("loss", "loss_ce", "loss_kd"):
+            assert abs(one[key] - two[key]) < 1e-5, (key, one, two)
+
+
+def _logged(save) -> list[dict]:
+    lines = (save / "metrics.jsonl").read_text().splitlines()
+    return [m["data"] for m in map(json.loads, lines) if "loss_kd" in m["data"]]
+
+
+def test_teacher_loads_in_bf16(fixtures, tmp_path):
+    """The checkpoint's fp32 weights are read into a bf16 teacher (training in bf16)."""
+    spec = _distill_spec(fixtures, tmp_path).model_copy(update={"precision": "bf16"})
+    cpu = torch.device("cpu")
+    teacher = load_teacher(spec, spec.model, build_mesh(spec.layout(1), cpu), cpu)
+    path = ckpt.checkpoint_path(fixtures["checkpoint"])
+    with torch.device("meta"):
+        fp32 = LlamaModel(ModelConfig.model_validate(ckpt.read_model_config(path)))
+    fp32.to_empty(device=cpu)
+    ckpt.load_checkpoint(path, fp32, restore_rng=False)
+    for (name, p), q in zip(teacher.named_parameters(), fp32.parameters(), strict=True):
+        assert p.dtype == torch.bfloat16 and not p.requires_grad, name
+        assert torch.equal(p, q.to(torch.bfloat16)), name
+    assert not teacher.training
 
 
 def test_teacher_of_another_tokenizer_is_refused(fixtures, tmp_path):

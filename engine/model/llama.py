@@ -140,13 +140,16 @@ class LlamaModel(nn.Module):
     def forward(self, input_ids: torch.Tensor, position_ids: torch.Tensor | None = None,
                 targets: torch.Tensor | None = None,
                 loss_mask: torch.Tensor | None = None,
-                teacher: TeacherTarget | None = None):
+                teacher: TeacherTarget | None = None, return_hidden: bool = False):
         """Logits; or, given `targets` (and a `loss_mask`), the sum of the masked token losses as
         an fp32 scalar, through the chunked head + cross-entropy that never materialises the
         logits (engine/model/fused_loss.py); or, given a `teacher` too, the distillation loss
-        sum and its [CE, KD] parts (engine/model/kd_loss.py). Going through forward keeps
+        sum and its [CE, KD] parts (engine/model/kd_loss.py); or with `return_hidden` the
+        final-normed hidden states (a teacher's, for that loss). Going through forward keeps
         DDP/FSDP hooks intact."""
         hidden = self.forward_hidden(input_ids, position_ids)
+        if return_hidden:
+            return hidden
         if targets is None:
             return self.logits(hidden)
         mask = torch.ones_like(targets, dtype=torch.bool) if loss_mask is None else loss_mask

@@ -24,9 +24,12 @@ def uses_ddp(mode: DataParallel, mesh: Mesh) -> bool:
     return mode == "ddp" and mesh.layout.tp == mesh.layout.pp == 1
 
 
-def apply_fsdp(parts: list[nn.Module], mode: DataParallel, mesh: Mesh, precision: str) -> None:
+def apply_fsdp(parts: list[nn.Module], mode: DataParallel, mesh: Mesh, precision: str,
+               forward_only: bool = False) -> None:
     """fully_shard each block and each model part (a pipeline stage, or the model) over the
-    data-parallel sub-mesh; nothing when there is one data-parallel rank or DDP applies."""
+    data-parallel sub-mesh; nothing when there is one data-parallel rank or DDP applies.
+    `forward_only` (a distillation teacher): the part's own parameters (embedding, norm, head)
+    stay gathered after its forward, for the loss to read the head."""
     if mesh.layout.dp == 1 or uses_ddp(mode, mesh):
         return
     # a 2-D mesh is FSDP's HSDP form: replicated over its first dimension, sharded over its second
@@ -40,7 +43,8 @@ def apply_fsdp(parts: list[nn.Module], mode: DataParallel, mesh: Mesh, precision
             # under a pipeline schedule a stage's blocks run again for the backward of each
             # micro-batch: keeping them gathered saves an all-gather per micro-batch
             fully_shard(block, mesh=dp_mesh, mp_policy=policy, reshard_after_forward=not pipelined)
-        fully_shard(part, mesh=dp_mesh, mp_policy=policy, reshard_after_forward=not pipelined)
+        fully_shard(part, mesh=dp_mesh, mp_policy=policy,
+                    reshard_after_forward=not (pipelined or forward_only))
 
 
 def wrap_ddp(model: nn.Module, mode: DataParallel, mesh: Mesh, device: torch.device) -> nn.Module:

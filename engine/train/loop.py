@@ -206,8 +206,8 @@ class Trainer:
         built = build(self.cfg, spec, self.mesh, env.device)
         self.model, self.optimizer, self.pipeline = built.model, built.optimizer, built.pipeline
         self.n_params = built.parameters
-        self.teacher = (load_teacher(spec.distill.teacher, self.cfg, spec.data.blend,
-                                     spec.precision, env.device) if spec.distill else None)
+        self.teacher = (load_teacher(spec, self.cfg, self.mesh, env.device) if spec.distill
+                        else None)
         self.master = spec.precision == "bf16-master"
         self.autocast = _AUTOCAST.get(spec.precision)
         self.scaler = torch.amp.GradScaler(env.device.type) if spec.precision == "fp16" else None
@@ -339,7 +339,7 @@ class Trainer:
         states without a graph, then the student's chunked heads with them."""
         d = self.spec.distill
         with torch.no_grad(), _autocast(inputs.device, self.autocast):
-            hidden = self.teacher.forward_hidden(inputs)
+            hidden = self.teacher(inputs, return_hidden=True)
         target = TeacherTarget(hidden, self.teacher.head_weight(), d.alpha, d.temperature,
                                d.top_k)
         with _autocast(inputs.device, self.autocast):

@@ -23,6 +23,9 @@ from engine.formats import TOKENIZER_DIR
 from engine.lineage import artifact_manifest
 from engine.model.config import ModelConfig
 from engine.model.llama import LlamaModel
+from engine.parallel.data_parallel import apply_fsdp
+from engine.parallel.mesh import Mesh
+from engine.train.spec import TrainSpec
 
 log = logging.getLogger(__name__)
 
@@ -49,10 +52,12 @@ def _checkpoint_tokenizers(path: Path) -> set[str]:
     return dataset_tokenizers(blend) if blend else set()
 
 
-def load_teacher(teacher: str, student: ModelConfig, blend: list[str], precision: str,
+def load_teacher(spec: TrainSpec, student: ModelConfig, mesh: Mesh,
                  device: torch.device) -> LlamaModel:
-    """The teacher's model from checkpoint `teacher`, frozen, in bf16 (fp32 if the training
-    is); InputError if it cannot be the student's teacher."""
+    """The teacher's model from checkpoint `spec.distill.teacher`, frozen, in bf16 (fp32 if the
+    training is), sharded as the student under FSDP (whole on each rank otherwise: it has no
+    gradients for DDP to reduce); InputError if it cannot be the student's teacher."""
+    teacher, blend = spec.distill.teacher, spec.data.blend
     if (Path(teacher) / "config.json").is_file():
         raise InputError(f"distill.teacher {teacher}: a Hugging Face model; convert it to a "
                          f"native checkpoint first (python -m engine convert)")
@@ -63,12 +68,13 @@ def load_teacher(teacher: str, student: ModelConfig, blend: list[str], precision
                          f"student's has {student.vocab_size}: teacher and student must share "
                          f"the tokenizer")
     _check_tokenizer(path, blend)
+    dtype = torch.float32 if spec.precision == "fp32" else torch.bfloat16
     with torch.device("meta"):
-        model = LlamaModel(cfg)
+        model = LlamaModel(cfg).to(dtype).requires_grad_(False)
+    apply_fsdp([model], spec.data_parallel, mesh, spec.precision, forward_only=True)
     model.to_empty(device=device)
-    ckpt.load_checkpoint(path, model, restore_rng=False)
-    dtype = torch.float32 if precision == "fp32" else torch.bfloat16
-    model.to(dtype).eval().requires_grad_(False)
+    ckpt.load_checkpoint(path, model, restore_rng=False)  # the stored fp32 read into `dtype`
+    model.eval()
     log.info("teacher %s: %d parameters, %s, frozen", path,
              sum(p.numel() for p in model.parameters()), dtype)
     return model
