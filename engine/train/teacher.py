@@ -22,7 +22,7 @@ from engine.errors import InputError
 from engine.formats import TOKENIZER_DIR
 from engine.lineage import artifact_manifest
 from engine.model.config import ModelConfig
-from engine.model.llama import LlamaModel
+from engine.model.llama import LlamaModel, local_shard
 from engine.parallel.data_parallel import apply_fsdp
 from engine.parallel.mesh import Mesh
 from engine.train.spec import TrainSpec
@@ -75,8 +75,9 @@ def load_teacher(spec: TrainSpec, student: ModelConfig, mesh: Mesh,
     model.to_empty(device=device)
     ckpt.load_checkpoint(path, model, restore_rng=False)  # the stored fp32 read into `dtype`
     model.eval()
-    log.info("teacher %s: %d parameters, %s, frozen", path,
-             sum(p.numel() for p in model.parameters()), dtype)
+    log.info("teacher %s: %d parameters, %s, frozen; %d parameter bytes on this rank", path,
+             sum(p.numel() for p in model.parameters()), dtype,
+             sum(local_shard(p).untyped_storage().nbytes() for p in model.parameters()))
     return model
 
 
