@@ -17,6 +17,7 @@ the teacher's top k and away from every other token; with k = vocab it is the fu
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 
 import torch
@@ -64,19 +65,25 @@ def _kd_chunk(logits, teacher_logits, targets, mask, alpha: float, temperature: 
     return sums, grad.to(logits.dtype)
 
 
+@functools.cache
+def _compiled_kd_chunk():
+    return torch.compile(_kd_chunk, dynamic=False)
+
+
 class _LinearDistillation(torch.autograd.Function):
     @staticmethod
     def forward(ctx, hidden, weight, teacher_hidden, teacher_weight, targets, mask,
                 alpha: float, temperature: float, top_k: int | None, chunk_rows: int,
-                compute_dtype):
+                compute_dtype, compiled: bool):
         t, m = targets.reshape(-1), mask.reshape(-1).to(torch.float32)
         th = teacher_hidden.reshape(-1, teacher_hidden.shape[-1])
         tw = teacher_weight.to(compute_dtype)
         need_grad = any(ctx.needs_input_grad[:2])
+        kd_chunk = _compiled_kd_chunk() if compiled else _kd_chunk
 
         def chunk(logits, rows):
             teacher_logits = th[rows].to(compute_dtype) @ tw.t()
-            return _kd_chunk(logits, teacher_logits, t[rows], m[rows], alpha, temperature,
+            return kd_chunk(logits, teacher_logits, t[rows], m[rows], alpha, temperature,
                              top_k, need_grad)
 
         parts, grad_h, grad_w = chunked_head(hidden, weight, compute_dtype, chunk_rows, chunk,
@@ -90,18 +97,20 @@ class _LinearDistillation(torch.autograd.Function):
     def backward(ctx, grad_loss, _grad_parts):
         grad_h, grad_w = ctx.saved_tensors
         return (grad_h * grad_loss.to(grad_h.dtype), grad_w * grad_loss.to(grad_w.dtype),
-                None, None, None, None, None, None, None, None, None)
+                None, None, None, None, None, None, None, None, None, None)
 
 
 @torch.compiler.disable  # runs eagerly, as the fused cross-entropy (see its module docstring)
 def linear_distillation_loss(hidden: torch.Tensor, weight: torch.Tensor, teacher: TeacherTarget,
                              targets: torch.Tensor, mask: torch.Tensor, chunk_rows: int = 4096,
-                             compute_dtype: torch.dtype | None = None
-                             ) -> tuple[torch.Tensor, torch.Tensor]:
+                             compute_dtype: torch.dtype | None = None,
+                             compiled: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
     """(α·CE + (1 − α)·τ²·KL summed over the masked tokens, an fp32 scalar that carries the
     gradients to `hidden` and `weight`; its two sums [CE, τ²·KL], detached). The teacher's
     tensors get no gradient. `compute_dtype` is both heads' matmul dtype (default: the student's
-    hidden states'); the softmaxes and sums are fp32."""
+    hidden states'); the softmaxes and sums are fp32. `compiled` fuses each chunk's arithmetic
+    as the fused cross-entropy does on CUDA; off by default until measured on a GPU
+    (bench/kd_loss.py; on CPU it equals eager within fp32 rounding)."""
     if isinstance(weight, DTensor) or isinstance(teacher.weight, DTensor):
         raise ValueError("distillation under tensor parallelism (a vocabulary-sharded head) is "
                          "not supported")
@@ -111,4 +120,4 @@ def linear_distillation_loss(hidden: torch.Tensor, weight: torch.Tensor, teacher
     return _LinearDistillation.apply(hidden, weight, teacher.hidden.detach(),
                                      teacher.weight.detach(), targets, mask, teacher.alpha,
                                      teacher.temperature, teacher.top_k, chunk_rows,
-                                     compute_dtype or hidden.dtype)
+                                     compute_dtype or hidden.dtype, compiled)
