@@ -55,8 +55,8 @@ def _checkpoint_tokenizers(path: Path) -> set[str]:
 def load_teacher(spec: TrainSpec, student: ModelConfig, mesh: Mesh,
                  device: torch.device) -> LlamaModel:
     """The teacher's model from checkpoint `spec.distill.teacher`, frozen, in bf16 (fp32 if the
-    training is), sharded as the student under FSDP (whole on each rank otherwise: it has no
-    gradients for DDP to reduce); InputError if it cannot be the student's teacher."""
+    training is), its blocks compiled and sharded as the student's under FSDP (whole on each
+    rank otherwise: it has no gradients for DDP to reduce); InputError if it cannot be the student's teacher."""
     teacher, blend = spec.distill.teacher, spec.data.blend
     if (Path(teacher) / "config.json").is_file():
         raise InputError(f"distill.teacher {teacher}: a Hugging Face model; convert it to a "
@@ -71,6 +71,9 @@ def load_teacher(spec: TrainSpec, student: ModelConfig, mesh: Mesh,
     dtype = torch.float32 if spec.precision == "fp32" else torch.bfloat16
     with torch.device("meta"):
         model = LlamaModel(cfg).to(dtype).requires_grad_(False)
+    if spec.compile:
+        for block in model.layers.values():
+            block.compile()
     apply_fsdp([model], spec.data_parallel, mesh, spec.precision, forward_only=True)
     model.to_empty(device=device)
     ckpt.load_checkpoint(path, model, restore_rng=False)  # the stored fp32 read into `dtype`
