@@ -88,7 +88,6 @@ LAYOUTS = {  # name: (ranks, spec fields, the most of the model's parameters one
                        0.51),
     "hsdp2x2": (4, {"data_parallel": "fsdp", "data_parallel_replicate": 2}, 0.51),
     "tp2-fsdp2": (4, {"tensor_parallel": 2, "data_parallel": "fsdp"}, 0.26),
-    "tp2-ddp2": (4, {"tensor_parallel": 2}, 0.51),
 }
 
 

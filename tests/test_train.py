@@ -105,7 +105,8 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-@pytest.mark.parametrize("mode,precision", [("ddp", "fp32"), ("fsdp", "fp32"), ("ddp", "bf16-master")])
+# DDP in fp32 on two ranks: tests/test_cluster.py::test_local_two_processes_match_inline
+@pytest.mark.parametrize("mode,precision", [("fsdp", "fp32"), ("ddp", "bf16-master")])
 def test_two_ranks_match_one_rank(dataset, tmp_path, mode, precision):
     """Equal up to summation order. bf16-master: each micro-batch's gradient is bf16 on one rank
     or two, each rank sums its two micro-batches in fp32 and the ranks' sums are averaged in fp32
