@@ -284,8 +284,9 @@ class Trainer:
 
     def _step(self, lr: float) -> tuple[torch.Tensor, torch.Tensor, bool, bool]:
         """One optimizer step on this iteration's global batch. Returns the mean token loss
-        (and, distilling, its cross-entropy and KD parts after it), the gradient norm, and two flags every rank agrees on: the step was not finite (and
-        skipped), a stop signal arrived."""
+        (and, distilling, its cross-entropy and KD parts after it), the gradient norm, and two
+        flags every rank agrees on: the step was not finite (and skipped), a stop signal
+        arrived."""
         for group in self.optimizer.param_groups:
             group["lr"] = lr
         micro = list(self.train_batches.iteration(self.iteration))
@@ -444,8 +445,8 @@ class Trainer:
         losses, steps_per_s = window.take()
         tps = steps_per_s * spec.global_batch_size * spec.data.seq_length
         flops = tps * flops_per_token(self.cfg, spec.data.seq_length) / self.env.world_size
-        last = {"loss": losses[0], **dict(zip(("loss_ce", "loss_kd"), losses[1:])), "lr": lr, "grad_norm": float(grad_norm), "tokens_per_s": tps,
-                "tflops_per_gpu": flops / 1e12}
+        last = {"loss": losses[0], **dict(zip(("loss_ce", "loss_kd"), losses[1:])), "lr": lr,
+                "grad_norm": float(grad_norm), "tokens_per_s": tps, "tflops_per_gpu": flops / 1e12}
         peak = peak_flops(device)
         if peak:
             last["mfu"] = flops / peak
