@@ -126,13 +126,19 @@ class StagedFiles:
             self.discard()
 
 
+def check_output_free(final: str | Path) -> None:
+    """A stage's output folder may be absent or empty, nothing else."""
+    final = Path(final)
+    if final.exists() and (not final.is_dir() or any(final.iterdir())):
+        raise InputError(f"{final}: output folder exists and is not empty")
+
+
 @contextlib.contextmanager
 def staged_dir(final: str | Path) -> Iterator[Path]:
     """Build a directory artifact in `<final>.tmp-<id>` and rename it into place when the block
     succeeds; on failure the temporary directory is removed and `final` never appears."""
     final = Path(final)
-    if final.exists() and any(final.iterdir()):
-        raise InputError(f"{final}: output folder exists and is not empty")
+    check_output_free(final)
     created = make_parents(final)
     tmp = temp_name(final)
     tmp.mkdir()

@@ -17,7 +17,7 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
-from engine.atomic import staged_dir
+from engine.atomic import check_output_free, staged_dir
 from engine.errors import InputError
 from engine.evaluate import fineval, fineval_data, lambada, ppl, wikitext
 from engine.evaluate.report import headline_metrics, write_report
@@ -49,8 +49,7 @@ def _check_paths(spec: Spec) -> None:
 
 def run(spec: Spec) -> Manifest | None:
     out = Path(spec.output)
-    if out.exists() and any(out.iterdir()):
-        raise InputError(f"{out}: output folder exists and is not empty")
+    check_output_free(out)
     _check_paths(spec)
     source = load_source(spec.load_dir, spec.tokenizer)  # before any process group: no collectives
     owns_group = not dist.is_initialized()

@@ -7,9 +7,12 @@ from __future__ import annotations
 import datetime
 import os
 from dataclasses import dataclass
+from typing import Any, Callable
 
 import torch
 import torch.distributed as dist
+
+from engine.errors import InputError
 
 
 @dataclass(frozen=True)
@@ -56,3 +59,31 @@ def all_reduce_sum(t: torch.Tensor) -> torch.Tensor:
 def barrier() -> None:
     if dist.is_initialized():
         dist.barrier()
+
+
+def broadcast_object(value: Any) -> Any:
+    """Rank 0's `value` on every rank (picklable objects)."""
+    if not dist.is_initialized():
+        return value
+    box = [value]
+    dist.broadcast_object_list(box, src=0)
+    return box[0]
+
+
+def on_main(work: Callable[[], Any]) -> Any:
+    """`work()` on rank 0; its result, or its error, on every rank (so that all ranks stop
+    together rather than wait for one that failed)."""
+    if not dist.is_initialized():
+        return work()
+    result = failure = None
+    try:
+        if dist.get_rank() == 0:
+            result = work()
+    except Exception as exc:  # rank 0's own error, raised there once the others know of it
+        failure = exc
+    result, message = broadcast_object((result, str(failure) if failure else None))
+    if failure is not None:
+        raise failure
+    if message is not None:
+        raise InputError(f"rank 0 stopped: {message}")
+    return result

@@ -21,14 +21,14 @@ import shutil
 import time
 from dataclasses import asdict
 from pathlib import Path
-from typing import Any, Callable, Iterator
+from typing import Any, Iterator
 
 import torch
 import torch.distributed as dist
 from pydantic import ValidationError
 from torch.distributed.checkpoint.state_dict import get_model_state_dict, get_optimizer_state_dict
 
-from engine.atomic import staged_dir
+from engine.atomic import check_output_free, staged_dir
 from engine.checkpoint.latest import LATEST
 from engine.checkpoint.store import (checkpoint_path, load_checkpoint, read_meta,
                                      read_model_config, save_checkpoint)
@@ -74,13 +74,14 @@ def _reshard(spec: Spec, env: distributed.Env) -> Manifest | None:
     started = time.perf_counter()
     out = Path(spec.output)
     source = checkpoint_path(spec.input)
-    fp, inputs = _from_main(env, lambda: stage_fingerprint("reshard", spec, input_paths(spec)))
-    done = _from_main(env, lambda: _finished(out, fp, env.world_size))
+    fp, inputs = distributed.on_main(
+        lambda: stage_fingerprint("reshard", spec, input_paths(spec)))
+    done = distributed.on_main(lambda: _finished(out, fp, env.world_size))
     if done is not None:
         log.info("reshard already finished: %s holds it (fingerprint %s); nothing to do", out,
                  fp[:16])
         return done if env.is_main else None
-    _from_main(env, lambda: _check_empty(out))
+    distributed.on_main(lambda: check_output_free(out))
     meta = read_meta(source)
     cfg = ModelConfig.model_validate(read_model_config(source))
     if spec.optimizer and not meta.get("has_optimizer"):
@@ -138,7 +139,7 @@ def _reshard(spec: Spec, env: distributed.Env) -> Manifest | None:
             write_manifest(tmp, manifest)
             return manifest
 
-        manifest = _from_main(env, finish)
+        manifest = distributed.on_main(finish)
     distributed.barrier()  # no rank returns before rank 0 has renamed the output into place
     log.info("resharded %s -> %s: %d bytes, %d tensors verified equal, %.1f s", source, out,
              manifest.summary["bytes"], verified, manifest.summary["seconds"]["total"])
@@ -282,7 +283,7 @@ def _write_consolidated(tmp: Path, built: Built, optimizer, meta: dict[str, Any]
                                                encoding="utf-8")
         return len(written)
 
-    verified = _from_main(env, write)
+    verified = distributed.on_main(write)
     if not env.is_main:
         return {}, verified
     files = {name: sha256_file(tmp / name) for name in (CONSOLIDATED, "model_config.json")}
@@ -312,41 +313,9 @@ def _finished(out: Path, fingerprint: str, world_size: int) -> Manifest | None:
     return manifest
 
 
-def _check_empty(out: Path) -> None:
-    if out.exists() and (not out.is_dir() or any(out.iterdir())):
-        raise InputError(f"{out}: output folder exists and is not empty")
-
-
 @contextlib.contextmanager
 def _staged(out: Path, env: distributed.Env) -> Iterator[Path]:
     """engine.atomic.staged_dir held by rank 0, its temporary folder shared with every rank."""
     with staged_dir(out) if env.is_main else contextlib.nullcontext() as tmp:
-        yield Path(_broadcast(env, str(tmp) if env.is_main else None))
+        yield Path(distributed.broadcast_object(str(tmp) if env.is_main else None))
         distributed.barrier()  # every rank's files are written before rank 0 renames the folder
-
-
-def _broadcast(env: distributed.Env, value: Any) -> Any:
-    if env.world_size == 1:
-        return value
-    box = [value]
-    dist.broadcast_object_list(box, src=0)
-    return box[0]
-
-
-def _from_main(env: distributed.Env, work: Callable[[], Any]) -> Any:
-    """`work()` on rank 0; its result, or its error, on every rank (so that all ranks stop
-    together rather than wait for one that failed)."""
-    if env.world_size == 1:
-        return work()
-    result = failure = None
-    try:
-        if env.is_main:
-            result = work()
-    except Exception as exc:  # rank 0's own error, raised there once the others know of it
-        failure = exc
-    result, message = _broadcast(env, (result, str(failure) if failure else None))
-    if failure is not None:
-        raise failure
-    if message is not None:
-        raise InputError(f"rank 0 stopped: {message}")
-    return result

@@ -10,7 +10,6 @@ datasets its training spec names) the files must be the same.
 
 from __future__ import annotations
 
-import hashlib
 import logging
 from pathlib import Path
 
@@ -19,8 +18,9 @@ import torch
 from engine.checkpoint import store as ckpt
 from engine.data.samples import parse_blend
 from engine.errors import InputError
-from engine.formats import TOKENIZER_DIR
+from engine.formats import TOKENIZER_DIR, model_format
 from engine.lineage import artifact_manifest
+from engine.manifest import sha256_file
 from engine.model.config import ModelConfig
 from engine.model.llama import LlamaModel, local_shard
 from engine.parallel.data_parallel import apply_fsdp
@@ -46,7 +46,7 @@ def _checkpoint_tokenizers(path: Path) -> set[str]:
     folder): those `convert` copied beside it, or the tokenizer of the datasets it was trained on."""
     folder = path.parent / TOKENIZER_DIR
     if folder.is_dir():
-        return {hashlib.sha256(f.read_bytes()).hexdigest()
+        return {sha256_file(f).sha256
                 for f in folder.iterdir() if f.is_file() and f.name.startswith("tokenizer")}
     blend = ((ckpt.read_meta(path).get("spec") or {}).get("data") or {}).get("blend")
     return dataset_tokenizers(blend) if blend else set()
@@ -56,9 +56,10 @@ def load_teacher(spec: TrainSpec, student: ModelConfig, mesh: Mesh,
                  device: torch.device) -> LlamaModel:
     """The teacher's model from checkpoint `spec.distill.teacher`, frozen, in bf16 (fp32 if the
     training is), its blocks compiled and sharded as the student's under FSDP (whole on each
-    rank otherwise: it has no gradients for DDP to reduce); InputError if it cannot be the student's teacher."""
+    rank otherwise: it has no gradients for DDP to reduce); InputError if it cannot be the
+    student's teacher."""
     teacher, blend = spec.distill.teacher, spec.data.blend
-    if (Path(teacher) / "config.json").is_file():
+    if model_format(Path(teacher)) == "hf":
         raise InputError(f"distill.teacher {teacher}: a Hugging Face model; convert it to a "
                          f"native checkpoint first (python -m engine convert)")
     path = ckpt.checkpoint_path(teacher)
