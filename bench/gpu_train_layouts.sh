@@ -31,5 +31,7 @@ python3 -m engine pretrain --config bench/configs/gpu_layouts.yaml \
     --global-batch-size "$3" --data-parallel "${4:-ddp}" >"$log" 2>&1 &
 job=$!
 until grep -q "iter 12/12" "$log" || ! kill -0 "$job" 2>/dev/null; do sleep 1; done
-kill "$job" 2>/dev/null || true
+# SIGKILL: SIGTERM would make the job save a checkpoint (requeue) while the next one starts
+kill -9 "$job" 2>/dev/null || true
+wait "$job" 2>/dev/null || true
 grep -E "iter 12/12|Error|error" "$log" | tail -3
