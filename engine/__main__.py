@@ -82,6 +82,16 @@ def _stage_of(argv: list[str]) -> Command:
     return get_stage(argv[0])
 
 
+def kebab_flags(argv: list[str]) -> list[str]:
+    """Flags as Megatron-LM users type them (`--hidden_size_remain`) read as ours
+    (`--hidden-size-remain`); values are left alone."""
+    out = []
+    for arg in argv:
+        flag, equals, value = arg.partition("=")
+        out.append(flag.replace("_", "-") + equals + value if arg.startswith("--") else arg)
+    return out
+
+
 class _Stopped(BaseException):
     """A stop signal reached a stage that does not hold signals itself: unwind, so that its
     temporary output is removed on the way out."""
@@ -100,7 +110,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         stage = _stage_of(argv)
         parser, source = stage_parser(stage)
-        args = parser.parse_args(argv[1:])
+        args = parser.parse_args(kebab_flags(argv[1:]))
         logging.basicConfig(level=args.log_level.upper(),
                             format="%(asctime)s %(levelname)s %(name)s: %(message)s")
         spec = load_spec(stage.spec, args.config, source(parsed_args=args)(), check_inputs=True)

@@ -4,6 +4,7 @@ or one iter_* folder with meta.json); and where the tokenizer that travels with 
 
 from __future__ import annotations
 
+import shutil
 from pathlib import Path
 
 from engine.errors import InputError
@@ -35,3 +36,13 @@ def tokenizer_path(load_dir: str, tokenizer: str | None) -> Path | None:
     else:
         own = (path.parent if (path / "meta.json").is_file() else path) / TOKENIZER_DIR
     return own if any((own / name).is_file() for name in _TOKENIZER_FILES) else None
+
+
+def copy_tokenizer(checkpoint: Path, root: Path) -> list[Path]:
+    """Copy the tokenizer that travels with the native checkpoint folder `checkpoint` (an
+    iter_* folder) into `root`/tokenizer/; the files copied (none if it has none)."""
+    found = checkpoint.parent / TOKENIZER_DIR
+    if not found.is_dir():
+        return []
+    shutil.copytree(found, root / TOKENIZER_DIR)
+    return sorted(p for p in (root / TOKENIZER_DIR).rglob("*") if p.is_file())

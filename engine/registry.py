@@ -104,6 +104,8 @@ _TABLE = [
     Stage("reshard", "engine.reshard.spec:Spec", "engine.reshard.stage:run", "checkpoint",
           "output", ("format", "iteration", "parameters", "optimizer", "world_size", "layout",
                      "source")),
+    Stage("prune", "engine.prune.spec:Spec", "engine.prune.stage:run", "checkpoint", "output",
+          ("parameters", "shape", "method", "prune_type", "depth_method", "removed")),
     Stage("evaluate", "engine.evaluate.spec:Spec", "engine.evaluate.stage:run",
           "eval-report", "output"),
     Stage("synthesize", "engine.synthesize.spec:Spec", "engine.synthesize.stage:run",

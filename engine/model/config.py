@@ -153,6 +153,15 @@ class ModelConfig(_Record):
                              "only qwen2 has q/k/v biases (and always has them)")
         return self
 
+    def num_parameters(self) -> int:
+        """The model's parameter count, from its shape alone (no weights needed)."""
+        hidden = self.hidden_size
+        q, kv = self.num_heads * self.head_dim, self.num_kv_heads * self.head_dim
+        attention = 2 * hidden * q + 2 * hidden * kv + ((q + 2 * kv) if self.qkv_bias else 0)
+        block = attention + 3 * hidden * self.intermediate_size + 2 * hidden
+        heads = 1 if self.tie_word_embeddings else 2
+        return heads * self.vocab_size * hidden + self.num_layers * block + hidden
+
     @classmethod
     def from_hf(cls, hf: dict[str, Any], **overrides: Any) -> ModelConfig:
         """Read an HF `config.json` dict (transformers 4.x `rope_scaling` or 5.x `rope_parameters`

@@ -17,7 +17,6 @@ from __future__ import annotations
 import contextlib
 import json
 import logging
-import shutil
 import time
 from dataclasses import asdict
 from pathlib import Path
@@ -33,7 +32,7 @@ from engine.checkpoint.latest import LATEST
 from engine.checkpoint.store import (checkpoint_path, load_checkpoint, read_meta,
                                      read_model_config, save_checkpoint)
 from engine.errors import InputError, LmforgeError
-from engine.formats import TOKENIZER_DIR
+from engine.formats import copy_tokenizer
 from engine.lineage import stage_fingerprint
 from engine.manifest import FileEntry, Manifest, complete, sha256_file, write_manifest
 from engine.model.config import ModelConfig
@@ -121,7 +120,8 @@ def _reshard(spec: Spec, env: distributed.Env) -> Manifest | None:
                                 env, seconds)
 
         def finish() -> Manifest:
-            files.update(_copy_tokenizer(source, tmp))
+            files.update({str(p.relative_to(tmp)): sha256_file(p)
+                          for p in copy_tokenizer(source, tmp)})
             seconds["total"] = time.perf_counter() - started
             summary = {"format": "consolidated" if spec.consolidate else "sharded",
                        "iteration": int(meta["iteration"]), "parameters": built.parameters,
@@ -288,16 +288,6 @@ def _write_consolidated(tmp: Path, built: Built, optimizer, meta: dict[str, Any]
         return {}, verified
     files = {name: sha256_file(tmp / name) for name in (CONSOLIDATED, "model_config.json")}
     return files, verified
-
-
-def _copy_tokenizer(source: Path, tmp: Path) -> dict:
-    """The tokenizer that travels with the source checkpoint (convert puts one beside it)."""
-    found = source.parent / TOKENIZER_DIR
-    if not found.is_dir():
-        return {}
-    shutil.copytree(found, tmp / TOKENIZER_DIR)
-    return {str(p.relative_to(tmp)): sha256_file(p)
-            for p in sorted((tmp / TOKENIZER_DIR).rglob("*")) if p.is_file()}
 
 
 def _finished(out: Path, fingerprint: str, world_size: int) -> Manifest | None:

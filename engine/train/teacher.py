@@ -16,11 +16,9 @@ from pathlib import Path
 import torch
 
 from engine.checkpoint import store as ckpt
-from engine.data.samples import parse_blend
+from engine.data.provenance import checkpoint_tokenizers, dataset_tokenizers
 from engine.errors import InputError
-from engine.formats import TOKENIZER_DIR, model_format
-from engine.lineage import artifact_manifest
-from engine.manifest import sha256_file
+from engine.formats import model_format
 from engine.model.config import ModelConfig
 from engine.model.llama import LlamaModel, local_shard
 from engine.parallel.data_parallel import apply_fsdp
@@ -28,28 +26,6 @@ from engine.parallel.mesh import Mesh
 from engine.train.spec import TrainSpec
 
 log = logging.getLogger(__name__)
-
-
-def dataset_tokenizers(blend: list[str]) -> set[str]:
-    """The sha256 of the tokenizer each dataset of `blend` was tokenized with, where recorded."""
-    shas = set()
-    for _, prefix in parse_blend(blend):
-        manifest = artifact_manifest(prefix)
-        sha = ((manifest.summary.get("tokenizer") or {}) if manifest else {}).get("sha256")
-        if sha:
-            shas.add(sha)
-    return shas
-
-
-def _checkpoint_tokenizers(path: Path) -> set[str]:
-    """The sha256s of the tokenizer files recorded for the checkpoint folder `path` (an iter_*
-    folder): those `convert` copied beside it, or the tokenizer of the datasets it was trained on."""
-    folder = path.parent / TOKENIZER_DIR
-    if folder.is_dir():
-        return {sha256_file(f).sha256
-                for f in folder.iterdir() if f.is_file() and f.name.startswith("tokenizer")}
-    blend = ((ckpt.read_meta(path).get("spec") or {}).get("data") or {}).get("blend")
-    return dataset_tokenizers(blend) if blend else set()
 
 
 def load_teacher(spec: TrainSpec, student: ModelConfig, mesh: Mesh,
@@ -86,7 +62,7 @@ def load_teacher(spec: TrainSpec, student: ModelConfig, mesh: Mesh,
 
 
 def _check_tokenizer(path: Path, blend: list[str]) -> None:
-    teacher, student = _checkpoint_tokenizers(path), dataset_tokenizers(blend)
+    teacher, student = checkpoint_tokenizers(path), dataset_tokenizers(blend)
     if not teacher or not student:
         log.warning("distill.teacher %s: the tokenizer of the %s is not recorded; only the "
                     "vocabulary sizes were compared", path, "teacher" if not teacher else "data")

@@ -1,0 +1,36 @@
+"""Which tokenizer made an artifact, where that is recorded: a tokenized dataset's manifest
+names its tokenizer's sha256; a checkpoint has the tokenizer `convert` copied beside it, or else
+the datasets its training spec names. Stages that put two artifacts together (a teacher and its
+student's data, a checkpoint and its calibration data) compare these."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from engine.checkpoint import store as ckpt
+from engine.data.samples import parse_blend
+from engine.formats import TOKENIZER_DIR
+from engine.lineage import artifact_manifest
+from engine.manifest import sha256_file
+
+
+def dataset_tokenizers(blend: list[str]) -> set[str]:
+    """The sha256 of the tokenizer each dataset of `blend` was tokenized with, where recorded."""
+    shas = set()
+    for _, prefix in parse_blend(blend):
+        manifest = artifact_manifest(prefix)
+        sha = ((manifest.summary.get("tokenizer") or {}) if manifest else {}).get("sha256")
+        if sha:
+            shas.add(sha)
+    return shas
+
+
+def checkpoint_tokenizers(path: Path) -> set[str]:
+    """The sha256s of the tokenizer files recorded for the checkpoint folder `path` (an iter_*
+    folder): those copied beside it, or the tokenizer of the datasets it was trained on."""
+    folder = path.parent / TOKENIZER_DIR
+    if folder.is_dir():
+        return {sha256_file(f).sha256
+                for f in folder.iterdir() if f.is_file() and f.name.startswith("tokenizer")}
+    blend = ((ckpt.read_meta(path).get("spec") or {}).get("data") or {}).get("blend")
+    return dataset_tokenizers(blend) if blend else set()
