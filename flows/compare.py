@@ -1,24 +1,22 @@
 """The compare flow: several models evaluated on the same suites and shown side by side — one
-Markdown table (a Prefect artifact, and in the flow's MLflow run) and a bar chart per metric (an
-MLflow figure). Each model's evaluation is the evaluate flow's own step, so it is cached alike."""
+Markdown table (a Prefect artifact, and in the flow's MLflow run), a bar chart per metric (an
+MLflow figure) and each model's figures as the run's metrics (tasks/comparison.py). Each model's
+evaluation is the evaluate flow's own step, so it is cached alike."""
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 from prefect import flow
-from prefect.artifacts import acreate_markdown_artifact
 
-from engine.evaluate.report import REPORT_JSON, compare_reports
 from flows.params import EvalParams, RunParams
 from flows.runner import Runner
 from flows.steps import Refs, evaluate_model, given_model
+from tasks.comparison import publish_comparison
 from tasks.models import SCHEME, pin
-from tasks.plots import comparison_chart
 from tasks.run_tags import tag_flow_run
 from tasks.summary import publish_summary
-from tasks.tracking import client, tracked_flow
+from tasks.tracking import tracked_flow
 
 
 @flow(name="compare")
@@ -49,15 +47,9 @@ async def compare(models: list[str], tokenizer: str | None = None,
         for label, target in zip(labels, targets):
             found: Refs = {}
             ref = await evaluate_model(Runner(run), evaluation, target, tokenizer, found)
-            reports.append(Path(ref.path) / REPORT_JSON)
+            reports.append(Path(ref.path))
             refs |= {f"{step}: {label}": each for step, each in found.items()}
-        table = compare_reports(reports)
-        await acreate_markdown_artifact(markdown=table, key="model-comparison",
-                                        description=f"{len(models)} models side by side")
-        mlflow = client()
-        mlflow.log_text(parent, table, "comparison.md")
-        chart = comparison_chart(labels, [json.loads(p.read_text()) for p in reports])
-        if chart is not None:
-            mlflow.log_figure(parent, chart, "comparison.png")
+        table = await publish_comparison(parent, labels, reports, "model-comparison",
+                                         f"{len(models)} models side by side")
         await publish_summary(refs, details=table)
         return table

@@ -9,7 +9,8 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from cluster.resources import Resources
 from engine.registry import STAGES
-from tasks.options import stage_options
+from engine.train.spec import DistillSection
+from tasks.options import section_options, stage_options
 
 CorpusOptions = stage_options("generate-corpus", frozenset({"output"}), "CorpusOptions")
 TokenizerOptions = stage_options("train-tokenizer", frozenset({"input", "output"}), "TokenizerOptions")
@@ -24,6 +25,9 @@ EvaluateOptions = stage_options("evaluate", frozenset({"load_dir", "output", "to
 SynthesizeOptions = stage_options("synthesize", frozenset({"input", "teacher", "tokenizer",
                                                            "output"}), "SynthesizeOptions")
 ReshardOptions = stage_options("reshard", frozenset({"input", "output"}), "ReshardOptions")
+PruneOptions = stage_options("prune", frozenset({"input", "output", "calibration"}),
+                             "PruneOptions")
+DistillOptions = section_options(DistillSection, frozenset({"teacher"}), "DistillOptions")
 
 
 def tiny_llama() -> BaseModel:
@@ -63,6 +67,21 @@ class TrainParams(_Params):
     export: ExportOptions | None = Field(default_factory=ExportOptions,
                                          description="convert the result to an HF folder; None: "
                                          "keep the native checkpoint only")
+
+
+class RecoveryParams(_Params):
+    """Finetuning the pruned model back: by distillation from its unpruned parent (Minitron), or
+    by plain cross-entropy on the data."""
+    options: TrainOptions = Field(default_factory=tiny_llama,
+                                  description="the finetune's options (model: ignored, the "
+                                  "pruned checkpoint's)")
+    distill: DistillOptions | None = Field(
+        default_factory=lambda: DistillOptions(alpha=0.0),
+        description="logit distillation from the parent (the teacher); alpha 0: KD alone. "
+                    "None: plain cross-entropy")
+    export: ExportOptions | None = Field(default_factory=ExportOptions,
+                                         description="convert the recovered model to an HF "
+                                         "folder; None: keep the native checkpoint only")
 
 
 class EvalParams(_Params):

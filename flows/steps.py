@@ -10,8 +10,8 @@ from pathlib import Path
 from typing import NamedTuple
 
 from engine.formats import model_format
-from flows.params import (DataParams, EvalParams, ReshardOptions, SynthesizeOptions,
-                          TrainParams)
+from flows.params import (DataParams, EvalParams, ExportOptions, ReshardOptions,
+                          SynthesizeOptions, TrainParams)
 from flows.runner import Runner
 from tasks.artifact import ArtifactRef
 from tasks.fields import merged
@@ -63,15 +63,30 @@ def given_model(uri: str | None) -> Model | None:
     return Model(path, hf=model_format(Path(path)) == "hf")
 
 
+async def native_checkpoint(runner: Runner, model: Model, refs: Refs) -> str:
+    """`model` as a native checkpoint: an HF model converted, a native one as it is."""
+    if not model.hf:
+        return model.path
+    refs["convert (import)"] = ref = await runner.stage(
+        "convert", {"load_dir": model.path, "source_format": "hf", "target_format": "native"},
+        label="convert HF to native")
+    return ref.path
+
+
+async def export_model(runner: Runner, export: ExportOptions, checkpoint: str,
+                       tokenizer: str | None, refs: Refs) -> Model:
+    """The native `checkpoint` as an HF folder (with `tokenizer`, None: its own)."""
+    refs["convert"] = ref = await runner.stage(
+        "convert", merged(export, load_dir=checkpoint, source_format="native",
+                          target_format="hf", tokenizer=tokenizer),
+        label="convert native to HF")
+    return Model(ref.path, hf=True)
+
+
 async def train_model(runner: Runner, training: TrainParams, data: Data, base: Model | None,
                       refs: Refs) -> Model:
     """(HF base -> native) -> pretrain | finetune -> (native -> HF)."""
-    load = base.path if base else None
-    if base and base.hf:
-        refs["convert (import)"] = ref = await runner.stage(
-            "convert", {"load_dir": base.path, "source_format": "hf", "target_format": "native"},
-            label="convert HF to native")
-        load = ref.path
+    load = await native_checkpoint(runner, base, refs) if base else None
     stage = "finetune" if load else "pretrain"
     spec = merged(training.options, data__blend=[data.dataset], load=load)
     if load:
@@ -79,11 +94,7 @@ async def train_model(runner: Runner, training: TrainParams, data: Data, base: M
     refs[stage] = trained = await runner.stage(stage, spec)
     if training.export is None:
         return Model(trained.path, hf=False)
-    refs["convert"] = ref = await runner.stage(
-        "convert", merged(training.export, load_dir=trained.path, source_format="native",
-                          target_format="hf", tokenizer=data.tokenizer),
-        label="convert native to HF")
-    return Model(ref.path, hf=True)
+    return await export_model(runner, training.export, trained.path, data.tokenizer, refs)
 
 
 async def evaluate_model(runner: Runner, evaluation: EvalParams, model: Model,

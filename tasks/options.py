@@ -35,6 +35,12 @@ def stage_options(stage: str, omit: frozenset[str] = frozenset(), name: str | No
     return _without(get_stage(stage).spec, frozenset(omit), name or f"{_camel(stage)}Options")
 
 
+def section_options(section: type[BaseModel], omit: frozenset[str], name: str) -> type[BaseModel]:
+    """A spec section's model (engine/train/spec.py: DistillSection) without the fields in
+    `omit`: for a flow that wires those itself."""
+    return _without(section, frozenset(omit), name)
+
+
 LAYOUT = frozenset(LayoutDefaults.model_fields)
 
 

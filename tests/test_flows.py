@@ -26,6 +26,7 @@ from cluster.jobs import JobFailed
 from cluster.profiles import ProfileError
 from engine.errors import SpecError
 from flows.compare import compare
+from flows.compress import compress
 from flows.data_prep import data_prep
 from flows.evaluate import evaluate
 from flows.lifecycle import lifecycle
@@ -369,3 +370,57 @@ def test_lifecycle_end_to_end(home):
     tags, (summary,) = flow_run_summary(flow_run_id, "compare-summary")
     assert {"lmforge", "compare", "profile:inline"} <= tags
     assert table.strip() in summary.data and "| evaluate: " in summary.data
+
+
+def test_compress_flow_prunes_recovers_and_compares(home, tmp_path):
+    """stories260K (HF) → native → pruned (width and depth) → recovered by distillation from the
+    parent → HF → registered; parent, pruned and recovered evaluated alike and compared in one
+    table (Prefect artifact, MLflow parent run). A target the model cannot take is refused first."""
+    from conftest import shared
+    from engine.data import tokenize
+
+    parent = shared("tiny-llama", "hf")
+    stories = shared("text", "tinystories", "tinystories_sample.txt").read_text()
+    corpus = tmp_path / "stories.jsonl"
+    corpus.write_text("".join(json.dumps({"text": s.strip()}) + "\n"
+                              for s in stories.split("<|endoftext|>") if s.strip()))
+    tokenize.run(tokenize.Spec(input=[str(corpus)], output_prefix=str(tmp_path / "stories"),
+                               tokenizer=str(parent / "tokenizer.model"), add_bos=True,
+                               progress=False))
+    dataset = str(tmp_path / "stories_text_document")
+    recovery = {"options": {**TINY_TRAIN["options"], "iters": 4}}
+    pruning = {"hidden_size": 48, "num_layers": 4, "calibration_samples": 8, "seq_length": 32,
+               "progress": False}
+    with pytest.raises(SpecError, match="hidden_size 50 is not a multiple of multiple_of 16"):
+        asyncio.run(compress(str(parent), dataset, pruning={"hidden_size": 50, "multiple_of": 16},
+                             recovery=recovery, evaluation=TINY_EVAL, run=INLINE))
+    assert not (home / "jobs").exists() and not (home / "artifacts").exists()
+
+    refs = asyncio.run(compress(str(parent), dataset, pruning=pruning, recovery=recovery,
+                                evaluation=TINY_EVAL, register_as="stories-small", run=INLINE))
+    assert {"convert (import)", "prune", "finetune", "convert", "evaluate", "evaluate: parent",
+            "evaluate: pruned"} <= set(refs)
+    spec = json.loads((home / "artifacts" / "finetune").glob("*/manifest.json").__next__()
+                      .read_text())["spec"]
+    assert spec["distill"]["teacher"] == refs["convert (import)"].path
+    assert spec["load"] == refs["prune"].path and spec["distill"]["alpha"] == 0.0
+    assert refs["prune"].summary["parameters"]["after"] < 260_032
+    assert refs["convert"].registered == "models:/stories-small/1"
+
+    mlflow = tracking.client()
+    (run,) = mlflow.search_runs([tracking.experiment_id("compress")],
+                                "tags.`prefect.flow_run_id` != ''")
+    after = refs["prune"].summary["parameters"]["after"]
+    assert run.data.metrics["parent/parameters"] == 260_032
+    assert run.data.metrics["pruned/parameters"] == run.data.metrics["recovered/parameters"] == after
+    ppl = {label: run.data.metrics[f"{label}/ppl/heldout-000.jsonl/512:512/ppl"]
+           for label in ("parent", "pruned", "recovered")}
+    assert ppl["recovered"] < ppl["pruned"], ppl  # four steps of distillation already help
+    with get_client(sync_client=True) as client:
+        (published,) = client.read_artifacts(
+            artifact_filter=ArtifactFilter(key=ArtifactFilterKey(any_=["compression"])))
+    header, _, params, *rows = published.data.strip().splitlines()
+    assert header.split("|")[2:5] == [" parent ", " pruned ", " recovered "]
+    assert params.startswith("| parameters | 260,032 |") and rows[-1].startswith("| ppl scoring")
+    (prune_run,) = [r for r in stage_runs("compress") if r.data.tags["lmforge.stage"] == "prune"]
+    assert prune_run.data.params["method"] == "activation"

@@ -19,7 +19,8 @@ from engine.model.fused_loss import linear_cross_entropy
 from engine.model.kd_loss import TeacherTarget, linear_distillation_loss
 from engine.train.loop import Trainer, train
 from engine.train.spec import PretrainSpec
-from engine.train.teacher import _checkpoint_tokenizers, dataset_tokenizers, load_teacher
+from engine.data.provenance import checkpoint_tokenizers, dataset_tokenizers
+from engine.train.teacher import load_teacher
 
 V, H, HT, N = 96, 16, 24, 37
 
@@ -174,7 +175,7 @@ def test_teacher_loads_in_bf16(fixtures, tmp_path):
 
 
 def test_teacher_of_another_tokenizer_is_refused(fixtures, tmp_path):
-    recorded = _checkpoint_tokenizers(ckpt.checkpoint_path(fixtures["checkpoint"]))
+    recorded = checkpoint_tokenizers(ckpt.checkpoint_path(fixtures["checkpoint"]))
     assert recorded and recorded == dataset_tokenizers([fixtures["dataset"]])  # compared above
     bigger = _distill_spec(fixtures, tmp_path / "a", vocab_size=1024)
     with pytest.raises(InputError, match="vocabulary of 512 tokens, the student's has 1024"):

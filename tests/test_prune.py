@@ -184,12 +184,12 @@ def test_gqa_heads_and_tensor_parallel_balance():
 
 
 def test_hf_in_pruned_hf_out_and_recovery_at_tensor_parallel_2(stories, tmp_path):
-    """HF stories260K → native → pruned (depth, width, GQA groups, Cookbook flags) → HF: the
-    export loads in transformers with our logits; the pruned checkpoint finetunes at TP 2."""
+    """HF stories260K → pruned (depth, width, GQA groups, Cookbook flags) → HF: the export loads
+    in transformers with our logits; the pruned checkpoint finetunes at TP 2."""
     import transformers
 
     out = tmp_path / "pruned"
-    argv = ["--input", str(stories["parent"]), "--output", str(out), "--calibration",
+    argv = ["--input", str(shared("tiny-llama", "hf")), "--output", str(out), "--calibration",
             str(stories["calibration"]), "--calibration-samples", "16", "--seq_length", "127",
             "--hidden_size_remain", "48", "--num_attention_heads_remain", "4",
             "--num_kv_heads", "2", "--ffn_hidden_size_remain", "128", "--drop_layers", "1,3",
@@ -197,6 +197,7 @@ def test_hf_in_pruned_hf_out_and_recovery_at_tensor_parallel_2(stories, tmp_path
     assert engine_main(["prune", *argv]) == 0
     manifest = json.loads((out / "manifest.json").read_text())
     assert manifest["summary"]["removed"]["layers"] == [1, 3]
+    assert (out / "tokenizer" / "tokenizer.model").is_file()  # carried from the HF folder
     convert.run(convert.Spec(load_dir=str(out), save_dir=str(tmp_path / "hf"),
                              source_format="native", target_format="hf"))
     hf = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "hf").eval()

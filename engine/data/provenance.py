@@ -9,7 +9,7 @@ from pathlib import Path
 
 from engine.checkpoint import store as ckpt
 from engine.data.samples import parse_blend
-from engine.formats import TOKENIZER_DIR
+from engine.formats import CONFIG, TOKENIZER_DIR
 from engine.lineage import artifact_manifest
 from engine.manifest import sha256_file
 
@@ -26,9 +26,10 @@ def dataset_tokenizers(blend: list[str]) -> set[str]:
 
 
 def checkpoint_tokenizers(path: Path) -> set[str]:
-    """The sha256s of the tokenizer files recorded for the checkpoint folder `path` (an iter_*
-    folder): those copied beside it, or the tokenizer of the datasets it was trained on."""
-    folder = path.parent / TOKENIZER_DIR
+    """The sha256s of the tokenizer files recorded for the model `path` (an iter_* folder, or
+    an HF folder): those copied beside it (in it), or the tokenizer of the datasets it was
+    trained on."""
+    folder = path if (path / CONFIG).is_file() else path.parent / TOKENIZER_DIR
     if folder.is_dir():
         return {sha256_file(f).sha256
                 for f in folder.iterdir() if f.is_file() and f.name.startswith("tokenizer")}

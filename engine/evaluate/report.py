@@ -138,15 +138,27 @@ def _read(path: str | Path) -> dict:
     return json.loads((path / REPORT_JSON if path.is_dir() else path).read_text(encoding="utf-8"))
 
 
-def compare_reports(paths: list[str | Path]) -> str:
-    """One Markdown table: a row per metric (in order of first appearance), a column per report
-    (its model's name; the path where names repeat). Accuracies in %."""
+def compare_reports(paths: list[str | Path], labels: list[str] | None = None) -> str:
+    """One Markdown table: the parameter count, then a row per metric (in order of first
+    appearance), then perplexity scoring's tokens/s; a column per report (`labels`, else its
+    model's name; the path where names repeat). Accuracies in %."""
     reports = [_read(p) for p in paths]
-    names = [r["model"]["name"] for r in reports]
+    names = labels or [r["model"]["name"] for r in reports]
     if len(set(names)) < len(names):
         names = [str(p) for p in paths]
     metrics: list[str] = []
     for r in reports:
         metrics += [m for m in r["metrics"] if m not in metrics]
-    rows = ([m] + [_num(m, r["metrics"].get(m)) for r in reports] for m in metrics)
+    rows = [["parameters"] + [f"{r['model']['parameters']:,}" for r in reports]]
+    rows += [[m] + [_num(m, r["metrics"].get(m)) for r in reports] for m in metrics]
+    if any("ppl" in r["timing_s"] for r in reports):
+        rows.append(["ppl scoring tokens/s"] + [_scoring_rate(r) for r in reports])
     return "\n".join(_table(["metric"] + names, rows)).rstrip() + "\n"
+
+
+def _scoring_rate(report: dict) -> str:
+    """Tokens scored per second by the perplexity suite: the model's forward throughput at
+    the evaluation's batch size and dtype."""
+    seconds = report["timing_s"].get("ppl")
+    tokens = sum(r["tokens"] for r in report["records"] if r["suite"] == "ppl")
+    return f"{tokens / seconds:,.0f}" if seconds else "–"

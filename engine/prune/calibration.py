@@ -27,8 +27,8 @@ def calibration_tokens(data: str, checkpoint: Path, vocab_size: int, samples: in
                        seq_length: int, text_key: str = "text",
                        tokenizer: str | None = None) -> torch.Tensor:
     """[samples, seq_length + 1] token ids of `data` (fewer samples, with a warning, if it is
-    short) for the checkpoint whose iteration folder is `checkpoint`; JSONL is tokenized with
-    `tokenizer`, else the checkpoint's own."""
+    short) for the model `checkpoint` (an iter_* folder or an HF folder); JSONL is tokenized
+    with `tokenizer`, else the model's own."""
     if index_path(data).is_file():
         _check_dataset_tokenizer(data, checkpoint)
         stream = _dataset_documents(data)
@@ -68,10 +68,10 @@ def _dataset_documents(prefix: str) -> Iterator[np.ndarray]:
 
 def _jsonl_documents(data: str, text_key: str, checkpoint: Path,
                      tokenizer: str | None) -> Iterator[np.ndarray]:
-    found = tokenizer_path(str(checkpoint.parent), tokenizer)
+    found = tokenizer_path(str(checkpoint), tokenizer)
     if found is None:
-        raise InputError(f"{checkpoint.parent}: no tokenizer beside the checkpoint for the JSONL "
-                         f"calibration data; pass --tokenizer")
+        raise InputError(f"{checkpoint}: no tokenizer with the model for the JSONL calibration "
+                         f"data; pass --tokenizer")
     tok = load_tokenizer(found)
     recorded = checkpoint_tokenizers(checkpoint)
     if tokenizer is not None and recorded and tok.sha256 not in recorded:

@@ -4,10 +4,13 @@ queued. The Megatron Cookbook's flags are accepted by their names."""
 
 from __future__ import annotations
 
+import json
+from pathlib import Path
 from typing import Literal
 
 from pydantic import AliasChoices, Field, field_validator, model_validator
 
+from engine.formats import CONFIG
 from engine.model.config import ModelConfig
 from engine.prune.shape import Targets, balance_errors, pruned_shape
 from engine.reshard.spec import source_files
@@ -28,8 +31,8 @@ class Spec(StageSpec):
     Cookbook's). Writes a native checkpoint of the smaller shape, and beside it the scores and
     the indices kept, so that a user can see why."""
 
-    input: str = Field(description="native checkpoint folder (its latest complete iteration) or "
-                                   "one iter_* folder; an HF model: convert it first",
+    input: str = Field(description="the model: a native checkpoint folder (its latest complete "
+                                   "iteration), one iter_* folder, or an HF model folder",
                        json_schema_extra={"input": True})
     output: str = Field(description="output folder (must not exist or be empty)",
                         json_schema_extra={"affects_output": False})
@@ -123,13 +126,25 @@ class Spec(StageSpec):
 
     @model_validator(mode="after")
     def _fits_source(self) -> Spec:
-        found = source_files(self.input)
+        found = source_config(self.input)
         if found is not None:
             try:
-                self.pruned_shape(found[1])
+                self.pruned_shape(found)
             except ValueError as exc:
                 raise ValueError(f"{self.input}: {exc}") from None
         return self
+
+
+def source_config(path: str) -> ModelConfig | None:
+    """The model config of a native checkpoint or an HF folder, where it is readable (else the
+    stage says what is wrong)."""
+    found = source_files(path)
+    if found is not None:
+        return found[1]
+    try:
+        return ModelConfig.from_hf(json.loads((Path(path) / CONFIG).read_text()))
+    except (OSError, ValueError):
+        return None
 
 
 def input_paths(spec: Spec) -> dict[str, str]:

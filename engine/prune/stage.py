@@ -1,7 +1,7 @@
-"""prune: a native checkpoint → a smaller native checkpoint (weights only, iteration 0).
+"""prune: a model → a smaller native checkpoint (weights only, iteration 0).
 
-The source (any training layout: its checkpoint loads by global names) is loaded whole into one
-process, importance is measured on the calibration data (engine/prune/importance.py), the plan
+The source (an HF folder, or a native checkpoint of any training layout: it loads by global
+names) is loaded whole into one process, importance is measured on the calibration data (engine/prune/importance.py), the plan
 chosen (plan.py) and the weights sliced (slicing.py). The output holds the pruned checkpoint
 (model_config.json has the new shape, meta.json what was removed and from what), the source's
 tokenizer, and `pruning/`: every score (scores.safetensors) and every index kept (plan.json).
@@ -20,9 +20,11 @@ from safetensors.torch import save_file
 
 from engine.atomic import check_output_free, staged_dir
 from engine.checkpoint.store import checkpoint_path
+from engine.convert.carry import copy_files, token_ids, tokenizer_files
+from engine.convert.hf import load_hf
 from engine.convert.native import load_native, write_native
 from engine.errors import InputError
-from engine.formats import copy_tokenizer
+from engine.formats import TOKENIZER_DIR, copy_tokenizer, model_format
 from engine.lineage import stage_fingerprint
 from engine.manifest import Manifest, complete, sha256_file, write_manifest
 from engine.model.config import ModelConfig
@@ -47,8 +49,7 @@ def run(spec: Spec) -> Manifest:
         log.info("prune already finished: %s holds it; nothing to do", out)
         return done
     check_output_free(out)
-    cfg, model, meta, _ = load_native(Path(spec.input))
-    source = checkpoint_path(spec.input)
+    cfg, model, meta, source = _load(spec.input)
     try:
         target = spec.pruned_shape(cfg)
     except ValueError as exc:
@@ -89,7 +90,7 @@ def run(spec: Spec) -> Manifest:
         clock = time.perf_counter()
         final = write_native(tmp, pruned.cpu(), target, out_meta)
         _write_scores(tmp / PRUNING_DIR, scores, plan.record(cfg))
-        copy_tokenizer(source, tmp)
+        _copy_tokenizer(source, tmp)
         seconds["save"] = time.perf_counter() - clock
         seconds["total"] = time.perf_counter() - started
         summary = {"parameters": {"before": cfg.num_parameters(), "after": target.num_parameters()},
@@ -107,6 +108,22 @@ def run(spec: Spec) -> Manifest:
         write_manifest(tmp, manifest)
     log.info("wrote %s (%s) in %.1f s", out, final.name, seconds["total"])
     return manifest
+
+
+def _load(path: str) -> tuple[ModelConfig, LlamaModel, dict, Path]:
+    """(config, model, the meta to carry on, the folder read) of an HF or native model."""
+    if model_format(Path(path)) == "hf":
+        cfg, hf, model, _ = load_hf(Path(path))
+        return cfg, model, {"hf_token_ids": token_ids(hf, Path(path))}, Path(path)
+    cfg, model, meta, _ = load_native(Path(path))
+    return cfg, model, meta, checkpoint_path(path)
+
+
+def _copy_tokenizer(source: Path, root: Path) -> None:
+    if model_format(source) == "hf":
+        copy_files(tokenizer_files(source), root / TOKENIZER_DIR)
+    else:
+        copy_tokenizer(source, root)
 
 
 def _device(choice: str) -> torch.device:

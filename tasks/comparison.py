@@ -1,0 +1,40 @@
+"""Models evaluated side by side, published: one Markdown table (a Prefect artifact, and a file
+of the flow's MLflow parent run), a bar chart per metric (an MLflow figure), and each model's
+figures as the parent run's metrics (`<label>/<metric>`), so that runs of a flow compare in
+MLflow's runs table. Used by the compare and compress flows."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from mlflow.entities import Metric
+from prefect.artifacts import acreate_markdown_artifact
+
+from engine.evaluate.report import REPORT_JSON, compare_reports
+from tasks.headline import is_number
+from tasks.plots import comparison_chart
+from tasks.tracking import client, metric_name
+
+
+async def publish_comparison(parent: str | None, labels: list[str], reports: list[Path],
+                             key: str, description: str) -> str:
+    """The comparison table of `reports` (evaluate outputs, one per label), published; returned."""
+    files = [Path(r) / REPORT_JSON if Path(r).is_dir() else Path(r) for r in reports]
+    table = compare_reports(files, labels)
+    await acreate_markdown_artifact(markdown=table, key=key, description=description)
+    if parent is None:
+        return table
+    mlflow = client()
+    mlflow.log_text(parent, table, "comparison.md")
+    loaded = [json.loads(f.read_text()) for f in files]
+    chart = comparison_chart(labels, loaded)
+    if chart is not None:
+        mlflow.log_figure(parent, chart, "comparison.png")
+    figures = [Metric(metric_name(f"{label}/{name}"), float(value), 0, 0)
+               for label, report in zip(labels, loaded)
+               for name, value in {"parameters": report["model"]["parameters"],
+                                   **report["metrics"]}.items() if is_number(value)]
+    for i in range(0, len(figures), 1000):
+        mlflow.log_batch(parent, metrics=figures[i:i + 1000])
+    return table
