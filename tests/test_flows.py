@@ -391,6 +391,10 @@ def test_compress_flow_prunes_recovers_and_compares(home, tmp_path):
     recovery = {"options": {**TINY_TRAIN["options"], "iters": 4}}
     pruning = {"hidden_size": 48, "num_layers": 4, "calibration_samples": 8, "seq_length": 32,
                "progress": False}
+    form = parameter_schema(compress).definitions
+    assert form["PruneOptions"]["properties"]["method"]["enum"] == ["activation", "magnitude",
+                                                                  "random"]
+    assert form["DistillOptions"]["properties"]["alpha"]["maximum"] == 1
     with pytest.raises(SpecError, match="hidden_size 50 is not a multiple of multiple_of 16"):
         asyncio.run(compress(str(parent), dataset, pruning={"hidden_size": 50, "multiple_of": 16},
                              recovery=recovery, evaluation=TINY_EVAL, run=INLINE))
