@@ -89,7 +89,8 @@ async def _steps(runner: Runner, refs: Refs, parent_run: str | None, model: str,
         found: Refs = {}
         own = each.hf or each is parent  # the parent's own tokenizer, or the one given
         ref = await evaluate_model(runner, evaluation, each, None if own else tokenizer, found)
-        refs |= {f"{step}: {label}": r for step, r in found.items()}
+        refs |= {f"{step}: {label}" if step == "evaluate" else step: r
+                 for step, r in found.items()}  # the held-out corpus once: it is the same
         reports.append(ref.path)
     refs["evaluate"] = refs.pop("evaluate: recovered")  # the flow's headline figures
     if runner.dry:

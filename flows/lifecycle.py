@@ -17,7 +17,8 @@ import asyncio
 
 from prefect import flow, tags
 
-from flows.params import DataParams, EvalParams, RunParams, TrainParams
+from flows.compress import compress
+from flows.params import DataParams, EvalParams, RunParams, TrainParams, demo_pruning
 from flows.runner import Runner
 from flows.report import print_report
 from flows.steps import Refs, evaluate_model, given_model, prepare_data, train_model
@@ -77,11 +78,15 @@ async def _steps(runner: Runner, refs: Refs, data: DataParams, base_model: str |
 
 def main() -> None:
     """The demo, tagged `demo`, on the Prefect server that scripts/server.sh runs (the
-    deployments' server) when there is one, else on a temporary one; then where to look."""
+    deployments' server) when there is one, else on a temporary one: the lifecycle, then its
+    model pruned to about half and recovered by distillation (the compress flow); then where to
+    look."""
     with prefect_api() as where, tags("demo"):
         print(f"Prefect: {where}", flush=True)
         refs = asyncio.run(lifecycle())
-        print_report(refs)
+        small = asyncio.run(compress(refs["convert"].path, refs["merge"].path,
+                                     pruning=demo_pruning(), register_as="lmforge-tiny-pruned"))
+        print_report(refs, small)
 
 
 if __name__ == "__main__":

@@ -41,6 +41,12 @@ def tiny_llama() -> BaseModel:
         iters=200, micro_batch_size=8, global_batch_size=8, precision="fp32", log_interval=10)
 
 
+def demo_pruning() -> BaseModel:
+    """The demo's model (tiny_llama) to about half its non-embedding parameters by width."""
+    return PruneOptions(hidden_size=48, num_kv_heads=1, intermediate_size=128,
+                        calibration_samples=64, seq_length=128, progress=False)
+
+
 class _Params(BaseModel):
     model_config = ConfigDict(extra="forbid")
 

@@ -15,10 +15,12 @@ from tasks.home import lmforge_home
 from tasks.tracking import tracking_uri
 
 
-def print_report(refs: Refs) -> None:
-    width = max(len(step) for step in refs) if refs else 0
+def print_report(refs: Refs, compressed: Refs | None = None) -> None:
+    """The lifecycle's artifacts and figures, and those of its model's compression."""
+    every = {**refs, **{f"compress: {k}": v for k, v in (compressed or {}).items()}}
+    width = max(len(step) for step in every) if every else 0
     print("\nartifacts:")
-    for step, ref in refs.items():
+    for step, ref in every.items():
         print(f"  {step:<{width}}  {'cached' if ref.cached else 'built ':<6}  {ref.path}")
     trained = refs.get("pretrain") or refs.get("finetune")
     if trained:
@@ -29,6 +31,8 @@ def print_report(refs: Refs) -> None:
             print(f"evaluation: {name} = {value:.4f}")
     if "convert" in refs and refs["convert"].registered:
         print(f"registered: {refs['convert'].registered}")
+    if compressed:
+        _print_compression(compressed)
     prefect_home = os.environ.get("PREFECT_HOME", "~/.prefect")
     uri = redact_text(tracking_uri())  # printed: a server's password stays out of the terminal
     if PREFECT_UI_URL.value():  # a server (tasks/prefect_api.py): it is there already
@@ -46,3 +50,13 @@ def print_report(refs: Refs) -> None:
               "and open http://127.0.0.1:5000")
     print(f"Artifacts live under {lmforge_home() / 'artifacts'}; run the same command again "
           "and every stage comes from the cache.")
+
+
+def _print_compression(refs: Refs) -> None:
+    sizes = refs["prune"].summary["parameters"]
+    print(f"\ncompressed: {sizes['before']:,} -> {sizes['after']:,} parameters; registered "
+          f"{refs['convert'].registered}")
+    for label, step in (("parent", "evaluate: parent"), ("pruned", "evaluate: pruned"),
+                        ("recovered", "evaluate")):
+        for name, value in refs[step].summary.get("metrics", {}).items():
+            print(f"  {label:<9} {name} = {value:.4f}")
