@@ -5,13 +5,17 @@ student's data, a checkpoint and its calibration data) compare these."""
 
 from __future__ import annotations
 
+import logging
 from pathlib import Path
 
 from engine.checkpoint import store as ckpt
 from engine.data.samples import parse_blend
+from engine.errors import InputError
 from engine.formats import CONFIG, TOKENIZER_DIR
 from engine.lineage import artifact_manifest
 from engine.manifest import sha256_file
+
+log = logging.getLogger(__name__)
 
 
 def dataset_tokenizers(blend: list[str]) -> set[str]:
@@ -35,3 +39,17 @@ def checkpoint_tokenizers(path: Path) -> set[str]:
                 for f in folder.iterdir() if f.is_file() and f.name.startswith("tokenizer")}
     blend = ((ckpt.read_meta(path).get("spec") or {}).get("data") or {}).get("blend")
     return dataset_tokenizers(blend) if blend else set()
+
+
+def check_same_tokenizer(model: Path, datasets: list[str], what: str, model_role: str,
+                         data_role: str) -> None:
+    """Refuse a model and datasets recorded with different tokenizers (an InputError starting
+    with `what`); warn when either is not recorded: then only sizes and id ranges can be."""
+    ours, theirs = checkpoint_tokenizers(model), dataset_tokenizers(datasets)
+    if not ours or not theirs:
+        log.warning("%s: the tokenizer of the %s is not recorded; it cannot be compared", what,
+                    model_role if not ours else data_role)
+    elif not ours & theirs:
+        raise InputError(f"{what}: the {model_role} and the {data_role} were made with different "
+                         f"tokenizers (sha256 {sorted(s[:16] for s in ours)} vs "
+                         f"{sorted(s[:16] for s in theirs)}); they must share one")

@@ -13,7 +13,7 @@ import numpy as np
 import torch
 
 from engine.data.indexed import IndexedDataset, index_path
-from engine.data.provenance import checkpoint_tokenizers, dataset_tokenizers
+from engine.data.provenance import check_same_tokenizer, checkpoint_tokenizers
 from engine.data.tokenize import resolve_inputs
 from engine.data.tokenizer import load_tokenizer
 from engine.errors import InputError
@@ -30,7 +30,8 @@ def calibration_tokens(data: str, checkpoint: Path, vocab_size: int, samples: in
     short) for the model `checkpoint` (an iter_* folder or an HF folder); JSONL is tokenized
     with `tokenizer`, else the model's own."""
     if index_path(data).is_file():
-        _check_dataset_tokenizer(data, checkpoint)
+        check_same_tokenizer(checkpoint, [data], f"calibration {data}", "model",
+                             "calibration data")
         stream = _dataset_documents(data)
     else:
         stream = _jsonl_documents(data, text_key, checkpoint, tokenizer)
@@ -85,14 +86,3 @@ def _jsonl_documents(data: str, text_key: str, checkpoint: Path,
             elif tok.eod_id is not None:
                 ids = ids + [tok.eod_id]
             yield np.asarray(ids, dtype=np.int64)
-
-
-def _check_dataset_tokenizer(prefix: str, checkpoint: Path) -> None:
-    data, model = dataset_tokenizers([prefix]), checkpoint_tokenizers(checkpoint)
-    if not data or not model:
-        log.warning("calibration %s: the tokenizer of the %s is not recorded; only the token "
-                    "ids' range is checked", prefix, "data" if not data else "checkpoint")
-    elif not data & model:
-        raise InputError(f"calibration {prefix}: tokenized with another tokenizer than the "
-                         f"checkpoint's (tokenizer sha256 {sorted(s[:16] for s in data)} vs "
-                         f"{sorted(s[:16] for s in model)})")

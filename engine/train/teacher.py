@@ -16,7 +16,7 @@ from pathlib import Path
 import torch
 
 from engine.checkpoint import store as ckpt
-from engine.data.provenance import checkpoint_tokenizers, dataset_tokenizers
+from engine.data.provenance import check_same_tokenizer
 from engine.errors import InputError
 from engine.formats import model_format
 from engine.model.config import ModelConfig
@@ -44,7 +44,7 @@ def load_teacher(spec: TrainSpec, student: ModelConfig, mesh: Mesh,
         raise InputError(f"distill.teacher {path}: vocabulary of {cfg.vocab_size} tokens, the "
                          f"student's has {student.vocab_size}: teacher and student must share "
                          f"the tokenizer")
-    _check_tokenizer(path, blend)
+    check_same_tokenizer(path, blend, f"distill.teacher {path}", "teacher", "student's data")
     dtype = torch.float32 if spec.precision == "fp32" else torch.bfloat16
     with torch.device("meta"):
         model = LlamaModel(cfg).to(dtype).requires_grad_(False)
@@ -59,14 +59,3 @@ def load_teacher(spec: TrainSpec, student: ModelConfig, mesh: Mesh,
              sum(p.numel() for p in model.parameters()), dtype,
              sum(local_shard(p).untyped_storage().nbytes() for p in model.parameters()))
     return model
-
-
-def _check_tokenizer(path: Path, blend: list[str]) -> None:
-    teacher, student = checkpoint_tokenizers(path), dataset_tokenizers(blend)
-    if not teacher or not student:
-        log.warning("distill.teacher %s: the tokenizer of the %s is not recorded; only the "
-                    "vocabulary sizes were compared", path, "teacher" if not teacher else "data")
-    elif not teacher & student:
-        raise InputError(f"distill.teacher {path}: trained with another tokenizer than the "
-                         f"student's data (tokenizer sha256 {sorted(teacher)} vs "
-                         f"{sorted(student)}): teacher and student must share the tokenizer")
