@@ -7,10 +7,12 @@ import contextlib
 import fcntl
 import json
 import os
+import select
 import shutil
 import socket
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -75,6 +77,92 @@ def _free_port() -> str:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return str(s.getsockname()[1])
+
+
+class Forked:
+    """A stage's process forked by the fork server (tests/fault_runner.py), used as a
+    subprocess.Popen: pid, returncode, send_signal, poll, wait, communicate."""
+
+    def __init__(self, conn: socket.socket, out, err):
+        self._conn, self._buffer, self._out, self._err = conn, b"", out, err
+        self.pid = self._next_line()
+        self.returncode = None
+
+    def _next_line(self) -> int:
+        while b"\n" not in self._buffer:
+            chunk = self._conn.recv(64)
+            assert chunk, "the fork server's waiter died"
+            self._buffer += chunk
+        line, self._buffer = self._buffer.split(b"\n", 1)
+        return int(line)
+
+    def send_signal(self, sig: int) -> None:
+        if self.returncode is None:
+            os.kill(self.pid, sig)
+
+    def poll(self) -> int | None:
+        try:
+            return self.wait(timeout=0)
+        except subprocess.TimeoutExpired:
+            return None
+
+    def wait(self, timeout: float | None = None) -> int:
+        if self.returncode is None:
+            if b"\n" not in self._buffer and not select.select([self._conn], [], [], timeout)[0]:
+                raise subprocess.TimeoutExpired(f"engine {self.pid}", timeout)
+            self.returncode = self._next_line()
+            self._conn.close()
+        return self.returncode
+
+    def communicate(self, timeout: float | None = None) -> tuple[str, str]:
+        self.wait(timeout)
+        return self.output()
+
+    def output(self) -> tuple[str, str]:
+        """Its stdout and stderr so far (pread: the process shares the files' offsets)."""
+        return tuple(os.pread(f.fileno(), os.fstat(f.fileno()).st_size, 0).decode(errors="replace")
+                     for f in (self._out, self._err))
+
+
+_fork_server: tuple[subprocess.Popen, str] | None = None
+
+
+def _started_fork_server() -> str:
+    """The fork server's socket, the server started on first use (one per test session: it
+    costs an interpreter start and the imports, ~10 s); pytest_sessionfinish stops it."""
+    global _fork_server
+    if _fork_server is None:
+        path = os.path.join(tempfile.mkdtemp(prefix="lmforge-forks-"), "socket")
+        proc = subprocess.Popen([sys.executable, "-m", "tests.fault_runner", path], cwd=REPO,
+                                env={**os.environ, "OMP_NUM_THREADS": "1"},
+                                stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+        assert proc.stdout.readline() == "ready\n", "the fork server did not start"
+        _fork_server = proc, path
+    return _fork_server[1]
+
+
+def pytest_sessionfinish(session) -> None:
+    if _fork_server is not None:
+        proc, path = _fork_server
+        proc.stdin.close()  # its signal to stop
+        proc.wait(timeout=60)
+        shutil.rmtree(os.path.dirname(path), ignore_errors=True)
+
+
+def forked_engine(argv: list[str], faults: tuple[str, ...] = (),
+                  env: dict[str, str] | None = None) -> Forked:
+    """`python -m engine ARGV` with `faults` injected (tests/fault_runner.py), in this process's
+    environment updated by `env` with OMP_NUM_THREADS=1, as a process forked from the fork
+    server: what a fresh interpreter would do, without its start and torch's import."""
+    out, err = tempfile.TemporaryFile(), tempfile.TemporaryFile()
+    conn = socket.socket(socket.AF_UNIX)
+    conn.connect(_started_fork_server())
+    socket.send_fds(conn, [b"\0"], [out.fileno(), err.fileno()])
+    request = {"argv": [str(a) for a in argv], "cwd": str(REPO), "faults": list(faults),
+               "env": {**os.environ, "OMP_NUM_THREADS": "1", **(env or {})}}
+    conn.sendall(json.dumps(request).encode())
+    conn.shutdown(socket.SHUT_WR)
+    return Forked(conn, out, err)
 
 
 def engine_ranks(*commands: list[str], ranks: int) -> list[str]:
