@@ -166,24 +166,20 @@ def forked_engine(argv: list[str], faults: tuple[str, ...] = (),
 
 
 def engine_ranks(*commands: list[str], ranks: int) -> list[str]:
-    """`python -m engine ARGS` for each ARGS of `commands`, one after the other in each of
-    `ranks` processes of one job (gloo), as a job's steps would but without paying for a
-    process start and torch's import each; their stderr. Each command gets a master port of
-    its own: torch's store does not serve a second process group on the port of the first."""
-    ports = [_free_port() for _ in commands]
-    code = ("import os, sys\nfrom engine.__main__ import main\n"
-            f"for port, argv in zip({ports!r}, {commands!r}):\n"
-            "    os.environ['MASTER_PORT'] = port\n"
-            "    if code := main(argv):\n"
-            "        sys.exit(code)\n")
-    procs = [subprocess.Popen(
-        [sys.executable, "-c", code], cwd=REPO,
-        env={**os.environ, "OMP_NUM_THREADS": "1", "RANK": str(r), "LOCAL_RANK": str(r),
-             "WORLD_SIZE": str(ranks), "MASTER_ADDR": "127.0.0.1"},
-        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for r in range(ranks)]
-    results = [p.communicate(timeout=300) for p in procs]
-    assert all(p.returncode == 0 for p in procs), "\n".join(err[-3000:] for _, err in results)
-    return [err for _, err in results]
+    """`python -m engine ARGS` for each ARGS of `commands`, one after the other, each as
+    `ranks` processes of one job (gloo), as a job's steps would; forked (forked_engine), so
+    that none pays for an interpreter start and torch's import. Their stderr, per rank. Each
+    command gets a master port of its own: torch's store does not serve a second process group
+    on the port of the first."""
+    logs = [""] * ranks
+    for argv in commands:
+        env = {"WORLD_SIZE": str(ranks), "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": _free_port()}
+        procs = [forked_engine(argv, env={**env, "RANK": str(r), "LOCAL_RANK": str(r)})
+                 for r in range(ranks)]
+        results = [p.communicate(timeout=300) for p in procs]
+        assert all(p.returncode == 0 for p in procs), "\n".join(err[-3000:] for _, err in results)
+        logs = [log + err for log, (_, err) in zip(logs, results)]
+    return logs
 
 
 def logged_losses(save: Path) -> dict[int, float]:
