@@ -11,19 +11,15 @@ import csv
 import itertools
 import json
 import math
-import os
 import re
 import shutil
-import socket
-import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 
-from conftest import shared
+from conftest import engine_ranks, shared
 from engine.data.indexed import IndexedDatasetWriter, data_path, index_path
 from engine.errors import InputError, SpecError
 from engine.evaluate import fineval, fineval_data, lambada, ppl, wikitext
@@ -36,7 +32,6 @@ from engine.registry import get_stage
 from engine.spec import load_spec
 
 transformers = pytest.importorskip("transformers")
-REPO = Path(__file__).resolve().parents[1]
 CPU = torch.device("cpu")
 
 
@@ -469,12 +464,6 @@ def test_per_document_option_writes_documents_jsonl(stories, tmp_path):
 
 # ---------------------------------------------------------------- reports, ranks, bad input
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def test_two_ranks_give_one_ranks_report(stories, tmp_path):
     spec = {"load_dir": str(stories), "progress": False, "limit": 4, "windows": ["256:128"],
             "ppl": [str(shared("text", "tinystories", "tinystories_sample.txt"))],
@@ -484,14 +473,7 @@ def test_two_ranks_give_one_ranks_report(stories, tmp_path):
     one, _ = evaluate(tmp_path, "one", **spec)
     config = tmp_path / "two.json"
     config.write_text(json.dumps({**spec, "output": str(tmp_path / "two")}))
-    env = {**os.environ, "WORLD_SIZE": "2", "MASTER_ADDR": "127.0.0.1",
-           "MASTER_PORT": str(_free_port()), "PYTHONPATH": str(REPO)}
-    procs = [subprocess.Popen([sys.executable, "-m", "engine", "evaluate", "--config", str(config)],
-                              env={**env, "RANK": str(r), "LOCAL_RANK": str(r)}, cwd=REPO,
-                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-             for r in range(2)]
-    outputs = [p.communicate(timeout=300) for p in procs]
-    assert [p.returncode for p in procs] == [0, 0], outputs[0][1][-3000:] + outputs[1][1][-3000:]
+    engine_ranks(["evaluate", "--config", str(config)], ranks=2)
     two = json.loads((tmp_path / "two" / "report.json").read_text())
     assert two["settings"]["world_size"] == 2
     assert one["metrics"].keys() == two["metrics"].keys()
