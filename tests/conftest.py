@@ -7,10 +7,12 @@ import contextlib
 import fcntl
 import json
 import os
+import select
 import shutil
 import socket
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -77,25 +79,107 @@ def _free_port() -> str:
         return str(s.getsockname()[1])
 
 
+class Forked:
+    """A stage's process forked by the fork server (tests/fault_runner.py), used as a
+    subprocess.Popen: pid, returncode, send_signal, poll, wait, communicate."""
+
+    def __init__(self, conn: socket.socket, out, err):
+        self._conn, self._buffer, self._out, self._err = conn, b"", out, err
+        self.pid = self._next_line()
+        self.returncode = None
+
+    def _next_line(self) -> int:
+        while b"\n" not in self._buffer:
+            chunk = self._conn.recv(64)
+            assert chunk, "the fork server's waiter died"
+            self._buffer += chunk
+        line, self._buffer = self._buffer.split(b"\n", 1)
+        return int(line)
+
+    def send_signal(self, sig: int) -> None:
+        if self.returncode is None:
+            os.kill(self.pid, sig)
+
+    def poll(self) -> int | None:
+        try:
+            return self.wait(timeout=0)
+        except subprocess.TimeoutExpired:
+            return None
+
+    def wait(self, timeout: float | None = None) -> int:
+        if self.returncode is None:
+            if b"\n" not in self._buffer and not select.select([self._conn], [], [], timeout)[0]:
+                raise subprocess.TimeoutExpired(f"engine {self.pid}", timeout)
+            self.returncode = self._next_line()
+            self._conn.close()
+        return self.returncode
+
+    def communicate(self, timeout: float | None = None) -> tuple[str, str]:
+        self.wait(timeout)
+        return self.output()
+
+    def output(self) -> tuple[str, str]:
+        """Its stdout and stderr so far (pread: the process shares the files' offsets)."""
+        return tuple(os.pread(f.fileno(), os.fstat(f.fileno()).st_size, 0).decode(errors="replace")
+                     for f in (self._out, self._err))
+
+
+_fork_server: tuple[subprocess.Popen, str] | None = None
+
+
+def _started_fork_server() -> str:
+    """The fork server's socket, the server started on first use (one per test session: it
+    costs an interpreter start and the imports, ~10 s); pytest_sessionfinish stops it."""
+    global _fork_server
+    if _fork_server is None:
+        path = os.path.join(tempfile.mkdtemp(prefix="lmforge-forks-"), "socket")
+        proc = subprocess.Popen([sys.executable, "-m", "tests.fault_runner", path], cwd=REPO,
+                                env={**os.environ, "OMP_NUM_THREADS": "1"},
+                                stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+        assert proc.stdout.readline() == "ready\n", "the fork server did not start"
+        _fork_server = proc, path
+    return _fork_server[1]
+
+
+def pytest_sessionfinish(session) -> None:
+    if _fork_server is not None:
+        proc, path = _fork_server
+        proc.stdin.close()  # its signal to stop
+        proc.wait(timeout=60)
+        shutil.rmtree(os.path.dirname(path), ignore_errors=True)
+
+
+def forked_engine(argv: list[str], faults: tuple[str, ...] = (),
+                  env: dict[str, str] | None = None) -> Forked:
+    """`python -m engine ARGV` with `faults` injected (tests/fault_runner.py), in this process's
+    environment updated by `env` with OMP_NUM_THREADS=1, as a process forked from the fork
+    server: what a fresh interpreter would do, without its start and torch's import."""
+    out, err = tempfile.TemporaryFile(), tempfile.TemporaryFile()
+    conn = socket.socket(socket.AF_UNIX)
+    conn.connect(_started_fork_server())
+    socket.send_fds(conn, [b"\0"], [out.fileno(), err.fileno()])
+    request = {"argv": [str(a) for a in argv], "cwd": str(REPO), "faults": list(faults),
+               "env": {**os.environ, "OMP_NUM_THREADS": "1", **(env or {})}}
+    conn.sendall(json.dumps(request).encode())
+    conn.shutdown(socket.SHUT_WR)
+    return Forked(conn, out, err)
+
+
 def engine_ranks(*commands: list[str], ranks: int) -> list[str]:
-    """`python -m engine ARGS` for each ARGS of `commands`, one after the other in each of
-    `ranks` processes of one job (gloo), as a job's steps would but without paying for a
-    process start and torch's import each; their stderr. Each command gets a master port of
-    its own: torch's store does not serve a second process group on the port of the first."""
-    ports = [_free_port() for _ in commands]
-    code = ("import os, sys\nfrom engine.__main__ import main\n"
-            f"for port, argv in zip({ports!r}, {commands!r}):\n"
-            "    os.environ['MASTER_PORT'] = port\n"
-            "    if code := main(argv):\n"
-            "        sys.exit(code)\n")
-    procs = [subprocess.Popen(
-        [sys.executable, "-c", code], cwd=REPO,
-        env={**os.environ, "OMP_NUM_THREADS": "1", "RANK": str(r), "LOCAL_RANK": str(r),
-             "WORLD_SIZE": str(ranks), "MASTER_ADDR": "127.0.0.1"},
-        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for r in range(ranks)]
-    results = [p.communicate(timeout=300) for p in procs]
-    assert all(p.returncode == 0 for p in procs), "\n".join(err[-3000:] for _, err in results)
-    return [err for _, err in results]
+    """`python -m engine ARGS` for each ARGS of `commands`, one after the other, each as
+    `ranks` processes of one job (gloo), as a job's steps would; forked (forked_engine), so
+    that none pays for an interpreter start and torch's import. Their stderr, per rank. Each
+    command gets a master port of its own: torch's store does not serve a second process group
+    on the port of the first."""
+    logs = [""] * ranks
+    for argv in commands:
+        env = {"WORLD_SIZE": str(ranks), "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": _free_port()}
+        procs = [forked_engine(argv, env={**env, "RANK": str(r), "LOCAL_RANK": str(r)})
+                 for r in range(ranks)]
+        results = [p.communicate(timeout=300) for p in procs]
+        assert all(p.returncode == 0 for p in procs), "\n".join(err[-3000:] for _, err in results)
+        logs = [log + err for log, (_, err) in zip(logs, results)]
+    return logs
 
 
 def logged_losses(save: Path) -> dict[int, float]:

@@ -11,22 +11,18 @@ import csv
 import itertools
 import json
 import math
-import os
 import re
 import shutil
-import socket
-import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 
-from conftest import shared
+from conftest import engine_ranks, shared
 from engine.data.indexed import IndexedDatasetWriter, data_path, index_path
 from engine.errors import InputError, SpecError
-from engine.evaluate import fineval, fineval_data, lambada, wikitext
+from engine.evaluate import fineval, fineval_data, lambada, ppl, wikitext
 from engine.evaluate.ppl import windows
 from engine.evaluate.report import compare_reports
 from engine.evaluate.scoring import NLL, SCORED, Request, Scorer
@@ -36,7 +32,6 @@ from engine.registry import get_stage
 from engine.spec import load_spec
 
 transformers = pytest.importorskip("transformers")
-REPO = Path(__file__).resolve().parents[1]
 CPU = torch.device("cpu")
 
 
@@ -414,13 +409,60 @@ def test_wikitext_conventions_by_hand(tokenizer, tmp_path):
         assert records[0]["windows"] > records[1]["windows"]  # stride 3 vs back to back
 
 
+# ---------------------------------------------------------------- per-document numbers
+
+def test_per_document_rows_by_hand(tokenizer, tmp_path):
+    """A uniform model: every scored token costs ln V, so a document's log-probability is
+    -(its scored tokens) · ln V; a suite's rows add up to its record."""
+    scorer = Scorer(UniformModel(tokenizer.vocab_size), CPU, progress=False)
+    texts = ["the dog ran to the red bus", "a cat sat", "one two three four five six seven"]
+    data = tmp_path / "docs.jsonl"
+    data.write_text("".join(json.dumps({"text": t}) + "\n" for t in texts))
+    release = tmp_path / "wiki.test.raw"
+    release.write_text(" = Title = \n \n a b c @-@ d . \n = Other = \n \n g h \n")
+    rows: list[dict] = []
+    docs = ppl.load_documents(str(data), lambda: tokenizer, "text", tokenizer.bos_id,
+                              tokenizer.vocab_size, None)
+    (ppl_record,) = ppl.evaluate(scorer, [docs], [(4, 2)], rows)
+    (wiki_record,) = wikitext.evaluate(scorer, str(release), tokenizer, tokenizer.bos_id,
+                                       [(8, 8)], True, "lm-eval", per_document=rows)
+    (lambada_record,) = lambada.evaluate(scorer, str(data), tokenizer, tokenizer.bos_id, 64,
+                                         "text", None, "lm-eval", rows)
+    suites = {name: [r for r in rows if r["suite"] == name]
+              for name in ("ppl", "wikitext", "lambada")}
+    assert [len(v) for v in suites.values()] == [3, 2, 3] and len(rows) == 8
+    assert [r["tokens"] for r in suites["ppl"]] == [len(ids) for ids in tokenizer.encode(texts)]
+    assert suites["ppl"][0]["window"] == "4:2" and suites["wikitext"][1]["document"] == 1
+    for row in rows:
+        assert row["log_prob"] == pytest.approx(-row["tokens"] * math.log(tokenizer.vocab_size))
+    for name, record, tokens in [("ppl", ppl_record, "tokens"), ("wikitext", wiki_record, "tokens"),
+                                 ("lambada", lambada_record, "target_tokens")]:
+        assert -sum(r["log_prob"] for r in suites[name]) == pytest.approx(record["nll_sum"])
+        assert sum(r["tokens"] for r in suites[name]) == record[tokens]
+    assert sum(r["greedy"] for r in suites["lambada"]) == lambada_record["correct"]
+    assert sum(r["strict"] for r in suites["lambada"]) == lambada_record["correct_strict"]
+
+
+def test_per_document_option_writes_documents_jsonl(stories, tmp_path):
+    from engine.__main__ import main
+
+    data = str(shared("text", "lambada", "lambada_test.jsonl"))
+    out = tmp_path / "with"
+    assert main(["evaluate", "--load-dir", str(stories), "--output", str(out), "--lambada", data,
+                 "--limit", "5", "--no-progress", "--per-document"]) == 0
+    rows = [json.loads(line) for line in (out / "documents.jsonl").read_text().splitlines()]
+    (record,) = json.loads((out / "report.json").read_text())["records"]
+    assert [r["document"] for r in rows] == list(range(5))
+    assert -sum(r["log_prob"] for r in rows) == pytest.approx(record["nll_sum"])
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert "documents.jsonl" in manifest["files"] and manifest["spec"]["per_document"]
+    report, plain = evaluate(tmp_path, "without", load_dir=str(stories), lambada=data, limit=5)
+    assert report["records"] == [record] and "documents.jsonl" not in plain["files"]
+    assert not (tmp_path / "without" / "documents.jsonl").exists()
+    assert plain["fingerprint"] != manifest["fingerprint"]  # another artifact: other files
+
+
 # ---------------------------------------------------------------- reports, ranks, bad input
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
 
 def test_two_ranks_give_one_ranks_report(stories, tmp_path):
     spec = {"load_dir": str(stories), "progress": False, "limit": 4, "windows": ["256:128"],
@@ -431,14 +473,7 @@ def test_two_ranks_give_one_ranks_report(stories, tmp_path):
     one, _ = evaluate(tmp_path, "one", **spec)
     config = tmp_path / "two.json"
     config.write_text(json.dumps({**spec, "output": str(tmp_path / "two")}))
-    env = {**os.environ, "WORLD_SIZE": "2", "MASTER_ADDR": "127.0.0.1",
-           "MASTER_PORT": str(_free_port()), "PYTHONPATH": str(REPO)}
-    procs = [subprocess.Popen([sys.executable, "-m", "engine", "evaluate", "--config", str(config)],
-                              env={**env, "RANK": str(r), "LOCAL_RANK": str(r)}, cwd=REPO,
-                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-             for r in range(2)]
-    outputs = [p.communicate(timeout=300) for p in procs]
-    assert [p.returncode for p in procs] == [0, 0], outputs[0][1][-3000:] + outputs[1][1][-3000:]
+    engine_ranks(["evaluate", "--config", str(config)], ranks=2)
     two = json.loads((tmp_path / "two" / "report.json").read_text())
     assert two["settings"]["world_size"] == 2
     assert one["metrics"].keys() == two["metrics"].keys()

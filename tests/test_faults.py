@@ -1,15 +1,14 @@
-"""Fault injection on real engine processes (tests/fault_runner.py): SIGKILL at every phase of a
-checkpoint save and prune, a re-run of a finished run, stop signals at start-up and in the final
-save, NaN in every precision, full disks, corrupted checkpoints. After each fault, what is on disk
-must be complete or clearly not, and running the same command again must finish with weights and
-losses bitwise equal to a run that saw no fault."""
+"""Fault injection on real engine processes (forked by tests/fault_runner.py): SIGKILL at every
+phase of a checkpoint save and prune, a re-run of a finished run, stop signals at start-up and in
+the final save, NaN in every precision, full disks, corrupted checkpoints. After each fault, what
+is on disk must be complete or clearly not, and running the same command again must finish with
+weights and losses bitwise equal to a run that saw no fault."""
 
 from __future__ import annotations
 
 import os
 import signal
 import subprocess
-import sys
 import time
 from pathlib import Path
 
@@ -17,13 +16,12 @@ import pytest
 import torch
 import yaml
 
-from conftest import REPO, TINY_MODEL, logged_losses
+from conftest import TINY_MODEL, forked_engine, logged_losses
 from engine.manifest import complete
 from engine.model.config import ModelConfig
 from engine.model.llama import LlamaModel
 from engine.checkpoint import store as ckpt
 
-RUNNER = REPO / "tests" / "fault_runner.py"
 CK = "engine.checkpoint.store"
 RUNS = [(1, "fp32"), (2, "bf16-master")]  # (seed, precision), alternated over the faults
 
@@ -46,10 +44,13 @@ def run_engine(stage: str, spec: dict | list[str], tmp: Path, *faults: str,
         cfg.write_text(yaml.safe_dump(spec))
         spec = ["--config", str(cfg)]
     start = time.monotonic()
-    proc = subprocess.run([sys.executable, str(RUNNER), *faults, "--", stage, *spec], cwd=REPO,
-                          env={**os.environ, "OMP_NUM_THREADS": "1"}, capture_output=True,
-                          text=True, timeout=timeout)
-    return proc.returncode, proc.stderr, time.monotonic() - start
+    proc = forked_engine([stage, *spec], faults)
+    try:
+        _, err = proc.communicate(timeout=timeout)
+    finally:
+        if proc.returncode is None:  # timed out: do not leave it running
+            proc.send_signal(signal.SIGKILL)
+    return proc.returncode, err, time.monotonic() - start
 
 
 def _weights(path: Path) -> dict[str, torch.Tensor]:

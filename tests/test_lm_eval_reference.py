@@ -10,14 +10,8 @@ import re
 
 import numpy as np
 import pytest
-import torch
 
 from conftest import shared
-from engine.evaluate import lambada, wikitext
-from engine.evaluate.inputs import read_jsonl
-from engine.evaluate.ppl import document_nll
-from engine.evaluate.scoring import Scorer
-from engine.evaluate.source import load_source
 from engine.evaluate.spec import Spec
 from engine.evaluate.stage import run
 from engine.spec import load_spec
@@ -83,7 +77,7 @@ def test_our_lm_eval_convention_agrees_with_lm_eval(data, reference, tmp_path):
     # the stage as users run it: report metrics against lm-eval's
     spec = load_spec(Spec, None, {"load_dir": str(data["model"]), "output": str(tmp_path / "r"),
                                   "wikitext": str(release), "lambada": str(data["lambada"]),
-                                  "progress": False})
+                                  "progress": False, "per_document": True})
     run(spec)
     report = json.loads((tmp_path / "r" / "report.json").read_text())
     ours = report["metrics"]
@@ -96,19 +90,20 @@ def test_our_lm_eval_convention_agrees_with_lm_eval(data, reference, tmp_path):
     (record,) = [r for r in report["records"] if r["suite"] == "wikitext"]
     assert record["documents"] == 62 and record["convention"] == "lm-eval"
 
-    # ... and document by document
-    source = load_source(str(data["model"]))
-    scorer = Scorer(source.model.eval(), torch.device("cpu"), progress=False)
-    tokenizer = source.tokenizer()
-    requests, cut = lambada.build_requests(read_jsonl(data["lambada"], "text"), "lm-eval",
-                                           tokenizer, tokenizer.bos_id, 512, "lambada")
-    nll, greedy, _, _ = lambada.score(scorer, requests, tokenizer)
+    # ... and document by document, from the same run's documents.jsonl
+    rows = [json.loads(line)
+            for line in (tmp_path / "r" / "documents.jsonl").read_text().splitlines()]
+    ours_lambada = [r for r in rows if r["suite"] == "lambada"]
     samples = reference["lambada_samples"]
-    assert cut == 0
-    np.testing.assert_allclose(-nll, [s["ll"] for s in samples], rtol=AGREE)
-    assert greedy.tolist() == [bool(s["is_greedy"]) for s in samples]
+    (lambada_record,) = [r for r in report["records"] if r["suite"] == "lambada"]
+    assert lambada_record["contexts_cut"] == 0
+    assert [r["document"] for r in ours_lambada] == list(range(len(samples)))
+    np.testing.assert_allclose([r["log_prob"] for r in ours_lambada], [s["ll"] for s in samples],
+                               rtol=AGREE)
+    assert [r["greedy"] for r in ours_lambada] == [bool(s["is_greedy"]) for s in samples]
 
-    docs = wikitext.documents(release.read_text(encoding="utf-8"), "lm-eval", tokenizer,
-                              tokenizer.bos_id, True)
-    nll, _ = document_nll(scorer, docs.tokens, 512, 512, align_last=True)
-    np.testing.assert_allclose(-nll, [s["ll"] for s in reference["wikitext_samples"]], rtol=AGREE)
+    ours_wikitext = [r for r in rows if r["suite"] == "wikitext"]
+    assert [(r["window"], r["document"]) for r in ours_wikitext] == [
+        ("512:512", i) for i in range(62)]
+    np.testing.assert_allclose([r["log_prob"] for r in ours_wikitext],
+                               [s["ll"] for s in reference["wikitext_samples"]], rtol=AGREE)

@@ -6,22 +6,18 @@ answer, bad requests get 4xx with a JSON message, and the bearer token is requir
 from __future__ import annotations
 
 import asyncio
-import os
 import signal
 import socket
-import subprocess
-import sys
 import threading
 import time
 from contextlib import contextmanager
-from pathlib import Path
 
 import httpx
 import pytest
 import torch
 import uvicorn
 
-from conftest import shared
+from conftest import forked_engine, shared
 from engine.evaluate.source import load_source
 from engine.generate.generator import Generator
 from engine.generate.params import Completion, SamplingParams
@@ -30,7 +26,6 @@ from engine.serve.batcher import Batcher
 from engine.serve.limits import Limits
 from engine.serve.spec import TOKEN_ENV
 
-REPO = Path(__file__).resolve().parents[1]
 TOKEN = "test-token"
 AUTH = {"Authorization": f"Bearer {TOKEN}"}
 TEXTS = ["Once upon a time", "The little dog", "Lily", "One day, a girl named Sue found a"]
@@ -269,19 +264,16 @@ def test_the_token_is_required(server, headers):
 
 
 def test_the_command_serves_until_stopped():
-    """`python -m engine serve`: loads, answers (its token from the environment), and stops
-    cleanly on SIGTERM."""
+    """`python -m engine serve` (forked_engine): loads, answers (its token from the
+    environment), and stops cleanly on SIGTERM."""
     port = free_port()
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "engine", "serve", "--load-dir", str(shared("tiny-llama", "hf")),
-         "--port", str(port), "--device", "cpu", "--max-tokens", "8"],
-        cwd=REPO, env={**os.environ, TOKEN_ENV: TOKEN}, stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT, text=True)
+    proc = forked_engine(["serve", "--load-dir", shared("tiny-llama", "hf"), "--port", port,
+                          "--device", "cpu", "--max-tokens", "8"], env={TOKEN_ENV: TOKEN})
     try:
         url = f"http://127.0.0.1:{port}"
         deadline = time.monotonic() + 90
         while True:
-            assert proc.poll() is None and time.monotonic() < deadline, proc.stdout.read()
+            assert proc.poll() is None and time.monotonic() < deadline, proc.output()
             try:
                 ready = httpx.get(f"{url}/v1/models", headers=AUTH).status_code == 200
             except httpx.TransportError:
@@ -297,7 +289,7 @@ def test_the_command_serves_until_stopped():
             "prompts": ["Lily"], "tokens_to_generate": 9}).status_code == 422
     finally:
         proc.send_signal(signal.SIGTERM)
-        out, _ = proc.communicate(timeout=30)
+        out = proc.communicate(timeout=30)
     assert proc.returncode == 0, out
 
 

@@ -9,14 +9,13 @@ import importlib.machinery
 import json
 import os
 import signal
-import subprocess
 import sys
 import time
 import types
 from pathlib import Path
 
 import pytest
-from conftest import REPO, shared
+from conftest import forked_engine, shared
 
 from cluster.submit import submit
 from engine.data import synthetic, tokenize
@@ -105,8 +104,7 @@ def test_killed_run_resumes_to_the_same_rows(corpus, straight, tmp_path):
     out = tmp_path / "out"
     spec = tmp_path / "spec.json"
     spec.write_text(_spec(corpus, out, shard_documents=1).model_dump_json())
-    proc = subprocess.Popen([sys.executable, "-m", "engine", "synthesize", "--config", str(spec)],
-                            cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    proc = forked_engine(["synthesize", "--config", str(spec)])
     try:
         deadline = time.monotonic() + 120
         while not list((out / "generated").glob("shard-*.jsonl")):

@@ -4,11 +4,8 @@ losses, finetune, schedules, and clear errors for bad specs and checkpoints."""
 from __future__ import annotations
 
 import json
-import os
 import signal
 import socket
-import subprocess
-import sys
 import time
 from pathlib import Path
 
@@ -16,7 +13,7 @@ import pytest
 import torch
 import yaml
 
-from conftest import REPO, TINY_MODEL, logged_losses
+from conftest import TINY_MODEL, forked_engine, logged_losses
 from engine.errors import InputError, SpecError
 from engine.manifest import sha256_file
 from engine.model.config import ModelConfig
@@ -49,11 +46,11 @@ def _spec(dataset: str, save: Path, **over) -> dict:
 
 
 def _engine(stage: str, spec: dict, tmp: Path, env: dict | None = None, wait: bool = True):
+    """`python -m engine STAGE --config ...` as a process of its own (forked_engine): (exit
+    status, stdout, stderr), or the process with `wait` False."""
     cfg = tmp / f"{stage}-{time.monotonic_ns()}.yaml"
     cfg.write_text(yaml.safe_dump(spec))
-    proc = subprocess.Popen([sys.executable, "-m", "engine", stage, "--config", str(cfg)], cwd=REPO,
-                            env={**os.environ, "OMP_NUM_THREADS": "1", **(env or {})},
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    proc = forked_engine([stage, "--config", str(cfg)], env=env)
     if not wait:
         return proc
     out, err = proc.communicate(timeout=300)

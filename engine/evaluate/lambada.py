@@ -36,6 +36,7 @@ from engine.data.tokenizer import Tokenizer
 from engine.errors import InputError
 from engine.evaluate.inputs import read_jsonl
 from engine.evaluate.ppl import perplexity
+from engine.evaluate.report import document_rows
 from engine.evaluate.scoring import MISMATCHES, NEXT_ID, NLL, SCORED, Request, Scorer
 
 def lm_eval_split(text: str) -> tuple[str, str]:
@@ -124,10 +125,18 @@ def score(scorer: Scorer, requests: list[Request],
 
 
 def evaluate(scorer: Scorer, path: str, tokenizer: Tokenizer, bos_id: int | None,
-             max_length: int, text_key: str, limit: int | None, convention: str) -> list[dict]:
+             max_length: int, text_key: str, limit: int | None, convention: str,
+             per_document: list[dict] | None = None) -> list[dict]:
+    """The record of the dataset; each example's numbers appended to `per_document` when given
+    (report.document_rows: the target's log-probability and tokens, greedy and strict)."""
     texts = read_jsonl(path, text_key)[:limit]
     requests, cut = build_requests(texts, convention, tokenizer, bos_id, max_length, path)
     nll, greedy, strict, tokens = score(scorer, requests, tokenizer)
+    if per_document is not None:
+        per_document += document_rows(
+            {"suite": "lambada", "convention": convention, "dataset": Path(path).name}, nll,
+            [len(r.tokens) - r.score_from for r in requests],
+            greedy=greedy.tolist(), strict=strict.tolist())
     n = len(requests)
     return [{"suite": "lambada", "convention": convention, "dataset": Path(path).name,
              "path": str(path), "examples": n,

@@ -29,6 +29,7 @@ from engine.data.indexed import IndexedDataset, index_path
 from engine.data.tokenizer import Tokenizer
 from engine.errors import InputError
 from engine.evaluate.inputs import read_jsonl, read_text
+from engine.evaluate.report import document_rows
 from engine.evaluate.scoring import NLL, SCORED, Request, Scorer
 
 log = logging.getLogger(__name__)
@@ -121,15 +122,20 @@ def load_documents(path: str, get_tokenizer: Callable[[], Tokenizer], text_key: 
     return Documents(p.name, str(path), kind, docs)
 
 
-def evaluate(scorer: Scorer, datasets: list[Documents],
-             settings: list[tuple[int, int]]) -> list[dict]:
-    """One record per (dataset, length, stride): tokens scored, mean NLL, perplexity."""
+def evaluate(scorer: Scorer, datasets: list[Documents], settings: list[tuple[int, int]],
+             per_document: list[dict] | None = None) -> list[dict]:
+    """One record per (dataset, length, stride): tokens scored, mean NLL, perplexity; each
+    document's numbers appended to `per_document` when given (report.document_rows)."""
     records = []
     for ds in datasets:
-        count = sum(max(len(d) - 1, 0) for d in ds.documents)
+        scored = [max(len(d) - 1, 0) for d in ds.documents]
+        count = sum(scored)
         for length, stride in settings:
             nll_per_doc, n_windows = document_nll(scorer, ds.documents, length, stride,
                                                   desc=f"ppl {ds.name} {length}:{stride}")
+            if per_document is not None:
+                what = {"suite": "ppl", "dataset": ds.name, "window": f"{length}:{stride}"}
+                per_document += document_rows(what, nll_per_doc, scored)
             nll = float(nll_per_doc.sum())
             records.append({"suite": "ppl", "dataset": ds.name, "path": ds.path, "kind": ds.kind,
                             "seq_length": length, "stride": stride,

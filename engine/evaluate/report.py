@@ -14,7 +14,7 @@ import math
 from pathlib import Path
 from typing import Any, Iterable
 
-REPORT_JSON, REPORT_MD = "report.json", "report.md"
+REPORT_JSON, REPORT_MD, DOCUMENTS_JSONL = "report.json", "report.md", "documents.jsonl"
 
 
 def headline_metrics(records: list[dict]) -> dict[str, float]:
@@ -131,6 +131,23 @@ def write_report(folder: Path, report: dict) -> list[str]:
     (folder / REPORT_JSON).write_text(text + "\n", encoding="utf-8")
     (folder / REPORT_MD).write_text(render_markdown(report) + "\n", encoding="utf-8")
     return [REPORT_JSON, REPORT_MD]
+
+
+def document_rows(what: dict, nll: Iterable[float], tokens: Iterable[int],
+                  **columns: list) -> list[dict]:
+    """documents.jsonl's rows for one scored dataset: `what` (suite, dataset, ...), then each
+    document's index, summed log-probability and scored token count, and its `columns` values."""
+    return [{**what, "document": i, "log_prob": -float(n), "tokens": int(t),
+             **{name: values[i] for name, values in columns.items()}}
+            for i, (n, t) in enumerate(zip(nll, tokens, strict=True))]
+
+
+def write_documents(folder: Path, rows: list[dict]) -> str:
+    """documents.jsonl (the per_document option): one JSON line per scored document."""
+    text = "".join(json.dumps(strict_json(row), ensure_ascii=False, allow_nan=False) + "\n"
+                   for row in rows)
+    (folder / DOCUMENTS_JSONL).write_text(text, encoding="utf-8")
+    return DOCUMENTS_JSONL
 
 
 def _read(path: str | Path) -> dict:

@@ -102,6 +102,9 @@ class Spec(StageSpec):
     batch_tokens: int = Field(16384, gt=0, description="tokens per forward batch (padded)",
                               json_schema_extra=_NOT_OUTPUT)
     progress: bool = Field(True, json_schema_extra=_NOT_OUTPUT)
+    per_document: bool = Field(False, description="also write documents.jsonl: each document's "
+                               "(LAMBADA: example's) summed log-probability and scored tokens, "
+                               "for ppl, wikitext and lambada")
 
     @field_validator("windows")
     @classmethod

@@ -20,7 +20,7 @@ import torch.distributed as dist
 from engine.atomic import check_output_free, staged_dir
 from engine.errors import InputError
 from engine.evaluate import fineval, fineval_data, lambada, ppl, wikitext
-from engine.evaluate.report import headline_metrics, write_report
+from engine.evaluate.report import headline_metrics, write_documents, write_report
 from engine.evaluate.scoring import Scorer
 from engine.evaluate.source import Source, load_source
 from engine.evaluate.spec import Spec, input_paths, parse_window
@@ -54,8 +54,9 @@ def run(spec: Spec) -> Manifest | None:
     source = load_source(spec.load_dir, spec.tokenizer)  # before any process group: no collectives
     owns_group = not dist.is_initialized()
     env = distributed.setup(spec.device)
+    per_document = [] if spec.per_document else None
     try:
-        report = evaluate(spec, source, env)
+        report = evaluate(spec, source, env, per_document)
     finally:
         if owns_group:
             distributed.teardown()
@@ -63,6 +64,8 @@ def run(spec: Spec) -> Manifest | None:
         return None
     with staged_dir(out) as tmp:
         files = write_report(tmp, report)
+        if per_document is not None:
+            files.append(write_documents(tmp, per_document))
         fp, inputs = stage_fingerprint("evaluate", spec, input_paths(spec))
         finite = {k: v for k, v in report["metrics"].items() if math.isfinite(v)}
         summary = {"model": report["model"]["name"], "metrics": finite,
@@ -74,8 +77,10 @@ def run(spec: Spec) -> Manifest | None:
     return manifest
 
 
-def evaluate(spec: Spec, source: Source, env: distributed.Env) -> dict:
-    """Run the chosen suites; the report as a dict (see engine/evaluate/report.py)."""
+def evaluate(spec: Spec, source: Source, env: distributed.Env,
+             per_document: list[dict] | None = None) -> dict:
+    """Run the chosen suites; the report as a dict (see engine/evaluate/report.py). Each
+    document's numbers (ppl, wikitext, lambada) are appended to `per_document` when given."""
     cfg = source.cfg
     dtype = _compute_dtype(spec.dtype, env.device)
     model = source.model.to(device=env.device, dtype=dtype).eval()
@@ -100,18 +105,19 @@ def evaluate(spec: Spec, source: Source, env: distributed.Env) -> dict:
         start = time.perf_counter()
         datasets = [ppl.load_documents(p, tokenizer, spec.text_key, bos_id, cfg.vocab_size,
                                        spec.limit) for p in spec.ppl]
-        records += ppl.evaluate(scorer, datasets, windows)
+        records += ppl.evaluate(scorer, datasets, windows, per_document)
         timing["ppl"] = time.perf_counter() - start
     if spec.wikitext:
         start = time.perf_counter()
         records += wikitext.evaluate(scorer, spec.wikitext, tokenizer(), bos_id, windows,
                                      spec.wikitext_detokenize, spec.wikitext_convention,
-                                     spec.limit)
+                                     spec.limit, per_document)
         timing["wikitext"] = time.perf_counter() - start
     if spec.lambada:
         start = time.perf_counter()
         records += lambada.evaluate(scorer, spec.lambada, tokenizer(), bos_id, max_length,
-                                    spec.text_key, spec.limit, spec.lambada_convention)
+                                    spec.text_key, spec.limit, spec.lambada_convention,
+                                    per_document)
         timing["lambada"] = time.perf_counter() - start
     if spec.fineval:
         start = time.perf_counter()

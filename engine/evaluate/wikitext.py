@@ -28,6 +28,7 @@ from engine.data.tokenizer import Tokenizer
 from engine.errors import InputError
 from engine.evaluate.inputs import read_text
 from engine.evaluate.ppl import document_nll, perplexity
+from engine.evaluate.report import document_rows
 from engine.evaluate.scoring import Scorer
 
 log = logging.getLogger(__name__)
@@ -120,8 +121,9 @@ def _looks_joined(text: str) -> bool:
 
 def evaluate(scorer: Scorer, path: str, tokenizer: Tokenizer, bos_id: int | None,
              settings: list[tuple[int, int]], detokenize_text: bool, convention: str,
-             limit: int | None = None) -> list[dict]:
-    """One record per (length, stride): word, byte and token perplexity of the text."""
+             limit: int | None = None, per_document: list[dict] | None = None) -> list[dict]:
+    """One record per (length, stride): word, byte and token perplexity of the text; each
+    document's numbers appended to `per_document` when given (report.document_rows)."""
     text = read_text(path)
     if not text.strip():
         raise InputError(f"{path}: no text")
@@ -134,6 +136,10 @@ def evaluate(scorer: Scorer, path: str, tokenizer: Tokenizer, bos_id: int | None
     for length, stride in settings:
         nll_per_doc, n_windows = document_nll(scorer, docs.tokens, length, stride,
                                               docs.align_last, f"wikitext {length}:{stride}")
+        if per_document is not None:
+            what = {"suite": "wikitext", "convention": convention, "dataset": Path(path).name,
+                    "window": f"{length}:{stride}"}
+            per_document += document_rows(what, nll_per_doc, [len(d) - 1 for d in docs.tokens])
         nll = float(nll_per_doc.sum())
         records.append({"suite": "wikitext", "convention": convention,
                         "dataset": Path(path).name, "path": str(path),
