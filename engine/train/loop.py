@@ -57,6 +57,7 @@ from engine.parallel.pipeline import pipeline_step
 from engine.signals import StopSignals
 from engine.checkpoint import store as ckpt
 from engine.train.build import build
+from engine.train.context import extended_config
 from engine.train.flops import flops_per_token, peak_flops
 from engine.train.master_adamw import MasterAdamW, total_norm
 from engine.train.spec import TrainSpec, input_paths
@@ -82,6 +83,12 @@ def _resolve_model_config(spec: TrainSpec, start: Path | None) -> ModelConfig:
     if start is None:
         return spec.model
     stored = ModelConfig.model_validate(ckpt.read_model_config(start))
+    context = getattr(spec, "context", None)  # finetune's
+    if context is not None:
+        try:
+            stored = extended_config(stored, context)
+        except ValueError as exc:
+            raise InputError(f"{start}: {exc}") from None
     if spec.model is not None and spec.model != stored:
         raise InputError(f"{start}: checkpoint architecture differs from the spec's model: "
                          f"{stored.model_dump()} vs {spec.model.model_dump()}")

@@ -13,7 +13,9 @@ from engine.model.config import ModelConfig
 from engine.errors import SpecError
 from engine.parallel.layout import (DataParallel, Layout, PipelineSchedule, Recompute,
                                     check_layout, check_schedule, layout_for, model_errors)
+from engine.reshard.spec import source_files
 from engine.spec import StageSpec
+from engine.train.context import ContextSection, extended_config
 from engine.train.schedule import LRSchedule
 
 _NOT_OUTPUT = {"affects_output": False}
@@ -241,6 +243,23 @@ class PretrainSpec(TrainSpec):
 
 class FinetuneSpec(TrainSpec):
     """Start from the weights of `load`, with a fresh optimizer and iteration count."""
+
+    context: ContextSection | None = Field(None, description="extend the context: RoPE "
+                                           "rescaled for a longer max_length, trained at it")
+
+    @model_validator(mode="after")
+    def _context_fits(self) -> "FinetuneSpec":
+        """The extension against the checkpoint's shape where it is visible (the loop checks it
+        again when it reads the checkpoint), and the sequences against the new length."""
+        if self.context is None:
+            return self
+        found = source_files(self.load) if self.load else None
+        if found is not None:
+            extended_config(found[1], self.context)
+        if self.data.seq_length > self.context.max_length:
+            raise ValueError(f"data.seq_length ({self.data.seq_length}) is above "
+                             f"context.max_length ({self.context.max_length})")
+        return self
 
     @model_validator(mode="after")
     def _needs_load(self) -> "FinetuneSpec":

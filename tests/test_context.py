@@ -1,0 +1,140 @@
+"""Context extension in finetune: the real stories260K (trained at 512 positions) extended to
+1,024 by position interpolation and trained briefly on a book; its perplexity over 1,024-token
+windows of another book against the base model's, the HF export's logits against transformers',
+and the extensions that are refused before any job."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from pydantic import ValidationError
+
+from conftest import shared
+from engine.convert import stage as convert
+from engine.convert.native import load_native
+from engine.data import tokenize
+from engine.evaluate.spec import Spec as EvaluateSpec
+from engine.evaluate.stage import run as evaluate
+from engine.model.config import LinearScaling, YarnScaling
+from engine.model.llama import LlamaModel
+from engine.spec import load_spec
+from engine.train.context import ContextSection, extended_config
+from engine.train.loop import train
+from engine.train.spec import FinetuneSpec
+
+
+def _book_chunks(name: str, paragraphs: int = 40) -> list[str]:
+    text = shared("text", "gutenberg", name).read_text(encoding="utf-8")
+    paras = [p.strip() for p in text.split("\n\n") if p.strip()]
+    return ["\n\n".join(paras[i:i + paragraphs]) for i in range(0, len(paras), paragraphs)]
+
+
+@pytest.fixture(scope="module")
+def books(tmp_path_factory) -> dict:
+    """stories260K as a native checkpoint; Alice in Wonderland tokenized with its tokenizer
+    (training), the start of A Tale of Two Cities as JSONL (held out)."""
+    root = tmp_path_factory.mktemp("context")
+    convert.run(convert.Spec(load_dir=str(shared("tiny-llama", "hf")), save_dir=str(root / "parent"),
+                             source_format="hf", target_format="native"))
+    (root / "alice.jsonl").write_text("".join(json.dumps({"text": c}) + "\n"
+                                              for c in _book_chunks("pg11.txt")))
+    (root / "heldout.jsonl").write_text("".join(json.dumps({"text": c}) + "\n"
+                                                for c in _book_chunks("pg98.txt")[:6]))
+    tokenize.run(tokenize.Spec(input=[str(root / "alice.jsonl")], output_prefix=str(root / "alice"),
+                               tokenizer=str(root / "parent" / "tokenizer" / "tokenizer.model"),
+                               add_bos=True, progress=False))
+    return {"root": root, "parent": root / "parent", "data": str(root / "alice_text_document"),
+            "heldout": str(root / "heldout.jsonl")}
+
+
+def _finetune(books, save, iters: int, context: dict | None, **extra) -> dict:
+    spec = {"load": str(books["parent"]), "checkpoint": {"save": str(save)},
+            "data": {"blend": [books["data"]], "seq_length": 1024, "split": "95,5,0"},
+            "iters": iters, "global_batch_size": 4, "micro_batch_size": 4, "precision": "fp32",
+            "device": "cpu", "optim": {"lr": 2e-3, "warmup_iters": 3}, **extra}
+    if context is not None:
+        spec["context"] = context
+    return spec
+
+
+def _ppl(model_dir, out, books) -> dict[str, float]:
+    spec = load_spec(EvaluateSpec, None, {
+        "load_dir": str(model_dir), "output": str(out), "ppl": [books["heldout"]],
+        "windows": ["512:512", "1024:1024"], "progress": False,
+        "tokenizer": str(books["parent"] / "tokenizer")})
+    evaluate(spec)
+    report = json.loads((out / "report.json").read_text())
+    return {f"{r['seq_length']}": r["ppl"] for r in report["records"]}
+
+
+def test_factor_one_is_the_identity(books):
+    cfg, model, _, _ = load_native(books["parent"])
+    same = extended_config(cfg, ContextSection(max_length=cfg.max_position_embeddings))
+    assert same.rope_scaling == LinearScaling(factor=1.0)
+    extended = LlamaModel(same)
+    extended.load_state_dict(model.state_dict())
+    ids = torch.randint(0, cfg.vocab_size, (2, 512), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        assert torch.equal(extended(ids), model(ids))
+
+
+def test_extension_lowers_long_window_ppl_and_loads_in_transformers(books, tmp_path):
+    """PI × 2 and 30 steps on Alice: perplexity over 1,024-token windows of another book falls
+    below the base model's (which extrapolates), and the extended model's 1,024 is below the
+    base's own 512. The checkpoint records the new RoPE; its HF export gives our logits in
+    transformers at every position up to 1,024."""
+    import transformers
+
+    spec = FinetuneSpec.model_validate(_finetune(books, tmp_path / "ext", 30,
+                                                 {"max_length": 1024, "method": "linear"}))
+    train(spec, "finetune")
+    cfg, ours, _, _ = load_native(tmp_path / "ext")
+    assert cfg.rope_scaling == LinearScaling(factor=2.0) and cfg.max_position_embeddings == 1024
+    base = _ppl(books["parent"], tmp_path / "eval-base", books)
+    extended = _ppl(tmp_path / "ext", tmp_path / "eval-ext", books)
+    assert extended["1024"] < base["1024"] and extended["1024"] < base["512"], (base, extended)
+
+    convert.run(convert.Spec(load_dir=str(tmp_path / "ext"), save_dir=str(tmp_path / "hf"),
+                             source_format="native", target_format="hf",
+                             tokenizer=str(books["parent"] / "tokenizer")))
+    hf = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "hf").eval()
+    assert hf.config.max_position_embeddings == 1024
+    ids = torch.randint(0, cfg.vocab_size, (1, 1024), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        torch.testing.assert_close(hf(ids).logits, ours(ids), rtol=1e-4, atol=1e-4)
+
+
+def test_yarn_and_llama3_configs_and_a_resumed_extension(books):
+    cfg, _, _, _ = load_native(books["parent"])
+    yarn = extended_config(cfg, ContextSection(max_length=2048, method="yarn", beta_fast=16))
+    assert yarn.rope_scaling == YarnScaling(factor=4.0, original_max_position_embeddings=512,
+                                            beta_fast=16)
+    assert extended_config(yarn, ContextSection(max_length=2048, method="yarn",
+                                                beta_fast=16)) == yarn  # resumed: as it is
+    llama3 = extended_config(cfg, ContextSection(max_length=4096, method="llama3", factor=4))
+    assert llama3.rope_scaling.factor == 4 and llama3.max_position_embeddings == 4096
+
+
+@pytest.mark.parametrize("context, extra, message", [
+    ({"max_length": 1024, "factor": 3}, {}, "context.factor 3 × the checkpoint's length 512 is 1536"),
+    ({"max_length": 256}, {}, "context.max_length 256 is below the checkpoint's length 512"),
+    ({"max_length": 768}, {}, "data.seq_length (1024) is above context.max_length (768)"),
+    (None, {}, "data.seq_length 1024 is above the checkpoint's max_position_embeddings 512"),
+])
+def test_extensions_that_cannot_work_are_refused(books, tmp_path, context, extra, message):
+    data = _finetune(books, tmp_path / "x", 2, context, **extra)
+    if context is None:  # no extension: the loop refuses the long sequences when it reads the model
+        with pytest.raises(Exception, match="above the checkpoint's max_position_embeddings 512"):
+            train(FinetuneSpec.model_validate(data), "finetune")
+        return
+    with pytest.raises(ValidationError, match=message.replace("(", r"\(").replace(")", r"\)")):
+        FinetuneSpec.model_validate(data)
+
+
+def test_an_extended_checkpoint_is_not_extended_again(books, tmp_path):
+    cfg, _, _, _ = load_native(books["parent"])
+    once = extended_config(cfg, ContextSection(max_length=1024))
+    with pytest.raises(ValueError, match="already extended \\(linear, max_position_embeddings 1024"):
+        extended_config(once, ContextSection(max_length=2048))
