@@ -4,7 +4,7 @@
 # last 4 measured; the job is stopped after them, before its final checkpoint: an 8B one would
 # not fit the machine's disk). Logs under $OUT. The image lacks pydantic: carry .whl/py
 # (`bash bench/gpu_generate.sh wheels`).
-#   bash bench/gpu_train_layouts.sh SHAPE RECOMPUTE MICRO_BATCH [ddp|fsdp]
+#   bash bench/gpu_train_layouts.sh SHAPE RECOMPUTE MICRO_BATCH [ddp|fsdp] [SEQ_LENGTH]
 set -euo pipefail
 python3 -m pip install -q --no-index --no-deps --target /tmp/site .whl/py/*.whl 2>/dev/null
 export PYTHONPATH="/tmp/site:$PWD"
@@ -21,13 +21,15 @@ llama-3.2-3b)   shape=(128256 3072 8192 28 24 8) ;;
 llama-3-8b)     shape=(128256 4096 14336 32 32 8) ;;
 *) echo "unknown shape $1" >&2; exit 2 ;;
 esac
-log="${OUT:-/tmp}/train-$1-$2-mb$3-${4:-ddp}.log"
+seq=${5:-4096}
+log="${OUT:-/tmp}/train-$1-$2-mb$3-${4:-ddp}-seq$seq.log"
 rm -rf "$W/ckpt"
 python3 -m engine pretrain --config bench/configs/gpu_layouts.yaml \
     --model.vocab-size "${shape[0]}" --model.hidden-size "${shape[1]}" \
     --model.intermediate-size "${shape[2]}" --model.num-layers "${shape[3]}" \
     --model.num-heads "${shape[4]}" --model.num-kv-heads "${shape[5]}" \
-    --model.max-position-embeddings 4096 --recompute "$2" --micro-batch-size "$3" \
+    --model.max-position-embeddings "$((seq > 4096 ? seq : 4096))" --data.seq-length "$seq" \
+    --recompute "$2" --micro-batch-size "$3" \
     --global-batch-size "$3" --data-parallel "${4:-ddp}" >"$log" 2>&1 &
 job=$!
 until grep -q "iter 12/12" "$log" || ! kill -0 "$job" 2>/dev/null; do sleep 1; done
