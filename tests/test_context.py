@@ -6,6 +6,7 @@ and the extensions that are refused before any job."""
 from __future__ import annotations
 
 import json
+import random
 
 import pytest
 import torch
@@ -138,3 +139,44 @@ def test_an_extended_checkpoint_is_not_extended_again(books, tmp_path):
     once = extended_config(cfg, ContextSection(max_length=1024))
     with pytest.raises(ValueError, match="already extended \\(linear, max_position_embeddings 1024"):
         extended_config(once, ContextSection(max_length=2048))
+
+
+def test_passkey_prompts_and_retrieval_as_greedy_decoding(books, tmp_path):
+    """Prompts fill their length with the number at its depth; the stage's retrieval decision
+    for every trial is what greedy decoding with the generator (KV cache) produces."""
+    from engine.data.tokenizer import load_tokenizer
+    from engine.evaluate import passkey
+    from engine.generate.generator import Generator
+    from engine.generate.params import SamplingParams
+
+    tok = load_tokenizer(books["parent"] / "tokenizer")
+    for depth in (0.0, 0.5, 1.0):
+        request = passkey.build_request(tok, tok.bos_id, 1024, depth, "31415")
+        filler = len(tok.encode([passkey.FILLER])[0])
+        assert 1024 - filler < len(request.tokens) <= 1024
+        text = tok.decode(request.tokens[:request.score_from].tolist())
+        share = text.index("31415") / text.index("What is the pass key")
+        assert abs(share - depth) < 0.1, (depth, share)
+
+    spec = load_spec(EvaluateSpec, None, {
+        "load_dir": str(books["parent"]), "output": str(tmp_path / "pk"), "passkey": [128, 256],
+        "passkey_depths": [0.0, 1.0], "passkey_trials": 3, "progress": False})
+    evaluate(spec)
+    report = json.loads((tmp_path / "pk" / "report.json").read_text())
+    assert set(report["metrics"]) == {"passkey/128/accuracy", "passkey/256/accuracy"}
+    assert "## Passkey retrieval" in (tmp_path / "pk" / "report.md").read_text()
+
+    _, model, _, _ = load_native(books["parent"])
+    generator = Generator(model, tok, torch.device("cpu"), progress=False)
+    draw = random.Random(1234)
+    for record in report["records"]:
+        keys = [(depth, str(draw.randrange(10_000, 100_000))) for depth in (0.0, 1.0)
+                for _ in range(3)]
+        requests = [passkey.build_request(tok, tok.bos_id, record["length"], d, k) for d, k in keys]
+        prompts = [r.tokens[:r.score_from].tolist() for r in requests]
+        answers = [r.tokens[r.score_from:].tolist() for r in requests]
+        greedy = generator.generate(prompts, [SamplingParams(temperature=0, max_tokens=len(a))
+                                              for a in answers])
+        found = [list(c[0].token_ids) == a for c, a in zip(greedy, answers)]
+        assert record["accuracy"] == pytest.approx(sum(found) / len(found))
+        assert record["by_depth"]["0.0"] == pytest.approx(sum(found[:3]) / 3)

@@ -30,6 +30,8 @@ def headline_metrics(records: list[dict]) -> dict[str, float]:
         elif suite == "lambada":
             for key in ("accuracy", "accuracy_strict", "ppl_word", "ppl_token"):
                 out[f"lambada/{r['convention']}/{key}"] = r[key]
+        elif suite == "passkey":
+            out[f"passkey/{r['length']}/accuracy"] = r["accuracy"]
         elif suite == "fineval" and r["level"] != "subject":
             base = f"fineval/{r['shots']}-shot/{r['method']}/{r['name']}"
             out[f"{base}/accuracy"] = r["accuracy"]
@@ -82,6 +84,13 @@ def render_markdown(report: dict) -> str:
                         ([r["dataset"], r["convention"], r["examples"], r["accuracy"],
                           r["accuracy_strict"], r["ppl_word"], r["ppl_token"]]
                          for r in by_suite["lambada"]))
+    if "passkey" in by_suite:
+        depths = list(by_suite["passkey"][0]["by_depth"])
+        lines += ["## Passkey retrieval", ""]
+        lines += _table(["length", "tokens", "trials", "accuracy"]
+                        + [f"accuracy at depth {d}" for d in depths],
+                        ([r["length"], r["tokens"], r["trials"], r["accuracy"]]
+                         + [r["by_depth"][d] for d in depths] for r in by_suite["passkey"]))
     if "fineval" in by_suite:
         lines += _fineval_markdown(by_suite["fineval"])
     return "\n".join(lines)

@@ -90,6 +90,14 @@ class Spec(StageSpec):
         "context, words and bytes of the articles; megatron: one stream, Megatron-LM's "
         "adjusted perplexity")
     wikitext_detokenize: bool = Field(True, description="apply Megatron's WikiText detokenizer")
+    passkey: CliVariadicArg[list[int] | None] = Field(
+        None, description="passkey retrieval at these prompt lengths in tokens (e.g. 512 1024 "
+        "2048): a 5-digit number hidden in filler text, then asked for")
+    passkey_depths: CliVariadicArg[list[float]] = Field(
+        [0.0, 0.25, 0.5, 0.75, 1.0], description="where the number sits: the share of the "
+        "filler before it")
+    passkey_trials: int = Field(4, gt=0, description="numbers drawn per length and depth")
+    passkey_seed: int = Field(1234, description="the numbers' draw")
     add_bos: bool = Field(True, description="start every document / prompt with BOS")
     max_length: int | None = Field(None, gt=1, description="positions for FinEval and LAMBADA "
                                    "prompts; default: the model's max_position_embeddings")
@@ -122,9 +130,13 @@ class Spec(StageSpec):
 
     @model_validator(mode="after")
     def _suites_and_templates(self) -> Spec:
-        if not (self.ppl or self.fineval or self.lambada or self.wikitext):
+        if not (self.ppl or self.fineval or self.lambada or self.wikitext or self.passkey):
             raise ValueError("no suite chosen: give at least one of ppl, fineval, lambada, "
-                             "wikitext (their data paths)")
+                             "wikitext (their data paths) or passkey (its lengths)")
+        if self.passkey and (min(self.passkey) < 1 or not all(0 <= d <= 1
+                                                              for d in self.passkey_depths)):
+            raise ValueError("passkey lengths are positive token counts and passkey_depths "
+                             "shares between 0 and 1")
         for part in ("header", "question", "shot"):
             check_template(part, getattr(self, f"fineval_{part}"))
         return self

@@ -19,7 +19,7 @@ import torch.distributed as dist
 
 from engine.atomic import check_output_free, staged_dir
 from engine.errors import InputError
-from engine.evaluate import fineval, fineval_data, lambada, ppl, wikitext
+from engine.evaluate import fineval, fineval_data, lambada, passkey, ppl, wikitext
 from engine.evaluate.report import headline_metrics, write_documents, write_report
 from engine.evaluate.scoring import Scorer
 from engine.evaluate.source import Source, load_source
@@ -94,7 +94,7 @@ def evaluate(spec: Spec, source: Source, env: distributed.Env,
     trained = cfg.max_position_embeddings
     max_length = spec.max_length or trained
     windows = [parse_window(w) for w in spec.windows or [str(trained)]]
-    longest = max([max_length] + [length for length, _ in windows])
+    longest = max([max_length] + [length for length, _ in windows] + (spec.passkey or []))
     if longest > trained and isinstance(cfg.rope_scaling, NoScaling):
         log.warning("evaluating over %d positions with a model trained on %d and no RoPE scaling",
                     longest, trained)
@@ -128,6 +128,12 @@ def evaluate(spec: Spec, source: Source, env: distributed.Env,
         records += fineval.evaluate(scorer, data, template, tokenizer(), bos_id, max_length,
                                     spec.fineval_shots, spec.fineval_methods).records
         timing["fineval"] = time.perf_counter() - start
+
+    if spec.passkey:
+        start = time.perf_counter()
+        records += passkey.evaluate(scorer, tokenizer(), bos_id, spec.passkey,
+                                    spec.passkey_depths, spec.passkey_trials, spec.passkey_seed)
+        timing["passkey"] = time.perf_counter() - start
 
     path = source.path
     name = f"{path.parent.name}/{path.name}" if path.name.startswith("iter_") else path.name
