@@ -104,6 +104,8 @@ _TABLE = [
     Stage("reshard", "engine.reshard.spec:Spec", "engine.reshard.stage:run", "checkpoint",
           "output", ("format", "iteration", "parameters", "optimizer", "world_size", "layout",
                      "source")),
+    Stage("extend", "engine.extend.spec:Spec", "engine.extend.stage:run", "checkpoint",
+          "output", ("max_position_embeddings", "rope_scaling", "max_abs_logit_change")),
     Stage("prune", "engine.prune.spec:Spec", "engine.prune.stage:run", "checkpoint", "output",
           ("parameters", "shape", "method", "prune_type", "depth_method", "removed")),
     Stage("evaluate", "engine.evaluate.spec:Spec", "engine.evaluate.stage:run",

@@ -180,3 +180,31 @@ def test_passkey_prompts_and_retrieval_as_greedy_decoding(books, tmp_path):
         found = [list(c[0].token_ids) == a for c, a in zip(greedy, answers)]
         assert record["accuracy"] == pytest.approx(sum(found) / len(found))
         assert record["by_depth"]["0.0"] == pytest.approx(sum(found[:3]) / 3)
+
+
+def test_extend_stage_without_training_hf_in_and_out(tmp_path):
+    """The HF stories260K extended ×4 by YaRN with no training: a native checkpoint whose HF
+    export gives our logits in transformers over 2,048 positions; a bad factor is refused
+    before the stage runs."""
+    import transformers
+
+    from engine.extend import stage as extend
+    from engine.extend.spec import Spec as ExtendSpec
+
+    hf_in = shared("tiny-llama", "hf")
+    manifest = extend.run(ExtendSpec(input=str(hf_in), output=str(tmp_path / "yarn"),
+                                     context={"max_length": 2048, "method": "yarn"}))
+    assert manifest.summary["max_position_embeddings"] == [512, 2048]
+    assert manifest.summary["max_abs_logit_change"] > 0  # YaRN is not the identity below 512
+    cfg, ours, meta, _ = load_native(tmp_path / "yarn")
+    assert cfg.rope_scaling == YarnScaling(factor=4.0, original_max_position_embeddings=512)
+    assert meta["extended_from"]["model"]["max_position_embeddings"] == 512
+    convert.run(convert.Spec(load_dir=str(tmp_path / "yarn"), save_dir=str(tmp_path / "hf"),
+                             source_format="native", target_format="hf"))
+    hf = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "hf").eval()
+    ids = torch.randint(0, cfg.vocab_size, (1, 2048), generator=torch.Generator().manual_seed(2))
+    with torch.no_grad():
+        torch.testing.assert_close(hf(ids).logits, ours(ids), rtol=1e-4, atol=1e-4)
+    with pytest.raises(ValidationError, match="context.factor 2 × the checkpoint's length 512"):
+        ExtendSpec(input=str(hf_in), output=str(tmp_path / "bad"),
+                   context={"max_length": 2048, "factor": 2})

@@ -4,16 +4,13 @@ queued. The Megatron Cookbook's flags are accepted by their names."""
 
 from __future__ import annotations
 
-import json
-from pathlib import Path
 from typing import Literal
 
 from pydantic import AliasChoices, Field, field_validator, model_validator
 
-from engine.formats import CONFIG
 from engine.model.config import ModelConfig
 from engine.prune.shape import Targets, balance_errors, pruned_shape
-from engine.reshard.spec import source_files
+from engine.reshard.spec import model_config_of
 from engine.spec import StageSpec
 
 Method = Literal["activation", "magnitude", "random"]
@@ -126,25 +123,13 @@ class Spec(StageSpec):
 
     @model_validator(mode="after")
     def _fits_source(self) -> Spec:
-        found = source_config(self.input)
+        found = model_config_of(self.input)
         if found is not None:
             try:
                 self.pruned_shape(found)
             except ValueError as exc:
                 raise ValueError(f"{self.input}: {exc}") from None
         return self
-
-
-def source_config(path: str) -> ModelConfig | None:
-    """The model config of a native checkpoint or an HF folder, where it is readable (else the
-    stage says what is wrong)."""
-    found = source_files(path)
-    if found is not None:
-        return found[1]
-    try:
-        return ModelConfig.from_hf(json.loads((Path(path) / CONFIG).read_text()))
-    except (OSError, ValueError):
-        return None
 
 
 def input_paths(spec: Spec) -> dict[str, str]:

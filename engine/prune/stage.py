@@ -19,12 +19,9 @@ import torch
 from safetensors.torch import save_file
 
 from engine.atomic import check_output_free, staged_dir
-from engine.checkpoint.store import checkpoint_path
-from engine.convert.carry import copy_files, token_ids, tokenizer_files
-from engine.convert.hf import load_hf
-from engine.convert.native import load_native, write_native
+from engine.convert.loading import copy_model_tokenizer, load_model
+from engine.convert.native import write_native
 from engine.errors import InputError
-from engine.formats import TOKENIZER_DIR, copy_tokenizer, model_format
 from engine.lineage import stage_fingerprint
 from engine.manifest import Manifest, complete, sha256_file, write_manifest
 from engine.model.config import ModelConfig
@@ -49,7 +46,7 @@ def run(spec: Spec) -> Manifest:
         log.info("prune already finished: %s holds it; nothing to do", out)
         return done
     check_output_free(out)
-    cfg, model, meta, source = _load(spec.input)
+    cfg, model, meta, source = load_model(spec.input)
     try:
         target = spec.pruned_shape(cfg)
     except ValueError as exc:
@@ -90,7 +87,7 @@ def run(spec: Spec) -> Manifest:
         clock = time.perf_counter()
         final = write_native(tmp, pruned.cpu(), target, out_meta)
         _write_scores(tmp / PRUNING_DIR, scores, plan.record(cfg))
-        _copy_tokenizer(source, tmp)
+        copy_model_tokenizer(source, tmp)
         seconds["save"] = time.perf_counter() - clock
         seconds["total"] = time.perf_counter() - started
         summary = {"parameters": {"before": cfg.num_parameters(), "after": target.num_parameters()},
@@ -108,22 +105,6 @@ def run(spec: Spec) -> Manifest:
         write_manifest(tmp, manifest)
     log.info("wrote %s (%s) in %.1f s", out, final.name, seconds["total"])
     return manifest
-
-
-def _load(path: str) -> tuple[ModelConfig, LlamaModel, dict, Path]:
-    """(config, model, the meta to carry on, the folder read) of an HF or native model."""
-    if model_format(Path(path)) == "hf":
-        cfg, hf, model, _ = load_hf(Path(path))
-        return cfg, model, {"hf_token_ids": token_ids(hf, Path(path))}, Path(path)
-    cfg, model, meta, _ = load_native(Path(path))
-    return cfg, model, meta, checkpoint_path(path)
-
-
-def _copy_tokenizer(source: Path, root: Path) -> None:
-    if model_format(source) == "hf":
-        copy_files(tokenizer_files(source), root / TOKENIZER_DIR)
-    else:
-        copy_tokenizer(source, root)
 
 
 def _device(choice: str) -> torch.device:

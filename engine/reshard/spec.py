@@ -14,6 +14,7 @@ from pydantic import Field, model_validator
 
 from engine.checkpoint.latest import latest_iteration
 from engine.errors import InputError
+from engine.formats import CONFIG
 from engine.model.config import ModelConfig
 from engine.parallel.layout import DataParallel, Layout, layout_for, model_errors
 from engine.spec import StageSpec
@@ -100,6 +101,18 @@ def source_files(path: str | Path) -> tuple[dict[str, Any], ModelConfig] | None:
         meta = json.loads((folder / "meta.json").read_text())
         return meta, ModelConfig.model_validate_json((folder / "model_config.json").read_text())
     except (OSError, ValueError):  # pydantic's ValidationError is a ValueError
+        return None
+
+
+def model_config_of(path: str | Path) -> ModelConfig | None:
+    """The model config of a native checkpoint or an HF folder where it is readable (else the
+    stage that reads the model says what is wrong)."""
+    found = source_files(path)
+    if found is not None:
+        return found[1]
+    try:
+        return ModelConfig.from_hf(json.loads((Path(path) / CONFIG).read_text()))
+    except (OSError, ValueError):
         return None
 
 
