@@ -11,6 +11,7 @@ import asyncio
 import json
 import os
 import time
+from pathlib import Path
 
 import pytest
 from prefect import flow
@@ -27,6 +28,7 @@ from cluster.profiles import ProfileError
 from engine.errors import SpecError
 from flows.compare import compare
 from flows.compress import compress
+from flows.extend import extend
 from flows.data_prep import data_prep
 from flows.evaluate import evaluate
 from flows.lifecycle import lifecycle
@@ -428,3 +430,47 @@ def test_compress_flow_prunes_recovers_and_compares(home, tmp_path):
     assert params.startswith("| parameters | 260,032 |") and rows[-1].startswith("| ppl scoring")
     (prune_run,) = [r for r in stage_runs("compress") if r.data.tags["lmforge.stage"] == "prune"]
     assert prune_run.data.params["method"] == "activation"
+
+
+def test_extend_flow_trains_at_the_new_length_and_compares(home, tmp_path):
+    """stories260K (HF, 512 positions) extended to 1,024 by PI and trained 3 steps on a book;
+    base and extended evaluated alike over 512- and 1,024-token windows and by passkey, in one
+    comparison. A factor that does not give the length is refused before any job."""
+    from conftest import shared
+    from engine.data import tokenize
+
+    parent = shared("tiny-llama", "hf")
+    book = shared("text", "gutenberg", "pg11.txt").read_text(encoding="utf-8").split("\n\n")
+    corpus, heldout = tmp_path / "alice.jsonl", tmp_path / "heldout.jsonl"
+    corpus.write_text("".join(json.dumps({"text": "\n\n".join(book[i:i + 40])}) + "\n"
+                              for i in range(0, len(book), 40)))
+    heldout.write_text(json.dumps({"text": "\n\n".join(book[-120:])}) + "\n")
+    tokenize.run(tokenize.Spec(input=[str(corpus)], output_prefix=str(tmp_path / "alice"),
+                               tokenizer=str(parent / "tokenizer.model"), add_bos=True,
+                               progress=False))
+    training = {"data": {"seq_length": 1024, "split": "95,5,0"}, "iters": 3,
+                "micro_batch_size": 2, "global_batch_size": 2, "precision": "fp32",
+                "optim": {"lr": 2e-3, "warmup_iters": 1}}
+    evaluation = {"options": {"ppl": [str(heldout)], "windows": ["512", "1024"],
+                              "passkey": [256, 1024], "passkey_depths": [0.5],
+                              "passkey_trials": 1, "progress": False}}
+    args = {"dataset": str(tmp_path / "alice_text_document"), "training": training,
+            "evaluation": evaluation, "run": INLINE}
+    with pytest.raises(SpecError, match="context.factor 3 × the checkpoint's length 512"):
+        asyncio.run(extend(str(parent), {"max_length": 1024, "factor": 3}, **args))
+    assert not (home / "jobs").exists() and not (home / "artifacts").exists()
+
+    refs = asyncio.run(extend(str(parent), {"max_length": 1024}, **args))
+    assert {"extend", "finetune", "convert", "evaluate", "evaluate: base"} <= set(refs)
+    assert json.loads((Path(refs["convert"].path) / "config.json").read_text())[
+        "rope_scaling"] == {"rope_type": "linear", "factor": 2.0}
+    (run,) = tracking.client().search_runs([tracking.experiment_id("extend")],
+                                           "tags.`prefect.flow_run_id` != ''")
+    metrics = run.data.metrics
+    long = "ppl/heldout.jsonl/1024:1024/ppl"
+    assert metrics[f"extended/{long}"] < metrics[f"base/{long}"]
+    assert {"base/passkey/1024/accuracy", "extended/passkey/1024/accuracy"} <= set(metrics)
+    with get_client(sync_client=True) as client:
+        (published,) = client.read_artifacts(
+            artifact_filter=ArtifactFilter(key=ArtifactFilterKey(any_=["extension"])))
+    assert published.data.splitlines()[0].split("|")[2:4] == [" base ", " extended "]
