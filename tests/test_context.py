@@ -208,3 +208,28 @@ def test_extend_stage_without_training_hf_in_and_out(tmp_path):
     with pytest.raises(ValidationError, match="context.factor 2 × the checkpoint's length 512"):
         ExtendSpec(input=str(hf_in), output=str(tmp_path / "bad"),
                    context={"max_length": 2048, "factor": 2})
+
+
+def test_an_extension_killed_mid_run_resumes_exactly(books, tmp_path):
+    """SIGKILL as the second checkpoint is written, then the same command again: it resumes
+    from its own (already extended) checkpoint and ends with the weights of an unbroken run."""
+    from conftest import forked_engine
+
+    def run(save, faults=()):
+        spec = _finetune(books, save, 4, {"max_length": 1024}, checkpoint={"save": str(save),
+                                                                            "interval": 2})
+        config = tmp_path / f"{save.name}.json"
+        config.write_text(json.dumps(spec))
+        proc = forked_engine(["finetune", "--config", str(config)], faults)
+        _, err = proc.communicate(timeout=300)
+        return proc.returncode, err
+
+    assert run(tmp_path / "whole")[0] == 0
+    code, err = run(tmp_path / "broken", ("kill@engine.checkpoint.store:_write_shards#2",))
+    assert code == -9, err[-2000:]
+    code, err = run(tmp_path / "broken")
+    assert code == 0 and "resumed from" in err, err[-2000:]
+    _, whole, _, _ = load_native(tmp_path / "whole")
+    _, resumed, _, _ = load_native(tmp_path / "broken")
+    for (name, a), b in zip(whole.state_dict().items(), resumed.state_dict().values()):
+        assert torch.equal(a, b), name
