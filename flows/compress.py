@@ -15,17 +15,13 @@ from prefect import flow
 from engine.formats import TOKENIZER_DIR
 from flows.params import EvalParams, PruneOptions, RecoveryParams, RunParams
 from flows.runner import Runner
-from flows.steps import (Model, Refs, evaluate_model, export_model, given_model,
+from flows.steps import (Model, Refs, evaluate_side_by_side, export_model, given_model,
                          native_checkpoint)
-from tasks.comparison import publish_comparison
 from tasks.fields import merged
 from tasks.models import pin
 from tasks.run_tags import tag_flow_run
 from tasks.summary import publish_summary
 from tasks.tracking import tracked_flow
-
-LABELS = ("parent", "pruned", "recovered")
-
 
 @flow(name="compress")
 async def compress(model: str, dataset: str, calibration: str | None = None,
@@ -84,19 +80,14 @@ async def _steps(runner: Runner, refs: Refs, parent_run: str | None, model: str,
         refs["convert"] = await runner.register(refs, register_as, model, aliases)
     if evaluation is None:
         return ""
-    reports = []
-    for label, each in zip(LABELS, (parent, Model(pruned.path, hf=False), result)):
-        found: Refs = {}
-        own = each.hf or each is parent  # the parent's own tokenizer, or the one given
-        ref = await evaluate_model(runner, evaluation, each, None if own else tokenizer, found)
-        refs |= {f"{step}: {label}" if step == "evaluate" else step: r
-                 for step, r in found.items()}  # the held-out corpus once: it is the same
-        reports.append(ref.path)
-    refs["evaluate"] = refs.pop("evaluate: recovered")  # the flow's headline figures
+    pruned_model = Model(pruned.path, hf=False)
+    own = None if result.hf else tokenizer
+    table = await evaluate_side_by_side(
+        runner, evaluation, {"parent": (parent, None), "pruned": (pruned_model, tokenizer),
+                             "recovered": (result, own)},
+        refs, parent_run, "compression", f"{model}: parent, pruned and recovered")
     if runner.dry:
         return ""
-    table = await publish_comparison(parent_run, list(LABELS), reports, "compression",
-                                     f"{model}: parent, pruned and recovered")
     done = recovered.summary
     return (f"{table}\nRecovery: {done.get('iterations')} iterations, {done.get('tokens'):,} "
             f"tokens, last loss {done.get('loss')}, {done.get('tokens_per_s')} tokens/s.\n")

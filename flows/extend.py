@@ -16,16 +16,12 @@ from engine.formats import TOKENIZER_DIR
 from engine.train.context import ContextSection
 from flows.params import EvalParams, ExportOptions, RunParams, TrainOptions
 from flows.runner import Runner
-from flows.steps import Model, Refs, evaluate_model, export_model, given_model
-from tasks.comparison import publish_comparison
+from flows.steps import Model, Refs, evaluate_side_by_side, export_model, given_model
 from tasks.fields import merged
 from tasks.models import pin
 from tasks.run_tags import tag_flow_run
 from tasks.summary import publish_summary
 from tasks.tracking import tracked_flow
-
-LABELS = ("base", "extended")
-
 
 @flow(name="extend")
 async def extend(model: str, context: ContextSection, dataset: str | None = None,
@@ -89,16 +85,7 @@ async def _steps(runner: Runner, refs: Refs, parent_run: str | None, model: str,
         refs["convert"] = await runner.register(refs, register_as, model, aliases)
     if evaluation is None:
         return ""
-    reports = []
-    for label, each in zip(LABELS, (base, result)):
-        found: Refs = {}
-        ref = await evaluate_model(runner, evaluation, each, None if each.hf else tokenizer,
-                                   found)
-        refs |= {f"{step}: {label}" if step == "evaluate" else step: r
-                 for step, r in found.items()}
-        reports.append(ref.path)
-    refs["evaluate"] = refs.pop("evaluate: extended")  # the flow's headline figures
-    if runner.dry:
-        return ""
-    return await publish_comparison(parent_run, list(LABELS), reports, "extension",
-                                    f"{model}: base and extended to {context.max_length}")
+    return await evaluate_side_by_side(
+        runner, evaluation, {"base": (base, None if base.hf else tokenizer),
+                             "extended": (result, None if result.hf else tokenizer)},
+        refs, parent_run, "extension", f"{model}: base and extended to {context.max_length}")

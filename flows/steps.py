@@ -14,6 +14,7 @@ from flows.params import (DataParams, EvalParams, ExportOptions, ReshardOptions,
                           SynthesizeOptions, TrainParams)
 from flows.runner import Runner
 from tasks.artifact import ArtifactRef
+from tasks.comparison import publish_comparison
 from tasks.fields import merged
 from tasks.models import resolve_model
 
@@ -112,6 +113,26 @@ async def evaluate_model(runner: Runner, evaluation: EvalParams, model: Model,
         "evaluate", merged(evaluation.options, load_dir=model.path, ppl=ppl, tokenizer=tokenizer))
     await runner.evaluated(ref)
     return ref
+
+
+async def evaluate_side_by_side(runner: Runner, evaluation: EvalParams,
+                                models: dict[str, tuple[Model, str | None]], refs: Refs,
+                                parent_run: str | None, key: str, description: str) -> str:
+    """Each model (label: (model, its tokenizer; None: its own)) evaluated alike, its refs
+    named `evaluate: <label>` (the held-out corpus once: it is the same), the last one's
+    evaluation the flow's `evaluate` (its headline figures); the comparison published
+    (tasks/comparison.py) and returned ("" in a dry run)."""
+    reports = []
+    for label, (model, tokenizer) in models.items():
+        found: Refs = {}
+        ref = await evaluate_model(runner, evaluation, model, tokenizer, found)
+        refs |= {f"{step}: {label}" if step == "evaluate" else step: r
+                 for step, r in found.items()}
+        reports.append(ref.path)
+    refs["evaluate"] = refs.pop(f"evaluate: {label}")
+    if runner.dry:
+        return ""
+    return await publish_comparison(parent_run, list(models), reports, key, description)
 
 
 async def synthesize_corpus(runner: Runner, options: SynthesizeOptions, corpus: list[str],
