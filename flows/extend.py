@@ -33,7 +33,8 @@ async def extend(model: str, context: ContextSection, dataset: str | None = None
 
     Args:
         model: an HF folder, a native checkpoint, or models:/NAME/VERSION|latest|@ALIAS.
-        context: the new maximum length and the RoPE method (linear, yarn, llama3).
+        context: the new maximum length and the RoPE method (linear, dynamic, yarn, llama3;
+            dynamic is not trained).
         dataset: indexed dataset prefix of long text, in the model's tokenizer: the continued
             training's data (with `training`).
         tokenizer: the model's, when it has none beside it.

@@ -18,7 +18,7 @@ from engine.convert.native import load_native
 from engine.data import tokenize
 from engine.evaluate.spec import Spec as EvaluateSpec
 from engine.evaluate.stage import run as evaluate
-from engine.model.config import LinearScaling, YarnScaling
+from engine.model.config import DynamicScaling, Llama3Scaling, LinearScaling, YarnScaling
 from engine.model.llama import LlamaModel
 from engine.spec import load_spec
 from engine.train.context import ContextSection, extended_config
@@ -122,6 +122,7 @@ def test_yarn_and_llama3_configs_and_a_resumed_extension(books):
     ({"max_length": 1024, "factor": 3}, {}, "context.factor 3 × the checkpoint's length 512 is 1536"),
     ({"max_length": 256}, {}, "context.max_length 256 is below the checkpoint's length 512"),
     ({"max_length": 768}, {}, "data.seq_length (1024) is above context.max_length (768)"),
+    ({"max_length": 1024, "method": "dynamic"}, {}, "context.method 'dynamic' is not trained"),
     (None, {}, "data.seq_length 1024 is above the checkpoint's max_position_embeddings 512"),
 ])
 def test_extensions_that_cannot_work_are_refused(books, tmp_path, context, extra, message):
@@ -182,32 +183,39 @@ def test_passkey_prompts_and_retrieval_as_greedy_decoding(books, tmp_path):
         assert record["by_depth"]["0.0"] == pytest.approx(sum(found[:3]) / 3)
 
 
-def test_extend_stage_without_training_hf_in_and_out(tmp_path):
-    """The HF stories260K extended ×4 by YaRN with no training: a native checkpoint whose HF
-    export gives our logits in transformers over 2,048 positions; a bad factor is refused
-    before the stage runs."""
+@pytest.mark.parametrize("method, scaling, drift", [
+    ("yarn", YarnScaling(factor=4.0, original_max_position_embeddings=512), True),
+    ("dynamic", DynamicScaling(factor=4.0), False),  # plain RoPE up to the trained length
+    ("llama3", Llama3Scaling(factor=4.0, original_max_position_embeddings=512,
+                             low_freq_factor=1.0, high_freq_factor=4.0), True),
+])
+def test_extend_stage_without_training_hf_in_and_out(tmp_path, method, scaling, drift):
+    """The HF stories260K extended ×4 with no training: a native checkpoint whose HF export
+    gives our logits in transformers over 2,048 positions; a bad factor is refused before the
+    stage runs."""
     import transformers
 
     from engine.extend import stage as extend
     from engine.extend.spec import Spec as ExtendSpec
 
     hf_in = shared("tiny-llama", "hf")
-    manifest = extend.run(ExtendSpec(input=str(hf_in), output=str(tmp_path / "yarn"),
-                                     context={"max_length": 2048, "method": "yarn"}))
-    assert manifest.summary["max_position_embeddings"] == [512, 2048]
-    assert manifest.summary["max_abs_logit_change"] > 0  # YaRN is not the identity below 512
-    cfg, ours, meta, _ = load_native(tmp_path / "yarn")
-    assert cfg.rope_scaling == YarnScaling(factor=4.0, original_max_position_embeddings=512)
+    manifest = extend.run(ExtendSpec(input=str(hf_in), output=str(tmp_path / "ext"),
+                                     context={"max_length": 2048, "method": method}))
+    assert manifest.summary["max_length"] == [512, 2048]
+    assert (manifest.summary["max_abs_logit_change"] > 0) == drift
+    cfg, ours, meta, _ = load_native(tmp_path / "ext")
+    assert cfg.rope_scaling == scaling
     assert meta["extended_from"]["model"]["max_position_embeddings"] == 512
-    convert.run(convert.Spec(load_dir=str(tmp_path / "yarn"), save_dir=str(tmp_path / "hf"),
+    convert.run(convert.Spec(load_dir=str(tmp_path / "ext"), save_dir=str(tmp_path / "hf"),
                              source_format="native", target_format="hf"))
     hf = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "hf").eval()
     ids = torch.randint(0, cfg.vocab_size, (1, 2048), generator=torch.Generator().manual_seed(2))
     with torch.no_grad():
         torch.testing.assert_close(hf(ids).logits, ours(ids), rtol=1e-4, atol=1e-4)
-    with pytest.raises(ValidationError, match="context.factor 2 × the checkpoint's length 512"):
-        ExtendSpec(input=str(hf_in), output=str(tmp_path / "bad"),
-                   context={"max_length": 2048, "factor": 2})
+    if method != "llama3":  # llama3's factor is free (Llama 3.1: 8, and 16 × the length)
+        with pytest.raises(ValidationError, match="context.factor 2 × the checkpoint's length 512"):
+            ExtendSpec(input=str(hf_in), output=str(tmp_path / "bad"),
+                       context={"max_length": 2048, "factor": 2, "method": method})
 
 
 def test_an_extension_killed_mid_run_resumes_exactly(books, tmp_path):

@@ -151,8 +151,10 @@ def test_rope_scaling_survives_native_to_hf(tmp_path, scaling):
     save_checkpoint(tmp_path / "native", 0, model, None, {}, cfg.model_dump(mode="json"))
 
     manifest = convert(tmp_path / "native", tmp_path / "hf", "native", "hf")
-    written = json.loads((tmp_path / "hf" / "config.json").read_text())["rope_scaling"]
-    assert written["rope_type"] == scaling["type"] and written["factor"] == scaling["factor"]
+    written = json.loads((tmp_path / "hf" / "config.json").read_text())
+    for form in (written["rope_scaling"], written["rope_parameters"]):  # transformers 4.x, 5.x
+        assert form["rope_type"] == scaling["type"] and form["factor"] == scaling["factor"]
+    assert written["rope_parameters"]["rope_theta"] == cfg.rope_theta
     hf_config = transformers.AutoConfig.from_pretrained(tmp_path / "hf")
     assert ModelConfig.from_hf(hf_config.to_dict()) == cfg
     ids = ids_for(cfg.vocab_size, seq=64)

@@ -225,7 +225,8 @@ def test_from_hf_errors_name_the_problem():
     # values are reported under config.json's names, one line for all
     with pytest.raises(InputError, match=r"^num_hidden_layers: Input should be greater than 0; "
                                          r"rope_theta: Input should be a finite number$"):
-        ModelConfig.from_hf({**hf, "num_hidden_layers": 0, "rope_theta": float("inf")})
+        ModelConfig.from_hf({**hf, "num_hidden_layers": 0,
+                             "rope_parameters": {**hf["rope_parameters"], "rope_theta": float("inf")}})
 
 
 @pytest.mark.parametrize("backend,module,package", [("flash_attn", "flash_attn", "flash-attn"),

@@ -12,8 +12,8 @@ from engine.train.context import ContextSection, extended_config
 
 class Spec(StageSpec):
     """A model's RoPE scaling and maximum length rewritten for a longer context, the weights as
-    they are: for the methods that work without training (YaRN, llama3; PI needs training:
-    finetune's context section) and as the start of an extension trained elsewhere."""
+    they are: for the methods that work without training (dynamic NTK, YaRN, llama3; PI needs
+    training: finetune's context section) and as the start of an extension trained elsewhere."""
 
     input: str = Field(description="the model: a native checkpoint folder, an iter_* folder or "
                                    "an HF model folder", json_schema_extra={"input": True})

@@ -20,7 +20,7 @@ from engine.extend.spec import Spec, input_paths
 from engine.lineage import stage_fingerprint
 from engine.manifest import Manifest, complete, sha256_file, write_manifest
 from engine.model.llama import LlamaModel
-from engine.train.context import extended_config
+from engine.train.context import extended_config, original_length
 
 log = logging.getLogger(__name__)
 _FROM_SAVE = ("files", "iteration", "world_size", "has_optimizer", "layout", "resharded_from")
@@ -43,17 +43,16 @@ def run(spec: Spec) -> Manifest:
     extended = LlamaModel(target).eval()
     extended.load_state_dict(model.state_dict())
     drift = _logit_drift(model, extended, cfg.max_position_embeddings, cfg.vocab_size)
+    lengths = [original_length(cfg), spec.context.max_length]
     log.info("extended %s: %d -> %d positions (%s); max |logit change| over %d positions %.3g",
-             source, cfg.max_position_embeddings, target.max_position_embeddings,
-             target.rope_scaling.type, cfg.max_position_embeddings, drift)
+             source, *lengths, target.rope_scaling.type, cfg.max_position_embeddings, drift)
     out_meta = {**{k: v for k, v in meta.items() if k not in _FROM_SAVE},
                 "extended_from": {"path": str(source), "iteration": meta.get("iteration"),
                                   "model": cfg.model_dump(mode="json")}}
     with staged_dir(out) as tmp:
         write_native(tmp, extended, target, out_meta)
         copy_model_tokenizer(source, tmp)
-        summary = {"max_position_embeddings": [cfg.max_position_embeddings,
-                                               target.max_position_embeddings],
+        summary = {"max_length": lengths,
                    "rope_scaling": target.rope_scaling.model_dump(mode="json"),
                    "max_abs_logit_change": drift,
                    "seconds": round(time.perf_counter() - started, 3)}

@@ -2,8 +2,8 @@
 `config.json` of Hugging Face Llama / Mistral / Qwen2 models.
 
 RoPE scaling keeps HF's parameter names so that a config round-trips through HF unchanged. On
-export it is written the transformers 4.x way (`rope_theta` + `rope_scaling`): transformers 5.x
-still reads that form (it moves it into `rope_parameters` itself), and vLLM reads both.
+export it is written both ways: transformers 4.x's (`rope_theta` + `rope_scaling`) and 5.x's
+(`rope_parameters`, theta inside); each reads its own and ignores the other, as vLLM does.
 """
 
 from __future__ import annotations
@@ -210,6 +210,8 @@ class ModelConfig(_Record):
             "rms_norm_eps": self.rms_norm_eps,
             "rope_theta": self.rope_theta,
             "rope_scaling": _hf_rope_scaling(self.rope_scaling),
+            "rope_parameters": {"rope_theta": self.rope_theta,
+                                **(_hf_rope_scaling(self.rope_scaling) or {"rope_type": "default"})},
             "tie_word_embeddings": self.tie_word_embeddings,
             "hidden_act": "silu",
             "initializer_range": self.init_std,

@@ -9,8 +9,8 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from engine.model.config import (Llama3Scaling, LinearScaling, ModelConfig, NoScaling,
-                                 YarnScaling)
+from engine.model.config import (DynamicScaling, Llama3Scaling, LinearScaling, ModelConfig,
+                                 NoScaling, YarnScaling)
 
 
 class ContextSection(BaseModel):
@@ -19,11 +19,14 @@ class ContextSection(BaseModel):
 
     model_config = ConfigDict(extra="forbid", allow_inf_nan=False)  # as the spec's sections
 
-    max_length: int = Field(gt=0, description="the new maximum length (max_position_embeddings)")
-    method: Literal["linear", "yarn", "llama3"] = Field(
-        "linear", description="linear: position interpolation (the Cookbook's); yarn; llama3")
+    max_length: int = Field(gt=0, description="the new maximum length (max_position_embeddings; "
+                            "dynamic: the checkpoint's length × factor)")
+    method: Literal["linear", "dynamic", "yarn", "llama3"] = Field(
+        "linear", description="linear: position interpolation (the Cookbook's); dynamic: dynamic "
+        "NTK (no training: the frequencies follow each sequence's length); yarn; llama3")
     factor: float | None = Field(None, ge=1, description="RoPE scaling factor; None: max_length "
-                                 "/ the checkpoint's length. linear and yarn: must equal that")
+                                 "/ the checkpoint's length. linear, dynamic and yarn: must "
+                                 "equal that")
     beta_fast: float = Field(32.0, gt=0, description="yarn: extrapolated above this many turns")
     beta_slow: float = Field(1.0, gt=0, description="yarn: interpolated below this many turns")
     attention_factor: float | None = Field(None, gt=0, description="yarn: attention temperature; "
@@ -41,7 +44,7 @@ def original_length(cfg: ModelConfig) -> int:
         return scaling.original_max_position_embeddings
     if isinstance(scaling, LinearScaling):
         return round(cfg.max_position_embeddings / scaling.factor)
-    return cfg.max_position_embeddings
+    return cfg.max_position_embeddings  # plain, and dynamic NTK (HF's meaning of the field)
 
 
 def extended_config(stored: ModelConfig, context: ContextSection) -> ModelConfig:
@@ -57,7 +60,10 @@ def extended_config(stored: ModelConfig, context: ContextSection) -> ModelConfig
         raise ValueError(f"context.factor {factor:g} × the checkpoint's length {original} is "
                          f"{factor * original:g}, not context.max_length {context.max_length} "
                          f"({context.method} stretches the positions by exactly the factor)")
-    extended = stored.model_copy(update={"max_position_embeddings": context.max_length,
+    # dynamic NTK scales from max_position_embeddings by the current length (transformers and
+    # vLLM read it so): it stays the trained length
+    length = original if context.method == "dynamic" else context.max_length
+    extended = stored.model_copy(update={"max_position_embeddings": length,
                                          "rope_scaling": _scaling(context, factor, original)})
     if not isinstance(stored.rope_scaling, NoScaling) and extended != stored:
         raise ValueError(f"the checkpoint is already extended ({stored.rope_scaling.type}, "
@@ -69,6 +75,8 @@ def extended_config(stored: ModelConfig, context: ContextSection) -> ModelConfig
 def _scaling(context: ContextSection, factor: float, original: int):
     if context.method == "linear":
         return LinearScaling(factor=factor)
+    if context.method == "dynamic":
+        return DynamicScaling(factor=factor)
     if context.method == "yarn":
         return YarnScaling(factor=factor, original_max_position_embeddings=original,
                            beta_fast=context.beta_fast, beta_slow=context.beta_slow,

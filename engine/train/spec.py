@@ -253,6 +253,10 @@ class FinetuneSpec(TrainSpec):
         again when it reads the checkpoint), and the sequences against the new length."""
         if self.context is None:
             return self
+        if self.context.method == "dynamic":
+            raise ValueError("context.method 'dynamic' is not trained: its frequencies follow "
+                             "each sequence's length. Use the extend stage alone, or train "
+                             "with linear, yarn or llama3")
         found = source_files(self.load) if self.load else None
         if found is not None:
             extended_config(found[1], self.context)
