@@ -123,6 +123,8 @@ def test_yarn_and_llama3_configs_and_a_resumed_extension(books):
     ({"max_length": 256}, {}, "context.max_length 256 is below the checkpoint's length 512"),
     ({"max_length": 768}, {}, "data.seq_length (1024) is above context.max_length (768)"),
     ({"max_length": 1024, "method": "dynamic"}, {}, "context.method 'dynamic' is not trained"),
+    ({"max_length": 1024, "method": "ntk-by-parts"}, {},  # a name transformers has no loader for
+     "context.method\n  Input should be 'linear', 'dynamic', 'yarn' or 'llama3'"),
     (None, {}, "data.seq_length 1024 is above the checkpoint's max_position_embeddings 512"),
 ])
 def test_extensions_that_cannot_work_are_refused(books, tmp_path, context, extra, message):
@@ -133,6 +135,31 @@ def test_extensions_that_cannot_work_are_refused(books, tmp_path, context, extra
         return
     with pytest.raises(ValidationError, match=message.replace("(", r"\(").replace(")", r"\)")):
         FinetuneSpec.model_validate(data)
+
+
+def test_long_documents_only_are_counted_and_a_window_no_document_fills_is_refused(books,
+                                                                                   tmp_path):
+    """data.documents 'long' at 4,096 (PI × 8) trains on the chunks of Alice that fill a window,
+    and the run records how many of the train split's they are; at 8,192 none does: refused
+    before any job, naming the longest."""
+    from engine.data.indexed import IndexedDataset
+    from engine.data.samples import parse_split, split_ranges
+
+    lengths = IndexedDataset(books["data"]).sequence_lengths
+    beg, end = split_ranges(parse_split("95,5,0"), len(lengths))[0]
+    long = int((lengths[beg:end] >= 4097).sum())
+    assert 0 < long < end - beg  # the books fixture has both kinds
+    spec = _finetune(books, tmp_path / "long", 2, {"max_length": 4096}, global_batch_size=1,
+                     micro_batch_size=1)
+    spec["data"] |= {"seq_length": 4096, "documents": "long"}
+    manifest = train(FinetuneSpec.model_validate(spec), "finetune")
+    assert manifest.summary["documents"]["train"] == {"used": long, "of": end - beg}
+    spec["context"]["max_length"] = spec["data"]["seq_length"] = 8192
+    longest = int(lengths[beg:end].max())
+    with pytest.raises(ValidationError, match=rf"data\n.*documents 'long': {books['data']}: no "
+                       rf"document of its train split holds 8193 tokens \(the longest holds "
+                       rf"{longest}\); lower seq_length"):
+        FinetuneSpec.model_validate(spec)
 
 
 def test_an_extended_checkpoint_is_not_extended_again(books, tmp_path):

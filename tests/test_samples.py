@@ -231,6 +231,33 @@ def test_build_samples_splits_and_blends(tmp_path):
         build_samples([str(tmp_path / "a")], "1", 8, {"training": 10}, seed=9)
 
 
+def test_long_documents_only(tmp_path):
+    """min_length keeps the documents of that many tokens (the samples are their stream, cut
+    as usual), counts them per split and blend, and names the longest when none is left."""
+    lengths = random_lengths(60, high=40)
+    docs = write_dataset(tmp_path / "a", lengths)
+    write_dataset(tmp_path / "b", random_lengths(30, seed=2, high=40), seed=2)
+    got = build_samples(["1", str(tmp_path / "a"), "1", str(tmp_path / "b")], "5,1,0", seq_len=8,
+                        num_samples=(50, 10, 0), seed=3, min_length=30)
+    a = got["train"].datasets[0]
+    assert set(a.doc_order.tolist()) == {d for d in range(50) if lengths[d] >= 30}
+    flat = stream(docs, a.doc_order)
+    for s in range(len(a.sample_index) - 1):
+        np.testing.assert_array_equal(a.tokens(s), flat[s * 8: s * 8 + 9])
+    assert a.documents == (sum(lengths[:50] >= 30), 50)
+    assert got["train"].documents == (a.documents[0] + got["train"].datasets[1].documents[0], 75)
+    assert build_samples([str(tmp_path / "a")], "5,1,0", 8, {"train": 5}, seed=3
+                         )["train"].documents == (50, 50)
+    with pytest.raises(InputError, match=rf"no document of \[0, 50\] holds 41 tokens or more "
+                                         rf"\(the longest holds {max(lengths[:50])}\)"):
+        build_samples([str(tmp_path / "a")], "5,1,0", 8, {"train": 5}, seed=3, min_length=41)
+    with pytest.raises(InputError, match=f"{tmp_path / 'a'}: no document of its train split "
+                                         f"holds 41 tokens"):
+        samples.check_long_documents([str(tmp_path / "a")], "5,1,0", 41)
+    samples.check_long_documents([str(tmp_path / "a")], "5,1,0", 30)
+    samples.check_long_documents([str(tmp_path / "not-yet")], "5,1,0", 41)  # left to the stage
+
+
 def test_blend_builds_enough_samples_where_megatrons_margin_is_short(tmp_path):
     """Weights 0.75 + 5 x 0.05, 8 samples: all 8 come from the first dataset, Megatron's
     ceil(ceil(8 * 0.75) * 1.005) = 7 would be one short."""

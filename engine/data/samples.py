@@ -96,18 +96,46 @@ def _shuffled(a: np.ndarray, rng: np.random.RandomState) -> np.ndarray:
     return a
 
 
+def documents_of(lengths: np.ndarray, doc_range: tuple[int, int],
+                 min_length: int = 0) -> np.ndarray:
+    """The documents of a range that hold at least `min_length` tokens (all for 0), in order."""
+    beg, end = doc_range
+    docs = np.arange(beg, end, dtype=np.int32)
+    return docs[np.asarray(lengths[beg:end]) >= min_length] if min_length else docs
+
+
+def check_long_documents(blend: Sequence[str], split: str, min_length: int) -> None:
+    """InputError naming the first dataset of the blend whose train split has no document of
+    `min_length` tokens; datasets not written yet are left to the stage."""
+    for _, prefix in parse_blend(blend):
+        if not index_path(prefix).is_file():
+            continue
+        lengths = IndexedDataset(prefix, verify=False).sequence_lengths
+        train = split_ranges(parse_split(split), len(lengths))[0]
+        if not len(documents_of(lengths, train, min_length)):
+            longest = int(lengths[slice(*train)].max(initial=0))
+            raise InputError(f"{prefix}: no document of its train split holds {min_length} "
+                             f"tokens (the longest holds {longest})")
+
+
 def build_indices(lengths: np.ndarray, doc_range: tuple[int, int], seq_len: int,
-                  num_samples: int, seed: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Document order, sample index and shuffle index for `num_samples` samples of a range.
+                  num_samples: int, seed: int,
+                  min_length: int = 0) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Document order, sample index and shuffle index for `num_samples` samples of a range,
+    cut from its documents of at least `min_length` tokens (all of them for 0).
 
     Takes only the sequence lengths, so it can be timed without files (bench/samples_index.py).
     The index holds every sample of the epochs built (at least `num_samples`), as Megatron's does.
     """
-    beg, end = doc_range
     lengths = np.asarray(lengths)
-    tokens_per_epoch = int(lengths[beg:end].sum(dtype=np.int64))
+    docs = documents_of(lengths, doc_range, min_length)
+    tokens_per_epoch = int(lengths[docs].sum(dtype=np.int64))
+    if tokens_per_epoch == 0 and min_length:
+        longest = int(lengths[slice(*doc_range)].max(initial=0))
+        raise InputError(f"no document of {list(doc_range)} holds {min_length} tokens or more "
+                         f"(the longest holds {longest}): no samples can be cut")
     if tokens_per_epoch == 0:
-        raise InputError(f"documents [{beg}, {end}) hold no tokens: no samples can be cut")
+        raise InputError(f"documents {list(doc_range)} hold no tokens: no samples can be cut")
     epochs = max(1, -(-(num_samples * seq_len + 1) // tokens_per_epoch))
     # A final epoch that is mostly unused is kept apart, so the epochs before it stay complete.
     separate_final = False
@@ -116,7 +144,6 @@ def build_indices(lengths: np.ndarray, doc_range: tuple[int, int], seq_len: int,
         per_epoch = (tokens_per_epoch - 1) // seq_len
         separate_final = num_samples - before_final < int(FINAL_EPOCH_THRESHOLD * per_epoch)
     rng = np.random.RandomState(seed)
-    docs = np.arange(beg, end, dtype=np.int32)
     if separate_final:
         doc_order = np.concatenate([_shuffled(np.tile(docs, epochs - 1), rng),
                                     _shuffled(docs.copy(), rng)])
@@ -182,10 +209,12 @@ def _cached(prefix: str, key: dict, build: Callable[[], tuple[np.ndarray, ...]],
 
 
 class GPTSamples:
-    """`num_samples` samples of documents [beg, end) of one dataset, served in shuffled order."""
+    """`num_samples` samples of documents [beg, end) of one dataset (those of at least
+    `min_length` tokens), served in shuffled order. `documents`: (used, in the range)."""
 
     def __init__(self, dataset: IndexedDataset, doc_range: tuple[int, int], seq_len: int,
-                 num_samples: int, seed: int, cache_dir: str | Path | None = None) -> None:
+                 num_samples: int, seed: int, cache_dir: str | Path | None = None,
+                 min_length: int = 0) -> None:
         beg, end = doc_range
         if not 0 <= beg <= end <= len(dataset):
             raise InputError(f"{dataset.prefix}: document range {doc_range} outside "
@@ -194,13 +223,17 @@ class GPTSamples:
             raise SpecError(f"seq_len must be >= 1 and num_samples >= 0 "
                             f"(got {seq_len}, {num_samples})")
         self.dataset, self.seq_len, self.num_samples = dataset, seq_len, num_samples
+        self.documents = (len(documents_of(dataset.sequence_lengths, doc_range, min_length)),
+                          end - beg)
         files = [[p.stat().st_size, p.stat().st_mtime_ns]
                  for p in (index_path(dataset.prefix), data_path(dataset.prefix))]
         key = {"version": INDEX_VERSION, "files": files, "doc_range": [beg, end],
-               "seq_len": seq_len, "num_samples": num_samples, "seed": seed}
+               "seq_len": seq_len, "num_samples": num_samples, "seed": seed,
+               "min_length": min_length}
         self.doc_order, self.sample_index, self.shuffle_index = _cached(
             dataset.prefix, key,
-            lambda: build_indices(dataset.sequence_lengths, (beg, end), seq_len, num_samples, seed),
+            lambda: build_indices(dataset.sequence_lengths, (beg, end), seq_len, num_samples, seed,
+                                  min_length),
             cache_dir)
 
     def __len__(self) -> int:
@@ -259,6 +292,7 @@ class BlendedSamples:
             raise SpecError(f"{len(datasets)} datasets but {len(weights)} weights")
         self.datasets, self.num_samples = list(datasets), num_samples
         self.dataset_index, self.dataset_sample_index = blend_indices(weights, num_samples)
+        self.documents = tuple(sum(part) for part in zip(*(d.documents for d in datasets)))
         counts = np.bincount(self.dataset_index, minlength=len(datasets))
         for d, (ds, need) in enumerate(zip(self.datasets, counts)):
             if len(ds) < need:
@@ -275,12 +309,13 @@ class BlendedSamples:
 
 def build_samples(blend: Sequence[str], split: str, seq_len: int,
                   num_samples: Sequence[int] | Mapping[str, int], seed: int,
-                  cache_dir: str | Path | None = None,
-                  verify: bool = True) -> dict[str, GPTSamples | BlendedSamples]:
+                  cache_dir: str | Path | None = None, verify: bool = True,
+                  min_length: int = 0) -> dict[str, GPTSamples | BlendedSamples]:
     """The train/valid/test sample sets of a blend; splits asked for 0 samples are left out.
 
     Every dataset is split by `split` on its own (as in Megatron); a blended dataset builds
     ceil(ceil(w n) * 1.005) samples (Megatron's margin), or more if the blend order needs them.
+    Samples are cut from the documents of at least `min_length` tokens (0: all).
     `verify=False` skips the datasets' checksums (another rank has just checked them).
     """
     sources = parse_blend(blend)
@@ -310,7 +345,7 @@ def build_samples(blend: Sequence[str], split: str, seq_len: int,
                 math.ceil(math.ceil(n * w) * (1 + BLEND_SURPLUS)),
                 blend_count_bound(w, n, len(sources)))
             parts.append(GPTSamples(ds, split_ranges(fractions, len(ds))[i], seq_len, own, seed,
-                                    cache_dir))
+                                    cache_dir, min_length))
         result[name] = (parts[0] if len(parts) == 1
                         else BlendedSamples(parts, [w for w, _ in sources], n))
     return result

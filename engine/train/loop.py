@@ -232,11 +232,16 @@ class Trainer:
         n_valid = spec.eval.iters * G if spec.eval.interval or spec.eval.initial else 0
         args = (spec.data.blend, spec.data.split, spec.data.seq_length,
                 {"train": spec.iters * G, "valid": n_valid}, spec.seed, spec.data.cache_dir)
+        minimum = spec.data.min_document_length
         if self.env.is_main:
-            sets = build_samples(*args)
+            sets = build_samples(*args, min_length=minimum)
         distributed.barrier()
         if not self.env.is_main:
-            sets = build_samples(*args, verify=False)
+            sets = build_samples(*args, verify=False, min_length=minimum)
+        self.documents = {split: samples.documents for split, samples in sets.items()}
+        for split, (used, total) in self.documents.items():
+            log.info("%s: %d of %d documents%s", split, used, total,
+                     f" hold {minimum} tokens or more (data.documents: long)" if minimum else "")
 
         def batches(split: str) -> Batches:
             return Batches(sets[split], G, spec.micro_batch_size, self.mesh.dp_rank,
@@ -508,7 +513,7 @@ class Trainer:
 
     def _manifest(self, final: Path) -> Manifest:
         return _manifest(self.spec, self.stage, final, self.last, self.iteration, self.n_params,
-                         self.start)
+                         self.documents)
 
 
 class _Window:
@@ -567,14 +572,17 @@ def _diverged(save_dir: Path, iteration: int, what: str, is_main: bool) -> NonFi
 
 
 def _manifest(spec: TrainSpec, stage: str, final: Path, last: dict, iteration: int,
-              n_params: int, start: Path | None) -> Manifest:
+              n_params: int, documents: dict[str, tuple[int, int]]) -> Manifest:
     fp, inputs = stage_fingerprint(stage, spec, input_paths(spec))
     meta = ckpt.check_complete(final)
     files = {f"{final.name}/{name}": entry for name, entry in meta["files"].items()}
     files[f"{final.name}/meta.json"] = sha256_file(final / "meta.json")
     summary = {"iterations": iteration, "latest": final.name,
                "tokens": iteration * spec.global_batch_size * spec.data.seq_length,
-               "parameters": n_params, **{k: round(v, 6) for k, v in last.items()}}
+               "parameters": n_params,
+               "documents": {split: {"used": used, "of": total}
+                             for split, (used, total) in documents.items()},
+               **{k: round(v, 6) for k, v in last.items()}}
     manifest = Manifest(kind="checkpoint", stage=stage, spec=spec.model_dump(mode="json"),
                         inputs=inputs, fingerprint=fp,
                         summary=summary, files=files)

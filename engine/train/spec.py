@@ -8,9 +8,9 @@ from typing import Literal
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 from pydantic_settings import CliVariadicArg
 
-from engine.data.samples import parse_blend
+from engine.data.samples import check_long_documents, parse_blend
 from engine.model.config import ModelConfig
-from engine.errors import SpecError
+from engine.errors import InputError, SpecError
 from engine.parallel.layout import (DataParallel, Layout, PipelineSchedule, Recompute,
                                     check_layout, check_schedule, layout_for, model_errors)
 from engine.reshard.spec import source_files
@@ -33,8 +33,27 @@ class DataSection(_Section):
     seq_length: int = Field(gt=0)
     eod_id: int | None = Field(None, description="EOD token id; default: from the dataset manifest")
     eod_mask_loss: bool = Field(False, description="positions whose target is EOD carry no loss")
+    documents: Literal["all", "long"] = Field(
+        "all", description="all: every document, packed; long: only documents of at least "
+        "seq_length + 1 tokens (a whole window each: long-context training); the count is logged "
+        "and recorded")
     cache_dir: str | None = Field(None, description="where sample indices go if the data folder "
                                   "is read-only", json_schema_extra=_NOT_OUTPUT)
+
+    @model_validator(mode="after")
+    def _long_documents_exist(self) -> "DataSection":
+        if self.documents == "long":
+            try:
+                check_long_documents(self.blend, self.split, self.seq_length + 1)
+            except InputError as exc:
+                raise ValueError(f"documents 'long': {exc}; lower seq_length or use documents "
+                                 f"'all'") from None
+        return self
+
+    @property
+    def min_document_length(self) -> int:
+        """The fewest tokens a document needs to be trained on."""
+        return self.seq_length + 1 if self.documents == "long" else 0
 
 
 class OptimSection(LRSchedule):
