@@ -1,7 +1,9 @@
 """Models evaluated side by side, published: one Markdown table (a Prefect artifact, and a file
-of the flow's MLflow parent run), a bar chart per metric (an MLflow figure), and each model's
-figures as the parent run's metrics (`<label>/<metric>`), so that runs of a flow compare in
-MLflow's runs table. Used by the compare and compress flows."""
+of the flow's MLflow parent run), a bar chart per metric (an MLflow figure), the figures that
+vary with the context length as lines against it (an MLflow figure, shown in Prefect as an
+image artifact served by MLflow), and each model's figures as the parent run's metrics
+(`<label>/<metric>`), so that runs of a flow compare in MLflow's runs table. Used by the
+compare, compress and extend flows."""
 
 from __future__ import annotations
 
@@ -9,12 +11,14 @@ import json
 from pathlib import Path
 
 from mlflow.entities import Metric
-from prefect.artifacts import acreate_markdown_artifact
+from prefect.artifacts import acreate_image_artifact, acreate_markdown_artifact
 
 from engine.evaluate.report import REPORT_JSON, compare_reports
 from tasks.headline import is_number
-from tasks.plots import comparison_chart
-from tasks.tracking import client, metric_name
+from tasks.plots import comparison_chart, length_chart
+from tasks.tracking import artifact_url, client, metric_name
+
+LENGTH_CHART = "by_context_length.png"
 
 
 async def publish_comparison(parent: str | None, labels: list[str], reports: list[Path],
@@ -31,6 +35,11 @@ async def publish_comparison(parent: str | None, labels: list[str], reports: lis
     chart = comparison_chart(labels, loaded)
     if chart is not None:
         mlflow.log_figure(parent, chart, "comparison.png")
+    lengths = length_chart(labels, loaded)
+    if lengths is not None:
+        mlflow.log_figure(parent, lengths, LENGTH_CHART)
+        await acreate_image_artifact(image_url=artifact_url(parent, LENGTH_CHART),
+                                     key=f"{key}-by-length", description=description)
     figures = [Metric(metric_name(f"{label}/{name}"), float(value), 0, 0)
                for label, report in zip(labels, loaded)
                for name, value in {"parameters": report["model"]["parameters"],

@@ -25,6 +25,7 @@ from dataclasses import dataclass
 from functools import cache
 from pathlib import Path
 from typing import Any, Iterator
+from urllib.parse import urlencode
 
 from mlflow.entities import Metric, Param, RunTag
 from mlflow.exceptions import MlflowException
@@ -107,6 +108,11 @@ def experiment_id(name: str) -> str:
 
 def run_link(experiment: str, run_id: str) -> str:
     return f"{ui_url()}/#/experiments/{experiment}/runs/{run_id}"
+
+
+def artifact_url(run_id: str, path: str) -> str:
+    """Where the MLflow server (or `mlflow ui`) serves a file of a run's artifacts."""
+    return f"{ui_url()}/get-artifact?{urlencode({'path': path, 'run_uuid': run_id})}"
 
 
 def params(spec: dict[str, Any]) -> list[Param]:

@@ -473,4 +473,17 @@ def test_extend_flow_trains_at_the_new_length_and_compares(home, tmp_path):
     with get_client(sync_client=True) as client:
         (published,) = client.read_artifacts(
             artifact_filter=ArtifactFilter(key=ArtifactFilterKey(any_=["extension"])))
+        (chart,) = client.read_artifacts(
+            artifact_filter=ArtifactFilter(key=ArtifactFilterKey(any_=["extension-by-length"])))
     assert published.data.splitlines()[0].split("|")[2:4] == [" base ", " extended "]
+    by_length = published.data.split("By context length:")[1].strip().splitlines()
+    assert by_length[0].startswith("| length | base: ppl heldout.jsonl | extended: ppl heldout")
+    rows = {row.split("|")[1].strip(): [c.strip() for c in row.split("|")[2:6]]
+            for row in by_length[2:]}
+    assert list(rows) == ["256", "512", "1,024"]  # 256: passkey only
+    assert rows["256"][:2] == ["–", "–"] and "–" not in rows["256"][2:]
+    assert float(rows["1,024"][1]) < float(rows["1,024"][0])  # the extension helps at 1,024
+    assert chart.type == "image" and chart.data == tracking.artifact_url(run.info.run_id,
+                                                                         "by_context_length.png")
+    assert "by_context_length.png" in {f.path for f in tracking.client().list_artifacts(
+        run.info.run_id)}

@@ -29,6 +29,7 @@ from tasks.artifact import ArtifactRef
 from servers import PREFECT, cli, free_port, serving
 from tasks.prefect_api import prefect_api
 from tasks.stage import run_stage
+from tasks.tracking import artifact_url
 from test_flows import INLINE, SMALL_DATA, TINY_EVAL, TINY_TRAIN, flow_run_summary
 
 
@@ -131,6 +132,10 @@ def test_flows_on_the_demos_prefect_server_tracked_on_mlflow_server(
     assert [m.step for m in mlflow.get_metric_history(run.info.run_id, "loss")] == [5, 10, 15, 20]
     files = {f.path for f in mlflow.list_artifacts(run.info.run_id)}
     assert {"spec.json", "manifest.json", "plots", "metrics", "job"} <= files
+    curve = next(f.path for f in mlflow.list_artifacts(run.info.run_id, "plots")
+                 if f.path.endswith(".png"))
+    served = httpx.get(artifact_url(run.info.run_id, curve))  # as Prefect's image artifacts
+    assert served.content[:8] == b"\x89PNG\r\n\x1a\n", served.text[:300]
     log = Path(refs["pretrain"].job_dir) / "logs" / "rank_00000.log"
     assert "MLflow logging failed" not in log.read_text()  # the job logged live, without conflict
     (version,) = mlflow.search_model_versions("name = 'server-tiny'")

@@ -179,7 +179,43 @@ def compare_reports(paths: list[str | Path], labels: list[str] | None = None) ->
     rows += [[m] + [_num(m, r["metrics"].get(m)) for r in reports] for m in metrics]
     if any("ppl" in r["timing_s"] for r in reports):
         rows.append(["ppl scoring tokens/s"] + [_scoring_rate(r) for r in reports])
-    return "\n".join(_table(["metric"] + names, rows)).rstrip() + "\n"
+    lines = _table(["metric"] + names, rows) + _length_table(names, reports)
+    return "\n".join(lines).rstrip() + "\n"
+
+
+def by_length(report: dict) -> dict[str, dict[int, float]]:
+    """The report's figures that vary with the context length, as series {name: {length:
+    value}}: perplexity per dataset (token level; WikiText's per word), passkey accuracy. Only
+    series with two lengths or more."""
+    series: dict[str, dict[int, float]] = {}
+    for r in report["records"]:
+        if r["suite"] == "ppl":
+            name = f"ppl {r['dataset']}"
+            value, length, stride = r["ppl"], r["seq_length"], r["stride"]
+        elif r["suite"] == "wikitext":
+            name = f"word ppl wikitext/{r['convention']}"
+            value, length, stride = r["word_ppl"], r["seq_length"], r["stride"]
+        elif r["suite"] == "passkey":
+            name, value, length, stride = "passkey accuracy", r["accuracy"], r["length"], None
+        else:
+            continue
+        if stride is not None and stride != length:
+            name += f" (stride {stride})"
+        series.setdefault(name, {})[length] = value
+    return {name: points for name, points in series.items() if len(points) > 1}
+
+
+def _length_table(names: list[str], reports: list[dict]) -> list[str]:
+    """A row per length, a column per model and series: the figures of `by_length`."""
+    found = [by_length(r) for r in reports]
+    series = list(dict.fromkeys(name for f in found for name in f))
+    if not series:
+        return []
+    lengths = sorted({length for f in found for points in f.values() for length in points})
+    header = ["length"] + [f"{n}: {s}" for s in series for n in names]
+    rows = [[f"{length:,}"] + [_num(s, f.get(s, {}).get(length)) for s in series for f in found]
+            for length in lengths]
+    return ["", "By context length:", ""] + _table(header, rows)
 
 
 def _scoring_rate(report: dict) -> str:
