@@ -7,6 +7,7 @@
 #   bash bench/gpu_generate.sh part        carry + .whl/vllm/part_aa (part_ad: + setup.sh, zstandard)
 #   bash bench/gpu_generate.sh run "--shape tinyllama-1.1b --backends ours hf vllm"
 #   bash bench/gpu_generate.sh stage vllm tinyllama-1.1b      (or engine: the synthesize stage)
+#   bash bench/gpu_generate.sh extend [--dtype bfloat16]       (bench/extend_vllm.py)
 set -euo pipefail
 shared=${SHARED:-../shared}
 case "$1" in
@@ -36,13 +37,15 @@ open(".whl/bench/corpus.jsonl", "w").writelines(json.dumps({"text": d}) + "\n" f
 part)
     mkdir -p /tmp/parts
     cp .whl/vllm/* /tmp/parts/ ;;
-run|stage)
+run|stage|extend)
     python3 -m pip install -q --no-index --no-deps --target /tmp/site .whl/py/*.whl 2>/dev/null
     if [ -f /tmp/parts/part_ad ] && [ ! -d /tmp/site/vllm ]; then bash /tmp/parts/setup.sh; fi
     export PYTHONPATH="/tmp/site:$PWD" VLLM_NO_USAGE_STATS=1
     log="${OUT:-/tmp}/generate.log"
     nvidia-smi --query-gpu=name,clocks.sm,clocks.max.sm --format=csv,noheader | tee -a "$log"
-    if [ "$1" = run ]; then
+    if [ "$1" = extend ]; then
+        python3 -m bench.extend_vllm ${2:-} 2>&1 | tee -a "${OUT:-/tmp}/extend_vllm.log"
+    elif [ "$1" = run ]; then
         python3 -m bench.generate $2 2>&1 | tee -a "$log"
     else  # stage BACKEND SHAPE: 1,024 documents, 128-token prefixes, 512 new tokens each
         teacher=/tmp/teacher-$3

@@ -237,7 +237,7 @@ def test_slurm_tensor_parallel_across_two_nodes_matches_inline(slurm_cluster, da
     assert job.log_tail(50, rank=1)[0].startswith("[cluster] rank 1/2 on n2")
     params = json.loads((save / "metrics.jsonl").read_text().splitlines()[0])["data"]
     assert (params["tensor_parallel"], params["world_size"]) == (2, 2)
-    assert params["layout"] == "pp 1 × dp_replicate 1 × dp_shard 1 × tp 2"
+    assert params["layout"] == "pp 1 × dp_replicate 1 × dp_shard 1 × cp 1 × tp 2"
     losses = _losses(save)
     assert sorted(losses) == sorted(inline_losses)
     assert max(abs(losses[i] - inline_losses[i]) for i in inline_losses) < 1e-5

@@ -88,6 +88,10 @@ LAYOUTS = {  # name: (ranks, spec fields, the most of the model's parameters one
                        0.51),
     "hsdp2x2": (4, {"data_parallel": "fsdp", "data_parallel_replicate": 2}, 0.51),
     "tp2-fsdp2": (4, {"tensor_parallel": 2, "data_parallel": "fsdp"}, 0.26),
+    "dp2-cp2": (4, {"context_parallel": 2}, 1.01),  # DDP: a whole model per rank
+    "cp4-fsdp": (4, {"context_parallel": 4, "data_parallel": "fsdp"}, 0.26),
+    "cp2-tp2-fsdp-selective": (4, {"context_parallel": 2, "tensor_parallel": 2,
+                                   "data_parallel": "fsdp", "recompute": "selective"}, 0.26),
 }
 
 
@@ -146,6 +150,34 @@ def test_layouts_that_do_not_divide_are_refused(tiny_dataset, tmp_path):
     assert [PretrainSpec.model_validate({**unnamed, **layout}).precision for layout in
             ({}, {"tensor_parallel": "2"}, {"pipeline_parallel": 2}, {"data_parallel": "fsdp"})
             ] == ["bf16-master", "bf16", "bf16", "bf16"]  # a split model keeps fp32 weights
+
+
+def test_context_parallel_layouts_that_do_not_fit_are_refused(tiny_dataset, tmp_path):
+    def spec(**fields) -> PretrainSpec:
+        return PretrainSpec.model_validate(_spec(tiny_dataset, tmp_path / "x", **fields))
+
+    with pytest.raises(ValueError, match="data.seq_length 32 is not a multiple of 2 × "
+                                         "context_parallel = 6"):
+        spec(context_parallel=3)
+    with pytest.raises(ValueError, match="data.seq_length / context_parallel = 10 is not a "
+                                         "multiple of tensor_parallel 4"):
+        spec(context_parallel=2, tensor_parallel=4, model={**MODEL, "num_kv_heads": 4},
+             data={"blend": [tiny_dataset], "seq_length": 20})
+    with pytest.raises(ValueError, match="context_parallel is not supported with "
+                                         "pipeline_parallel"):
+        spec(context_parallel=2, **PP)
+    with pytest.raises(ValueError, match="rope_scaling dynamic cannot be trained with "
+                                         "context_parallel"):
+        spec(context_parallel=2, model={**MODEL, "rope_scaling": {"type": "dynamic",
+                                                                  "factor": 2.0}})
+    with pytest.raises(ValueError, match="world size 6 is not a multiple of tensor_parallel 2 "
+                                         "× pipeline_parallel 1 × context_parallel 2 = 4"):
+        spec(context_parallel=2, tensor_parallel=2).check_world(6)
+    # 8 ranks: 2 context-parallel, 4 data-parallel ranks, each a micro-batch of 2 samples
+    assert spec(context_parallel=2).layout(8).describe() == (
+        "pp 1 × dp_replicate 4 × dp_shard 1 × cp 2 × tp 1")
+    with pytest.raises(ValueError, match="micro_batch_size 2 × 8 data-parallel ranks"):
+        spec(context_parallel=2).check_world(16)
 
 
 def test_pipelines_that_do_not_fit_are_refused(tiny_dataset, tmp_path):

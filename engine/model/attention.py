@@ -20,11 +20,16 @@ from engine.model.rope import apply_rope
 Kernel = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
 
 
-def sdpa_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+def sdpa_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                   mask: torch.Tensor | None = None) -> torch.Tensor:
     """PyTorch's fused kernels (flash / cuDNN / memory-efficient / CPU). GQA is passed through
-    `enable_gqa` (every supported torch has it) only when heads differ: some kernels refuse it."""
+    `enable_gqa` (every supported torch has it) only when heads differ: some kernels refuse it.
+    `mask`: a causal bias for fewer queries than keys (context parallelism's chunks:
+    `causal_lower_right`), made by the caller, since selective recompute's dispatch mode cannot
+    create one; None: causal over square q and k."""
     out = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),
-                                         is_causal=True, enable_gqa=q.shape[2] != k.shape[2])
+                                         attn_mask=mask, is_causal=mask is None,
+                                         enable_gqa=q.shape[2] != k.shape[2])
     return out.transpose(1, 2)
 
 

@@ -1,9 +1,10 @@
-"""Data parallelism over the mesh's data-parallel ranks: DDP for a model that is whole on every
-rank (no TP, no PP: the fastest for small models, and the only one MasterAdamW's bf16 weights
-work with), otherwise FSDP2 `fully_shard` per block — sharded over dp_shard (ZeRO-3 style:
-parameters, gradients and optimizer state; Megatron's distributed optimizer and more), replicated
-over dp_replicate (HSDP when both are > 1; plain replication when dp_shard is 1, which is how
-"ddp" runs alongside TP or PP). Under FSDP the parameters and optimizer state stay fp32 and a
+"""Data parallelism over the mesh's data-parallel ranks (and its context-parallel ones, which
+hold the same weights): DDP for a model that is whole on every rank (no TP, no PP: the fastest
+for small models, and the only one MasterAdamW's bf16 weights work with), otherwise FSDP2
+`fully_shard` per block — sharded over dp_shard × cp (ZeRO-3 style: parameters, gradients and
+optimizer state; Megatron's distributed optimizer and more), replicated over dp_replicate (HSDP
+when both are > 1; plain replication when dp_shard × cp is 1, which is how "ddp" runs alongside
+TP or PP). Under FSDP the parameters and optimizer state stay fp32 and a
 MixedPrecisionPolicy gathers them in the compute dtype and reduces gradients in fp32.
 """
 
@@ -30,11 +31,13 @@ def apply_fsdp(parts: list[nn.Module], mode: DataParallel, mesh: Mesh, precision
     data-parallel sub-mesh; nothing when there is one data-parallel rank or DDP applies.
     `forward_only` (a distillation teacher): the part's own parameters (embedding, norm, head)
     stay gathered after its forward, for the loss to read the head."""
-    if mesh.layout.dp == 1 or uses_ddp(mode, mesh):
+    if mesh.layout.dp_cp == 1 or uses_ddp(mode, mesh):
         return
-    # a 2-D mesh is FSDP's HSDP form: replicated over its first dimension, sharded over its second
+    # a 2-D mesh is FSDP's HSDP form: replicated over its first dimension, sharded over its
+    # second; context-parallel ranks hold the same weights, so they shard them too
+    shard = "dp_shard_cp" if mesh.layout.cp > 1 else "dp_shard"
     replicated = mesh.layout.dp_replicate > 1
-    dp_mesh = mesh.sub("dp_replicate", "dp_shard") if replicated else mesh.sub("dp_shard")
+    dp_mesh = mesh.mesh["dp_replicate", shard] if replicated else mesh.mesh[shard]
     dtype = _COMPUTE.get(precision)
     policy = MixedPrecisionPolicy(param_dtype=dtype, reduce_dtype=torch.float32 if dtype else None)
     pipelined = mesh.layout.pp > 1

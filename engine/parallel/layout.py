@@ -1,9 +1,10 @@
 """How a job's ranks divide into the parallel dimensions, and whether a model divides over them.
 Torch-free: the training spec and cluster/ check layouts before any job is queued.
 
-Ranks are laid out as a grid (pp, dp_replicate, dp_shard, tp), tp fastest: the ranks of one
-tensor-parallel group are neighbours, so on a node of 8 GPUs TP 8 stays on NVLink, and pipeline
-stages are furthest apart (their traffic is the smallest).
+Ranks are laid out as a grid (pp, dp_replicate, dp_shard, cp, tp), tp fastest: the ranks of
+one tensor-parallel group are neighbours, so on a node of 8 GPUs TP 8 stays on NVLink, context
+parallel (a collective per layer) next, and pipeline stages are furthest apart (their traffic
+is the smallest).
 """
 
 from __future__ import annotations
@@ -13,7 +14,7 @@ from typing import Literal, get_args
 
 from engine.errors import SpecError
 
-DIMS = ("pp", "dp_replicate", "dp_shard", "tp")
+DIMS = ("pp", "dp_replicate", "dp_shard", "cp", "tp")
 DataParallel = Literal["ddp", "fsdp"]
 Recompute = Literal["none", "selective", "full"]  # see engine/parallel/recompute.py
 PipelineSchedule = Literal["gpipe", "1f1b", "interleaved-1f1b", "interleaved-zb", "zbv",
@@ -27,21 +28,28 @@ V_SHAPED = ("zbv", "dualpipev")  # exactly two stages per rank: (r, 2·pp − 1 
 
 @dataclass(frozen=True)
 class Layout:
-    """Sizes of the four mesh dimensions; their product is the world size."""
+    """Sizes of the five mesh dimensions; their product is the world size."""
 
     pp: int = 1
     dp_replicate: int = 1
     dp_shard: int = 1
+    cp: int = 1
     tp: int = 1
 
     @property
     def world_size(self) -> int:
-        return self.pp * self.dp_replicate * self.dp_shard * self.tp
+        return self.pp * self.dp_replicate * self.dp_shard * self.cp * self.tp
 
     @property
     def dp(self) -> int:
         """Data-parallel ranks: the number of different micro-batches a step sees at once."""
         return self.dp_replicate * self.dp_shard
+
+    @property
+    def dp_cp(self) -> int:
+        """Ranks that hold the same part of the model and average its gradients: data parallel
+        and context parallel (different tokens of the same micro-batches)."""
+        return self.dp * self.cp
 
     def shape(self) -> tuple[int, ...]:
         return tuple(getattr(self, d) for d in DIMS)
@@ -51,26 +59,29 @@ class Layout:
 
 
 def layout_for(world_size: int, tensor_parallel: int = 1, pipeline_parallel: int = 1,
-               data_parallel: DataParallel = "ddp", data_parallel_replicate: int = 1) -> Layout:
-    """The layout of `world_size` ranks: TP × PP as given, the rest data parallel — replicated
-    under ddp; under fsdp sharded, in `data_parallel_replicate` replicas (HSDP) if > 1."""
-    model_ranks = tensor_parallel * pipeline_parallel
+               data_parallel: DataParallel = "ddp", data_parallel_replicate: int = 1,
+               context_parallel: int = 1) -> Layout:
+    """The layout of `world_size` ranks: TP × PP × CP as given, the rest data parallel —
+    replicated under ddp; under fsdp sharded, in `data_parallel_replicate` replicas (HSDP) if
+    > 1."""
+    model_ranks = tensor_parallel * pipeline_parallel * context_parallel
     if world_size % model_ranks:
         raise ValueError(f"world size {world_size} is not a multiple of tensor_parallel "
-                         f"{tensor_parallel} × pipeline_parallel {pipeline_parallel} = "
-                         f"{model_ranks}")
+                         f"{tensor_parallel} × pipeline_parallel {pipeline_parallel} × "
+                         f"context_parallel {context_parallel} = {model_ranks}")
     dp = world_size // model_ranks
+    given = dict(pp=pipeline_parallel, cp=context_parallel, tp=tensor_parallel)
     if data_parallel == "ddp":
         if data_parallel_replicate not in (1, dp):
             raise ValueError("data_parallel_replicate applies to fsdp (HSDP); ddp replicates "
                              "over every data-parallel rank")
-        return Layout(pipeline_parallel, dp, 1, tensor_parallel)
+        return Layout(dp_replicate=dp, **given)
     if dp % data_parallel_replicate:
-        raise ValueError(f"{dp} data-parallel ranks (world size {world_size} / tensor_parallel "
-                         f"× pipeline_parallel {model_ranks}) are not a multiple of "
-                         f"data_parallel_replicate {data_parallel_replicate}")
-    return Layout(pipeline_parallel, data_parallel_replicate, dp // data_parallel_replicate,
-                  tensor_parallel)
+        raise ValueError(f"{dp} data-parallel ranks (world size {world_size} / {model_ranks} "
+                         f"model-parallel ranks) are not a multiple of data_parallel_replicate "
+                         f"{data_parallel_replicate}")
+    return Layout(dp_replicate=data_parallel_replicate, dp_shard=dp // data_parallel_replicate,
+                  **given)
 
 
 def model_errors(layout: Layout, num_heads: int, num_kv_heads: int, intermediate_size: int,
@@ -97,6 +108,19 @@ def model_errors(layout: Layout, num_heads: int, num_kv_heads: int, intermediate
         errors.append(f"tie_word_embeddings is not supported with {stages} pipeline stages: the "
                       "embedding (first stage) and the head (last stage) would be one weight on "
                       "two ranks; train with an untied head or without pipeline parallelism")
+    return errors
+
+
+def context_parallel_errors(model) -> list[str]:
+    """What in a model (a ModelConfig) context parallelism cannot split: dynamic NTK's
+    frequencies follow the whole sequence's length, which no rank sees; flash_attn_4's causal
+    alignment for fewer queries than keys is unchecked."""
+    errors = []
+    if model.rope_scaling.type == "dynamic":
+        errors.append("rope_scaling dynamic cannot be trained with context_parallel")
+    if model.attention_backend == "flash_attn_4":
+        errors.append("attention_backend flash_attn_4 is not supported with context_parallel: "
+                      "use sdpa or flash_attn")
     return errors
 
 

@@ -1,6 +1,6 @@
-"""The job's one DeviceMesh, (pp, dp_replicate, dp_shard, tp), and the sub-meshes and ranks that
-collectives and the data loader use. A single process has no mesh: every parallel step is then a
-no-op and collectives are skipped."""
+"""The job's one DeviceMesh, (pp, dp_replicate, dp_shard, cp, tp), and the sub-meshes and ranks
+that collectives and the data loader use. A single process has no mesh: every parallel step is
+then a no-op and collectives are skipped."""
 
 from __future__ import annotations
 
@@ -16,7 +16,8 @@ from engine.parallel.layout import DIMS, Layout
 @dataclass(frozen=True)
 class Mesh:
     """The layout and, with more than one rank, its DeviceMesh and the process groups of plain
-    collectives: "dp" (the data-parallel ranks, replicate and shard flattened), "tp", "pp"."""
+    collectives: "dp" (the ranks that average gradients and sum loss tokens: data parallel,
+    replicate and shard, and context parallel, flattened), "cp", "tp", "pp"."""
 
     layout: Layout
     mesh: DeviceMesh | None
@@ -45,13 +46,15 @@ def build_mesh(layout: Layout, device: torch.device) -> Mesh:
         raise ValueError(f"the layout {layout.describe()} needs {layout.world_size} ranks; the "
                          f"job has {world}")
     if world == 1:
-        return Mesh(layout, None, {"dp": None, "tp": None, "pp": None})
+        return Mesh(layout, None, {"dp": None, "cp": None, "tp": None, "pp": None})
     mesh = init_device_mesh(device.type, layout.shape(), mesh_dim_names=DIMS)
     # every rank creates the same groups in the same order (group creation is collective)
-    dp = mesh["dp_replicate", "dp_shard"]._flatten("dp")
-    groups = {"dp": dp.get_group(), "tp": mesh["tp"].get_group(), "pp": mesh["pp"].get_group()}
-    return Mesh(layout, mesh, {k: g if getattr(layout, k) > 1 else None
-                               for k, g in groups.items()})
+    dp = mesh["dp_replicate", "dp_shard", "cp"]._flatten("dp")
+    mesh["dp_shard", "cp"]._flatten("dp_shard_cp")  # FSDP shards over both (mesh["dp_shard_cp"])
+    groups = {"dp": dp.get_group(), "cp": mesh["cp"].get_group(), "tp": mesh["tp"].get_group(),
+              "pp": mesh["pp"].get_group()}
+    sizes = {"dp": layout.dp_cp, "cp": layout.cp, "tp": layout.tp, "pp": layout.pp}
+    return Mesh(layout, mesh, {k: g if sizes[k] > 1 else None for k, g in groups.items()})
 
 
 def all_reduce_sum(t: torch.Tensor, group: dist.ProcessGroup | None) -> torch.Tensor:

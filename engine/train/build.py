@@ -15,6 +15,7 @@ from torch import nn
 
 from engine.model.config import ModelConfig
 from engine.model.llama import LlamaModel, local_shard
+from engine.parallel.context_parallel import apply_context_parallel
 from engine.parallel.data_parallel import apply_fsdp, wrap_ddp
 from engine.parallel.mesh import Mesh
 from engine.parallel.pipeline import (LocalStages, build_schedule, fused_loss_fn,
@@ -85,6 +86,8 @@ def _parallelize(part: LlamaModel, spec: TrainSpec, mesh: Mesh) -> None:
     tp_mesh = mesh.sub("tp")
     if tp_mesh is not None:
         apply_tensor_parallel(part, tp_mesh, spec.sequence_parallel)
+    if mesh.groups["cp"] is not None:
+        apply_context_parallel(part, mesh.groups["cp"], spec.data.seq_length)
     apply_recompute(part, spec.recompute)
     if spec.compile:
         for block in part.layers.values():

@@ -52,6 +52,7 @@ from engine.model.kd_loss import TeacherTarget
 from engine.parallel import distributed
 from engine.parallel.data_parallel import set_gradient_sync
 from engine.parallel.grad_norm import clip_grad_norm_
+from engine.parallel.context_parallel import shard_sequence
 from engine.parallel.mesh import Mesh, all_reduce_sum, build_mesh
 from engine.parallel.pipeline import pipeline_step
 from engine.signals import StopSignals
@@ -123,9 +124,10 @@ class Batches:
     """Micro-batches of one data-parallel rank, addressed by (iteration, accumulation step)."""
 
     def __init__(self, samples, global_batch: int, micro_batch: int, rank: int, world: int,
-                 device: torch.device, eod_id: int | None) -> None:
+                 device: torch.device, eod_id: int | None, cp: tuple[int, int] = (1, 0)) -> None:
         self.samples, self.G, self.m, self.rank, self.world = samples, global_batch, micro_batch, rank, world
         self.device, self.eod_id = device, eod_id
+        self.cp = cp  # (context-parallel size, this rank's place): which chunks it keeps
         self.accum = global_batch // (micro_batch * world)
 
     def micro(self, iteration: int, step: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -136,6 +138,8 @@ class Batches:
         tokens = tokens.to(self.device, non_blocking=True)
         inputs, targets = tokens[:, :-1], tokens[:, 1:]
         mask = (targets != self.eod_id) if self.eod_id is not None else torch.ones_like(targets, dtype=torch.bool)
+        if self.cp[0] > 1:
+            return shard_sequence((inputs, targets, mask), *self.cp)
         return inputs, targets, mask
 
     def iteration(self, it: int) -> Iterator[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
@@ -245,7 +249,8 @@ class Trainer:
 
         def batches(split: str) -> Batches:
             return Batches(sets[split], G, spec.micro_batch_size, self.mesh.dp_rank,
-                           self.mesh.layout.dp, self.env.device, eod_id)
+                           self.mesh.layout.dp, self.env.device, eod_id,
+                           (self.mesh.layout.cp, self.mesh.coordinate("cp")))
 
         return batches("train"), batches("valid") if n_valid else None
 
@@ -318,10 +323,10 @@ class Trainer:
 
     def _forward_backward(self, micro: list, count: torch.Tensor) -> torch.Tensor:
         """The gradients of the step's loss (token losses over the global batch / its `count`
-        loss tokens, times the data-parallel size, which DP averages over); returns the loss sum
-        of this data-parallel rank's micro-batches (fp64), and distilling its CE and KD sums
+        loss tokens, times the data- and context-parallel size, which DP averages over); returns
+        the loss sum of this rank's micro-batches (fp64), and distilling its CE and KD sums
         after it."""
-        W = self.mesh.layout.dp
+        W = self.mesh.layout.dp_cp
         if self.pipeline is not None:
             return self._pipelined(micro, W / count, train=True).reshape(1)
         step_loss = torch.zeros(3 if self.teacher else 1, dtype=torch.float64,

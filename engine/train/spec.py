@@ -12,7 +12,8 @@ from engine.data.samples import check_long_documents, parse_blend
 from engine.model.config import ModelConfig
 from engine.errors import InputError, SpecError
 from engine.parallel.layout import (DataParallel, Layout, PipelineSchedule, Recompute,
-                                    check_layout, check_schedule, layout_for, model_errors)
+                                    check_layout, check_schedule, context_parallel_errors,
+                                    layout_for, model_errors)
 from engine.reshard.spec import source_files
 from engine.spec import StageSpec
 from engine.train.context import ContextSection, extended_config
@@ -116,6 +117,9 @@ class TrainSpec(StageSpec):
     sequence_parallel: bool = Field(True, description="with tensor_parallel: norms and the "
                                     "residual stream split along the sequence",
                                     json_schema_extra=_NOT_OUTPUT)
+    context_parallel: int = Field(1, ge=1, description="ranks each sequence is split over "
+                                  "(attention gathers its keys and values from them): "
+                                  "sequences too long for one GPU", json_schema_extra=_NOT_OUTPUT)
     pipeline_parallel: int = Field(1, ge=1, description="ranks the layers are split over, "
                                    "in pipeline stages", json_schema_extra=_NOT_OUTPUT)
     pipeline_schedule: PipelineSchedule = Field(
@@ -205,20 +209,40 @@ class TrainSpec(StageSpec):
                              "pipeline_parallel yet: use data parallelism (ddp or fsdp)")
         return self
 
+    @model_validator(mode="after")
+    def _context_parallel_fits(self) -> "TrainSpec":
+        """Each rank takes 2 chunks of every sequence, split again over TP's sequence shards."""
+        cp = self.context_parallel
+        if cp == 1:
+            return self
+        if self.pipeline_parallel > 1:
+            raise ValueError("context_parallel is not supported with pipeline_parallel yet")
+        seq, tp = self.data.seq_length, self.tensor_parallel
+        if seq % (2 * cp):
+            raise ValueError(f"data.seq_length {seq} is not a multiple of 2 × context_parallel "
+                             f"= {2 * cp}: each rank holds two chunks of every sequence")
+        if self.sequence_parallel and (seq // cp) % tp:
+            raise ValueError(f"data.seq_length / context_parallel = {seq // cp} is not a "
+                             f"multiple of tensor_parallel {tp} (sequence parallelism splits "
+                             f"it)")
+        return self
+
     @property
     def pipeline_stages(self) -> int:
         return self.pipeline_parallel * self.virtual_stages
 
     def layout_errors(self, model: ModelConfig) -> list[str]:
         layout = Layout(pp=self.pipeline_parallel, tp=self.tensor_parallel)
-        return model_errors(layout, model.num_heads, model.num_kv_heads, model.intermediate_size,
-                            model.vocab_size, model.num_layers, self.pipeline_stages,
-                            self.pipeline_layers, model.tie_word_embeddings)
+        errors = model_errors(layout, model.num_heads, model.num_kv_heads,
+                              model.intermediate_size, model.vocab_size, model.num_layers,
+                              self.pipeline_stages, self.pipeline_layers,
+                              model.tie_word_embeddings)
+        return errors + (context_parallel_errors(model) if self.context_parallel > 1 else [])
 
     def layout(self, world_size: int) -> Layout:
         """How `world_size` ranks divide (ValueError naming the numbers if they do not)."""
         return layout_for(world_size, self.tensor_parallel, self.pipeline_parallel,
-                          self.data_parallel, self.data_parallel_replicate)
+                          self.data_parallel, self.data_parallel_replicate, self.context_parallel)
 
     def check_world(self, world_size: int) -> None:
         layout = self.layout(world_size)

@@ -21,7 +21,9 @@ from engine.errors import InputError
 from engine.formats import model_format
 from engine.model.config import ModelConfig
 from engine.model.llama import LlamaModel, local_shard
+from engine.parallel.context_parallel import apply_context_parallel
 from engine.parallel.data_parallel import apply_fsdp
+from engine.parallel.layout import context_parallel_errors
 from engine.parallel.mesh import Mesh
 from engine.train.spec import TrainSpec
 
@@ -45,9 +47,14 @@ def load_teacher(spec: TrainSpec, student: ModelConfig, mesh: Mesh,
                          f"student's has {student.vocab_size}: teacher and student must share "
                          f"the tokenizer")
     check_same_tokenizer(path, blend, f"distill.teacher {path}", "teacher", "student's data")
+    errors = context_parallel_errors(cfg) if mesh.groups["cp"] is not None else []
+    if errors:
+        raise InputError(f"distill.teacher {path}: " + "; ".join(errors))
     dtype = torch.float32 if spec.precision == "fp32" else torch.bfloat16
     with torch.device("meta"):
         model = LlamaModel(cfg).to(dtype).requires_grad_(False)
+    if mesh.groups["cp"] is not None:
+        apply_context_parallel(model, mesh.groups["cp"], spec.data.seq_length)
     if spec.compile:
         for block in model.layers.values():
             block.compile()
