@@ -68,6 +68,7 @@ class LayoutDefaults(_Section):
     tensor_parallel: int | None = Field(None, ge=1)
     sequence_parallel: bool | None = None
     pipeline_parallel: int | None = Field(None, ge=1)
+    context_parallel: int | None = Field(None, ge=1)
     data_parallel: DataParallel | None = None
     data_parallel_replicate: int | None = Field(None, ge=1)
     recompute: Recompute | None = None
