@@ -14,14 +14,21 @@ runs the CPU demo — a tiny Llama on generated stories — and says how to look
 from __future__ import annotations
 
 import asyncio
+import json
+import random
+from pathlib import Path
 
 from prefect import flow, tags
 
+from engine.data.synthetic import story
 from flows.compress import compress
-from flows.params import DataParams, EvalParams, RunParams, TrainParams, demo_pruning
+from flows.nightly_distill import nightly_distill
+from flows.params import (DataParams, EvalParams, RunParams, TrainParams, demo_night,
+                          demo_pruning)
 from flows.runner import Runner
 from flows.report import print_report
 from flows.steps import Refs, evaluate_model, given_model, prepare_data, train_model
+from tasks.home import lmforge_home
 from tasks.models import pin
 from tasks.prefect_api import prefect_api
 from tasks.run_tags import tag_flow_run
@@ -79,14 +86,32 @@ async def _steps(runner: Runner, refs: Refs, data: DataParams, base_model: str |
 def main() -> None:
     """The demo, tagged `demo`, on the Prefect server that scripts/server.sh runs (the
     deployments' server) when there is one, else on a temporary one: the lifecycle, then its
-    model pruned to about half and recovered by distillation (the compress flow); then where to
+    model pruned to about half and recovered by distillation (the compress flow); one night of
+    the nightly distillation of the pruned model on a shard of new stories; then where to
     look."""
     with prefect_api() as where, tags("demo"):
         print(f"Prefect: {where}", flush=True)
         refs = asyncio.run(lifecycle())
         small = asyncio.run(compress(refs["convert"].path, refs["merge"].path,
                                      pruning=demo_pruning(), register_as="lmforge-tiny-pruned"))
-        print_report(refs, small)
+        night = asyncio.run(nightly_distill(
+            drop=str(demo_drop()), teacher=refs["convert"].path,
+            register_as="lmforge-tiny-pruned", bootstrap=small["convert"].registered,
+            **demo_night()))
+        print_report(refs, small, night)
+
+
+def demo_drop(documents: int = 100) -> Path:
+    """A drop folder where one shard of new stories has arrived (written once: a demo run
+    again finds no new data)."""
+    drop = lmforge_home() / "drop"
+    shard = drop / "night-1.jsonl"
+    if not shard.is_file():
+        drop.mkdir(parents=True, exist_ok=True)
+        rng = random.Random(2026)
+        shard.write_text("".join(json.dumps({"text": story(rng)}) + "\n"
+                                 for _ in range(documents)))
+    return drop
 
 
 if __name__ == "__main__":

@@ -47,6 +47,17 @@ def demo_pruning() -> BaseModel:
                         calibration_samples=64, seq_length=128, progress=False)
 
 
+def demo_night() -> dict:
+    """The demo's nightly distillation: short continuations, a short finetune of the pruned
+    model with KD from the full one (the flow's other arguments come from the demo's runs)."""
+    options = tiny_llama()
+    options = options.model_copy(update={"iters": 40, "eval": options.eval.model_copy(
+        update={"interval": None})})
+    return {"synthesis": SynthesizeOptions(prefix_tokens=32, sampling={"max_tokens": 64},
+                                           progress=False),
+            "training": NightlyTraining(options=options)}
+
+
 class _Params(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
@@ -88,6 +99,32 @@ class RecoveryParams(_Params):
     export: ExportOptions | None = Field(default_factory=ExportOptions,
                                          description="convert the recovered model to an HF "
                                          "folder; None: keep the native checkpoint only")
+
+
+class NightlyTraining(_Params):
+    """The night's distillation: the champion finetuned on the new shards blended with the
+    teacher's continuations of them, with logit KD from the teacher (or without)."""
+    options: TrainOptions = Field(default_factory=tiny_llama,
+                                  description="the finetune's options (model: ignored, the "
+                                  "champion's; data.blend: the night's datasets)")
+    synthetic_weight: float = Field(0.5, ge=0, lt=1, description="share of the teacher's "
+                                    "continuations in the blend (with synthesis)")
+    distill: DistillOptions | None = Field(
+        default_factory=lambda: DistillOptions(alpha=0.5),
+        description="logit distillation from the teacher (same tokenizer as the student); "
+                    "None: cross-entropy on the data alone")
+    export: ExportOptions = Field(default_factory=ExportOptions,
+                                  description="the HF export that is registered")
+
+
+class PromotionParams(_Params):
+    """When a night's model replaces the champion."""
+    metric: str = Field("ppl/", description="an evaluation metric, or the start of its name "
+                        "(the first that matches)")
+    min_improvement: float = Field(0.0, ge=0, description="the fraction of the champion's "
+                                   "value the candidate must gain (0.01: 1% better)")
+    higher_is_better: bool | None = Field(None, description="None: lower for ppl, loss, nll, "
+                                          "bits_per_byte, higher otherwise")
 
 
 class EvalParams(_Params):

@@ -12,12 +12,14 @@ from prefect.settings import PREFECT_UI_URL
 from flows.steps import Refs
 from engine.redact import redact_text
 from tasks.home import lmforge_home
-from tasks.tracking import tracking_uri
+from tasks.tracking import client, tracking_uri
 
 
-def print_report(refs: Refs, compressed: Refs | None = None) -> None:
-    """The lifecycle's artifacts and figures, and those of its model's compression."""
-    every = {**refs, **{f"compress: {k}": v for k, v in (compressed or {}).items()}}
+def print_report(refs: Refs, compressed: Refs | None = None, night: Refs | None = None) -> None:
+    """The lifecycle's artifacts and figures, and those of its model's compression and of a
+    nightly distillation."""
+    every = {**refs, **{f"compress: {k}": v for k, v in (compressed or {}).items()},
+             **{f"nightly: {k}": v for k, v in (night or {}).items()}}
     width = max(len(step) for step in every) if every else 0
     print("\nartifacts:")
     for step, ref in every.items():
@@ -33,6 +35,8 @@ def print_report(refs: Refs, compressed: Refs | None = None) -> None:
         print(f"registered: {refs['convert'].registered}")
     if compressed:
         _print_compression(compressed)
+    if night is not None:
+        _print_night(night)
     prefect_home = os.environ.get("PREFECT_HOME", "~/.prefect")
     uri = redact_text(tracking_uri())  # printed: a server's password stays out of the terminal
     if PREFECT_UI_URL.value():  # a server (tasks/prefect_api.py): it is there already
@@ -60,3 +64,16 @@ def _print_compression(refs: Refs) -> None:
                         ("recovered", "evaluate")):
         for name, value in refs[step].summary.get("metrics", {}).items():
             print(f"  {label:<9} {name} = {value:.4f}")
+
+
+def _print_night(night: Refs) -> None:
+    if not night:
+        print("\nnightly distillation: no new data in the drop folder (the shard was consumed "
+              "by an earlier demo run)")
+        return
+    registered = night["convert"].registered
+    name, version = registered.removeprefix("models:/").rsplit("/", 1)
+    tags = client().get_model_version(name, version).tags
+    outcome = (f"promoted to @champion: {tags['lmforge.promoted']}" if "lmforge.promoted" in tags
+               else f"rejected: {tags.get('rejected')}")
+    print(f"\nnightly distillation: {registered} {outcome}")

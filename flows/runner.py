@@ -44,15 +44,16 @@ class Runner:
         return [str(p) for p in resolve_inputs([corpus])]
 
     async def register(self, refs: dict[str, ArtifactRef], name: str | None, base: str | None,
-                       aliases: list[str] | None) -> ArtifactRef:
+                       aliases: list[str] | None,
+                       lineage: dict[str, str] | None = None) -> ArtifactRef:
         """The HF export in `refs` registered as a version of `name` (None: not registered), with
-        the training it came from; the reference returned names the version, so the flow's
-        summary links it."""
+        the training it came from (and `lineage` tags); the reference returned names the
+        version, so the flow's summary links it."""
         export = refs["convert"]
         if self.dry or name is None:
             return export
         trained = refs.get("finetune") or refs.get("pretrain")
-        version = await register_model(export, name, trained, base, aliases)
+        version = await register_model(export, name, trained, base, aliases, lineage)
         return export.model_copy(update={"registered": f"{SCHEME}{name}/{version}"})
 
     async def evaluated(self, report: ArtifactRef) -> None:

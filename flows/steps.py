@@ -11,7 +11,7 @@ from typing import NamedTuple
 
 from engine.formats import model_format
 from flows.params import (DataParams, EvalParams, ExportOptions, ReshardOptions,
-                          SynthesizeOptions, TrainParams)
+                          SynthesizeOptions, TokenizeOptions, TrainParams)
 from flows.runner import Runner
 from tasks.artifact import ArtifactRef
 from tasks.comparison import publish_comparison
@@ -46,14 +46,23 @@ async def prepare_data(runner: Runner, data: DataParams, refs: Refs,
         refs["train-tokenizer"] = ref = await runner.stage(
             "train-tokenizer", merged(data.train_tokenizer, input=[corpus]))
         tokenizer = ref.path
-    shards = runner.files(corpus)
+    dataset = await tokenize_files(runner, runner.files(corpus), tokenizer, data.tokenize, refs)
+    return Data(dataset, tokenizer)
+
+
+async def tokenize_files(runner: Runner, files: list[str], tokenizer: str,
+                         options: TokenizeOptions, refs: Refs, name: str = "") -> str:
+    """Each file tokenized (a job each, concurrently), then merged: the dataset prefix. Refs
+    `tokenize[i]` and `merge`, after `name` when given ("synthetic merge")."""
     parts = await asyncio.gather(*(
-        runner.stage("tokenize", merged(data.tokenize, input=[shard], tokenizer=tokenizer),
-                     label=f"tokenize {Path(shard).name}") for shard in shards))
-    refs.update({f"tokenize[{i}]": part for i, part in enumerate(parts)})
-    refs["merge"] = ref = await runner.stage(
-        "merge", {"input": [prefix for part in parts for prefix in part.datasets()]})
-    return Data(ref.path, tokenizer)
+        runner.stage("tokenize", merged(options, input=[file], tokenizer=tokenizer),
+                     label=f"tokenize {Path(file).name}") for file in files))
+    prefix = f"{name} " if name else ""
+    refs.update({f"{prefix}tokenize[{i}]": part for i, part in enumerate(parts)})
+    refs[f"{prefix}merge"] = ref = await runner.stage(
+        "merge", {"input": [dataset for part in parts for dataset in part.datasets()]},
+        label=f"{prefix}merge")
+    return ref.path
 
 
 def given_model(uri: str | None) -> Model | None:
@@ -64,11 +73,13 @@ def given_model(uri: str | None) -> Model | None:
     return Model(path, hf=model_format(Path(path)) == "hf")
 
 
-async def native_checkpoint(runner: Runner, model: Model, refs: Refs) -> str:
-    """`model` as a native checkpoint: an HF model converted, a native one as it is."""
+async def native_checkpoint(runner: Runner, model: Model, refs: Refs,
+                            name: str = "convert (import)") -> str:
+    """`model` as a native checkpoint: an HF model converted (ref `name`), a native one as it
+    is."""
     if not model.hf:
         return model.path
-    refs["convert (import)"] = ref = await runner.stage(
+    refs[name] = ref = await runner.stage(
         "convert", {"load_dir": model.path, "source_format": "hf", "target_format": "native"},
         label="convert HF to native")
     return ref.path

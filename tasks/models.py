@@ -44,11 +44,12 @@ PATH_TAG = "lmforge.path"
 
 @task(name="register-model", task_run_name="register {name}", cache_policy=NO_CACHE)
 async def register_model(ref: ArtifactRef, name: str, trained: ArtifactRef | None = None,
-                         base: str | None = None, aliases: list[str] | None = None) -> int:
+                         base: str | None = None, aliases: list[str] | None = None,
+                         lineage: dict[str, str] | None = None) -> int:
     """Register `ref` (trained as `trained`, from `base`: a pinned URI or a folder) as a version
-    of model `name`, once per fingerprint; point `latest-<flow>` and `aliases` at it. Returns
-    the version."""
-    version = await asyncio.to_thread(_register, ref, name, trained, base)
+    of model `name`, once per fingerprint, with `lineage` as more `lmforge.` tags (a teacher,
+    the data shards); point `latest-<flow>` and `aliases` at it. Returns the version."""
+    version = await asyncio.to_thread(_register, ref, name, trained, base, lineage)
     moved = [f"latest-{flow_run.get_flow_name() or 'stage'}", *(aliases or [])]
     for alias in moved:
         await asyncio.to_thread(client().set_registered_model_alias, name, alias, str(version))
@@ -65,7 +66,7 @@ async def record_evaluation(report: ArtifactRef) -> None:
 
 
 def _register(ref: ArtifactRef, name: str, trained: ArtifactRef | None = None,
-              base: str | None = None) -> int:
+              base: str | None = None, lineage: dict[str, str] | None = None) -> int:
     inside_home(ref.path, f"registered model {name!r}: source")
     mlflow = client()
     try:
@@ -81,7 +82,8 @@ def _register(ref: ArtifactRef, name: str, trained: ArtifactRef | None = None,
     data = _training_data(trained)
     tags = {PATH_TAG: ref.path, "lmforge.fingerprint": ref.fingerprint, "lmforge.kind": ref.kind,
             "lmforge.data_fingerprint": ",".join(fp for _, fp in data),
-            "lmforge.base_model": base, "lmforge.train_run": trained and trained.mlflow_run_id}
+            "lmforge.base_model": base, "lmforge.train_run": trained and trained.mlflow_run_id,
+            **{f"lmforge.{key}": value for key, value in (lineage or {}).items()}}
     tags = {k: v for k, v in tags.items() if v}
     description = _description(ref, trained, data, base)
     model_id = model.model_id if model else None
@@ -133,18 +135,27 @@ def _record_evaluation(report: ArtifactRef) -> None:
             mlflow.set_model_version_tag(version.name, version.version, key, value)
 
 
+class NotRegistered(ValueError):
+    """A registry URI that names no version: no such model, version or alias."""
+
+
 def _version(uri: str) -> ModelVersion:
     """The version `models:/NAME/VERSION`, `models:/NAME/latest` or `models:/NAME@ALIAS` names."""
     name, _, version = uri.removeprefix(SCHEME).partition("/")
     mlflow = client()
-    if "@" in name and not version:
-        return mlflow.get_model_version_by_alias(*name.split("@", 1))
-    if version in ("", "latest"):
-        versions = mlflow.search_model_versions(f"name = '{name}'")
-        if not versions:
-            raise ValueError(f"{uri}: model {name!r} has no registered version")
-        return max(versions, key=lambda v: int(v.version))
-    return mlflow.get_model_version(name, version)
+    try:
+        if "@" in name and not version:
+            return mlflow.get_model_version_by_alias(*name.split("@", 1))
+        if version in ("", "latest"):
+            versions = mlflow.search_model_versions(f"name = '{name}'")
+            if not versions:
+                raise NotRegistered(f"{uri}: model {name!r} has no registered version")
+            return max(versions, key=lambda v: int(v.version))
+        return mlflow.get_model_version(name, version)
+    except MlflowException as exc:
+        if exc.error_code not in ("RESOURCE_DOES_NOT_EXIST", "INVALID_PARAMETER_VALUE"):
+            raise
+        raise NotRegistered(f"{uri}: not in the MLflow registry ({exc.message})") from None
 
 
 def pin(uri: str | None) -> str | None:

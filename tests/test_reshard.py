@@ -78,7 +78,8 @@ def test_fsdp2_to_tp2_to_one_rank_keeps_every_bit_and_the_losses(job, tiny_datas
     assert any(k.endswith("exp_avg_sq") for k in expected)
     meta = ckpt.read_meta(ckpt.iter_dir(tp2, 2))
     assert (meta["world_size"], meta["layout"]["tp"], meta["spec"]["tensor_parallel"]) == (2, 2, 2)
-    assert meta["resharded_from"]["layout"] == {"pp": 1, "dp_replicate": 1, "dp_shard": 2, "tp": 1}
+    assert meta["resharded_from"]["layout"] == {"pp": 1, "dp_replicate": 1, "dp_shard": 2, "cp": 1,
+                                                "tp": 1}
     assert_equal(everything(tp2, tiny_dataset), expected)
 
     one = tmp_path / "one-rank"

@@ -59,12 +59,12 @@ def test_deploy_schedule_and_worker_run(prefect_server, tmp_path):
     cli(PREFECT, "--no-prompt", "deploy", "--all", env=env, timeout=300)
     deployments = {d["name"]: d for d in _api(prefect_server, "deployments/filter", {})}
     assert set(deployments) == {"lifecycle-demo", "data-prep", "train", "evaluate", "compare",
-                                "nightly-finetune", "synthesize", "reshard", "compress",
+                                "nightly-distill", "synthesize", "reshard", "compress",
                                 "extend"}
     assert deployments["data-prep"]["pull_steps"] == [
         {"prefect.deployments.steps.set_working_directory": {"directory": str(REPO)}}]
 
-    nightly = deployments["nightly-finetune"]["id"]
+    nightly = deployments["nightly-distill"]["id"]
     deadline = time.monotonic() + 90
     while not (scheduled := _runs(prefect_server, nightly, "SCHEDULED")):
         assert time.monotonic() < deadline, "the cron schedule created no runs"

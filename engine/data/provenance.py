@@ -8,12 +8,12 @@ from __future__ import annotations
 import logging
 from pathlib import Path
 
-from engine.checkpoint import store as ckpt
 from engine.data.samples import parse_blend
 from engine.errors import InputError
 from engine.formats import CONFIG, TOKENIZER_DIR
 from engine.lineage import artifact_manifest
 from engine.manifest import sha256_file
+from engine.reshard.spec import source_dir, source_files
 
 log = logging.getLogger(__name__)
 
@@ -30,14 +30,19 @@ def dataset_tokenizers(blend: list[str]) -> set[str]:
 
 
 def checkpoint_tokenizers(path: Path) -> set[str]:
-    """The sha256s of the tokenizer files recorded for the model `path` (an iter_* folder, or
-    an HF folder): those copied beside it (in it), or the tokenizer of the datasets it was
-    trained on."""
-    folder = path if (path / CONFIG).is_file() else path.parent / TOKENIZER_DIR
-    if folder.is_dir():
+    """The sha256s of the tokenizer files recorded for the model `path` (an HF folder, a native
+    checkpoint folder or one of its iter_* folders): those copied beside it (in it), or the
+    tokenizer of the datasets it was trained on. Torch-free: flows check with it too."""
+    path = Path(path)
+    folder = path if (path / CONFIG).is_file() else None
+    checkpoint = source_dir(path) if folder is None else None
+    if checkpoint is not None and (checkpoint.parent / TOKENIZER_DIR).is_dir():
+        folder = checkpoint.parent / TOKENIZER_DIR
+    if folder is not None:
         return {sha256_file(f).sha256
                 for f in folder.iterdir() if f.is_file() and f.name.startswith("tokenizer")}
-    blend = ((ckpt.read_meta(path).get("spec") or {}).get("data") or {}).get("blend")
+    found = source_files(path)
+    blend = (((found[0] if found else {}).get("spec") or {}).get("data") or {}).get("blend")
     return dataset_tokenizers(blend) if blend else set()
 
 

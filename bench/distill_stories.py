@@ -1,0 +1,155 @@
+"""Distillation from the real stories260K model (docs/training.md, "Distillation"): held-out
+perplexity of a small student trained for the same number of tokens with cross-entropy on the
+original stories, on a blend of the original and the teacher's synthetic continuations, with
+logit KD from the teacher, and with both.
+
+    python -m bench.distill_stories --work /tmp/distill-stories [--iters 200]
+
+Teacher: stories260K (../shared/data/tiny-llama/hf, converted to native; 5 layers, hidden 64).
+Student: a fresh, randomly initialised 3-layer, hidden-48 model (6 heads of 8, 3 KV heads,
+SwiGLU 128, tied head; ~0.1M parameters, about 40% of the teacher) on the teacher's tokenizer.
+Fresh rather than a pruned stories260K: a pruned parent already holds what the teacher knows, so
+it would mute the difference between the training signals (and bench/prune_stories.py measures
+KD recovery after pruning already); a student from nothing shows what each signal teaches.
+
+Original data: `generate-corpus` template stories (TinyStories-style; ../shared/data has only
+five real TinyStories, too few to train on); held-out: the same generator with another seed.
+The five real TinyStories (../shared/data/text/tinystories) are scored too, as a second column:
+text of the teacher's own domain that neither corpus contains.
+Synthetic data: `synthesize` (engine backend) continues the first PREFIX_TOKENS tokens of each
+original story with the teacher (temperature 1, top-p 1: samples of the teacher's own
+distribution; a story ends at the teacher's BOS, as llama2.c's models end one).
+Every student: same seed (same initial weights), optimiser and schedule, ITERS × GLOBAL_BATCH ×
+SEQ_LENGTH training tokens; the blends weigh original and synthetic 0.5 / 0.5; KD: alpha 0.5
+(half cross-entropy with the data, half τ²·KL(teacher ‖ student)), τ = 1, full vocabulary.
+
+Reads ../shared/data (a benchmark, not the project, may). CPU, ~10 minutes on 2 cores.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from pathlib import Path
+
+from engine.convert import stage as convert
+from engine.data import synthetic, tokenize
+from engine.evaluate.spec import Spec as EvaluateSpec
+from engine.evaluate.stage import run as evaluate
+from engine.spec import load_spec
+from engine.synthesize import stage as synthesize
+from engine.synthesize.spec import Spec as SynthesizeSpec
+from engine.train.loop import train
+from engine.train.spec import PretrainSpec
+
+SHARED = Path(__file__).resolve().parents[1].parent / "shared" / "data"
+STUDENT = {"vocab_size": 512, "hidden_size": 48, "intermediate_size": 128, "num_layers": 3,
+           "num_heads": 6, "num_kv_heads": 3, "max_position_embeddings": 512,
+           "tie_word_embeddings": True}
+SEQ_LENGTH, GLOBAL_BATCH = 256, 16
+PREFIX_TOKENS = 16
+WINDOW = "256"  # held-out windows, the same for every model (stories are shorter: one each)
+BLEND_WEIGHTS = ("0.5", "0.5")  # original, synthetic
+KD = {"alpha": 0.5, "temperature": 1.0}
+VARIANTS = {  # name: (synthetic data in the blend, distillation)
+    "CE, original": (False, False),
+    "CE, original + synthetic": (True, False),
+    "CE + KD, original": (False, True),
+    "CE + KD, original + synthetic": (True, True),
+}
+
+
+def prepare(work: Path, stories: int) -> tuple[Path, dict[str, Path]]:
+    """The teacher (native), the original / synthetic datasets and the held-out JSONL."""
+    teacher = work / "teacher"
+    if not teacher.exists():
+        convert.run(convert.Spec(load_dir=str(SHARED / "tiny-llama" / "hf"), save_dir=str(teacher),
+                                 source_format="hf", target_format="native"))
+    tok = str(teacher / "tokenizer" / "tokenizer.model")
+    for name, count, seed in (("original", stories, 1234), ("heldout", 256, 4321)):
+        if not (work / name).exists():
+            synthetic.run(synthetic.Spec(output=str(work / name), documents=count, shards=1,
+                                         seed=seed, name=name))
+    tinystories = work / "tinystories.jsonl"
+    raw = (SHARED / "text" / "tinystories" / "tinystories_sample.txt").read_text()
+    tinystories.write_text("".join(json.dumps({"text": s.strip()}) + "\n"
+                                   for s in raw.split("<|endoftext|>") if s.strip()))
+    if not (work / "synthetic").exists():
+        synthesize.run(SynthesizeSpec(
+            input=[str(work / "original")], teacher=str(teacher), output=str(work / "synthetic"),
+            prefix_tokens=PREFIX_TOKENS, backend="engine", device="cpu", progress=False,
+            sampling={"temperature": 1.0, "top_p": 1.0, "max_tokens": 200,
+                      "stop_token_ids": [1]}))  # BOS: where the teacher starts a new story
+    out = {"heldout": work / "heldout" / "heldout-000.jsonl", "tinystories": tinystories}
+    for name in ("original", "synthetic"):
+        # not the corpus folder's own path: a prefix naming a folder writes its manifest inside
+        prefix = work / f"{name}-tokens"
+        out[name] = work / f"{prefix.name}_text_document"
+        if not Path(f"{out[name]}.bin").exists():
+            tokenize.run(tokenize.Spec(input=[str(work / name)], output_prefix=str(prefix),
+                                       tokenizer=tok, add_bos=True, progress=False))
+    return teacher, out
+
+
+def measure(model: Path, data: dict[str, Path], out: Path, tokenizer: Path) -> dict[str, float]:
+    if not out.exists():
+        evaluate(load_spec(EvaluateSpec, None, {
+            "load_dir": str(model), "output": str(out), "tokenizer": str(tokenizer),
+            "windows": [WINDOW], "progress": False,
+            "ppl": [str(data["heldout"]), str(data["tinystories"])]}))
+    metrics = json.loads((out / "report.json").read_text())["metrics"]
+    return {name: metrics[f"ppl/{data[name].name}/{WINDOW}:{WINDOW}/ppl"]
+            for name in ("heldout", "tinystories")}
+
+
+def trained(teacher: Path, data: dict[str, Path], work: Path, name: str, blend: bool, kd: bool,
+            iters: int) -> Path:
+    save = work / "".join(c for c in name.replace(" ", "_") if c.isalnum() or c in "_-")
+    if not save.exists():
+        sets = ([BLEND_WEIGHTS[0], str(data["original"]), BLEND_WEIGHTS[1], str(data["synthetic"])]
+                if blend else [str(data["original"])])
+        spec = {"model": STUDENT, "checkpoint": {"save": str(save)},
+                "data": {"blend": sets, "seq_length": SEQ_LENGTH, "split": "100,0,0"},
+                "iters": iters, "global_batch_size": GLOBAL_BATCH,
+                "micro_batch_size": GLOBAL_BATCH, "precision": "fp32", "device": "cpu",
+                "log_interval": 50,
+                "optim": {"lr": 5e-3, "min_lr": 5e-4, "warmup_iters": 10}}
+        if kd:
+            spec["distill"] = {"teacher": str(teacher), **KD}
+        train(PretrainSpec.model_validate(spec), "pretrain")
+    return save
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--work", type=Path, default=Path("/tmp/distill-stories"))
+    ap.add_argument("--stories", type=int, default=2000)
+    ap.add_argument("--iters", type=int, default=200)
+    args = ap.parse_args()
+    started = time.perf_counter()
+    work = args.work
+    work.mkdir(parents=True, exist_ok=True)
+    teacher, data = prepare(work, args.stories)
+    print(f"data ready after {time.perf_counter() - started:.0f} s", flush=True)
+    tok = teacher / "tokenizer"  # the students' too (a fresh model's checkpoint has none)
+    results = {"teacher (stories260K)": measure(teacher, data, work / "eval-teacher", tok)}
+    tokens = args.iters * GLOBAL_BATCH * SEQ_LENGTH
+    for name, (blend, kd) in VARIANTS.items():
+        model = trained(teacher, data, work, name, blend, kd, args.iters)
+        results[name] = measure(model, data, work / f"eval-{model.name}", tok)
+        print(name, results[name], f"{time.perf_counter() - started:.0f} s", flush=True)
+    (work / "results.json").write_text(json.dumps(results, indent=2))
+    base = results["CE, original"]
+    print("\n| variant | training tokens | held-out PPL | vs CE | TinyStories PPL | vs CE |")
+    print("| --- | ---: | ---: | ---: | ---: | ---: |")
+    for name, r in results.items():
+        student = name in VARIANTS
+        change = [f"{100 * (r[k] / base[k] - 1):+.1f}%" if student else "" for k in r]
+        print(f"| {name} | {f'{tokens:,}' if student else '—'} | {r['heldout']:.3f} | "
+              f"{change[0]} | {r['tinystories']:.3f} | {change[1]} |")
+    print(f"\ntotal {time.perf_counter() - started:.0f} s")
+
+
+if __name__ == "__main__":
+    main()
