@@ -3,25 +3,33 @@ perplexity of a small student trained for the same number of tokens with cross-e
 original stories, on a blend of the original and the teacher's synthetic continuations, with
 logit KD from the teacher, and with both.
 
-    python -m bench.distill_stories --work /tmp/distill-stories [--iters 200]
+    python -m bench.distill_stories --work /tmp/distill-stories [--iters 300] [--stories 1000]
+                                    [--original samples|templates]
 
-Teacher: stories260K (../shared/data/tiny-llama/hf, converted to native; 5 layers, hidden 64).
-Student: a fresh, randomly initialised 3-layer, hidden-48 model (6 heads of 8, 3 KV heads,
-SwiGLU 128, tied head; ~0.1M parameters, about 40% of the teacher) on the teacher's tokenizer.
-Fresh rather than a pruned stories260K: a pruned parent already holds what the teacher knows, so
-it would mute the difference between the training signals (and bench/prune_stories.py measures
-KD recovery after pruning already); a student from nothing shows what each signal teaches.
+Teacher: stories260K (../shared/data/tiny-llama/hf, converted to native; 5 layers, hidden 64,
+0.26M parameters). Student: a fresh, randomly initialised 3-layer, hidden-48 model (6 heads of 8,
+3 KV heads, SwiGLU 128, tied head; 0.10M parameters, 39% of the teacher) on the teacher's
+tokenizer. Fresh rather than a pruned stories260K: a pruned parent already holds most of what
+the teacher knows, which would mute the differences between the training signals (and
+bench/prune_stories.py measures KD recovery after pruning already); a student from nothing shows
+what each signal teaches.
 
-Original data: `generate-corpus` template stories (TinyStories-style; ../shared/data has only
-five real TinyStories, too few to train on); held-out: the same generator with another seed.
+Original data (--original samples, the default): TinyStories-style stories sampled from the
+teacher at temperature 1 from BOS, each ending where the teacher starts a new one (its BOS, as
+llama2.c's models end a story); ../shared/data has only five real TinyStories, too few to train
+on. The held-out stories are more such samples (other seeds). --original templates uses
+`generate-corpus` template stories instead (held out: another seed): a grammar so small that the
+student learns it far below the teacher's perplexity, so the teacher is no expert there.
 The five real TinyStories (../shared/data/text/tinystories) are scored too, as a second column:
-text of the teacher's own domain that neither corpus contains.
+real text of the teacher's domain that no training set contains.
 Synthetic data: `synthesize` (engine backend) continues the first PREFIX_TOKENS tokens of each
 original story with the teacher (temperature 1, top-p 1: samples of the teacher's own
-distribution; a story ends at the teacher's BOS, as llama2.c's models end one).
-Every student: same seed (same initial weights), optimiser and schedule, ITERS × GLOBAL_BATCH ×
-SEQ_LENGTH training tokens; the blends weigh original and synthetic 0.5 / 0.5; KD: alpha 0.5
-(half cross-entropy with the data, half τ²·KL(teacher ‖ student)), τ = 1, full vocabulary.
+distribution, not the Cookbook's sharper 0.7 / 0.9; up to 200 new tokens, ending at BOS).
+Every student: same seed (same initial weights and data order), optimiser and schedule,
+ITERS × GLOBAL_BATCH × SEQ_LENGTH training tokens; the blends weigh original and synthetic
+0.5 / 0.5; KD: alpha 0.5 (half cross-entropy with the data, half τ²·KL(teacher ‖ student)),
+τ = 1, full vocabulary (512 tokens). Perplexity: evaluate's ppl, one 256-position window per
+story from BOS (the stories are shorter), the same for every model.
 
 Reads ../shared/data (a benchmark, not the project, may). CPU, ~10 minutes on 2 cores.
 """
@@ -33,10 +41,16 @@ import json
 import time
 from pathlib import Path
 
+import torch
+
 from engine.convert import stage as convert
+from engine.convert.native import load_native
 from engine.data import synthetic, tokenize
+from engine.data.tokenizer import load_tokenizer
 from engine.evaluate.spec import Spec as EvaluateSpec
 from engine.evaluate.stage import run as evaluate
+from engine.generate.generator import Generator
+from engine.generate.params import SamplingParams
 from engine.spec import load_spec
 from engine.synthesize import stage as synthesize
 from engine.synthesize.spec import Spec as SynthesizeSpec
@@ -48,8 +62,11 @@ STUDENT = {"vocab_size": 512, "hidden_size": 48, "intermediate_size": 128, "num_
            "num_heads": 6, "num_kv_heads": 3, "max_position_embeddings": 512,
            "tie_word_embeddings": True}
 SEQ_LENGTH, GLOBAL_BATCH = 256, 16
-PREFIX_TOKENS = 16
-WINDOW = "256"  # held-out windows, the same for every model (stories are shorter: one each)
+OPTIM = {"lr": 5e-3, "min_lr": 5e-4, "warmup_iters": 10}
+HELDOUT = 200            # held-out stories
+BOS = 1                  # stories260K ends a story by starting the next one
+PREFIX_TOKENS = {"samples": 32, "templates": 16}  # prompts of the synthesize stage
+WINDOW = "256"
 BLEND_WEIGHTS = ("0.5", "0.5")  # original, synthetic
 KD = {"alpha": 0.5, "temperature": 1.0}
 VARIANTS = {  # name: (synthetic data in the blend, distillation)
@@ -60,36 +77,72 @@ VARIANTS = {  # name: (synthetic data in the blend, distillation)
 }
 
 
-def prepare(work: Path, stories: int) -> tuple[Path, dict[str, Path]]:
-    """The teacher (native), the original / synthetic datasets and the held-out JSONL."""
+def write_jsonl(path: Path, texts: list[str]) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text("".join(json.dumps({"text": t}) + "\n" for t in texts))
+    return path
+
+
+def sampled_stories(teacher: Path, count: int, work: Path) -> tuple[Path, Path]:
+    """`count` training and HELDOUT held-out stories sampled from the teacher from BOS."""
+    _, model, _, _ = load_native(teacher)
+    tok = load_tokenizer(teacher / "tokenizer")
+    gen = Generator(model, tok, torch.device("cpu"), progress=False)
+    n = count + HELDOUT
+    params = [SamplingParams(temperature=1.0, max_tokens=255, stop_token_ids=[BOS], seed=i)
+              for i in range(n)]
+    texts = [c[0].text.strip() for c in gen.generate([[BOS]] * n, params)]
+    return (write_jsonl(work / "original" / "stories.jsonl", texts[:count]),
+            write_jsonl(work / "heldout" / "stories.jsonl", texts[count:]))
+
+
+def template_stories(count: int, work: Path) -> tuple[Path, Path]:
+    out = []
+    for name, documents, seed in (("original", count, 1234), ("heldout", HELDOUT, 4321)):
+        if not (work / name).exists():
+            synthetic.run(synthetic.Spec(output=str(work / name), documents=documents,
+                                         shards=1, seed=seed, name="stories"))
+        out.append(work / name / "stories-000.jsonl")
+    return out[0], out[1]
+
+
+def prepare(work: Path, original: str, stories: int) -> tuple[Path, dict[str, Path]]:
+    """The teacher (native), the original and synthetic datasets, the held-out JSONL files."""
     teacher = work / "teacher"
     if not teacher.exists():
         convert.run(convert.Spec(load_dir=str(SHARED / "tiny-llama" / "hf"), save_dir=str(teacher),
                                  source_format="hf", target_format="native"))
-    tok = str(teacher / "tokenizer" / "tokenizer.model")
-    for name, count, seed in (("original", stories, 1234), ("heldout", 256, 4321)):
-        if not (work / name).exists():
-            synthetic.run(synthetic.Spec(output=str(work / name), documents=count, shards=1,
-                                         seed=seed, name=name))
-    tinystories = work / "tinystories.jsonl"
+    if original == "samples":
+        done = (work / "heldout" / "stories.jsonl").exists()
+        train_jsonl, heldout = ((work / "original" / "stories.jsonl", work / "heldout" /
+                                 "stories.jsonl") if done else sampled_stories(teacher, stories,
+                                                                               work))
+    else:
+        train_jsonl, heldout = template_stories(stories, work)
     raw = (SHARED / "text" / "tinystories" / "tinystories_sample.txt").read_text()
-    tinystories.write_text("".join(json.dumps({"text": s.strip()}) + "\n"
-                                   for s in raw.split("<|endoftext|>") if s.strip()))
+    tinystories = write_jsonl(work / "tinystories.jsonl",
+                              [s.strip() for s in raw.split("<|endoftext|>") if s.strip()])
     if not (work / "synthetic").exists():
         synthesize.run(SynthesizeSpec(
-            input=[str(work / "original")], teacher=str(teacher), output=str(work / "synthetic"),
-            prefix_tokens=PREFIX_TOKENS, backend="engine", device="cpu", progress=False,
-            sampling={"temperature": 1.0, "top_p": 1.0, "max_tokens": 200,
-                      "stop_token_ids": [1]}))  # BOS: where the teacher starts a new story
-    out = {"heldout": work / "heldout" / "heldout-000.jsonl", "tinystories": tinystories}
-    for name in ("original", "synthetic"):
+            input=[str(train_jsonl)], teacher=str(teacher), output=str(work / "synthetic"),
+            prefix_tokens=PREFIX_TOKENS[original], backend="engine", device="cpu",
+            progress=False, sampling={"temperature": 1.0, "top_p": 1.0, "max_tokens": 200,
+                                      "stop_token_ids": [BOS]}))
+    out = {"heldout": heldout, "tinystories": tinystories}
+    tok = str(teacher / "tokenizer" / "tokenizer.model")
+    for name, source in (("original", train_jsonl), ("synthetic", work / "synthetic")):
         # not the corpus folder's own path: a prefix naming a folder writes its manifest inside
         prefix = work / f"{name}-tokens"
         out[name] = work / f"{prefix.name}_text_document"
         if not Path(f"{out[name]}.bin").exists():
-            tokenize.run(tokenize.Spec(input=[str(work / name)], output_prefix=str(prefix),
+            tokenize.run(tokenize.Spec(input=[str(source)], output_prefix=str(prefix),
                                        tokenizer=tok, add_bos=True, progress=False))
     return teacher, out
+
+
+def dataset_tokens(prefix: Path) -> int:
+    return json.loads(Path(f"{prefix.parent / prefix.name.removesuffix('_text_document')}"
+                           ".manifest.json").read_text())["summary"]["tokens"]
 
 
 def measure(model: Path, data: dict[str, Path], out: Path, tokenizer: Path) -> dict[str, float]:
@@ -113,8 +166,7 @@ def trained(teacher: Path, data: dict[str, Path], work: Path, name: str, blend: 
                 "data": {"blend": sets, "seq_length": SEQ_LENGTH, "split": "100,0,0"},
                 "iters": iters, "global_batch_size": GLOBAL_BATCH,
                 "micro_batch_size": GLOBAL_BATCH, "precision": "fp32", "device": "cpu",
-                "log_interval": 50,
-                "optim": {"lr": 5e-3, "min_lr": 5e-4, "warmup_iters": 10}}
+                "log_interval": 50, "optim": OPTIM}
         if kd:
             spec["distill"] = {"teacher": str(teacher), **KD}
         train(PretrainSpec.model_validate(spec), "pretrain")
@@ -124,14 +176,17 @@ def trained(teacher: Path, data: dict[str, Path], work: Path, name: str, blend: 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--work", type=Path, default=Path("/tmp/distill-stories"))
-    ap.add_argument("--stories", type=int, default=2000)
-    ap.add_argument("--iters", type=int, default=200)
+    ap.add_argument("--original", choices=("samples", "templates"), default="samples")
+    ap.add_argument("--stories", type=int, default=1000)
+    ap.add_argument("--iters", type=int, default=300)
     args = ap.parse_args()
     started = time.perf_counter()
     work = args.work
     work.mkdir(parents=True, exist_ok=True)
-    teacher, data = prepare(work, args.stories)
-    print(f"data ready after {time.perf_counter() - started:.0f} s", flush=True)
+    teacher, data = prepare(work, args.original, args.stories)
+    print(f"data ready after {time.perf_counter() - started:.0f} s: original "
+          f"{dataset_tokens(data['original']):,} tokens, synthetic "
+          f"{dataset_tokens(data['synthetic']):,}", flush=True)
     tok = teacher / "tokenizer"  # the students' too (a fresh model's checkpoint has none)
     results = {"teacher (stories260K)": measure(teacher, data, work / "eval-teacher", tok)}
     tokens = args.iters * GLOBAL_BATCH * SEQ_LENGTH
@@ -141,13 +196,14 @@ def main() -> None:
         print(name, results[name], f"{time.perf_counter() - started:.0f} s", flush=True)
     (work / "results.json").write_text(json.dumps(results, indent=2))
     base = results["CE, original"]
-    print("\n| variant | training tokens | held-out PPL | vs CE | TinyStories PPL | vs CE |")
+    print(f"\n| variant | training tokens | held-out PPL ({args.original}) | vs CE | "
+          f"real TinyStories PPL | vs CE |")
     print("| --- | ---: | ---: | ---: | ---: | ---: |")
     for name, r in results.items():
         student = name in VARIANTS
         change = [f"{100 * (r[k] / base[k] - 1):+.1f}%" if student else "" for k in r]
         print(f"| {name} | {f'{tokens:,}' if student else '—'} | {r['heldout']:.3f} | "
-              f"{change[0]} | {r['tinystories']:.3f} | {change[1]} |")
+              f"{change[0]} | {r['tinystories']:.2f} | {change[1]} |")
     print(f"\ntotal {time.perf_counter() - started:.0f} s")
 
 

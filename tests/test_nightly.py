@@ -60,6 +60,7 @@ def nights(home, tmp_path):
     return drop, chunks, args
 
 
+@pytest.mark.slow
 def test_three_nights_promote_wait_and_reject(nights):
     drop, chunks, args = nights
     mlflow = tracking.client()
