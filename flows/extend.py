@@ -14,7 +14,8 @@ from prefect import flow
 
 from engine.formats import TOKENIZER_DIR
 from engine.train.context import ContextSection
-from flows.params import EvalParams, ExportOptions, RunParams, TrainOptions
+from flows.params import (EvalParams, ExportOptions, RunParams, TrainOptions,
+                          cookbook_extension)
 from flows.runner import Runner
 from flows.steps import Model, Refs, evaluate_side_by_side, export_model, given_model
 from tasks.fields import merged
@@ -25,7 +26,8 @@ from tasks.tracking import tracked_flow
 
 @flow(name="extend")
 async def extend(model: str, context: ContextSection, dataset: str | None = None,
-                 tokenizer: str | None = None, training: TrainOptions | None = None,
+                 tokenizer: str | None = None,
+                 training: TrainOptions | None = cookbook_extension(),
                  export: ExportOptions | None = ExportOptions(),
                  evaluation: EvalParams | None = EvalParams(), register_as: str | None = None,
                  aliases: list[str] | None = None, run: RunParams = RunParams()) -> Refs:
@@ -39,8 +41,9 @@ async def extend(model: str, context: ContextSection, dataset: str | None = None
             training's data (with `training`).
         tokenizer: the model's, when it has none beside it.
         training: the finetune's options at the new length (data.seq_length up to
-            context.max_length; the Cookbook's recipe: lr 2e-5 -> 2e-6 cosine, warmup 30);
-            None: no training (the extend stage's checkpoint is the result).
+            context.max_length); default: the Cookbook's recipe (1,000 steps of 128 × 8,192
+            tokens, lr 2e-5 -> 2e-6 cosine, warmup 30, selective recompute); None: no
+            training (the extend stage's checkpoint is the result).
         export: convert the extended model to an HF folder; None: keep the native checkpoint.
         evaluation: the same for both models; give ppl data of long documents, windows at each
             length (e.g. ["512", "1024", "2048"]) and passkey lengths.
@@ -76,7 +79,8 @@ async def _steps(runner: Runner, refs: Refs, parent_run: str | None, model: str,
     tokenizer = tokenizer or f"{extended.path}/{TOKENIZER_DIR}"
     if training is not None:
         if dataset is None:
-            raise ValueError("training needs dataset: the long text to train at the new length")
+            raise ValueError("training needs dataset: the long text to train at the new "
+                             "length (or set training to null: an extension without training)")
         spec = merged(training, data__blend=[dataset], model=None, context=own,
                       load=extended.path)  # context again: checks data.seq_length against it
         refs["finetune"] = extended = await runner.stage("finetune", spec, label="train extended")

@@ -41,6 +41,16 @@ def tiny_llama() -> BaseModel:
         iters=200, micro_batch_size=8, global_batch_size=8, precision="fp32", log_interval=10)
 
 
+def cookbook_extension() -> BaseModel:
+    """The Megatron Cookbook's context-extension training (Llama-2-7B, 4k -> 8k by position
+    interpolation): 1,000 steps of 128 sequences of 8,192 tokens, lr 2e-5 -> 2e-6 cosine after
+    30 warmup steps, selective recompute."""
+    return TrainOptions(data={"seq_length": 8192}, iters=1000, global_batch_size=128,
+                        micro_batch_size=1, optim={"lr": 2e-5, "min_lr": 2e-6,
+                                                   "schedule": "cosine", "warmup_iters": 30},
+                        recompute="selective")
+
+
 def demo_pruning() -> BaseModel:
     """The demo's model (tiny_llama) to about half its non-embedding parameters by width."""
     return PruneOptions(hidden_size=48, num_kv_heads=1, intermediate_size=128,

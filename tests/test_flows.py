@@ -458,6 +458,12 @@ def test_extend_flow_trains_at_the_new_length_and_compares(home, tmp_path):
             "evaluation": evaluation, "run": INLINE}
     with pytest.raises(SpecError, match="context.factor 3 × the checkpoint's length 512"):
         asyncio.run(extend(str(parent), {"max_length": 1024, "factor": 3}, **args))
+    with pytest.raises(ValueError, match="training needs dataset"):  # the Cookbook's by default
+        asyncio.run(extend(str(parent), {"max_length": 1024}, run=INLINE))
+    with pytest.raises(SpecError, match=r"data.seq_length \(8192\) is above context.max_length "
+                                        r"\(1024\)"):
+        asyncio.run(extend(str(parent), {"max_length": 1024}, dataset=args["dataset"],
+                           run=INLINE))
     assert not (home / "jobs").exists() and not (home / "artifacts").exists()
 
     refs = asyncio.run(extend(str(parent), {"max_length": 1024}, **args))
