@@ -3,7 +3,7 @@ perplexity of a small student trained for the same number of tokens with cross-e
 original stories, on a blend of the original and the teacher's synthetic continuations, with
 logit KD from the teacher, and with both.
 
-    python -m bench.distill_stories --work /tmp/distill-stories [--iters 300] [--stories 1000]
+    python -m bench.distill_stories --work /tmp/distill-stories [--iters 600] [--stories 1000]
                                     [--original samples|templates]
 
 Teacher: stories260K (../shared/data/tiny-llama/hf, converted to native; 5 layers, hidden 64,
@@ -178,7 +178,7 @@ def main() -> None:
     ap.add_argument("--work", type=Path, default=Path("/tmp/distill-stories"))
     ap.add_argument("--original", choices=("samples", "templates"), default="samples")
     ap.add_argument("--stories", type=int, default=1000)
-    ap.add_argument("--iters", type=int, default=300)
+    ap.add_argument("--iters", type=int, default=600)
     args = ap.parse_args()
     started = time.perf_counter()
     work = args.work

@@ -65,7 +65,7 @@ def judge(candidate: dict[str, float], champion: dict[str, float], metric: str,
     if higher_is_better is None:
         higher_is_better = not any(word in name for word in LOWER_IS_BETTER)
     new, old = float(candidate[name]), float(champion[name])
-    gain = (new - old if higher_is_better else old - new) / abs(old)
+    gain = (new - old if higher_is_better else old - new) / (abs(old) or 1.0)  # 0% accuracy
     promote = gain >= min_improvement
     reason = (f"{name} {new:.4g} vs {old:.4g}: {100 * gain:+.2f}% "
               f"({'≥' if promote else '<'} the {100 * min_improvement:.2f}% required)")
