@@ -3,8 +3,8 @@ perplexity of a small student trained for the same number of tokens with cross-e
 original stories, on a blend of the original and the teacher's synthetic continuations, with
 logit KD from the teacher, and with both.
 
-    python -m bench.distill_stories --work /tmp/distill-stories [--iters 600] [--stories 1000]
-                                    [--original samples|templates]
+    python -m bench.distill_stories --work /tmp/distill-stories [--iters 1200] [--stories 1000]
+                                    [--original samples|templates] [--seeds 1]
 
 Teacher: stories260K (../shared/data/tiny-llama/hf, converted to native; 5 layers, hidden 64,
 0.26M parameters). Student: a fresh, randomly initialised 3-layer, hidden-48 model (6 heads of 8,
@@ -26,7 +26,11 @@ Synthetic data: `synthesize` (engine backend) continues the first PREFIX_TOKENS 
 original story with the teacher (temperature 1, top-p 1: samples of the teacher's own
 distribution, not the Cookbook's sharper 0.7 / 0.9; up to 200 new tokens, ending at BOS).
 Every student: same seed (same initial weights and data order), optimiser and schedule,
-ITERS × GLOBAL_BATCH × SEQ_LENGTH training tokens; the blends weigh original and synthetic
+ITERS × GLOBAL_BATCH × SEQ_LENGTH training tokens. --seeds N trains every variant with seeds
+1234 … 1234 + N − 1 and prints the mean and range of each perplexity and of each seed's change
+against CE (the seed moves a student's perplexity by as much as 10% at this length: the
+students leave the unigram plateau at different steps, so one seed is a first look, not a
+verdict); the blends weigh original and synthetic
 0.5 / 0.5; KD: alpha 0.5 (half cross-entropy with the data, half τ²·KL(teacher ‖ student)),
 τ = 1, full vocabulary (512 tokens). Perplexity: evaluate's ppl, one 256-position window per
 story from BOS (the stories are shorter), the same for every model.
@@ -61,7 +65,7 @@ SHARED = Path(__file__).resolve().parents[1].parent / "shared" / "data"
 STUDENT = {"vocab_size": 512, "hidden_size": 48, "intermediate_size": 128, "num_layers": 3,
            "num_heads": 6, "num_kv_heads": 3, "max_position_embeddings": 512,
            "tie_word_embeddings": True}
-SEQ_LENGTH, GLOBAL_BATCH = 256, 16
+SEQ_LENGTH, GLOBAL_BATCH = 256, 8  # batches of 8 (not 16, same tokens): a third of the seed spread
 OPTIM = {"lr": 5e-3, "min_lr": 5e-4, "warmup_iters": 10}
 HELDOUT = 200            # held-out stories
 BOS = 1                  # stories260K ends a story by starting the next one
@@ -157,8 +161,9 @@ def measure(model: Path, data: dict[str, Path], out: Path, tokenizer: Path) -> d
 
 
 def trained(teacher: Path, data: dict[str, Path], work: Path, name: str, blend: bool, kd: bool,
-            iters: int) -> Path:
-    save = work / "".join(c for c in name.replace(" ", "_") if c.isalnum() or c in "_-")
+            iters: int, seed: int) -> Path:
+    save = work / ("".join(c for c in name.replace(" ", "_") if c.isalnum() or c in "_-")
+                   + f"-seed{seed}")
     if not save.exists():
         sets = ([BLEND_WEIGHTS[0], str(data["original"]), BLEND_WEIGHTS[1], str(data["synthetic"])]
                 if blend else [str(data["original"])])
@@ -166,11 +171,35 @@ def trained(teacher: Path, data: dict[str, Path], work: Path, name: str, blend: 
                 "data": {"blend": sets, "seq_length": SEQ_LENGTH, "split": "100,0,0"},
                 "iters": iters, "global_batch_size": GLOBAL_BATCH,
                 "micro_batch_size": GLOBAL_BATCH, "precision": "fp32", "device": "cpu",
-                "log_interval": 50, "optim": OPTIM}
+                "log_interval": 50, "optim": OPTIM, "seed": seed}
         if kd:
             spec["distill"] = {"teacher": str(teacher), **KD}
         train(PretrainSpec.model_validate(spec), "pretrain")
     return save
+
+
+def cell(values: list[float], form: str) -> str:
+    """One number, or the mean of several and their range."""
+    mean = sum(values) / len(values)
+    if len(values) == 1:
+        return format(mean, form)
+    return f"{mean:{form}} ({min(values):{form}} to {max(values):{form}})"
+
+
+def table(results: dict[str, list[dict[str, float]]], tokens: int, original: str) -> str:
+    base = results["CE, original"]
+    lines = [f"| variant | training tokens | held-out PPL ({original}) | vs CE | "
+             f"real TinyStories PPL | vs CE |", "| --- | ---: | ---: | ---: | ---: | ---: |"]
+    for name, runs in results.items():
+        student = name in VARIANTS
+        cells = []
+        for key, form in (("heldout", ".3f"), ("tinystories", ".2f")):
+            cells.append(cell([r[key] for r in runs], form))
+            changes = [100 * (r[key] / b[key] - 1) for r, b in zip(runs, base)]
+            cells.append(cell(changes, "+.1f") + " %" if student else "")
+        lines.append(f"| {name} | {f'{tokens:,}' if student else '—'} | " + " | ".join(cells)
+                     + " |")
+    return "\n".join(lines)
 
 
 def main() -> None:
@@ -178,7 +207,8 @@ def main() -> None:
     ap.add_argument("--work", type=Path, default=Path("/tmp/distill-stories"))
     ap.add_argument("--original", choices=("samples", "templates"), default="samples")
     ap.add_argument("--stories", type=int, default=1000)
-    ap.add_argument("--iters", type=int, default=600)
+    ap.add_argument("--iters", type=int, default=1200)
+    ap.add_argument("--seeds", type=int, default=1, help="students per variant (seeds 1234, …)")
     args = ap.parse_args()
     started = time.perf_counter()
     work = args.work
@@ -188,22 +218,17 @@ def main() -> None:
           f"{dataset_tokens(data['original']):,} tokens, synthetic "
           f"{dataset_tokens(data['synthetic']):,}", flush=True)
     tok = teacher / "tokenizer"  # the students' too (a fresh model's checkpoint has none)
-    results = {"teacher (stories260K)": measure(teacher, data, work / "eval-teacher", tok)}
-    tokens = args.iters * GLOBAL_BATCH * SEQ_LENGTH
-    for name, (blend, kd) in VARIANTS.items():
-        model = trained(teacher, data, work, name, blend, kd, args.iters)
-        results[name] = measure(model, data, work / f"eval-{model.name}", tok)
-        print(name, results[name], f"{time.perf_counter() - started:.0f} s", flush=True)
+    results = {"teacher (stories260K)": [measure(teacher, data, work / "eval-teacher", tok)]}
+    for seed in range(1234, 1234 + args.seeds):
+        for name, (blend, kd) in VARIANTS.items():
+            model = trained(teacher, data, work, name, blend, kd, args.iters, seed)
+            results.setdefault(name, []).append(
+                measure(model, data, work / f"eval-{model.name}", tok))
+            print(name, f"seed {seed}", results[name][-1],
+                  f"{time.perf_counter() - started:.0f} s", flush=True)
     (work / "results.json").write_text(json.dumps(results, indent=2))
-    base = results["CE, original"]
-    print(f"\n| variant | training tokens | held-out PPL ({args.original}) | vs CE | "
-          f"real TinyStories PPL | vs CE |")
-    print("| --- | ---: | ---: | ---: | ---: | ---: |")
-    for name, r in results.items():
-        student = name in VARIANTS
-        change = [f"{100 * (r[k] / base[k] - 1):+.1f}%" if student else "" for k in r]
-        print(f"| {name} | {f'{tokens:,}' if student else '—'} | {r['heldout']:.3f} | "
-              f"{change[0]} | {r['tinystories']:.2f} | {change[1]} |")
+    print()
+    print(table(results, args.iters * GLOBAL_BATCH * SEQ_LENGTH, args.original))
     print(f"\ntotal {time.perf_counter() - started:.0f} s")
 
 
