@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import json
 import shutil
+import time
 
 import pytest
 from prefect.client.orchestration import get_client
@@ -92,9 +93,12 @@ def test_three_nights_promote_wait_and_reject(nights):
     assert [n["promote"] for n in history(NAME)] == [True, False]
     assert sorted(consumed(NAME)) == [str(drop / "day-1.jsonl"), str(drop / "day-3.jsonl")]
     drain_prefect_clients()  # the events this process queued, delivered to the server
-    with get_client(sync_client=True) as prefect:
-        promoted = prefect.read_events(EventFilter(event=EventNameFilter(
-            name=["lmforge.champion.promoted"])), limit=50).events
+    promoted, deadline = [], time.monotonic() + 60
+    while not promoted and time.monotonic() < deadline:  # the server stores events in batches
+        with get_client(sync_client=True) as prefect:
+            promoted = prefect.read_events(EventFilter(event=EventNameFilter(
+                name=["lmforge.champion.promoted"])), limit=50).events
+        time.sleep(1)
     assert [e.resource["lmforge.version"] for e in promoted] == [str(champion.version)]
     parents = mlflow.search_runs([tracking.experiment_id("nightly-distill")],
                                  "tags.`prefect.flow_run_id` != ''")
