@@ -18,7 +18,6 @@ import asyncio
 from pathlib import Path
 
 from prefect import flow
-from prefect.artifacts import acreate_image_artifact
 from prefect.logging import get_run_logger
 from prefect.runtime import flow_run
 
@@ -30,16 +29,15 @@ from flows.params import (EvalParams, NightlyTraining, PromotionParams, RunParam
 from flows.runner import Runner
 from flows.steps import (Model, Refs, evaluate_side_by_side, export_model, given_model,
                          native_checkpoint, synthesize_corpus, tokenize_files)
-from tasks.champion import Verdict, current_champion, history, history_chart, judge, settle
+from tasks.champion import Verdict, current_champion, judge, publish_history, settle
 from tasks.fields import merged
 from tasks.lease import Lease
 from tasks.models import pin
 from tasks.run_tags import tag_flow_run
 from tasks.summary import publish_summary
-from tasks.tracking import artifact_url, client, tracked_flow
+from tasks.tracking import tracked_flow
 from tasks.watermark import commit, new_shards, nightly_dir, shard_id
 
-HISTORY_CHART = "champion_history.png"
 LEASE_WAIT_S = 6 * 3600.0
 
 
@@ -95,7 +93,7 @@ async def nightly_distill(drop: str, teacher: str, register_as: str = "lmforge-t
                      "shards": [shard_id(s) for s in shards]}
             await settle(register_as, refs["convert"].registered, verdict, night)
             commit(register_as, shards, {**night, "promoted": verdict.promote})
-            await _publish_history(register_as, parent)
+            await publish_history(register_as, parent)
             await publish_summary(refs, details=f"{table}\n{_outcome(verdict)}\n")
             return refs
     finally:
@@ -168,13 +166,3 @@ def _tokenizers_differ(teacher: Model, student: Model) -> bool:
 
 def _outcome(verdict: Verdict) -> str:
     return f"**{'Promoted' if verdict.promote else 'Rejected'}**: {verdict.reason}."
-
-
-async def _publish_history(name: str, parent: str | None) -> None:
-    """The champions' metric over the nights so far, in MLflow and as a Prefect image."""
-    chart = history_chart(history(name))
-    if chart is None or parent is None:
-        return
-    client().log_figure(parent, chart, HISTORY_CHART)
-    await acreate_image_artifact(image_url=artifact_url(parent, HISTORY_CHART),
-                                 key="champion-history", description=f"{name}: nights so far")

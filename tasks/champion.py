@@ -20,12 +20,14 @@ from prefect.cache_policies import NO_CACHE
 from prefect.events import emit_event
 from prefect.logging import get_run_logger
 
+from tasks.comparison import publish_figure
 from tasks.models import SCHEME, NotRegistered, pin
 from tasks.tracking import client
 from tasks.watermark import nightly_dir
 
 ALIAS = "champion"
 HISTORY = "history.jsonl"
+HISTORY_CHART = "champion_history.png"
 LOWER_IS_BETTER = ("ppl", "loss", "nll", "bits_per_byte")
 
 
@@ -128,3 +130,11 @@ def history_chart(records: list[dict]) -> Figure | None:
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
     return fig
+
+
+async def publish_history(name: str, parent: str | None) -> None:
+    """The nights so far as a chart in the MLflow run `parent` and a Prefect image artifact."""
+    chart = history_chart(history(name))
+    if chart is not None and parent is not None:
+        await publish_figure(parent, chart, HISTORY_CHART, "champion-history",
+                             f"{name}: nights so far")

@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+from matplotlib.figure import Figure
 from mlflow.entities import Metric
 from prefect.artifacts import acreate_image_artifact, acreate_markdown_artifact
 
@@ -19,6 +20,15 @@ from tasks.plots import comparison_chart, length_chart
 from tasks.tracking import artifact_url, client, metric_name
 
 LENGTH_CHART = "by_context_length.png"
+
+
+async def publish_figure(parent: str, figure: Figure, path: str, key: str,
+                         description: str) -> None:
+    """`figure` as `path` in the MLflow run `parent`, shown in Prefect as image artifact `key`
+    (served by MLflow's get-artifact)."""
+    client().log_figure(parent, figure, path)
+    await acreate_image_artifact(image_url=artifact_url(parent, path), key=key,
+                                 description=description)
 
 
 async def publish_comparison(parent: str | None, labels: list[str], reports: list[Path],
@@ -37,9 +47,7 @@ async def publish_comparison(parent: str | None, labels: list[str], reports: lis
         mlflow.log_figure(parent, chart, "comparison.png")
     lengths = length_chart(labels, loaded)
     if lengths is not None:
-        mlflow.log_figure(parent, lengths, LENGTH_CHART)
-        await acreate_image_artifact(image_url=artifact_url(parent, LENGTH_CHART),
-                                     key=f"{key}-by-length", description=description)
+        await publish_figure(parent, lengths, LENGTH_CHART, f"{key}-by-length", description)
     figures = [Metric(metric_name(f"{label}/{name}"), float(value), 0, 0)
                for label, report in zip(labels, loaded)
                for name, value in {"parameters": report["model"]["parameters"],
