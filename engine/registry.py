@@ -101,6 +101,8 @@ _TABLE = [
           "checkpoint", "checkpoint.save", TRAINING_SIZE, "checkpoint.save"),
     Stage("finetune", "engine.train.spec:FinetuneSpec", "engine.train.finetune:run",
           "checkpoint", "checkpoint.save", TRAINING_SIZE, "checkpoint.save"),
+    Stage("distill", "engine.train.spec:DistillSpec", "engine.train.distill:run",
+          "checkpoint", "checkpoint.save", TRAINING_SIZE, "checkpoint.save"),
     Stage("reshard", "engine.reshard.spec:Spec", "engine.reshard.stage:run", "checkpoint",
           "output", ("format", "iteration", "parameters", "optimizer", "world_size", "layout",
                      "source")),

@@ -15,8 +15,8 @@ from prefect import flow
 from engine.formats import TOKENIZER_DIR
 from flows.params import EvalParams, PruneOptions, RecoveryParams, RunParams
 from flows.runner import Runner
-from flows.steps import (Model, Refs, evaluate_side_by_side, export_model, given_model,
-                         native_checkpoint)
+from flows.steps import (Model, Refs, evaluate_side_by_side, export_model,
+                         finetune_or_distill, given_model, native_checkpoint)
 from tasks.fields import merged
 from tasks.models import pin
 from tasks.run_tags import tag_flow_run
@@ -71,7 +71,7 @@ async def _steps(runner: Runner, refs: Refs, parent_run: str | None, model: str,
     if recovery.distill is not None:  # the teacher: the parent, as a native checkpoint
         teacher = await native_checkpoint(runner, parent, refs)
         spec["distill"] = merged(recovery.distill, teacher=teacher)
-    refs["finetune"] = recovered = await runner.stage("finetune", spec, label="recover")
+    recovered = await finetune_or_distill(runner, spec, refs, "recover")
     # the parent's tokenizer, which prune carries beside the pruned checkpoint
     tokenizer = tokenizer or f"{pruned.path}/{TOKENIZER_DIR}"
     result = Model(recovered.path, hf=False)

@@ -27,8 +27,8 @@ from engine.formats import TOKENIZER_DIR
 from flows.params import (EvalParams, NightlyTraining, PromotionParams, RunParams,
                           SynthesizeOptions, TokenizeOptions)
 from flows.runner import Runner
-from flows.steps import (Model, Refs, evaluate_side_by_side, export_model, given_model,
-                         native_checkpoint, synthesize_corpus, tokenize_files)
+from flows.steps import (Model, Refs, evaluate_side_by_side, export_model, finetune_or_distill,
+                         given_model, native_checkpoint, synthesize_corpus, tokenize_files)
 from tasks.champion import Verdict, current_champion, judge, publish_history, settle
 from tasks.fields import merged
 from tasks.lease import Lease
@@ -138,7 +138,7 @@ async def _steps(runner: Runner, refs: Refs, parent_run: str | None, shards: lis
     if training.distill is not None:
         spec["distill"] = merged(training.distill, teacher=await native_checkpoint(
             runner, teacher, refs, "convert (teacher)"))
-    refs["finetune"] = trained = await runner.stage("finetune", spec, label="distill")
+    trained = await finetune_or_distill(runner, spec, refs, "train the student")
     candidate = await export_model(runner, training.export, trained.path, tokenizer, refs)
     refs["convert"] = await runner.register(
         refs, register_as, student_uri, None,

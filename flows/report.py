@@ -11,6 +11,7 @@ from prefect.settings import PREFECT_UI_URL
 
 from flows.steps import Refs
 from engine.redact import redact_text
+from tasks.artifact import trained_ref
 from tasks.home import lmforge_home
 from tasks.tracking import client, tracking_uri
 
@@ -24,7 +25,7 @@ def print_report(refs: Refs, compressed: Refs | None = None, night: Refs | None 
     print("\nartifacts:")
     for step, ref in every.items():
         print(f"  {step:<{width}}  {'cached' if ref.cached else 'built ':<6}  {ref.path}")
-    trained = refs.get("pretrain") or refs.get("finetune")
+    trained = trained_ref(refs)
     if trained:
         print(f"\ntraining: {trained.summary.get('iterations')} steps, final loss "
               f"{trained.summary.get('loss')}, validation loss {trained.summary.get('valid_loss')}")

@@ -16,7 +16,7 @@ from typing import Any
 from cluster.submit import prepare
 from engine.data.tokenize import resolve_inputs
 from flows.params import RunParams
-from tasks.artifact import ArtifactRef
+from tasks.artifact import ArtifactRef, trained_ref
 from tasks.models import SCHEME, record_evaluation, register_model
 from tasks.options import validate_spec
 from tasks.stage import run_stage
@@ -52,7 +52,7 @@ class Runner:
         export = refs["convert"]
         if self.dry or name is None:
             return export
-        trained = refs.get("finetune") or refs.get("pretrain")
+        trained = trained_ref(refs)
         version = await register_model(export, name, trained, base, aliases, lineage)
         return export.model_copy(update={"registered": f"{SCHEME}{name}/{version}"})
 

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import asyncio
 from pathlib import Path
-from typing import NamedTuple
+from typing import Any, NamedTuple
 
 from engine.formats import model_format
 from flows.params import (DataParams, EvalParams, ExportOptions, ReshardOptions,
@@ -107,6 +107,14 @@ async def train_model(runner: Runner, training: TrainParams, data: Data, base: M
     if training.export is None:
         return Model(trained.path, hf=False)
     return await export_model(runner, training.export, trained.path, data.tokenizer, refs)
+
+
+async def finetune_or_distill(runner: Runner, spec: dict[str, Any], refs: Refs,
+                              label: str) -> ArtifactRef:
+    """`distill` when the spec has a teacher, else `finetune`; in `refs` under the stage's name."""
+    stage = "distill" if spec.get("distill") else "finetune"
+    refs[stage] = trained = await runner.stage(stage, spec, label=label)
+    return trained
 
 
 async def evaluate_model(runner: Runner, evaluation: EvalParams, model: Model,

@@ -11,6 +11,9 @@ from pydantic import BaseModel
 from engine.manifest import Manifest
 
 
+TRAINING_STAGES = ("distill", "finetune", "pretrain")
+
+
 class ArtifactRef(BaseModel):
     stage: str
     kind: str
@@ -33,3 +36,8 @@ class ArtifactRef(BaseModel):
         """The Megatron dataset prefixes of a dataset artifact (one per tokenized JSON key)."""
         folder = Path(self.path).parent
         return [str(folder / name[:-len(".bin")]) for name in self.files if name.endswith(".bin")]
+
+
+def trained_ref(refs: dict[str, ArtifactRef]) -> ArtifactRef | None:
+    """The checkpoint a flow trained, among its references (None if it trained none)."""
+    return next((refs[stage] for stage in TRAINING_STAGES if stage in refs), None)

@@ -9,14 +9,14 @@ import math
 from typing import Any
 
 from engine.registry import TRAINING_SIZE
-from tasks.artifact import ArtifactRef
+from tasks.artifact import ArtifactRef, trained_ref
 
 TRAINING = ("loss", "valid_loss", "valid_ppl")
 
 
 def headline(refs: dict[str, ArtifactRef]) -> dict[str, float]:
     figures: dict[str, Any] = {}
-    trained = refs.get("pretrain") or refs.get("finetune")
+    trained = trained_ref(refs)
     if trained is not None:
         figures |= {f"train/{key}": trained.summary.get(key) for key in TRAINING}
     if "convert" in refs:
@@ -30,7 +30,7 @@ def headline(refs: dict[str, ArtifactRef]) -> dict[str, float]:
 
 def headline_settings(refs: dict[str, ArtifactRef]) -> dict[str, str]:
     """What the trained model is (its training size), as the parent run's params `train.<key>`."""
-    trained = refs.get("pretrain") or refs.get("finetune")
+    trained = trained_ref(refs)
     if trained is None:
         return {}
     return {f"train.{key}": str(trained.summary[key]) for key in TRAINING_SIZE

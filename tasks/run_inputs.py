@@ -21,7 +21,8 @@ from tasks.home import lmforge_home
 from tasks.logged_models import find
 
 MODELS = ("model", "source", "load")  # input names (engine's input_paths) that are models
-CONTEXTS = {"pretrain": "training", "finetune": "training", "evaluate": "evaluation"}
+CONTEXTS = {"pretrain": "training", "finetune": "training", "distill": "training",
+            "evaluate": "evaluation"}
 DIGEST_MAX = 36                       # MLflow's limit; the full fingerprint is an input tag
 
 Inputs = dict[str, tuple[str, str]]   # input name -> (path, fingerprint)

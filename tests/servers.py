@@ -3,9 +3,12 @@
 
 from __future__ import annotations
 
+import os
+import signal
 import socket
 import subprocess
 import sys
+import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -56,3 +59,35 @@ def cli(*args: str, env: dict, timeout: int = 120) -> str:
                          timeout=timeout)
     assert out.returncode == 0, f"{' '.join(args)}:\n{out.stdout[-3000:]}\n{out.stderr[-3000:]}"
     return out.stdout
+
+
+def until(what: str, condition, timeout_s: float, every_s: float = 0.2):
+    """Poll `condition()` until it returns something true; TimeoutError naming `what`."""
+    deadline = time.monotonic() + timeout_s
+    while not (value := condition()):
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"no {what} after {timeout_s:.0f} s")
+        time.sleep(every_s)
+    return value
+
+
+def kill_worker(worker: subprocess.Popen) -> None:
+    """SIGKILL the worker's process group and that of its flow run (Prefect starts each flow run
+    in a session of its own): what the loss of the worker's machine does."""
+    children = [int(p) for p in os.listdir("/proc") if p.isdigit() and running(int(p))
+                and parent_pid(int(p)) == worker.pid]
+    groups = {worker.pid} | {os.getpgid(pid) for pid in children}
+    for group in groups:
+        os.killpg(group, signal.SIGKILL)
+    worker.wait(timeout=30)
+
+
+def running(pid: int) -> bool:
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] not in "ZX"
+    except OSError:
+        return False
+
+
+def parent_pid(pid: int) -> int:
+    return int(Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[1])

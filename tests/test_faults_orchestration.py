@@ -23,7 +23,7 @@ from prefect import flow
 from cluster.submit import submit
 from conftest import REPO, TINY_MODEL
 from flows.lifecycle import lifecycle
-from servers import PREFECT, cli, free_port, server
+from servers import PREFECT, cli, free_port, kill_worker, parent_pid, running, server, until
 from tasks import tracking
 from tasks.artifact import ArtifactRef
 from tasks.metrics import step_series
@@ -61,14 +61,6 @@ def logged_steps(path: Path) -> list[tuple[int, float]]:
     return out
 
 
-def until(what: str, condition, timeout_s: float, every_s: float = 0.2):
-    """Poll `condition()` until it returns something true; TimeoutError naming `what`."""
-    deadline = time.monotonic() + timeout_s
-    while not (value := condition()):
-        if time.monotonic() > deadline:
-            raise TimeoutError(f"no {what} after {timeout_s:.0f} s")
-        time.sleep(every_s)
-    return value
 
 
 def last_step(home: Path, stage: str) -> int:
@@ -196,15 +188,6 @@ def training_started(home: Path) -> Path | None:
     return None
 
 
-def kill_worker(worker: subprocess.Popen) -> None:
-    """SIGKILL the worker's process group and that of its flow run (Prefect starts each flow run
-    in a session of its own): what the loss of the worker's machine does."""
-    children = [int(p) for p in os.listdir("/proc") if p.isdigit() and _running(int(p))
-                and _parent(int(p)) == worker.pid]
-    groups = {worker.pid} | {os.getpgid(pid) for pid in children}
-    for group in groups:
-        os.killpg(group, signal.SIGKILL)
-    worker.wait(timeout=30)
 
 
 @pytest.mark.timeout(420)
@@ -266,8 +249,6 @@ def _environ(pid: int) -> dict[str, str]:
     return dict(kv.split("=", 1) for kv in raw.split("\0") if "=" in kv)
 
 
-def _parent(pid: int) -> int:
-    return int(Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[1])
 
 
 def lose_node(run_dir: Path, node: str, job_id: str) -> list[int]:
@@ -276,7 +257,7 @@ def lose_node(run_dir: Path, node: str, job_id: str) -> list[int]:
     of the node gets a word out. Returns the pids killed."""
     mark = {"SLURMD_NODENAME": node, "SLURM_JOB_ID": job_id}.items()
     ranks = [int(p) for p in os.listdir("/proc") if p.isdigit() and mark <= _environ(int(p)).items()]
-    stepds = {_parent(pid) for pid in ranks} - set(ranks)
+    stepds = {parent_pid(pid) for pid in ranks} - set(ranks)
     doomed = [daemon_pids(run_dir)[f"slurmd-{node}"], *stepds, *ranks]
     for pid in doomed:
         try:
@@ -290,7 +271,7 @@ def revive_node(run_dir: Path, node: str) -> None:
     """Start the node's slurmd again as start.sh does (its own session, recorded in `pids` so
     that stop.sh stops it) unless it runs, and wait until Slurm has the node back in service."""
     name = f"slurmd-{node}"
-    if not _running(daemon_pids(run_dir)[name]):
+    if not running(daemon_pids(run_dir)[name]):
         with open(run_dir / "log" / f"{name}.out", "ab") as out:
             daemon = subprocess.Popen(["/usr/sbin/slurmd", "-D", "-N", node, "-f",
                                        os.environ["SLURM_CONF"]], stdin=subprocess.DEVNULL,
@@ -302,11 +283,6 @@ def revive_node(run_dir: Path, node: str) -> None:
     until(f"node {node} back in service", lambda: _in_service(node), 60, every_s=1)
 
 
-def _running(pid: int) -> bool:
-    try:
-        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] not in "ZX"
-    except OSError:
-        return False
 
 
 def _in_service(node: str) -> bool:

@@ -404,9 +404,9 @@ def test_compress_flow_prunes_recovers_and_compares(home, tmp_path):
 
     refs = asyncio.run(compress(str(parent), dataset, pruning=pruning, recovery=recovery,
                                 evaluation=TINY_EVAL, register_as="stories-small", run=INLINE))
-    assert {"convert (import)", "prune", "finetune", "convert", "evaluate", "evaluate: parent",
+    assert {"convert (import)", "prune", "distill", "convert", "evaluate", "evaluate: parent",
             "evaluate: pruned"} <= set(refs)
-    spec = json.loads((home / "artifacts" / "finetune").glob("*/manifest.json").__next__()
+    spec = json.loads((home / "artifacts" / "distill").glob("*/manifest.json").__next__()
                       .read_text())["spec"]
     assert spec["distill"]["teacher"] == refs["convert (import)"].path
     assert spec["load"] == refs["prune"].path and spec["distill"]["alpha"] == 0.0

@@ -18,7 +18,8 @@ from engine.parallel.mesh import build_mesh
 from engine.model.fused_loss import linear_cross_entropy
 from engine.model.kd_loss import TeacherTarget, linear_distillation_loss
 from engine.train.loop import Trainer, train
-from engine.train.spec import PretrainSpec
+from engine.manifest import read_manifest
+from engine.train.spec import DistillSpec, PretrainSpec
 from engine.data.provenance import checkpoint_tokenizers, dataset_tokenizers
 from engine.train.teacher import load_teacher
 
@@ -153,6 +154,24 @@ def test_distillation_run_trains_the_student_only(fixtures, tmp_path, monkeypatc
             assert abs(one[key] - two[key]) < 1e-5, (key, one, two)
 
 
+def test_distill_stage_of_a_student_that_is_its_teacher(fixtures, tmp_path):
+    """`python -m engine distill`: a student started from the teacher's weights has no KL to
+    close at its first step (KD alone: α 0); the stage needs a teacher."""
+    spec = {"load": str(fixtures["checkpoint"]), "checkpoint": {"save": str(tmp_path / "run")},
+            "data": {"blend": [fixtures["dataset"]], "seq_length": 32}, "iters": 2,
+            "global_batch_size": 2, "log_interval": 1, "precision": "fp32", "device": "cpu",
+            "distill": {"teacher": str(fixtures["checkpoint"]), "alpha": 0.0}}
+    with pytest.raises(ValueError, match="distill\n  Field required"):
+        DistillSpec.model_validate({k: v for k, v in spec.items() if k != "distill"})
+    config = tmp_path / "distill.json"
+    config.write_text(json.dumps(spec))
+    engine_ranks(["distill", "--config", str(config)], ranks=1)
+    first, second = _logged(tmp_path / "run")
+    assert first["loss"] == first["loss_kd"] and first["loss_kd"] < 1e-6
+    assert first["loss_ce"] > 1.0 and second["loss"] == second["loss_kd"]
+    assert read_manifest(tmp_path / "run").stage == "distill"
+
+
 def _logged(save) -> list[dict]:
     lines = (save / "metrics.jsonl").read_text().splitlines()
     return [m["data"] for m in map(json.loads, lines) if "loss_kd" in m["data"]]
@@ -185,7 +204,8 @@ def test_teacher_of_another_tokenizer_is_refused(fixtures, tmp_path):
     (other / "tokenizer").mkdir()
     (other / "tokenizer" / "tokenizer.model").write_bytes(b"another tokenizer")
     spec = _distill_spec(fixtures, tmp_path / "b", teacher=str(other))
-    with pytest.raises(InputError, match="teacher and the student's data were made with different tokenizers"):
+    with pytest.raises(InputError, match="teacher and the student's data were made with different "
+                                         "tokenizers.*can only supply synthetic data"):
         train(spec, "pretrain")
     spec = _distill_spec(fixtures, tmp_path / "c", teacher=str(fixtures["hf_model"]))
     with pytest.raises(InputError, match="Hugging Face model; convert it"):

@@ -311,8 +311,18 @@ class FinetuneSpec(TrainSpec):
     @model_validator(mode="after")
     def _needs_load(self) -> "FinetuneSpec":
         if self.load is None:
-            raise ValueError("finetune needs load: the checkpoint to start from")
+            raise ValueError("load is needed: the checkpoint to start from")
         return self
+
+
+class DistillSpec(FinetuneSpec):
+    """Train a student (`load`) against a frozen teacher (`distill.teacher`) on a blend of
+    datasets with set weights (original and synthetic): loss α·CE on the data + (1 − α)·τ²·KL
+    from the teacher's logits; α 1 is the data's CE alone. Teacher and student may differ in
+    size and share the tokenizer; a teacher with another tokenizer can only supply synthetic
+    data (synthesize, then finetune on it)."""
+
+    distill: DistillSection = Field(description="the teacher and the loss")
 
 
 def input_paths(spec: TrainSpec) -> dict[str, str]:

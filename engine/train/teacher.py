@@ -28,6 +28,8 @@ from engine.parallel.mesh import Mesh
 from engine.train.spec import TrainSpec
 
 log = logging.getLogger(__name__)
+OTHER_TOKENIZER = ("A teacher with another tokenizer can only supply synthetic data: synthesize "
+                   "with it, then finetune on its text (CE alone)")
 
 
 def load_teacher(spec: TrainSpec, student: ModelConfig, mesh: Mesh,
@@ -45,8 +47,11 @@ def load_teacher(spec: TrainSpec, student: ModelConfig, mesh: Mesh,
     if cfg.vocab_size != student.vocab_size:
         raise InputError(f"distill.teacher {path}: vocabulary of {cfg.vocab_size} tokens, the "
                          f"student's has {student.vocab_size}: teacher and student must share "
-                         f"the tokenizer")
-    check_same_tokenizer(path, blend, f"distill.teacher {path}", "teacher", "student's data")
+                         f"the tokenizer. {OTHER_TOKENIZER}")
+    try:
+        check_same_tokenizer(path, blend, f"distill.teacher {path}", "teacher", "student's data")
+    except InputError as e:
+        raise InputError(f"{e}. {OTHER_TOKENIZER}") from None
     errors = context_parallel_errors(cfg) if mesh.groups["cp"] is not None else []
     if errors:
         raise InputError(f"distill.teacher {path}: " + "; ".join(errors))
