@@ -77,6 +77,16 @@ def manifest_path(artifact: str | Path) -> Path:
     return artifact.with_name(artifact.name + ".manifest.json")
 
 
+def dataset_prefix(prefix: str) -> str:
+    """A dataset's output prefix, refused when it is a folder: the manifest of a prefix sits
+    beside its files, but an existing folder's manifest is the one inside it (another
+    artifact's, which it would overwrite)."""
+    if Path(prefix).is_dir():
+        raise ValueError(f"{prefix} is a folder; the output prefix names the dataset's files: "
+                         f"give one inside it, e.g. {Path(prefix) / 'data'}")
+    return prefix
+
+
 def write_manifest(artifact: str | Path, manifest: Manifest) -> Path:
     path = manifest_path(artifact)
     atomic_write_text(path, manifest.model_dump_json(indent=2) + "\n")

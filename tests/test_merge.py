@@ -96,3 +96,12 @@ def test_corrupt_inputs_refused_before_writing(tmp_path, write_jsonl, llama2_sp)
     with pytest.raises(InputError, match=r"a_text_document\.bin: checksum mismatch"):
         merge.run(merge.Spec(input=[b, a], output_prefix=str(tmp_path / "out" / "ab")))
     assert not (tmp_path / "out").exists()
+
+
+def test_an_existing_folder_is_no_output_prefix(tmp_path):
+    """Its manifest would be the folder's own (another artifact's, overwritten)."""
+    for stage, fields in ((tokenize, {"input": ["x.jsonl"], "tokenizer": "t.model"}),
+                          (merge, {"input": ["x"]})):
+        with pytest.raises(ValueError, match=f"{tmp_path} is a folder; .* e.g. {tmp_path}/data"):
+            stage.Spec(output_prefix=str(tmp_path), **fields)
+        assert stage.Spec(output_prefix=str(tmp_path / "data"), **fields)

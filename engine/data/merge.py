@@ -8,16 +8,18 @@ from __future__ import annotations
 import hashlib
 import logging
 from pathlib import Path
+from typing import Annotated
 
 import numpy as np
-from pydantic import Field
+from pydantic import AfterValidator, Field
 from pydantic_settings import CliVariadicArg
 
 from engine.atomic import StagedFiles
 from engine.data.indexed import IndexedDataset, data_path, index_path, write_index
 from engine.errors import InputError
 from engine.lineage import artifact_manifest, stage_inputs
-from engine.manifest import FileEntry, Manifest, fingerprint, sha256_file, write_manifest
+from engine.manifest import (FileEntry, Manifest, dataset_prefix, fingerprint, sha256_file,
+                             write_manifest)
 from engine.spec import StageSpec
 
 log = logging.getLogger(__name__)
@@ -30,8 +32,8 @@ class Spec(StageSpec):
     input: CliVariadicArg[list[str]] = Field(min_length=1, description="dataset prefixes, or "
                                              "folders of .bin/.idx pairs",
                                              json_schema_extra={"input": True})
-    output_prefix: str = Field(description="writes <prefix>.bin/.idx",
-                               json_schema_extra={"affects_output": False})
+    output_prefix: Annotated[str, AfterValidator(dataset_prefix)] = Field(
+        description="writes <prefix>.bin/.idx", json_schema_extra={"affects_output": False})
 
 
 def resolve_prefixes(inputs: list[str]) -> list[str]:

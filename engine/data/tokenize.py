@@ -21,10 +21,10 @@ import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import BinaryIO, Iterator
+from typing import Annotated, BinaryIO, Iterator
 
 import numpy as np
-from pydantic import AliasChoices, Field, field_validator
+from pydantic import AfterValidator, AliasChoices, Field, field_validator
 from pydantic_settings import CliVariadicArg
 from tqdm import tqdm
 
@@ -32,7 +32,8 @@ from engine.atomic import StagedFiles
 from engine.data.indexed import IndexedDatasetWriter, token_dtype
 from engine.data.tokenizer import Segments, Tokenizer, load_tokenizer
 from engine.errors import InputError
-from engine.manifest import FileEntry, Manifest, fingerprint, sha256_file, write_manifest
+from engine.manifest import (FileEntry, Manifest, dataset_prefix, fingerprint, sha256_file,
+                             write_manifest)
 from engine.signals import StopSignals
 from engine.spec import StageSpec
 
@@ -49,8 +50,8 @@ class Spec(StageSpec):
 
     input: CliVariadicArg[list[str]] = Field(description="JSONL files (.jsonl, .jsonl.gz), folders "
                                              "or globs", json_schema_extra=_INPUT)
-    output_prefix: str = Field(description="writes <prefix>_<key>_document.bin/.idx",
-                               json_schema_extra=_NOT_OUTPUT)
+    output_prefix: Annotated[str, AfterValidator(dataset_prefix)] = Field(
+        description="writes <prefix>_<key>_document.bin/.idx", json_schema_extra=_NOT_OUTPUT)
     tokenizer: str = Field(description="SentencePiece .model, HF tokenizer.json, or HF folder",
                            validation_alias=AliasChoices("tokenizer", "tokenizer_model"),
                            json_schema_extra=_INPUT)
