@@ -17,6 +17,9 @@ class Resources(BaseModel):
     cpus_per_task: int = Field(1, ge=1, description="also the default OMP_NUM_THREADS of each rank")
     mem_gb: float | None = Field(None, gt=0,
                                  description="memory per node; None: the partition's default")
+    gpu: str | None = Field(None, description="the GPU model, a row of engine/plan/gpus.json "
+                            "(H100, H200, A100): a training layout predicted not to fit its "
+                            "memory is refused before it is queued")
     time_min: int = Field(60, ge=1,
                           description="time limit of one attempt (a requeue starts a new one)")
 

@@ -22,8 +22,10 @@ from cluster.preflight import check
 from cluster.profiles import Profile, load_profile
 from cluster.resources import Resources
 from engine.errors import Preempted, SpecError
+from engine.plan.check import check_fits
 from engine.registry import get_stage
 from engine.spec import StageSpec, dump_spec, format_validation_error
+from engine.train.spec import TrainSpec
 
 
 def submit(stage: str, spec: dict[str, Any] | StageSpec, resources: Resources | dict | None = None,
@@ -69,6 +71,11 @@ def prepare(stage: str, spec: dict[str, Any] | StageSpec, resources: Resources |
     except ValueError as exc:
         raise SpecError(f"{stage} on {resources.world_size} rank(s): {exc}"
                         f"{_from_profile(profile, defaults)}") from None
+    if resources.gpu and isinstance(spec, TrainSpec):
+        try:
+            check_fits(spec, resources.world_size, resources.gpu, resources.ranks_per_node)
+        except SpecError as exc:
+            raise SpecError(f"{stage}: {exc}{_from_profile(profile, defaults)}") from None
     return spec, resources, profile
 
 

@@ -118,6 +118,7 @@ _TABLE = [
 STAGES: dict[str, Stage] = {stage.name: stage for stage in _TABLE}
 COMMANDS: dict[str, Command] = {
     "serve": Command("serve", "engine.serve.spec:Spec", "engine.serve.server:run"),
+    "plan": Command("plan", "engine.plan.spec:Spec", "engine.plan.command:run"),
 }
 
 

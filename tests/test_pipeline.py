@@ -17,6 +17,7 @@ from engine.errors import SpecError
 from engine.model.config import ModelConfig
 from engine.model.llama import LlamaModel
 from engine.parallel import pipeline as pp
+from engine.parallel.layout import stage_ids
 
 CFG = dict(vocab_size=96, hidden_size=32, intermediate_size=64, num_layers=4, num_heads=4,
            num_kv_heads=2, max_position_embeddings=64)
@@ -56,10 +57,10 @@ def test_stage_ids_match_torchs_placement():
     for schedule, style, virtual in [("interleaved-1f1b", "loop", 3), ("zbv", "v", 2)]:
         mapping = generate_stage_to_rank_mapping(4, 4 * virtual, style=style)
         for rank in range(4):
-            ids = pp.stage_ids(schedule, rank, 4, virtual)
+            ids = stage_ids(schedule, rank, 4, virtual)
             assert ids == sorted(s for s, r in mapping.items() if r == rank)
-    assert pp.stage_ids("zbv", 1, 4, 2) == [1, 6]
-    assert pp.stage_ids("1f1b", 2, 4) == [2]
+    assert stage_ids("zbv", 1, 4, 2) == [1, 6]
+    assert stage_ids("1f1b", 2, 4) == [2]
 
 
 @pytest.mark.parametrize("args, message", [

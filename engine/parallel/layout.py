@@ -150,6 +150,16 @@ def split_layers(num_layers: int, num_stages: int,
     return [range(start, start + n) for start, n in zip(starts, counts)]
 
 
+def stage_ids(schedule: PipelineSchedule, pp_rank: int, pp_size: int,
+              virtual: int = 1) -> list[int]:
+    """The stages this rank runs, in pipeline order: looped (`rank + k·pp_size`, as torch's
+    interleaved schedules place them) or, for the V schedules, rank r holds r and 2·pp − 1 − r,
+    so the first and last stage share rank 0 and the turn of the V needs no transfer."""
+    if schedule in V_SHAPED:  # virtual is 2 (check_layout)
+        return [pp_rank, 2 * pp_size - 1 - pp_rank]
+    return [pp_rank + k * pp_size for k in range(virtual)]
+
+
 def check_layout(schedule: str, pp_size: int, virtual: int) -> None:
     """The stages per rank (`virtual`) that `schedule` runs; the errors name the numbers."""
     if schedule not in get_args(PipelineSchedule):

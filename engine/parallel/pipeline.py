@@ -40,8 +40,8 @@ from torch.distributed.pipelining import (PipelineStage, Schedule1F1B, ScheduleD
 
 from engine.errors import SpecError
 from engine.model.llama import LlamaModel
-from engine.parallel.layout import (SINGLE_STAGE, V_SHAPED, PipelineSchedule, check_layout,
-                                    check_schedule, split_layers)
+from engine.parallel.layout import (SINGLE_STAGE, PipelineSchedule, check_layout,
+                                    check_schedule, split_layers, stage_ids)
 
 _SCHEDULES = {
     "gpipe": ScheduleGPipe,
@@ -54,16 +54,6 @@ _SCHEDULES = {
 IGNORE = -100
 """The target of a token whose loss is masked out: the loss mask travels inside the targets
 (see pipeline_step)."""
-
-
-def stage_ids(schedule: PipelineSchedule, pp_rank: int, pp_size: int,
-              virtual: int = 1) -> list[int]:
-    """The stages this rank runs, in pipeline order: looped (`rank + k·pp_size`, as torch's
-    interleaved schedules place them) or, for the V schedules, rank r holds r and 2·pp − 1 − r,
-    so the first and last stage share rank 0 and the turn of the V needs no transfer."""
-    if schedule in V_SHAPED:  # virtual is 2 (check_layout)
-        return [pp_rank, 2 * pp_size - 1 - pp_rank]
-    return [pp_rank + k * pp_size for k in range(virtual)]
 
 
 def stage_modules(model: LlamaModel, schedule: PipelineSchedule, pp_rank: int, pp_size: int,

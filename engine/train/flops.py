@@ -6,8 +6,6 @@ convention of the PaLM paper and of most published MFU figures)."""
 
 from __future__ import annotations
 
-import torch
-
 from engine.model.config import ModelConfig
 
 # Dense bf16 peak per GPU, by a substring of torch.cuda.get_device_name().
@@ -26,8 +24,12 @@ def flops_per_token(cfg: ModelConfig, seq_len: int) -> float:
     return 6 * matmul_params(cfg) + 12 * cfg.num_layers * cfg.num_heads * cfg.head_dim * seq_len
 
 
-def peak_flops(device: torch.device) -> float | None:
+def peak_flops(device) -> float | None:
+    """The dense bf16 peak of a CUDA device (a torch.device); None for others. Torch is imported
+    here only: the planner (engine/plan/) reads this module without it."""
     if device.type != "cuda":
         return None
+    import torch
+
     name = torch.cuda.get_device_name(device)
     return next((v for k, v in PEAK_BF16_FLOPS.items() if k in name), None)

@@ -62,6 +62,7 @@ from engine.train.context import extended_config
 from engine.train.flops import flops_per_token, peak_flops
 from engine.train.master_adamw import MasterAdamW, total_norm
 from engine.train.spec import TrainSpec, input_paths
+from engine.train.held import held_bytes
 from engine.train.teacher import load_teacher
 
 log = logging.getLogger(__name__)
@@ -226,6 +227,7 @@ class Trainer:
         self.sink = MetricsSink(spec.metrics_file or self.save_dir / "metrics.jsonl",
                                 enabled=env.is_main)
         self.last: dict[str, float] = {}
+        self.held: dict[str, int] | None = None
 
     # ---- set-up ----
 
@@ -410,6 +412,10 @@ class Trainer:
             self.optimizer.step(grad_scale=clip_scale)
         else:
             self.optimizer.step()
+        if self.held is None:  # the first step: the optimizer's state exists now
+            self.held = held_bytes(self.model, self.optimizer)
+            log.info("held by this rank after the first update: %s",
+                     ", ".join(f"{k} {v} B" for k, v in self.held.items()))
         self.optimizer.zero_grad(set_to_none=True)
 
     def _skipped(self, nan_skips: int) -> None:
@@ -518,7 +524,7 @@ class Trainer:
 
     def _manifest(self, final: Path) -> Manifest:
         return _manifest(self.spec, self.stage, final, self.last, self.iteration, self.n_params,
-                         self.documents)
+                         self.documents, self.held)
 
 
 class _Window:
@@ -577,7 +583,8 @@ def _diverged(save_dir: Path, iteration: int, what: str, is_main: bool) -> NonFi
 
 
 def _manifest(spec: TrainSpec, stage: str, final: Path, last: dict, iteration: int,
-              n_params: int, documents: dict[str, tuple[int, int]]) -> Manifest:
+              n_params: int, documents: dict[str, tuple[int, int]],
+              held: dict[str, int] | None) -> Manifest:
     fp, inputs = stage_fingerprint(stage, spec, input_paths(spec))
     meta = ckpt.check_complete(final)
     files = {f"{final.name}/{name}": entry for name, entry in meta["files"].items()}
@@ -588,6 +595,8 @@ def _manifest(spec: TrainSpec, stage: str, final: Path, last: dict, iteration: i
                "documents": {split: {"used": used, "of": total}
                              for split, (used, total) in documents.items()},
                **{k: round(v, 6) for k, v in last.items()}}
+    if held is not None:  # none when resumed at the end
+        summary["held_bytes"] = held
     manifest = Manifest(kind="checkpoint", stage=stage, spec=spec.model_dump(mode="json"),
                         inputs=inputs, fingerprint=fp,
                         summary=summary, files=files)

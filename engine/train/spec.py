@@ -158,8 +158,8 @@ class TrainSpec(StageSpec):
     def _default_precision(cls, data):
         """bf16 master weights need a whole model per rank under DDP; FSDP, TP and PP keep fp32
         weights (sharded) and compute under autocast."""
-        if isinstance(data, dict) and "precision" not in data and not _whole_model_ddp(data):
-            return {**data, "precision": "bf16"}
+        if isinstance(data, dict) and "precision" not in data:
+            return {**data, "precision": default_precision(data)}
         return data
 
     @model_validator(mode="after")
@@ -334,6 +334,12 @@ def input_paths(spec: TrainSpec) -> dict[str, str]:
     if spec.distill:
         paths["distill.teacher"] = spec.distill.teacher
     return paths
+
+
+def default_precision(data: dict) -> str:
+    """The precision a spec gets when it names none: bf16 master weights for whole-model DDP,
+    bf16 autocast over fp32 weights otherwise."""
+    return "bf16-master" if _whole_model_ddp(data) else "bf16"
 
 
 def _whole_model_ddp(data: dict) -> bool:

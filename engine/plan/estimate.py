@@ -1,0 +1,85 @@
+"""One layout's prediction: the memory of its most loaded GPU and its step time. Torch-free."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from engine.model.config import ModelConfig
+from engine.parallel.layout import Layout
+from engine.plan.memory import GIB, Memory, layer_activations, rank_memory, shape
+from engine.plan.shards import rank_params
+from engine.plan.timing import Gpu, Timing, step_timing
+
+HEADROOM_GIB = 2.0  # CUDA context, NCCL buffers, the allocator's fragmentation
+
+
+@dataclass(frozen=True)
+class Estimate:
+    layout: Layout
+    fields: dict          # the training spec's layout fields that give this layout
+    memory: Memory        # the most loaded GPU's
+    timing: Timing
+    tokens_per_step: int
+    usable_gib: float     # the GPU's memory less the headroom
+
+    @property
+    def fits(self) -> bool:
+        return self.memory.total <= self.usable_gib * GIB
+
+    @property
+    def tokens_per_s(self) -> float:
+        return self.tokens_per_step / self.timing.step_s
+
+    def days(self, tokens: float) -> float:
+        return tokens / self.tokens_per_s / 86400
+
+    def describe(self) -> str:
+        f = self.fields
+        parts = [f"tp {self.layout.tp}", f"pp {self.layout.pp}"]
+        if self.layout.pp > 1:
+            parts[-1] += f" ({f['pipeline_schedule']}" + (
+                f", v {f['virtual_stages']})" if f["virtual_stages"] > 1 else ")")
+        if self.layout.cp > 1:
+            parts.append(f"cp {self.layout.cp}")
+        dp = f"{f['data_parallel']} {self.layout.dp}"
+        if self.layout.dp_replicate > 1 and f["data_parallel"] == "fsdp":
+            dp += f" ({self.layout.dp_replicate}×{self.layout.dp_shard})"
+        return ", ".join(parts + [dp, f"mb {f['micro_batch_size']}", f"recompute {f['recompute']}"])
+
+
+def estimate(cfg: ModelConfig, spec, world_size: int, gpu: Gpu, gpus_per_node: int) -> Estimate:
+    """`spec`: a TrainSpec (its layout fields, precision, batch and sequence)."""
+    layout = spec.layout(world_size)
+    per_rank = [rank_memory(cfg, spec, layout, r) for r in range(layout.pp)]
+    memory = max(per_rank, key=lambda m: m.total)
+    fsdp = spec.data_parallel == "fsdp" and layout.dp_shard * layout.cp > 1
+    params = max(sum(h.numel for h in rank_params(
+        cfg, layout, fsdp, r, spec.pipeline_schedule, spec.virtual_stages,
+        spec.pipeline_layers)) for r in range(layout.pp))
+    timing = step_timing(cfg, layout, gpu, seq=spec.data.seq_length,
+                         global_batch=spec.global_batch_size,
+                         micro_batch=spec.micro_batch_size, recompute=spec.recompute,
+                         precision=spec.precision, fsdp=fsdp, schedule=spec.pipeline_schedule,
+                         virtual=spec.virtual_stages, gpus_per_node=gpus_per_node,
+                         params_per_gpu=params, **_elementwise(cfg, spec, layout))
+    fields = {k: getattr(spec, k) for k in LAYOUT_FIELDS}
+    return Estimate(layout, fields, memory, timing,
+                    spec.global_batch_size * spec.data.seq_length,
+                    gpu.memory_gib - HEADROOM_GIB)
+
+
+def _elementwise(cfg: ModelConfig, spec, layout: Layout) -> dict:
+    """The non-matmul memory traffic of a GPU's step: each block's activations (without
+    recompute) written once and read twice, and what recompute rebuilds written again; and the
+    block forward-backwards it runs."""
+    s = shape(cfg, spec.precision, layout.tp, spec.sequence_parallel)
+    tokens = spec.micro_batch_size * spec.data.seq_length // layout.cp
+    whole = layer_activations(s, tokens, "none", spec.precision, layout.cp)
+    rebuilt = whole - layer_activations(s, tokens, spec.recompute, spec.precision, layout.cp)
+    blocks = cfg.num_layers // layout.pp * spec.micro_batches(layout)
+    return {"elementwise_bytes": blocks * (3 * whole + 2 * rebuilt), "blocks": blocks}
+
+
+LAYOUT_FIELDS = ("tensor_parallel", "sequence_parallel", "pipeline_parallel",
+                 "pipeline_schedule", "virtual_stages", "context_parallel", "data_parallel",
+                 "data_parallel_replicate", "micro_batch_size", "recompute", "precision")

@@ -1,0 +1,189 @@
+"""Memory per GPU of a training layout, predicted before a job runs (torch-free).
+
+What a rank holds between steps is exact (engine/train/held.py measures the same categories):
+parameters, gradients, fp32 masters and gradient sums under bf16-master, optimizer moments. The
+activations follow Korthikanti et al. (2022), rewritten for this engine's block — pre-norm
+RMSNorm normalised in fp32, SwiGLU with gate and up as one GEMM, grouped-query attention through
+a fused kernel (no s² scores), the fused loss — and for what each recompute mode keeps
+(engine/parallel/recompute.py); the pipeline keeps the activations of the micro-batches in
+flight. Temporary buffers are the largest transient allocations of a step.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+
+from engine.model.config import ModelConfig
+from engine.parallel.layout import Layout
+from engine.plan.shards import Held, rank_params
+
+GIB = 2 ** 30
+LOSS_CHUNK = 8192  # tokens per chunk of the fused loss (engine/model/fused_loss.py)
+
+
+@dataclass(frozen=True)
+class Memory:
+    """Bytes on one GPU, by category; `activations` and `pipeline` at the peak of a step."""
+
+    parameters: int
+    gradients: int
+    masters: int
+    optimizer: int
+    gradient_sums: int
+    activations: int
+    pipeline: int
+    buffers: int
+
+    @property
+    def held(self) -> int:
+        """Between steps: what does not depend on the batch."""
+        return (self.parameters + self.gradients + self.masters + self.optimizer
+                + self.gradient_sums)
+
+    @property
+    def total(self) -> int:
+        return self.held + self.activations + self.pipeline + self.buffers
+
+    def as_dict(self) -> dict[str, int]:
+        return {**asdict(self), "total": self.total}
+
+
+def held_bytes(held: list[Held], precision: str, tp_gradients: bool,
+               micro_batches: int) -> dict[str, int]:
+    """Parameters, gradients, masters, optimizer state and gradient sums of one rank after an
+    update, as engine/train/held.py measures them. AdamW keeps two fp32 moments and a 4-byte
+    step count per tensor. bf16-master holds bf16 weights (fp32 norm gains) and their fp32
+    masters; over several micro-batches their gradients move into one fp32 buffer of sums after
+    each backward. `tp_gradients` (tensor parallel without FSDP, whose reduce-scatter makes
+    gradients of its own): the gradients of gate and up leave their stacked GEMM's gradient
+    through DTensor.to_local separately, one a copy while the other keeps the stacked gradient
+    alive (gate's size more a layer)."""
+    numel = sum(h.numel for h in held)
+    gates = sum(h.numel for h in held if h.param.name.endswith("w_gate.weight"))
+    optimizer = 8 * numel + 4 * len(held)
+    if precision == "bf16-master":
+        norms = sum(h.numel for h in held if h.param.norm)
+        weights = 2 * (numel - norms) + 4 * norms
+        summed = micro_batches > 1
+        return {"parameters": weights, "gradients": 0 if summed else weights,
+                "masters": 4 * (numel - norms), "optimizer": optimizer,
+                "gradient_sums": 4 * numel if summed else 0}
+    return {"parameters": 4 * numel, "gradients": 4 * (numel + (gates if tp_gradients else 0)),
+            "masters": 0, "optimizer": optimizer, "gradient_sums": 0}
+
+
+@dataclass(frozen=True)
+class Shape:
+    """What the activation formulas read: the model's widths as one rank computes them."""
+
+    h: int         # hidden
+    q: int         # query width (heads × head_dim) on this rank
+    kv: int        # key/value width on this rank
+    ffn: int       # FFN width on this rank
+    heads: int     # query heads on this rank
+    d: int         # head_dim
+    vocab: int     # vocabulary on this rank
+    c: int         # bytes of the compute dtype
+    p: int         # bytes of a weight
+    sp: int        # what the residual stream and the norms are split by (sequence parallel)
+    tp: int
+
+
+def shape(cfg: ModelConfig, precision: str, tp: int, sequence_parallel: bool) -> Shape:
+    return Shape(h=cfg.hidden_size, q=cfg.num_heads * cfg.head_dim // tp,
+                 kv=cfg.num_kv_heads * cfg.head_dim // tp, ffn=cfg.intermediate_size // tp,
+                 heads=cfg.num_heads // tp, d=cfg.head_dim, vocab=cfg.vocab_size // tp,
+                 c=4 if precision == "fp32" else 2, p=2 if precision == "bf16-master" else 4,
+                 sp=tp if sequence_parallel and tp > 1 else 1, tp=tp)
+
+
+def layer_activations(s: Shape, tokens: int, recompute: str, precision: str, cp: int) -> int:
+    """Bytes one block keeps from its forward for its backward, for `tokens` of this rank.
+
+    none: each norm's fp32 input and its output, q/k/v after RoPE with k and v repeated to the
+    query heads, the kernel's output and log-sum-exp, attention's output reshaped for o, the
+    stacked gate/up GEMM's output, SiLU's output and the product; under sequence parallelism
+    the gathered norm outputs the matmuls read too; and the weights' copies the backward needs
+    (the stacked gate/up weight; under autocast the compute-dtype casts of all matrices).
+    selective: the block's input and the matmul and kernel outputs (the row-parallel ones
+    whole before their reduction). full: the block's input. Context parallelism: keys and
+    values gathered over the `cp` ranks."""
+    h, c, sp = s.h, s.c, s.sp
+    if recompute == "full":
+        return tokens * c * h // sp
+    gathered_kv = 2 * s.kv * (cp - 1)
+    if recompute == "selective":
+        partial = 2 * h if s.tp > 1 else 2 * h // sp
+        per_token = c * (h // sp + s.q + 2 * s.kv + s.q + 2 * s.ffn + partial + gathered_kv) \
+            + 4 * s.heads
+        return tokens * per_token
+    norms = 2 * ((4 + c) * h // sp + (c * h if sp > 1 else 0)) + 8
+    per_token = norms + c * (5 * s.q + 4 * s.ffn + gathered_kv) + 4 * s.heads
+    if precision == "fp32":
+        weights = 4 * 2 * s.ffn * h
+    elif precision == "bf16-master":
+        weights = 2 * 2 * s.ffn * h + 2 * 2 * h
+    else:  # autocast's cached casts of every matrix, and the stacked weight's cast
+        weights = 2 * (3 * s.ffn * h + (2 * s.q + 2 * s.kv) * h) + 2 * 2 * h
+    return tokens * per_token + weights
+
+
+def edge_activations(s: Shape, tokens: int, first: bool, last: bool) -> int:
+    """The embedding's output (first stage), RoPE's tables, and the final norm with the fused
+    loss (last stage), whose forward already sums the head's weight gradient."""
+    out = tokens * (2 * s.d * s.c + 4)
+    if first:
+        out += tokens * s.c * s.h // s.sp
+    if last:
+        out += tokens * (4 + s.c) * s.h // s.sp + s.vocab * s.h * s.p
+    return out
+
+
+def rank_memory(cfg: ModelConfig, spec, layout: Layout, pp_rank: int) -> Memory:
+    """The memory of the most loaded GPU of pipeline rank `pp_rank` under training spec `spec`
+    (a TrainSpec: precision, data_parallel, micro_batch_size, recompute, pipeline fields)."""
+    fsdp = spec.data_parallel == "fsdp" and layout.dp_shard * layout.cp > 1
+    held = rank_params(cfg, layout, fsdp, pp_rank, spec.pipeline_schedule, spec.virtual_stages,
+                       spec.pipeline_layers)
+    micro = spec.micro_batches(layout)
+    static = held_bytes(held, spec.precision, layout.tp > 1 and not fsdp, micro)
+    s = shape(cfg, spec.precision, layout.tp, spec.sequence_parallel)
+    tokens = spec.micro_batch_size * spec.data.seq_length // layout.cp
+    layers = sum(1 for h in held if h.param.name.endswith("attn_norm.weight"))
+    names = {h.param.name for h in held}
+    first, last = "embed.weight" in names, "norm.weight" in names
+    one = layer_activations(s, tokens, spec.recompute, spec.precision, layout.cp)
+    activations = layers * one + edge_activations(s, tokens, first, last)
+    pipeline = int(activations * (in_flight(spec, layout, pp_rank, micro) - 1))
+    # transient: a block recomputed whole in its backward; the loss's chunk of logits and its
+    # gradient; FSDP's gathered block (and the next, prefetched) and its gradients before the
+    # reduce-scatter; DDP's buckets (a second copy of the gradients); bf16-master's gradients
+    # before they join the fp32 sums
+    buffers = (layer_activations(s, tokens, "none", spec.precision, layout.cp) - one) if layers \
+        else 0
+    if last:
+        buffers += 2 * 4 * min(tokens, LOSS_CHUNK) * s.vocab
+    block = sum(h.numel for h in held if h.param.name.startswith("layers.")) // max(layers, 1)
+    if fsdp:
+        shards = layout.dp_shard * layout.cp
+        buffers += block * shards * (2 * s.c + 4)
+    elif layout.dp_cp > 1:
+        buffers += static["gradients"] or static["parameters"]
+    if static["gradient_sums"]:
+        buffers += static["parameters"]
+    return Memory(activations=activations, pipeline=pipeline, buffers=buffers, **static)
+
+
+def in_flight(spec, layout: Layout, pp_rank: int, micro: int) -> float:
+    """Micro-batches whose activations a pipeline rank holds at once: all of them under GPipe;
+    1F1B's warm-up (pp − rank); the interleaved and V schedules' warm-up of (pp − rank − 1)·2 +
+    (v − 1)·pp + 1 stage-forwards, each 1/v of the rank's layers (Megatron-LM's count)."""
+    if layout.pp == 1:
+        return 1.0
+    if spec.pipeline_schedule == "gpipe":
+        return float(micro)
+    if spec.pipeline_schedule == "1f1b":
+        return float(min(micro, layout.pp - pp_rank))
+    v = spec.virtual_stages
+    warmup = (layout.pp - pp_rank - 1) * 2 + (v - 1) * layout.pp + 1
+    return min(micro * v, warmup) / v

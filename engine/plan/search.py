@@ -1,0 +1,62 @@
+"""The layouts a training spec could run in on a number of GPUs, each estimated, ranked:
+those that fit first, fastest first. Torch-free."""
+
+from __future__ import annotations
+
+import itertools
+
+from pydantic import ValidationError
+
+from engine.model.config import ModelConfig
+from engine.plan.estimate import LAYOUT_FIELDS, Estimate, estimate
+from engine.plan.timing import Gpu
+
+POWERS = (1, 2, 4, 8, 16, 32, 64)
+
+
+def candidates(base: dict, cfg: ModelConfig, world_size: int, gpus_per_node: int,
+               spec_type: type, fixed: dict) -> list:
+    """Training specs that differ from `base` (a TrainSpec's fields) in their layout fields:
+    TP within a node, PP (1F1B, and interleaved over 2 stages a rank), context parallel for
+    long sequences, DDP or FSDP, micro-batches and recompute; `fixed` fields stay as given.
+    Specs the engine would refuse (a model that does not divide, a batch that does not split)
+    are left out."""
+    seq, batch = base["data"]["seq_length"], base["global_batch_size"]
+    tps = [t for t in POWERS if t <= gpus_per_node and world_size % t == 0]
+    pps = [p for p in POWERS if p <= cfg.num_layers]
+    cps = [c for c in POWERS if c == 1 or seq // c >= 4096]
+    grid = itertools.product(tps, pps, ("1f1b", "interleaved-1f1b"), cps, ("ddp", "fsdp"),
+                             POWERS[:5], ("none", "selective", "full"))
+    specs = []
+    for tp, pp, schedule, cp, dp, mb, recompute in grid:
+        if (pp == 1 and schedule != "1f1b") or world_size % (tp * pp * cp) or (cp > 1 and pp > 1):
+            continue
+        if batch % (mb * world_size // (tp * pp * cp)):
+            continue
+        if dp == "fsdp" and world_size == tp * pp:  # one data-parallel rank: nothing to shard
+            continue
+        fields = {"tensor_parallel": tp, "pipeline_parallel": pp, "pipeline_schedule": schedule,
+                  "virtual_stages": 2 if schedule.startswith("interleaved") else 1,
+                  "context_parallel": cp, "data_parallel": dp, "data_parallel_replicate": 1,
+                  "micro_batch_size": mb, "recompute": recompute, "pipeline_layers": None}
+        fields.update(fixed)
+        try:
+            specs.append(spec_type.model_validate({**base, **fields}))
+        except (ValidationError, ValueError):
+            continue
+    return specs
+
+
+def ranked(cfg: ModelConfig, specs: list, world_size: int, gpu: Gpu,
+           gpus_per_node: int) -> list[Estimate]:
+    seen, out = set(), []
+    for spec in specs:
+        key = tuple(getattr(spec, k) for k in LAYOUT_FIELDS)
+        if key in seen:
+            continue
+        seen.add(key)
+        try:
+            out.append(estimate(cfg, spec, world_size, gpu, gpus_per_node))
+        except ValueError:  # a layout the world size does not divide into
+            continue
+    return sorted(out, key=lambda e: (not e.fits, -round(e.tokens_per_s), e.memory.total))

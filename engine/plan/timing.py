@@ -1,0 +1,110 @@
+"""Step time of a training layout, predicted from per-GPU rates (engine/plan/gpus.json, which
+`python -m bench.calibrate` measures): the matmuls at the GEMM rate, attention at the attention
+kernel's rate, the elementwise work (norms, RoPE, SiLU, casts: their activations written in the
+forward and read twice in the backward; selective recompute's again) at memory bandwidth, a
+fixed cost per block and micro-batch (kernel launches), the pipeline's bubble, the
+communication that does not overlap, and the optimizer's pass over its state. Torch-free."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+from engine.model.config import ModelConfig
+from engine.parallel.layout import Layout
+from engine.train.flops import flops_per_token, matmul_params
+
+GPUS_FILE = Path(__file__).with_name("gpus.json")
+ZERO_BUBBLE = ("interleaved-zb", "zbv", "dualpipev")
+
+
+@dataclass(frozen=True)
+class Gpu:
+    name: str
+    memory_gib: float
+    peak_tflops: float
+    gemm_tflops: float
+    attention_tflops: float
+    hbm_gbps: float
+    node_link_gbps: float   # bus bandwidth of a collective within a node
+    network_gbps: float     # per GPU, between nodes
+    block_overhead_ms: float  # per block and micro-batch, forward and backward
+    source: str
+
+
+def gpus() -> dict[str, Gpu]:
+    table = json.loads(GPUS_FILE.read_text())["gpus"]
+    return {name: Gpu(name=name, **row) for name, row in table.items()}
+
+
+@dataclass(frozen=True)
+class Timing:
+    compute_s: float       # matmuls, attention and elementwise work, recompute included
+    bubble_s: float        # the pipeline's idle time
+    tp_comm_s: float       # tensor/context-parallel collectives (on the critical path)
+    dp_comm_s: float       # gradient reduction / FSDP gathers, all of it
+    exposed_dp_s: float    # the part the backward does not hide
+    optimizer_s: float
+    step_s: float
+    comm_bytes: int        # sent per GPU per step, all collectives
+    mfu: float
+
+
+def step_timing(cfg: ModelConfig, layout: Layout, gpu: Gpu, *, seq: int, global_batch: int,
+                micro_batch: int, recompute: str, precision: str, fsdp: bool, schedule: str,
+                virtual: int, gpus_per_node: int, params_per_gpu: int,
+                elementwise_bytes: float, blocks: int) -> Timing:
+    """`elementwise_bytes`: memory traffic of the non-matmul work of this GPU's step;
+    `blocks`: block forward-backwards it runs a step (its layers × micro-batches)."""
+    tokens = global_batch * seq
+    per_gpu = tokens * flops_per_token(cfg, seq) / layout.world_size
+    attention_share = 6 * cfg.num_layers * cfg.num_heads * cfg.head_dim * seq  # causal half
+    matmul = tokens * 6 * matmul_params(cfg) / layout.world_size
+    attention = tokens * attention_share / layout.world_size
+    if recompute == "full":  # the blocks' forward again
+        matmul += tokens * 2 * (matmul_params(cfg) - cfg.vocab_size * cfg.hidden_size) \
+            / layout.world_size
+        attention *= 4 / 3
+    compute = (matmul / (gpu.gemm_tflops * 1e12) + attention / (gpu.attention_tflops * 1e12)
+               + elementwise_bytes / (gpu.hbm_gbps * 1e9) + blocks * gpu.block_overhead_ms / 1e3)
+    micro = global_batch // (micro_batch * layout.dp)
+    bubble = 0.0
+    if layout.pp > 1:
+        bubble = compute * (layout.pp - 1) / (virtual * micro)
+        if schedule in ZERO_BUBBLE:
+            bubble /= 3  # the weight-gradient halves fill most of it
+    c = 4 if precision == "fp32" else 2
+    inner = gpu.node_link_gbps * 1e9
+    # TP: per block and micro-batch, 2 all-gathers and 2 reduce-scatters forward (all-reduces
+    # without SP: the same bytes), as many backward, a third set again under full recompute
+    local_tokens = micro_batch * seq // layout.cp
+    tp_bytes = 0
+    if layout.tp > 1:
+        rounds = 12 if recompute == "full" else 8
+        tp_bytes = rounds * (layout.tp - 1) / layout.tp * local_tokens * cfg.hidden_size * c \
+            * cfg.num_layers / layout.pp * micro
+    cp_bytes = 0
+    if layout.cp > 1:  # keys and values gathered forward, their gradients reduced backward
+        kv = cfg.num_kv_heads * cfg.head_dim // layout.tp
+        cp_bytes = 2 * 2 * (layout.cp - 1) * local_tokens * kv * c * cfg.num_layers \
+            / layout.pp * micro
+    tp_comm = (tp_bytes + cp_bytes) / inner
+    grad_bytes = params_per_gpu * (4 if fsdp or precision != "bf16-master" else 2)
+    dp_bytes = 0
+    if layout.dp_cp > 1:
+        n = layout.dp_shard * layout.cp if fsdp else layout.dp_cp
+        share = (n - 1) / n
+        # FSDP: gather the weights forward and backward (compute dtype), reduce-scatter the fp32
+        # gradients; DDP: one all-reduce of the gradients (twice a reduce-scatter's bytes)
+        dp_bytes = share * (2 * params_per_gpu * n * c + grad_bytes * n) if fsdp \
+            else 2 * share * grad_bytes
+    spans_nodes = layout.world_size // layout.pp > gpus_per_node
+    dp_link = (gpu.network_gbps if spans_nodes else gpu.node_link_gbps) * 1e9
+    dp_comm = dp_bytes / dp_link
+    exposed = max(0.0, dp_comm - compute * 2 / 3)  # overlapped with the backward
+    # AdamW reads and writes weights, gradients, two moments (and masters): ~ 40 bytes each
+    optimizer = params_per_gpu * 40 / (gpu.hbm_gbps * 1e9)
+    step = compute + bubble + tp_comm + exposed + optimizer
+    return Timing(compute, bubble, tp_comm, dp_comm, exposed, optimizer, step,
+                  int(tp_bytes + cp_bytes + dp_bytes), per_gpu / step / (gpu.peak_tflops * 1e12))

@@ -1,0 +1,34 @@
+"""What one rank holds between the backward and the update, by category, in bytes of storage
+(each storage once; FSDP's padding and anything materialised whole count): the planner's
+prediction (engine/plan/memory.py) made measurable, logged after the first step and recorded
+in the manifest (`held_bytes`, rank 0)."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from engine.model.llama import local_shard
+
+
+def held_bytes(model: nn.Module, optimizer: torch.optim.Optimizer) -> dict[str, int]:
+    params = [p for group in optimizer.param_groups for p in group["params"]]
+    masters = getattr(optimizer, "masters", {})  # MasterAdamW: fp32 masters beside bf16 weights
+    state = [t for s in optimizer.state.values() for t in s.values()
+             if isinstance(t, torch.Tensor)]
+    sums = getattr(optimizer, "_flat_sum", None)  # its fp32 gradient sums
+    return {
+        "parameters": _bytes(local_shard(p.data) for p in params),
+        "gradients": _bytes(local_shard(p.grad) for p in params if p.grad is not None),
+        "masters": _bytes(w for p, w in masters.items() if w is not p),
+        "optimizer": _bytes(local_shard(t) for t in state),
+        "gradient_sums": _bytes([sums] if sums is not None else []),
+    }
+
+
+def _bytes(tensors) -> int:
+    storages = {}
+    for t in tensors:
+        storage = t.untyped_storage()
+        storages[storage.data_ptr()] = storage.nbytes()
+    return sum(storages.values())

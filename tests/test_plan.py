@@ -1,0 +1,131 @@
+"""The planner (engine/plan/) against the engine it predicts: the bytes every rank holds after
+an update, exactly, in every layout the engine trains (gloo ranks, engine/train/held.py's
+measure); the activations a forward keeps for its backward, against the CPU allocator's own
+count (torch's profiler) for each precision and recompute mode; a layout predicted not to fit
+refused before it is queued, with the numbers and the layouts that would fit; the CLI."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import re
+import subprocess
+import sys
+
+import pytest
+import torch
+from torch.profiler import ProfilerActivity, profile
+
+from conftest import REPO, shared
+from cluster.submit import prepare
+from engine.errors import SpecError
+from engine.model.config import ModelConfig
+from engine.model.llama import LlamaModel
+from engine.parallel.recompute import apply_recompute
+from engine.plan.memory import edge_activations, held_bytes, layer_activations, shape
+from engine.plan.shards import rank_params
+from engine.train.master_adamw import MasterAdamW, norm_gains
+from engine.train.spec import PretrainSpec
+from test_parallel import MODEL, _spec, train_ranks
+
+LAYOUTS = {  # name: (ranks, spec fields)
+    "ddp2": (2, {}), "fsdp2": (2, {"data_parallel": "fsdp"}), "tp2": (2, {"tensor_parallel": 2}),
+    "pp2-1f1b": (2, {"pipeline_parallel": 2}),
+    "pp2-interleaved": (2, {"pipeline_parallel": 2, "pipeline_schedule": "interleaved-1f1b",
+                            "virtual_stages": 2}),
+    "tp2-fsdp2": (4, {"tensor_parallel": 2, "data_parallel": "fsdp"}),
+    "hsdp2x2": (4, {"data_parallel": "fsdp", "data_parallel_replicate": 2}),
+    "cp2-fsdp": (2, {"context_parallel": 2, "data_parallel": "fsdp"}),
+    "bf16-master-sums": (1, {"precision": "bf16-master", "micro_batch_size": 2}),
+    "bf16-master": (1, {"precision": "bf16-master", "micro_batch_size": 2,
+                        "global_batch_size": 2}),
+}
+
+
+@pytest.mark.parametrize("name", list(LAYOUTS))
+def test_bytes_each_rank_holds_are_predicted_exactly(name, tiny_dataset, tmp_path):
+    ranks, fields = LAYOUTS[name]
+    spec = {**_spec(tiny_dataset, tmp_path / "run", **fields), "iters": 1}
+    logs = train_ranks(spec, ranks, tmp_path)
+    train = PretrainSpec.model_validate(spec)
+    layout = train.layout(ranks)
+    fsdp = train.data_parallel == "fsdp"
+    for rank, log in enumerate(logs):
+        line = re.search(r"held by this rank after the first update: (.*)", log).group(1)
+        measured = {k: int(v) for k, v in re.findall(r"(\w+) (\d+) B", line)}
+        pp_rank = rank // (layout.world_size // layout.pp)
+        held = rank_params(ModelConfig.model_validate(MODEL), layout, fsdp, pp_rank,
+                           train.pipeline_schedule, train.virtual_stages, train.pipeline_layers)
+        predicted = held_bytes(held, train.precision, layout.tp > 1 and not fsdp,
+                               train.micro_batches(layout))
+        assert measured == predicted, (rank, measured, predicted)
+
+
+def kept_by_forward(cfg: ModelConfig, tokens: int, precision: str, recompute: str) -> int:
+    """Bytes the CPU allocator still holds after a forward (the loss aside: 4 bytes), i.e. what
+    autograd and recompute keep for the backward: allocations minus frees, torch's profiler."""
+    model = LlamaModel(cfg)
+    model.init_weights(0)
+    apply_recompute(model, recompute)
+    if precision == "bf16-master":
+        MasterAdamW(model.parameters(), keep_fp32=norm_gains(model))
+    ids = torch.randint(0, cfg.vocab_size, (1, tokens), generator=torch.Generator().manual_seed(0))
+    autocast = torch.autocast("cpu", dtype=torch.bfloat16) if precision == "bf16" \
+        else contextlib.nullcontext()
+    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof, autocast:
+        loss = model(ids, targets=ids)  # its graph holds what the backward needs
+    kept = sum(e.self_cpu_memory_usage for e in prof.events())
+    del loss
+    return kept
+
+
+@pytest.mark.parametrize("precision", ["fp32", "bf16", "bf16-master"])
+@pytest.mark.parametrize("recompute", ["none", "selective", "full"])
+def test_activation_formulas_match_the_allocator(precision, recompute):
+    cfg = ModelConfig(vocab_size=512, hidden_size=128, intermediate_size=344, num_layers=3,
+                      num_heads=4, num_kv_heads=2, max_position_embeddings=512)
+    s = shape(cfg, precision, 1, False)
+    tokens = 384
+    predicted = 3 * layer_activations(s, tokens, recompute, precision, 1) \
+        + edge_activations(s, tokens, True, True)
+    measured = kept_by_forward(cfg, tokens, precision, recompute)
+    assert abs(measured - predicted) / measured < 0.01, (measured, predicted)
+
+
+def test_a_layout_that_does_not_fit_is_refused_before_it_is_queued():
+    llama8b = {"vocab_size": 128256, "hidden_size": 4096, "intermediate_size": 14336,
+               "num_layers": 32, "num_heads": 32, "num_kv_heads": 8,
+               "max_position_embeddings": 8192}
+    spec = {"model": llama8b, "data": {"blend": ["x"], "seq_length": 4096},
+            "checkpoint": {"save": "x"}, "iters": 1, "global_batch_size": 64}
+    resources = {"gpus_per_node": 8, "gpu": "H100"}
+    with pytest.raises(SpecError) as refused:
+        prepare("pretrain", spec, resources, "local")
+    message = str(refused.value)
+    assert re.search(r"pretrain: tp 1, pp 1, ddp 8, mb 1, recompute none on 8 × H100 is "
+                     r"predicted to need \d+\.\d GiB per GPU \(parameters 15\.0, masters 29\.9, "
+                     r"optimizer 59\.8, .*\d+\.\d GiB more than the 77\.1 GiB usable; layouts "
+                     r"that fit, fastest first: ", message), message
+    alternative = message.split("fastest first: ")[1].split(";")[0]
+    fields = dict(re.findall(r"(tp|pp|fsdp|mb|recompute) (\w+)", alternative))
+    fixed = {**spec, "data_parallel": "fsdp", "tensor_parallel": int(fields["tp"]),
+             "pipeline_parallel": int(fields["pp"]), "micro_batch_size": int(fields["mb"]),
+             "recompute": fields["recompute"]}
+    assert prepare("pretrain", fixed, resources, "local")  # what it names does fit
+    assert prepare("pretrain", spec, {"gpus_per_node": 8}, "local")  # no GPU named: no check
+
+
+def test_plan_command_ranks_layouts_and_keeps_the_fixed_fields(tmp_path):
+    out = tmp_path / "plan.json"
+    run = subprocess.run([sys.executable, "-m", "engine", "plan", "--load",
+                          str(shared("tiny-llama", "hf")), "--seq-length", "256",
+                          "--global-batch-size", "32", "--gpus-per-node", "4", "--gpu", "A100",
+                          "--recompute", "full", "--tokens", "1e13", "--output", str(out)],
+                         cwd=REPO, capture_output=True, text=True, timeout=120)
+    assert run.returncode == 0, run.stderr
+    assert "(0.00B parameters), seq 256, batch 32, 1 × 4 A100" in run.stdout
+    assert "**Recommended**: " in run.stdout
+    rows = json.loads(out.read_text())
+    assert rows and all(r["recompute"] == "full" for r in rows)
+    assert rows == sorted(rows, key=lambda r: (not r["fits"], -r["tokens_per_s"]))
+    assert {r["tensor_parallel"] for r in rows} <= {1, 2, 4} and rows[0]["days"] > 0
