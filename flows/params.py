@@ -5,6 +5,8 @@ a generated corpus."""
 
 from __future__ import annotations
 
+from typing import Literal
+
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from cluster.resources import Resources
@@ -154,6 +156,10 @@ class RunParams(_Params):
                                             "what to override of the profile's resources")
     force: bool | list[str] = Field(False, description="rebuild even when a finished artifact "
                                     "exists: true for every stage, or a list of stage names")
+    layout: Literal["given", "recommend"] = Field(
+        "given", description="recommend: training stages take the planner's fastest layout "
+        "that fits the GPUs of their resources (resources.gpu), instead of their own layout "
+        "fields (docs/planner.md)")
 
     @field_validator("resources", "force")
     @classmethod

@@ -19,6 +19,7 @@ from flows.params import RunParams
 from tasks.artifact import ArtifactRef, trained_ref
 from tasks.models import SCHEME, record_evaluation, register_model
 from tasks.options import validate_spec
+from tasks.plan import recommended_layout
 from tasks.stage import run_stage
 
 
@@ -28,6 +29,8 @@ class Runner:
     dry: bool = False
 
     async def stage(self, stage: str, spec: dict[str, Any], label: str | None = None) -> ArtifactRef:
+        if self.run.layout == "recommend":
+            spec = recommended_layout(stage, spec, self.run.resources.get(stage), self.run.profile)
         if self.dry:  # the spec, and its layout on the profile's ranks
             prepare(stage, validate_spec(stage, spec), self.run.resources.get(stage),
                     self.run.profile)

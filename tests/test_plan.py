@@ -6,6 +6,7 @@ refused before it is queued, with the numbers and the layouts that would fit; th
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import json
 import re
@@ -129,3 +130,38 @@ def test_plan_command_ranks_layouts_and_keeps_the_fixed_fields(tmp_path):
     assert rows and all(r["recompute"] == "full" for r in rows)
     assert rows == sorted(rows, key=lambda r: (not r["fits"], -r["tokens_per_s"]))
     assert {r["tensor_parallel"] for r in rows} <= {1, 2, 4} and rows[0]["days"] > 0
+
+
+def test_plan_flow_publishes_the_plan_and_recommends_layouts(home):
+    from flows.plan import plan as plan_flow
+    from flows.params import RunParams
+    from flows.runner import Runner
+    from tasks import tracking
+    from tasks.plan import recommended_layout
+    from test_flows import flow_run_summary
+
+    options = {"load": str(shared("tiny-llama", "hf")), "seq_length": 256,
+               "global_batch_size": 16, "gpus_per_node": 2, "gpu": "A100", "tokens": 1e12}
+    best = asyncio.run(plan_flow(options))
+    assert best["fits"] and best["tensor_parallel"] in (1, 2)
+    (run,) = tracking.client().search_runs([tracking.experiment_id("plan")])
+    assert run.data.params["recommended.layout"] == best["layout"]
+    assert run.data.metrics["plan/tokens_per_s"] == best["tokens_per_s"]
+    assert {"plan.md", "plan.json"} <= {f.path for f in tracking.client().list_artifacts(
+        run.info.run_id)}
+    _, artifacts = flow_run_summary(run.data.tags["prefect.flow_run_id"], "plan")
+    assert "**Recommended**: " + best["layout"] in artifacts[0].data
+
+    llama8b = {"vocab_size": 128256, "hidden_size": 4096, "intermediate_size": 14336,
+               "num_layers": 32, "num_heads": 32, "num_kv_heads": 8,
+               "max_position_embeddings": 8192}
+    spec = {"model": llama8b, "data": {"blend": ["x"], "seq_length": 4096}, "iters": 1,
+            "global_batch_size": 64}
+    resources = {"pretrain": {"gpus_per_node": 8, "gpu": "H100"}}
+    chosen = recommended_layout("pretrain", spec, resources["pretrain"], "local")
+    assert chosen["data_parallel"] == "fsdp" and chosen["micro_batch_size"] >= 1
+    runner = Runner(RunParams(profile="local", resources=resources, layout="recommend"), dry=True)
+    asyncio.run(runner.stage("pretrain", spec))  # the whole-model DDP default would not fit
+    with pytest.raises(SpecError, match="predicted to need"):
+        asyncio.run(Runner(RunParams(profile="local", resources=resources), dry=True)
+                    .stage("pretrain", spec))

@@ -60,7 +60,7 @@ def test_deploy_schedule_and_worker_run(prefect_server, tmp_path):
     deployments = {d["name"]: d for d in _api(prefect_server, "deployments/filter", {})}
     assert set(deployments) == {"lifecycle-demo", "data-prep", "train", "evaluate", "compare",
                                 "nightly-distill", "synthesize", "reshard", "compress",
-                                "extend"}
+                                "extend", "plan"}
     assert deployments["data-prep"]["pull_steps"] == [
         {"prefect.deployments.steps.set_working_directory": {"directory": str(REPO)}}]
 

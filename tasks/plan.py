@@ -1,0 +1,87 @@
+"""The planner (engine/plan/) in flows: a plan published (Prefect Markdown artifact `plan`; the
+flow's MLflow run: the recommended layout as params, its memory and speed as metrics, the table
+and the ranked layouts as files), and the layout of a training stage chosen by it (`run.layout:
+recommend`)."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from typing import Any
+
+from mlflow.entities import Metric, Param
+from prefect import task
+from prefect.artifacts import acreate_markdown_artifact
+from prefect.cache_policies import NO_CACHE
+
+from cluster.profiles import load_profile
+from cluster.resources import Resources
+from engine.errors import SpecError
+from engine.plan.check import gpu_named, spec_model
+from engine.plan.command import plan, title
+from engine.plan.estimate import LAYOUT_FIELDS
+from engine.plan.report import markdown, record
+from engine.plan.search import candidates, ranked
+from engine.plan.spec import Spec
+from engine.registry import get_stage
+from tasks.models import resolve_model
+from tasks.options import validate_spec
+from tasks.tracking import client
+
+
+@task(name="plan", cache_policy=NO_CACHE)
+async def publish_plan(spec: Spec, parent: str | None) -> dict[str, Any]:
+    """The ranked layouts of `spec` (its `load` may be a registry URI); the recommended one's
+    record (None when nothing fits)."""
+    if spec.load:
+        spec = spec.model_copy(update={"load": resolve_model(spec.load)})
+    model, estimates = await asyncio.to_thread(plan, spec)
+    usable = estimates[0].usable_gib if estimates else gpu_named(spec.gpu).memory_gib
+    table = markdown(title(spec, model), estimates, spec.rows, spec.tokens, spec.gpu, usable)
+    await acreate_markdown_artifact(markdown=table, key="plan",
+                                    description=title(spec, model))
+    best = next((record(e, spec.tokens) for e in estimates if e.fits), None)
+    if parent is not None:
+        await asyncio.to_thread(_track, parent, table, [record(e, spec.tokens) for e in estimates],
+                                best)
+    return best or {}
+
+
+def _track(parent: str, table: str, records: list[dict], best: dict | None) -> None:
+    mlflow = client()
+    mlflow.log_text(parent, table, "plan.md")
+    mlflow.log_text(parent, json.dumps(records, indent=1), "plan.json")
+    if best is None:
+        return
+    mlflow.log_batch(parent, params=[Param(f"recommended.{k}", str(best[k]))
+                                     for k in (*LAYOUT_FIELDS, "layout")], metrics=[
+        *(Metric(f"plan/memory_gib/{k}", v, 0, 0) for k, v in best["memory_gib"].items()),
+        *(Metric(f"plan/{k}", best[k], 0, 0) for k in ("step_s", "tokens_per_s", "mfu")),
+        *([Metric("plan/days", best["days"], 0, 0)] if "days" in best else [])])
+
+
+def recommended_layout(stage: str, spec: dict[str, Any], resources: Resources | dict | None,
+                       profile: str | None) -> dict[str, Any]:
+    """`spec` with the layout fields of the planner's fastest layout that fits the GPUs of the
+    profile's resources (`gpu` must be named); other stages unchanged."""
+    model = get_stage(stage).spec
+    checked = validate_spec(stage, spec)
+    if not hasattr(checked, "micro_batches"):  # not a training stage
+        return spec
+    res = load_profile(profile).resources.override(resources)
+    if not res.gpu:
+        raise SpecError(f"{stage}: layout 'recommend' needs the GPU model (resources.gpu in the "
+                        "profile or the run's resources)")
+    cfg = spec_model(checked)
+    if cfg is None:
+        raise SpecError(f"{stage}: layout 'recommend' needs the model's architecture (model, or "
+                        f"a readable checkpoint in load)")
+    base = {k: v for k, v in checked.model_dump(mode="json").items() if k != "precision"}
+    given = {"precision": spec["precision"]} if "precision" in spec else {}
+    estimates = ranked(cfg, candidates({**base, "model": cfg.model_dump(mode="json")}, cfg,
+                                       res.world_size, res.ranks_per_node, model, given),
+                       res.world_size, gpu_named(res.gpu), res.ranks_per_node)
+    best = next((e for e in estimates if e.fits), None)
+    if best is None:
+        raise SpecError(f"{stage}: no layout on {res.world_size} × {res.gpu} fits")
+    return {**spec, **best.fields, "pipeline_layers": None}
