@@ -19,7 +19,8 @@ from cluster.resources import Resources
 from engine.errors import SpecError
 from engine.plan.check import gpu_named, spec_model
 from engine.plan.command import plan, title
-from engine.plan.estimate import LAYOUT_FIELDS
+from engine.plan.estimate import LAYOUT_FIELDS, estimate
+from engine.plan.memory import GIB, rank_memory
 from engine.plan.report import markdown, record
 from engine.plan.search import candidates, ranked
 from engine.plan.spec import Spec
@@ -85,3 +86,20 @@ def recommended_layout(stage: str, spec: dict[str, Any], resources: Resources | 
     if best is None:
         raise SpecError(f"{stage}: no layout on {res.world_size} × {res.gpu} fits")
     return {**spec, **best.fields, "pipeline_layers": None}
+
+
+def log_prediction(run_id: str, spec, resources: Resources) -> None:
+    """A training stage's predicted memory and speed in its MLflow run, beside what the run
+    measures (`held_bytes.*` of rank 0, `peak_memory_gib`, `tokens_per_s`): `plan.<category>`
+    for rank 0 in bytes, `plan.peak_gib` of the most loaded GPU, `plan.tokens_per_s`. Only when
+    the resources name the GPU model."""
+    cfg = spec_model(spec) if resources.gpu and hasattr(spec, "micro_batches") else None
+    if cfg is None:
+        return
+    found = estimate(cfg, spec, resources.world_size, gpu_named(resources.gpu),
+                     resources.ranks_per_node)
+    first = rank_memory(cfg, spec, found.layout, 0).as_dict()
+    metrics = [Metric(f"plan.{k}", float(v), 0, 0) for k, v in first.items()]
+    metrics += [Metric("plan.peak_gib", found.memory.total / GIB, 0, 0),
+                Metric("plan.tokens_per_s", found.tokens_per_s, 0, 0)]
+    client().log_batch(run_id, metrics=metrics)

@@ -35,6 +35,7 @@ from tasks.artifact import ArtifactRef
 from tasks.building import forget_job, record_job, running_job
 from tasks.lease import Lease
 from tasks.options import validate_spec
+from tasks.plan import log_prediction
 from tasks.outputs import auto_location, given_location, lease_path, remove
 from tasks.publish import publish
 from tasks.run_inputs import Inputs
@@ -131,6 +132,7 @@ async def _build(stage: str, spec: StageSpec, fingerprint: str, inputs: Inputs, 
     plain = spec.model_dump(mode="json")
     run = await asyncio.to_thread(StageRun.start, stage, fingerprint, inputs, location, plain,
                                   False)
+    await asyncio.to_thread(log_prediction, run.run_id, spec, resources)
     with_tracking = cluster.model_copy(update={"env": {**cluster.env, **run.job_env()}})
     try:
         job = await submit_with_retries(stage, spec, resources, with_tracking, get_run_logger())

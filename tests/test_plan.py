@@ -2,7 +2,8 @@
 an update, exactly, in every layout the engine trains (gloo ranks, engine/train/held.py's
 measure); the activations a forward keeps for its backward, against the CPU allocator's own
 count (torch's profiler) for each precision and recompute mode; a layout predicted not to fit
-refused before it is queued, with the numbers and the layouts that would fit; the CLI."""
+refused before it is queued, with the numbers and the layouts that would fit; the CLI, the
+plan flow, `run.layout: recommend`, and the prediction recorded beside a run's measure."""
 
 from __future__ import annotations
 
@@ -34,6 +35,7 @@ LAYOUTS = {  # name: (ranks, spec fields)
     "pp2-1f1b": (2, {"pipeline_parallel": 2}),
     "pp2-interleaved": (2, {"pipeline_parallel": 2, "pipeline_schedule": "interleaved-1f1b",
                             "virtual_stages": 2}),
+    "pp2-zbv": (2, {"pipeline_parallel": 2, "pipeline_schedule": "zbv", "virtual_stages": 2}),
     "tp2-fsdp2": (4, {"tensor_parallel": 2, "data_parallel": "fsdp"}),
     "hsdp2x2": (4, {"data_parallel": "fsdp", "data_parallel_replicate": 2}),
     "cp2-fsdp": (2, {"context_parallel": 2, "data_parallel": "fsdp"}),
@@ -46,7 +48,7 @@ LAYOUTS = {  # name: (ranks, spec fields)
 @pytest.mark.parametrize("name", list(LAYOUTS))
 def test_bytes_each_rank_holds_are_predicted_exactly(name, tiny_dataset, tmp_path):
     ranks, fields = LAYOUTS[name]
-    spec = {**_spec(tiny_dataset, tmp_path / "run", **fields), "iters": 1}
+    spec = {**_spec(tiny_dataset, tmp_path / "run", **fields), "iters": 1, "eval": {"interval": None}}
     logs = train_ranks(spec, ranks, tmp_path)
     train = PretrainSpec.model_validate(spec)
     layout = train.layout(ranks)
@@ -165,3 +167,24 @@ def test_plan_flow_publishes_the_plan_and_recommends_layouts(home):
     with pytest.raises(SpecError, match="predicted to need"):
         asyncio.run(Runner(RunParams(profile="local", resources=resources), dry=True)
                     .stage("pretrain", spec))
+
+
+def test_a_training_run_records_the_prediction_beside_its_measure(home, tiny_dataset):
+    """With the GPU model named, a training stage's MLflow run holds rank 0's predicted bytes
+    (`plan.*`) beside the ones the engine measured (`held_bytes.*`): equal."""
+    from prefect import flow
+
+    from tasks import tracking
+    from tasks.stage import run_stage
+
+    @flow
+    async def pretrain_one(spec: dict) -> str:
+        ref = await run_stage("pretrain", spec, resources={"gpu": "H100"}, profile="inline")
+        return ref.mlflow_run_id
+
+    spec = {k: v for k, v in _spec(tiny_dataset, home / "unused").items() if k != "checkpoint"}
+    run_id = asyncio.run(pretrain_one({**spec, "iters": 2, "micro_batch_size": 4}))
+    metrics = tracking.client().get_run(run_id).data.metrics
+    for category in ("parameters", "gradients", "masters", "optimizer", "gradient_sums"):
+        assert metrics[f"plan.{category}"] == metrics[f"held_bytes.{category}"], category
+    assert metrics["plan.parameters"] > 0 and metrics["plan.tokens_per_s"] > 0

@@ -1,0 +1,104 @@
+"""The planner's predictions against the GPU (docs/planner.md): peak memory
+(torch.cuda.max_memory_allocated, which the training loop logs as peak_memory_gib) and step time
+of real pretrain runs on one GPU, eager (compile off: the activation formulas describe the eager
+model), beside what `engine/plan` predicts for the same spec. One JSON line a configuration.
+
+    python -m bench.plan_vs_measured [--only NAME ...]    (GPU; bench/gpu_plan.sh on the device)
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import re
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+import yaml
+
+from engine.model.config import ModelConfig
+from engine.plan.estimate import estimate
+from engine.plan.memory import GIB
+from engine.plan.timing import gpus
+from engine.train.spec import PretrainSpec
+
+SHAPES = {  # vocab hidden ffn layers heads kv-heads
+    "1.1b": (32000, 2048, 5632, 22, 32, 4),
+    "3b": (128256, 3072, 8192, 28, 24, 8),
+}
+CONFIGS = {  # name: (shape, seq, micro-batch, recompute, data parallel)
+    "1.1b-2k-none-mb4": ("1.1b", 2048, 4, "none", "ddp"),
+    "1.1b-2k-selective-mb8": ("1.1b", 2048, 8, "selective", "ddp"),
+    "1.1b-2k-full-mb8": ("1.1b", 2048, 8, "full", "ddp"),
+    "1.1b-8k-selective-mb1": ("1.1b", 8192, 1, "selective", "ddp"),
+    "1.1b-8k-full-mb2-fsdp": ("1.1b", 8192, 2, "full", "fsdp"),
+    "3b-2k-selective-mb2": ("3b", 2048, 2, "selective", "ddp"),
+    "3b-2k-none-mb1-fsdp": ("3b", 2048, 1, "none", "fsdp"),
+    "3b-8k-full-mb1": ("3b", 8192, 1, "full", "ddp"),
+}
+ITERS = 6
+
+
+def spec(name: str, dataset: str, save: str) -> dict:
+    shape, seq, mb, recompute, dp = CONFIGS[name]
+    v, h, f, layers, heads, kv = SHAPES[shape]
+    return {"model": {"vocab_size": v, "hidden_size": h, "intermediate_size": f,
+                      "num_layers": layers, "num_heads": heads, "num_kv_heads": kv,
+                      "max_position_embeddings": max(seq, 4096)},
+            "data": {"blend": [dataset], "split": "99,1,0", "seq_length": seq},
+            "checkpoint": {"save": save}, "iters": ITERS, "log_interval": 3,
+            "micro_batch_size": mb, "global_batch_size": mb, "recompute": recompute,
+            "data_parallel": dp, "optim": {"lr": 1e-4, "warmup_iters": 1},
+            "eval": {"interval": None}}
+
+
+def measure(config: dict, work: Path) -> dict:
+    """Peak memory and the last window's step time of the run; it is stopped before its final
+    save (a 3B checkpoint takes minutes to write)."""
+    path = work / "spec.yaml"
+    path.write_text(yaml.safe_dump(config))
+    log = work / "run.log"
+    with open(log, "w") as out:
+        proc = subprocess.Popen([sys.executable, "-m", "engine", "pretrain", "--config",
+                                 str(path)], stdout=out, stderr=subprocess.STDOUT)
+        while proc.poll() is None and f"iter {ITERS}/{ITERS}" not in log.read_text():
+            subprocess.run(["sleep", "1"])
+        proc.kill()
+        proc.wait()
+    text = log.read_text()
+    last = [line for line in text.splitlines() if f"iter {ITERS}/{ITERS}" in line]
+    if not last:
+        return {"error": text[-1500:]}
+    figures = dict(re.findall(r"(\w+) ([\d.e+-]+)", last[0].split("|", 1)[1].replace("|", " ")))
+    return {"peak_gib": float(figures["peak_memory_gib"]),
+            "tokens_per_s": float(figures["tokens_per_s"])}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--dataset", required=True, help="a token dataset prefix")
+    parser.add_argument("--only", nargs="*", default=list(CONFIGS))
+    args = parser.parse_args()
+    import torch
+
+    name = torch.cuda.get_device_name()
+    gpu = next(g for key, g in gpus().items() if key in name)
+    for config in args.only:
+        with tempfile.TemporaryDirectory() as work:
+            data = spec(config, args.dataset, f"{work}/ckpt")
+            measured = measure(data, Path(work))
+        train = PretrainSpec.model_validate(data)
+        predicted = estimate(ModelConfig.model_validate(data["model"]), train, 1, gpu, 1)
+        tokens = train.global_batch_size * train.data.seq_length
+        print(json.dumps({
+            "config": config, "gpu": name, "precision": train.precision, **measured,
+            "predicted_gib": round(predicted.memory.total / GIB, 2),
+            "predicted_by_category_gib": {k: round(v / GIB, 2)
+                                          for k, v in predicted.memory.as_dict().items()},
+            "predicted_tokens_per_s": round(tokens / predicted.timing.step_s)}), flush=True)
+
+
+if __name__ == "__main__":
+    main()
