@@ -11,9 +11,9 @@ from pydantic_settings import CliVariadicArg
 from engine.data.samples import check_long_documents, parse_blend
 from engine.model.config import ModelConfig
 from engine.errors import InputError, SpecError
-from engine.parallel.layout import (DataParallel, Layout, PipelineSchedule, Recompute,
-                                    check_layout, check_schedule, context_parallel_errors,
-                                    layout_for, model_errors)
+from engine.parallel.layout import (V_SHAPED, DataParallel, Layout, PipelineSchedule,
+                                    Recompute, check_layout, check_schedule,
+                                    context_parallel_errors, layout_for, model_errors)
 from engine.reshard.spec import source_files
 from engine.spec import StageSpec
 from engine.train.context import ContextSection, extended_config
@@ -185,6 +185,10 @@ class TrainSpec(StageSpec):
             raise ValueError("pipeline_parallel needs fused_loss (the last stage's head runs "
                              "fused with the loss)")
         check_layout(self.pipeline_schedule, self.pipeline_parallel, self.virtual_stages)
+        if self.pipeline_schedule in V_SHAPED and (self.eval.interval or self.eval.initial):
+            raise ValueError(f"validation under pipeline_schedule {self.pipeline_schedule} is not "
+                             "supported: torch's V schedules cannot run forward only; set "
+                             "eval.interval null or use interleaved-1f1b")
         return self
 
     @model_validator(mode="after")
