@@ -38,6 +38,7 @@ class Verdict:
     champion: float | None      # None: no champion yet, the candidate's parent was measured
     promote: bool
     reason: str
+    figures: dict[str, dict[str, float]]  # "candidate", "champion": every metric of each
 
 
 def current_champion(name: str) -> str | None:
@@ -71,7 +72,8 @@ def judge(candidate: dict[str, float], champion: dict[str, float], metric: str,
     promote = gain >= min_improvement
     reason = (f"{name} {new:.4g} vs {old:.4g}: {100 * gain:+.2f}% "
               f"({'≥' if promote else '<'} the {100 * min_improvement:.2f}% required)")
-    return Verdict(name, new, old, promote, reason)
+    return Verdict(name, new, old, promote, reason,
+                   {"candidate": dict(candidate), "champion": dict(champion)})
 
 
 @task(name="decide-champion", cache_policy=NO_CACHE)
@@ -110,25 +112,32 @@ def history(name: str) -> list[dict]:
 
 
 def history_chart(records: list[dict]) -> Figure | None:
-    """Each night's candidate (promoted or rejected) and the champion it was measured against,
-    on the promotion metric; None before the first night."""
+    """Each night's candidate (promoted or rejected) and the champion it was measured against:
+    a panel for the promotion metric and one for each FinEval accuracy measured; None before
+    the first night."""
     if not records:
         return None
-    fig = Figure(figsize=(6, 3.5), dpi=100, layout="constrained")
+    last = records[-1]
+    names = [last["metric"]] + sorted(m for m in last["figures"]["candidate"]
+                                      if m.startswith("fineval/") and m.endswith("/accuracy"))
+    fig = Figure(figsize=(6, 3 * len(names)), dpi=100, layout="constrained")
     FigureCanvasAgg(fig)
-    ax = fig.add_subplot()
-    nights = range(1, len(records) + 1)
-    ax.plot(nights, [r["champion"] for r in records], marker="s", color="grey",
-            label="champion before the night")
-    for promoted, colour, label in ((True, "tab:green", "promoted"), (False, "tab:red", "rejected")):
-        points = [(n, r["candidate"]) for n, r in zip(nights, records) if r["promote"] == promoted]
-        if points:
-            ax.scatter(*zip(*points), color=colour, zorder=3, label=label)
-    ax.set_xticks(list(nights))
-    ax.set_xlabel("night")
-    ax.set_title(records[-1]["metric"], fontsize=9)
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=8)
+    for i, name in enumerate(names):
+        ax = fig.add_subplot(len(names), 1, i + 1)
+        nights = [(n, r) for n, r in enumerate(records, 1) if name in r["figures"]["candidate"]]
+        ax.plot([n for n, _ in nights], [r["figures"]["champion"][name] for _, r in nights],
+                marker="s", color="grey", label="champion before the night")
+        for promoted, colour, label in ((True, "tab:green", "promoted"),
+                                        (False, "tab:red", "rejected")):
+            points = [(n, r["figures"]["candidate"][name]) for n, r in nights
+                      if r["promote"] == promoted]
+            if points:
+                ax.scatter(*zip(*points), color=colour, zorder=3, label=label)
+        ax.set_xticks([n for n, _ in nights])
+        ax.set_xlabel("night")
+        ax.set_title(name, fontsize=9)
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=8)
     return fig
 
 

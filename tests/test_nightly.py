@@ -32,7 +32,7 @@ from engine.manifest import read_manifest
 from flows.nightly_distill import nightly_distill
 from servers import PREFECT, cli, kill_worker, until
 from tasks import tracking
-from tasks.champion import history
+from tasks.champion import history, history_chart
 from tasks.models import NotRegistered
 from tasks.watermark import consumed
 
@@ -182,6 +182,8 @@ def test_three_nights_through_the_deployment(nights, prefect_server, home, tmp_p
     assert any(t.startswith("eval.fineval/0-shot/answer/") for t in champion.tags)
     (night,) = history(NAME)
     assert night["promote"] and night["candidate"] < night["champion"]
+    assert any(m.startswith("fineval/") for m in night["figures"]["champion"])
+    assert history_chart(history(NAME)).axes[1].get_title().startswith("fineval/0-shot/answer/")
     assert list(consumed(NAME)) == [str(drop / "day-1.jsonl")]
 
     second = _night(env, args, log)  # no new shards
