@@ -6,15 +6,7 @@
 # (`bash bench/gpu_generate.sh wheels`).
 #   bash bench/gpu_train_layouts.sh SHAPE RECOMPUTE MICRO_BATCH [ddp|fsdp] [SEQ_LENGTH]
 set -euo pipefail
-python3 -m pip install -q --no-index --no-deps --target /tmp/site .whl/py/*.whl 2>/dev/null
-export PYTHONPATH="/tmp/site:$PWD"
-W=/tmp/lmforge-layouts
-if [ ! -d "$W/ds" ]; then
-    python3 -m engine generate-corpus --output "$W/corpus" --documents 20000 --shards 4 >/dev/null
-    python3 -m engine train-tokenizer --input "$W/corpus" --output "$W/tok" --vocab-size 512 >/dev/null
-    python3 -m engine tokenize --input "$W/corpus" --output-prefix "$W/ds/stories" \
-        --tokenizer "$W/tok/tokenizer.model" --append-eod --workers 8 --no-progress >/dev/null
-fi
+source bench/gpu_stories.sh
 case "$1" in  # vocab hidden ffn layers heads kv-heads
 tinyllama-1.1b) shape=(32000 2048 5632 22 32 4) ;;
 llama-3.2-3b)   shape=(128256 3072 8192 28 24 8) ;;
