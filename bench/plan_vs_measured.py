@@ -1,7 +1,9 @@
 """The planner's predictions against the GPU (docs/planner.md): peak memory
 (torch.cuda.max_memory_allocated, which the training loop logs as peak_memory_gib) and step time
 of real pretrain runs on one GPU, eager (compile off: the activation formulas describe the eager
-model), beside what `engine/plan` predicts for the same spec. One JSON line a configuration.
+model), beside what `engine/plan` predicts for the same spec and what Fast-LLM's calculator
+(FreedomIntelligence/FastLLM, 1.pre_train_math.py) would say from its published formulas. One
+JSON line a configuration.
 
     python -m bench.plan_vs_measured [--only NAME ...]    (GPU; bench/gpu_plan.sh on the device)
 """
@@ -54,6 +56,18 @@ def spec(name: str, dataset: str, save: str) -> dict:
             "eval": {"interval": None}}
 
 
+def fast_llm_gib(model: dict, seq: int, micro_batch: int, recompute: str) -> float:
+    """Fast-LLM's estimate for one GPU (ZeRO over one rank): 16 bytes a parameter (bf16
+    weights and gradients, fp32 master and two moments) for a model of L·(12h² + 6h) + (V + s)·h
+    + h parameters — GPT's block: no SwiGLU third matrix, no grouped-query attention, a tied
+    head — and 2 bytes for each of b·s·h inputs and b·s·h·11·L activations (a third of those
+    with checkpointing; nothing for selective recompute, which it does not know)."""
+    h, layers, v = model["hidden_size"], model["num_layers"], model["vocab_size"]
+    params = layers * (12 * h * h + 6 * h) + (v + seq) * h + h
+    activations = micro_batch * seq * h * 11 * layers / (3 if recompute == "full" else 1)
+    return (16 * params + 2 * (micro_batch * seq * h + activations)) / GIB
+
+
 def measure(config: dict, work: Path) -> dict:
     """Peak memory and the last window's step time of the run; it is stopped before its final
     save (a 3B checkpoint takes minutes to write)."""
@@ -97,7 +111,10 @@ def main() -> None:
             "predicted_gib": round(predicted.memory.total / GIB, 2),
             "predicted_by_category_gib": {k: round(v / GIB, 2)
                                           for k, v in predicted.memory.as_dict().items()},
-            "predicted_tokens_per_s": round(tokens / predicted.timing.step_s)}), flush=True)
+            "predicted_tokens_per_s": round(tokens / predicted.timing.step_s),
+            "fast_llm_gib": round(fast_llm_gib(data["model"], train.data.seq_length,
+                                               train.micro_batch_size, train.recompute), 2)}),
+            flush=True)
 
 
 if __name__ == "__main__":
