@@ -1,0 +1,78 @@
+"""The planner's per-GPU rates, measured (engine/plan/gpus.json's fields): a large bf16 GEMM,
+the attention kernel forward and backward (causal, the 1.1B shape's heads), a copy at memory
+bandwidth, an all-reduce over the node's GPUs when there are several, and the fixed cost of a
+block's forward and backward at a tiny size (kernel launches). One JSON line to paste into
+gpus.json (with `source` naming the machine and the date).
+
+    python -m bench.calibrate                        (GPU; torchrun --nproc-per-node N for links)
+"""
+
+from __future__ import annotations
+
+import datetime
+import json
+import os
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+
+from bench.train_step import gemm_ceiling, mean_time
+from engine.model.config import ModelConfig
+from engine.model.llama import Block
+from engine.model.rope import rope_cos_sin
+
+
+def attention_tflops(seq: int = 4096, heads: int = 32, dim: int = 64, batch: int = 4) -> float:
+    """Forward and backward of causal SDPA: 4·b·heads·s²·d FLOPs forward (half the full
+    matrix), 2.5× that with the backward."""
+    q, k, v = (torch.randn(batch, heads, seq, dim, device="cuda", dtype=torch.bfloat16,
+                           requires_grad=True) for _ in range(3))
+
+    def step():
+        F.scaled_dot_product_attention(q, k, v, is_causal=True).sum().backward()
+
+    return 3.5 * 2 * batch * heads * seq * seq * dim / mean_time(step) / 1e12
+
+
+def hbm_gbps(gib: int = 4) -> float:
+    src = torch.empty(gib << 30, dtype=torch.uint8, device="cuda")
+    dst = torch.empty_like(src)
+    return 2 * src.numel() / mean_time(lambda: dst.copy_(src)) / 1e9
+
+
+def block_overhead_ms() -> float:
+    """A block's forward and backward on 8 tokens: what is left is launches and Python."""
+    cfg = ModelConfig(vocab_size=256, hidden_size=256, intermediate_size=512, num_layers=1,
+                      num_heads=4, num_kv_heads=4, max_position_embeddings=64)
+    block = Block(cfg).cuda()
+    x = torch.randn(1, 8, 256, device="cuda", requires_grad=True)
+    cos, sin = rope_cos_sin(cfg, torch.arange(8, device="cuda")[None], torch.float32)
+    return 1e3 * mean_time(lambda: block(x, cos, sin).sum().backward())
+
+
+def allreduce_busbw_gbps(mib: int = 512) -> float | None:
+    if not dist.is_initialized() or dist.get_world_size() < 2:
+        return None
+    n = dist.get_world_size()
+    buf = torch.empty(mib << 20, dtype=torch.uint8, device="cuda")
+    seconds = mean_time(lambda: dist.all_reduce(buf))
+    return 2 * (n - 1) / n * buf.numel() / seconds / 1e9
+
+
+def main() -> None:
+    if "RANK" in os.environ:
+        dist.init_process_group("nccl")
+        torch.cuda.set_device(int(os.environ["LOCAL_RANK"]))
+    row = {"gemm_tflops": round(gemm_ceiling(torch.device("cuda"))), "attention_tflops": round(attention_tflops()),
+           "hbm_gbps": round(hbm_gbps()), "block_overhead_ms": round(block_overhead_ms(), 3),
+           "node_link_gbps": allreduce_busbw_gbps(),
+           "memory_gib": round(torch.cuda.get_device_properties(0).total_memory / 2**30, 1),
+           "source": f"bench.calibrate on {torch.cuda.get_device_name()}, "
+                     f"{datetime.date.today()}"}
+    if not dist.is_initialized() or dist.get_rank() == 0:
+        print(json.dumps(row), flush=True)
+
+
+if __name__ == "__main__":
+    main()
