@@ -57,7 +57,8 @@ def main() -> None:
     torch.manual_seed(0)
     base = LlamaModel(BASE)
     base.init_weights(seed=0)
-    ids = torch.randint(0, BASE.vocab_size, (LONG,), generator=torch.Generator().manual_seed(1))
+    # LONG − 1 prompt tokens: vLLM counts the one requested output token within max_model_len
+    ids = torch.randint(0, BASE.vocab_size, (LONG - 1,), generator=torch.Generator().manual_seed(1))
     plain = LlamaModel(BASE.model_copy(update={"max_position_embeddings": LONG}))
     plain.load_state_dict(base.state_dict())
     plain_lp = our_logprobs(plain.cuda().eval(), ids)

@@ -61,7 +61,8 @@ def estimate(cfg: ModelConfig, spec, world_size: int, gpu: Gpu, gpus_per_node: i
                          micro_batch=spec.micro_batch_size, recompute=spec.recompute,
                          precision=spec.precision, fsdp=fsdp, schedule=spec.pipeline_schedule,
                          virtual=spec.virtual_stages, gpus_per_node=gpus_per_node,
-                         params_per_gpu=params, **_elementwise(cfg, spec, layout))
+                         params_per_gpu=params, compiled=spec.compile,
+                         **_elementwise(cfg, spec, layout))
     fields = {k: getattr(spec, k) for k in LAYOUT_FIELDS}
     return Estimate(layout, fields, memory, timing,
                     spec.global_batch_size * spec.data.seq_length,

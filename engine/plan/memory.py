@@ -33,6 +33,7 @@ class Memory:
     activations: int
     pipeline: int
     buffers: int
+    accumulating: bool  # gradients exist while a forward runs (several micro-batches a step)
 
     @property
     def held(self) -> int:
@@ -42,10 +43,16 @@ class Memory:
 
     @property
     def total(self) -> int:
-        return self.held + self.activations + self.pipeline + self.buffers
+        """The peak: at the start of the step's last backward, when the activations are all
+        there and the gradients (with one micro-batch a step) not yet — the backward frees the
+        one as it makes the other; or between steps."""
+        grads = 0 if self.accumulating else self.gradients
+        return max(self.held, self.held - grads + self.activations + self.pipeline + self.buffers)
 
     def as_dict(self) -> dict[str, int]:
-        return {**asdict(self), "total": self.total}
+        out = asdict(self)
+        out.pop("accumulating")
+        return {**out, "total": self.total}
 
 
 def held_bytes(held: list[Held], precision: str, tp_gradients: bool,
@@ -171,7 +178,8 @@ def rank_memory(cfg: ModelConfig, spec, layout: Layout, pp_rank: int) -> Memory:
         buffers += static["gradients"] or static["parameters"]
     if static["gradient_sums"]:
         buffers += static["parameters"]
-    return Memory(activations=activations, pipeline=pipeline, buffers=buffers, **static)
+    return Memory(activations=activations, pipeline=pipeline, buffers=buffers,
+                  accumulating=micro > 1, **static)
 
 
 def in_flight(spec, layout: Layout, pp_rank: int, micro: int) -> float:

@@ -17,6 +17,10 @@ from engine.train.flops import flops_per_token, matmul_params
 
 GPUS_FILE = Path(__file__).with_name("gpus.json")
 ZERO_BUBBLE = ("interleaved-zb", "zbv", "dualpipev")
+# eager PyTorch runs the elementwise work as many small kernels, each reading and writing whole
+# tensors: ~6× the traffic of the fused kernels of compile (fitted on six eager runs of the 1.1B
+# and 3B shapes on an H100, docs/planner.md)
+EAGER_TRAFFIC = 6.0
 
 
 @dataclass(frozen=True)
@@ -54,9 +58,12 @@ class Timing:
 def step_timing(cfg: ModelConfig, layout: Layout, gpu: Gpu, *, seq: int, global_batch: int,
                 micro_batch: int, recompute: str, precision: str, fsdp: bool, schedule: str,
                 virtual: int, gpus_per_node: int, params_per_gpu: int,
-                elementwise_bytes: float, blocks: int) -> Timing:
-    """`elementwise_bytes`: memory traffic of the non-matmul work of this GPU's step;
-    `blocks`: block forward-backwards it runs a step (its layers × micro-batches)."""
+                elementwise_bytes: float, blocks: int, compiled: bool) -> Timing:
+    """`elementwise_bytes`: memory traffic of the non-matmul work of this GPU's step, as fused
+    kernels would move it (`compiled`; eager moves EAGER_TRAFFIC times as much); `blocks`: block
+    forward-backwards it runs a step (its layers × micro-batches)."""
+    if not compiled:
+        elementwise_bytes *= EAGER_TRAFFIC
     tokens = global_batch * seq
     per_gpu = tokens * flops_per_token(cfg, seq) / layout.world_size
     attention_share = 6 * cfg.num_layers * cfg.num_heads * cfg.head_dim * seq  # causal half
