@@ -132,6 +132,12 @@ def test_plan_command_ranks_layouts_and_keeps_the_fixed_fields(tmp_path):
     assert rows and all(r["recompute"] == "full" for r in rows)
     assert rows == sorted(rows, key=lambda r: (not r["fits"], -r["tokens_per_s"]))
     assert {r["tensor_parallel"] for r in rows} <= {1, 2, 4} and rows[0]["days"] > 0
+    too_long = subprocess.run([sys.executable, "-m", "engine", "plan", "--load",
+                               str(shared("tiny-llama", "hf"))], cwd=REPO, capture_output=True,
+                              text=True, timeout=120)
+    assert too_long.returncode != 0
+    assert ("no layout of this training on 8 GPUs is valid: <training spec>: data.seq_length "
+            "(2048) is above model.max_position_embeddings (512)") in too_long.stderr
 
 
 def test_plan_flow_publishes_the_plan_and_recommends_layouts(home):

@@ -7,9 +7,12 @@ import itertools
 
 from pydantic import ValidationError
 
+from engine.errors import SpecError
+
 from engine.model.config import ModelConfig
 from engine.plan.estimate import LAYOUT_FIELDS, Estimate, estimate
 from engine.plan.timing import Gpu
+from engine.spec import format_validation_error
 
 POWERS = (1, 2, 4, 8, 16, 32, 64)
 
@@ -18,17 +21,20 @@ def candidates(base: dict, cfg: ModelConfig, world_size: int, gpus_per_node: int
                spec_type: type, fixed: dict) -> list:
     """Training specs that differ from `base` (a TrainSpec's fields) in their layout fields:
     TP within a node, PP (1F1B, and interleaved over 2 stages a rank), context parallel for
-    long sequences, DDP or FSDP, micro-batches and recompute; `fixed` fields stay as given.
+    long sequences, DDP, FSDP or (over several nodes) HSDP with a replica a node, micro-batches
+    and recompute; `fixed` fields stay as given.
     Specs the engine would refuse (a model that does not divide, a batch that does not split)
-    are left out."""
+    are left out; SpecError with the first one's reason when none is left."""
     seq, batch = base["data"]["seq_length"], base["global_batch_size"]
     tps = [t for t in POWERS if t <= gpus_per_node and world_size % t == 0]
     pps = [p for p in POWERS if p <= cfg.num_layers]
     cps = [c for c in POWERS if c == 1 or seq // c >= 4096]
-    grid = itertools.product(tps, pps, ("1f1b", "interleaved-1f1b"), cps, ("ddp", "fsdp"),
+    nodes = max(1, world_size // gpus_per_node)
+    data_parallel = [("ddp", 1), ("fsdp", 1)] + ([("fsdp", nodes)] if nodes > 1 else [])
+    grid = itertools.product(tps, pps, ("1f1b", "interleaved-1f1b"), cps, data_parallel,
                              POWERS[:5], ("none", "selective", "full"))
-    specs = []
-    for tp, pp, schedule, cp, dp, mb, recompute in grid:
+    specs, refused = [], None
+    for tp, pp, schedule, cp, (dp, replicate), mb, recompute in grid:
         if (pp == 1 and schedule != "1f1b") or world_size % (tp * pp * cp) or (cp > 1 and pp > 1):
             continue
         if batch % (mb * world_size // (tp * pp * cp)):
@@ -37,13 +43,18 @@ def candidates(base: dict, cfg: ModelConfig, world_size: int, gpus_per_node: int
             continue
         fields = {"tensor_parallel": tp, "pipeline_parallel": pp, "pipeline_schedule": schedule,
                   "virtual_stages": 2 if schedule.startswith("interleaved") else 1,
-                  "context_parallel": cp, "data_parallel": dp, "data_parallel_replicate": 1,
+                  "context_parallel": cp, "data_parallel": dp,
+                  "data_parallel_replicate": replicate,
                   "micro_batch_size": mb, "recompute": recompute, "pipeline_layers": None}
         fields.update(fixed)
         try:
             specs.append(spec_type.model_validate({**base, **fields}))
-        except (ValidationError, ValueError):
-            continue
+        except (ValidationError, ValueError) as exc:
+            refused = refused or exc
+    if not specs:
+        reason = format_validation_error(refused, "<training spec>") \
+            if isinstance(refused, ValidationError) else str(refused)
+        raise SpecError(f"no layout of this training on {world_size} GPUs is valid: {reason}")
     return specs
 
 

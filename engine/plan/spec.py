@@ -25,6 +25,9 @@ class Spec(StageSpec):
     precision: Literal["bf16", "bf16-master", "fp16", "fp32"] | None = Field(
         None, description="None: the engine's default for each layout (bf16-master under "
         "DDP with a whole model per GPU, bf16 otherwise)")
+    compile: bool = Field(False, description="the training compiles its blocks (fused "
+                          "elementwise kernels: less memory traffic; activations are predicted "
+                          "as eager's)")
     gpu: str = Field("H100", description="a row of engine/plan/gpus.json (memory and rates)")
     gpus_per_node: int = Field(8, ge=1)
     nodes: int = Field(1, ge=1)
@@ -55,4 +58,4 @@ class Spec(StageSpec):
         return {"model": model.model_dump(mode="json"),
                 "data": {"blend": ["planned"], "seq_length": self.seq_length},
                 "checkpoint": {"save": "planned"}, "iters": 1,
-                "global_batch_size": self.global_batch_size}
+                "global_batch_size": self.global_batch_size, "compile": self.compile}

@@ -97,21 +97,33 @@ def step_timing(cfg: ModelConfig, layout: Layout, gpu: Gpu, *, seq: int, global_
         cp_bytes = 2 * 2 * (layout.cp - 1) * local_tokens * kv * c * cfg.num_layers \
             / layout.pp * micro
     tp_comm = (tp_bytes + cp_bytes) / inner
-    grad_bytes = params_per_gpu * (4 if fsdp or precision != "bf16-master" else 2)
-    dp_bytes = 0
-    if layout.dp_cp > 1:
-        n = layout.dp_shard * layout.cp if fsdp else layout.dp_cp
-        share = (n - 1) / n
-        # FSDP: gather the weights forward and backward (compute dtype), reduce-scatter the fp32
-        # gradients; DDP: one all-reduce of the gradients (twice a reduce-scatter's bytes)
-        dp_bytes = share * (2 * params_per_gpu * n * c + grad_bytes * n) if fsdp \
-            else 2 * share * grad_bytes
-    spans_nodes = layout.world_size // layout.pp > gpus_per_node
-    dp_link = (gpu.network_gbps if spans_nodes else gpu.node_link_gbps) * 1e9
-    dp_comm = dp_bytes / dp_link
+    dp_bytes, dp_comm = _data_parallel(layout, gpu, fsdp, precision, params_per_gpu,
+                                       gpus_per_node)
     exposed = max(0.0, dp_comm - compute * 2 / 3)  # overlapped with the backward
     # AdamW reads and writes weights, gradients, two moments (and masters): ~ 40 bytes each
     optimizer = params_per_gpu * 40 / (gpu.hbm_gbps * 1e9)
     step = compute + bubble + tp_comm + exposed + optimizer
     return Timing(compute, bubble, tp_comm, dp_comm, exposed, optimizer, step,
                   int(tp_bytes + cp_bytes + dp_bytes), per_gpu / step / (gpu.peak_tflops * 1e12))
+
+
+def _data_parallel(layout: Layout, gpu: Gpu, fsdp: bool, precision: str, params: int,
+                   gpus_per_node: int) -> tuple[float, float]:
+    """Bytes a GPU sends for data parallelism in a step, and their seconds. FSDP: the weights
+    gathered forward and backward (compute dtype) and the fp32 gradients reduce-scattered over
+    the shard group; under HSDP the shards' gradients all-reduced over the replicas besides.
+    DDP: one all-reduce of the gradients (twice a reduce-scatter's bytes). A group whose ranks
+    (with their TP neighbours) fill more than a node crosses the network."""
+    c = 4 if precision == "fp32" else 2
+    link = {False: gpu.node_link_gbps * 1e9, True: gpu.network_gbps * 1e9}
+    if not fsdp:
+        n = layout.dp_cp
+        grads = params * (2 if precision == "bf16-master" else 4)
+        sent = 2 * (n - 1) / n * grads if n > 1 else 0.0
+        return sent, sent / link[n * layout.tp > gpus_per_node]
+    n, r = layout.dp_shard * layout.cp, layout.dp_replicate
+    sharded = (n - 1) / n * (2 * params * n * c + 4 * params * n) if n > 1 else 0.0
+    replicated = 2 * (r - 1) / r * 4 * params if r > 1 else 0.0
+    seconds = sharded / link[n * layout.tp > gpus_per_node] + replicated / link[
+        n * r * layout.tp > gpus_per_node]
+    return sharded + replicated, seconds
