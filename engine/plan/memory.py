@@ -161,7 +161,8 @@ def rank_memory(cfg: ModelConfig, spec, layout: Layout, pp_rank: int) -> Memory:
     first, last = "embed.weight" in names, "norm.weight" in names
     one = layer_activations(s, tokens, spec.recompute, spec.precision, layout.cp)
     activations = layers * one + edge_activations(s, tokens, first, last)
-    pipeline = int(activations * (in_flight(spec, layout, pp_rank, micro) - 1))
+    head_gradient = s.vocab * s.h * s.p if last else 0  # one for every micro-batch
+    pipeline = int((activations - head_gradient) * (in_flight(spec, layout, pp_rank, micro) - 1))
     # transient: a block recomputed whole in its backward; the loss's chunk of logits and its
     # gradient; FSDP's gathered block (and the next, prefetched) and its gradients before the
     # reduce-scatter; DDP's buckets (a second copy of the gradients); bf16-master's gradients
