@@ -18,13 +18,13 @@ from cluster.profiles import load_profile
 from cluster.resources import Resources
 from engine.errors import SpecError
 from engine.plan.check import gpu_named, spec_model
-from engine.plan.command import plan, title
+from engine.plan.command import plan, report, title
 from engine.plan.estimate import LAYOUT_FIELDS, estimate
 from engine.plan.memory import GIB, rank_memory
-from engine.plan.report import markdown, record
-from engine.plan.search import candidates, ranked
+from engine.plan.report import record
+from engine.plan.search import alternatives
 from engine.plan.spec import Spec
-from engine.registry import get_stage
+from engine.train.spec import TrainSpec
 from tasks.models import resolve_model
 from tasks.options import validate_spec
 from tasks.tracking import client
@@ -37,8 +37,7 @@ async def publish_plan(spec: Spec, parent: str | None) -> dict[str, Any]:
     if spec.load:
         spec = spec.model_copy(update={"load": resolve_model(spec.load)})
     model, estimates = await asyncio.to_thread(plan, spec)
-    usable = estimates[0].usable_gib if estimates else gpu_named(spec.gpu).memory_gib
-    table = markdown(title(spec, model), estimates, spec.rows, spec.tokens, spec.gpu, usable)
+    table = report(spec, model, estimates)
     await acreate_markdown_artifact(markdown=table, key="plan",
                                     description=title(spec, model))
     best = next((record(e, spec.tokens) for e in estimates if e.fits), None)
@@ -65,9 +64,8 @@ def recommended_layout(stage: str, spec: dict[str, Any], resources: Resources | 
                        profile: str | None) -> dict[str, Any]:
     """`spec` with the layout fields of the planner's fastest layout that fits the GPUs of the
     profile's resources (`gpu` must be named); other stages unchanged."""
-    model = get_stage(stage).spec
     checked = validate_spec(stage, spec)
-    if not hasattr(checked, "micro_batches"):  # not a training stage
+    if not isinstance(checked, TrainSpec):
         return spec
     res = load_profile(profile).resources.override(resources)
     if not res.gpu:
@@ -77,11 +75,9 @@ def recommended_layout(stage: str, spec: dict[str, Any], resources: Resources | 
     if cfg is None:
         raise SpecError(f"{stage}: layout 'recommend' needs the model's architecture (model, or "
                         f"a readable checkpoint in load)")
-    base = {k: v for k, v in checked.model_dump(mode="json").items() if k != "precision"}
     given = {"precision": spec["precision"]} if "precision" in spec else {}
-    estimates = ranked(cfg, candidates({**base, "model": cfg.model_dump(mode="json")}, cfg,
-                                       res.world_size, res.ranks_per_node, model, given),
-                       res.world_size, gpu_named(res.gpu), res.ranks_per_node)
+    estimates = alternatives(checked, cfg, res.world_size, gpu_named(res.gpu),
+                             res.ranks_per_node, given)
     best = next((e for e in estimates if e.fits), None)
     if best is None:
         raise SpecError(f"{stage}: no layout on {res.world_size} × {res.gpu} fits")
@@ -93,7 +89,7 @@ def log_prediction(run_id: str, spec, resources: Resources) -> None:
     measures (`held_bytes.*` of rank 0, `peak_memory_gib`, `tokens_per_s`): `plan.<category>`
     for rank 0 in bytes, `plan.peak_gib` of the most loaded GPU, `plan.tokens_per_s`. Only when
     the resources name the GPU model."""
-    cfg = spec_model(spec) if resources.gpu and hasattr(spec, "micro_batches") else None
+    cfg = spec_model(spec) if resources.gpu and isinstance(spec, TrainSpec) else None
     if cfg is None:
         return
     found = estimate(cfg, spec, resources.world_size, gpu_named(resources.gpu),

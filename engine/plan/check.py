@@ -9,7 +9,7 @@ from engine.model.config import ModelConfig
 from engine.plan.estimate import Estimate, estimate
 from engine.plan.memory import GIB
 from engine.plan.report import gib
-from engine.plan.search import candidates, ranked
+from engine.plan.search import alternatives
 from engine.plan.timing import Gpu, gpus
 from engine.reshard.spec import model_config_of
 from engine.train.spec import default_precision
@@ -40,13 +40,10 @@ def check_fits(spec, world_size: int, gpu_name: str, gpus_per_node: int) -> Esti
         return found
     m = found.memory
     parts = ", ".join(f"{k} {gib(v)}" for k, v in m.as_dict().items() if v and k != "total")
-    base = {**spec.model_dump(mode="json"), "model": cfg.model_dump(mode="json")}
     # a precision the layout chose by default follows the layout; one named stays
-    fixed = {"precision": base.pop("precision")}
-    if fixed["precision"] == default_precision(base):
-        fixed = {}
-    others = ranked(cfg, candidates(base, cfg, world_size, gpus_per_node, type(spec), fixed),
-                    world_size, gpu, gpus_per_node)
+    defaulted = spec.precision == default_precision(spec.model_dump(mode="json"))
+    fixed = {} if defaulted else {"precision": spec.precision}
+    others = alternatives(spec, cfg, world_size, gpu, gpus_per_node, fixed)
     fitting = [e for e in others if e.fits][:3]
     hint = ("; layouts that fit, fastest first: " + "; ".join(
         f"{e.describe()} ({gib(e.memory.total)} GiB, {e.tokens_per_s:,.0f} tokens/s)"

@@ -8,7 +8,7 @@ from engine.atomic import atomic_write_text
 from engine.errors import InputError
 from engine.model.config import ModelConfig
 from engine.plan.check import gpu_named
-from engine.plan.estimate import Estimate
+from engine.plan.estimate import HEADROOM_GIB, Estimate
 from engine.plan.report import markdown, record
 from engine.plan.search import candidates, ranked
 from engine.plan.spec import Spec
@@ -34,12 +34,15 @@ def title(spec: Spec, model: ModelConfig) -> str:
             f"{spec.gpus_per_node} {spec.gpu}")
 
 
+def report(spec: Spec, model: ModelConfig, estimates: list[Estimate]) -> str:
+    """The plan's Markdown table, the recommendation first."""
+    usable = gpu_named(spec.gpu).memory_gib - HEADROOM_GIB
+    return markdown(title(spec, model), estimates, spec.rows, spec.tokens, spec.gpu, usable)
+
+
 def run(spec: Spec) -> None:
     model, estimates = plan(spec)
-    gpu = gpu_named(spec.gpu)
-    usable = estimates[0].usable_gib if estimates else gpu.memory_gib
-    print(markdown(title(spec, model), estimates, spec.rows, spec.tokens, spec.gpu, usable),
-          end="")
+    print(report(spec, model, estimates), end="")
     if spec.output:
         atomic_write_text(spec.output, json.dumps([record(e, spec.tokens) for e in estimates],
                                                   indent=1) + "\n")

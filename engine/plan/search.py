@@ -71,3 +71,13 @@ def ranked(cfg: ModelConfig, specs: list, world_size: int, gpu: Gpu,
         except ValueError:  # a layout the world size does not divide into
             continue
     return sorted(out, key=lambda e: (not e.fits, -round(e.tokens_per_s), e.memory.total))
+
+
+def alternatives(spec, cfg: ModelConfig, world_size: int, gpu: Gpu, gpus_per_node: int,
+                 fixed: dict) -> list[Estimate]:
+    """The training of `spec` (a TrainSpec) in each candidate layout on these GPUs, ranked;
+    `fixed`: fields held (the precision, when it was chosen rather than defaulted)."""
+    base = {k: v for k, v in spec.model_dump(mode="json").items() if k != "precision"}
+    base["model"] = cfg.model_dump(mode="json")
+    return ranked(cfg, candidates(base, cfg, world_size, gpus_per_node, type(spec), fixed),
+                  world_size, gpu, gpus_per_node)
