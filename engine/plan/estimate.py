@@ -6,8 +6,8 @@ from dataclasses import dataclass
 
 from engine.model.config import ModelConfig
 from engine.parallel.layout import Layout
-from engine.plan.memory import GIB, Memory, layer_activations, rank_memory, shape
-from engine.plan.shards import rank_params
+from engine.plan.memory import (GIB, Memory, layer_activations, rank_memory, shape, sharded,
+                                spec_params)
 from engine.plan.timing import Gpu, Timing, step_timing
 
 HEADROOM_GIB = 2.0  # CUDA context, NCCL buffers, the allocator's fragmentation
@@ -50,12 +50,11 @@ class Estimate:
 def estimate(cfg: ModelConfig, spec, world_size: int, gpu: Gpu, gpus_per_node: int) -> Estimate:
     """`spec`: a TrainSpec (its layout fields, precision, batch and sequence)."""
     layout = spec.layout(world_size)
-    per_rank = [rank_memory(cfg, spec, layout, r) for r in range(layout.pp)]
-    memory = max(per_rank, key=lambda m: m.total)
-    fsdp = spec.data_parallel == "fsdp" and layout.dp_shard * layout.cp > 1
-    params = max(sum(h.numel for h in rank_params(
-        cfg, layout, fsdp, r, spec.pipeline_schedule, spec.virtual_stages,
-        spec.pipeline_layers)) for r in range(layout.pp))
+    held = [spec_params(cfg, spec, layout, r) for r in range(layout.pp)]
+    memory = max((rank_memory(cfg, spec, layout, r, h) for r, h in enumerate(held)),
+                 key=lambda m: m.total)
+    params = max(sum(h.numel for h in rank) for rank in held)
+    fsdp = sharded(spec, layout)
     timing = step_timing(cfg, layout, gpu, seq=spec.data.seq_length,
                          global_batch=spec.global_batch_size,
                          micro_batch=spec.micro_batch_size, recompute=spec.recompute,

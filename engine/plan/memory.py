@@ -146,12 +146,24 @@ def edge_activations(s: Shape, tokens: int, first: bool, last: bool) -> int:
     return out
 
 
-def rank_memory(cfg: ModelConfig, spec, layout: Layout, pp_rank: int) -> Memory:
+def sharded(spec, layout: Layout) -> bool:
+    """Whether FSDP shards the parameters (more than one rank to shard them over)."""
+    return spec.data_parallel == "fsdp" and layout.dp_shard * layout.cp > 1
+
+
+def spec_params(cfg: ModelConfig, spec, layout: Layout, pp_rank: int) -> list[Held]:
+    """What pipeline rank `pp_rank` holds under training spec `spec` (a TrainSpec)."""
+    return rank_params(cfg, layout, sharded(spec, layout), pp_rank, spec.pipeline_schedule,
+                       spec.virtual_stages, spec.pipeline_layers)
+
+
+def rank_memory(cfg: ModelConfig, spec, layout: Layout, pp_rank: int,
+                held: list[Held] | None = None) -> Memory:
     """The memory of the most loaded GPU of pipeline rank `pp_rank` under training spec `spec`
-    (a TrainSpec: precision, data_parallel, micro_batch_size, recompute, pipeline fields)."""
-    fsdp = spec.data_parallel == "fsdp" and layout.dp_shard * layout.cp > 1
-    held = rank_params(cfg, layout, fsdp, pp_rank, spec.pipeline_schedule, spec.virtual_stages,
-                       spec.pipeline_layers)
+    (a TrainSpec: precision, data_parallel, micro_batch_size, recompute, pipeline fields);
+    `held`: its parameters, when already known (spec_params)."""
+    fsdp = sharded(spec, layout)
+    held = held if held is not None else spec_params(cfg, spec, layout, pp_rank)
     micro = spec.micro_batches(layout)
     static = held_bytes(held, spec.precision, layout.tp > 1 and not fsdp, micro)
     s = shape(cfg, spec.precision, layout.tp, spec.sequence_parallel)
