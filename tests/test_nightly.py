@@ -22,8 +22,6 @@ from pathlib import Path
 
 import pytest
 from prefect import get_client
-from prefect.client.schemas.filters import (ArtifactFilter, ArtifactFilterFlowRunId,
-                                            ArtifactFilterKey)
 
 from conftest import REPO, shared
 from engine.checkpoint.latest import LATEST
@@ -31,6 +29,7 @@ from engine.errors import InputError
 from engine.manifest import read_manifest
 from flows.nightly_distill import nightly_distill
 from servers import PREFECT, cli, kill_worker, until
+from test_flows import flow_run_summary
 from tasks import tracking
 from tasks.champion import history, history_chart
 from tasks.models import NotRegistered
@@ -126,11 +125,9 @@ def _flow_run(run_id: str) -> tuple[str, dict[str, str]]:
     """The flow run's state, and how its summary says each step came (built or cached)."""
     with get_client(sync_client=True) as client:
         state = client.read_flow_run(run_id).state.type.value
-        (summary,) = client.read_artifacts(artifact_filter=ArtifactFilter(
-            key=ArtifactFilterKey(any_=["nightly-distill-summary"]),
-            flow_run_id=ArtifactFilterFlowRunId(any_=[run_id]))) or [None]
+    _, summaries = flow_run_summary(run_id, "nightly-distill-summary")
     rows = re.findall(r"^\| ([^|]+) \| [^|]+ \| [^|]+ \| \[?(built|cached)",
-                      summary.data if summary else "", re.M)
+                      summaries[0].data if summaries else "", re.M)
     return state, {step.strip(): how for step, how in rows}
 
 

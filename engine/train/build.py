@@ -22,6 +22,7 @@ from engine.parallel.pipeline import (LocalStages, build_schedule, fused_loss_fn
                                       pipeline_stages, stage_modules)
 from engine.parallel.recompute import apply_recompute
 from engine.parallel.tensor_parallel import apply_tensor_parallel
+from engine.train.held import storage_bytes
 from engine.train.master_adamw import MasterAdamW, norm_gains
 from engine.train.spec import TrainSpec
 
@@ -110,13 +111,9 @@ def _pipeline(parts: dict[int, LlamaModel], spec: TrainSpec, mesh: Mesh,
 def _log_size(parts, parameters: int, device: torch.device) -> None:
     """What this rank allocated for parameters: its shards of its stages (the storage of each
     local tensor, so padding and anything materialised whole count)."""
-    storages = {}
-    for part in parts:
-        for p in part.parameters():
-            storage = local_shard(p.data).untyped_storage()
-            storages[storage.data_ptr()] = storage.nbytes()
+    held = storage_bytes(local_shard(p.data) for part in parts for p in part.parameters())
     log.info("this rank holds %d parameter bytes of the model's %d (%d parameters, fp32)",
-             sum(storages.values()), 4 * parameters, parameters)
+             held, 4 * parameters, parameters)
     if device.type == "cuda":
         log.info("model materialised: %.2f GiB on this rank",
                  torch.cuda.memory_allocated(device) / 2**30)

@@ -18,15 +18,16 @@ def held_bytes(model: nn.Module, optimizer: torch.optim.Optimizer) -> dict[str, 
              if isinstance(t, torch.Tensor)]
     sums = getattr(optimizer, "_flat_sum", None)  # its fp32 gradient sums
     return {
-        "parameters": _bytes(local_shard(p.data) for p in params),
-        "gradients": _bytes(local_shard(p.grad) for p in params if p.grad is not None),
-        "masters": _bytes(w for p, w in masters.items() if w is not p),
-        "optimizer": _bytes(local_shard(t) for t in state),
-        "gradient_sums": _bytes([sums] if sums is not None else []),
+        "parameters": storage_bytes(local_shard(p.data) for p in params),
+        "gradients": storage_bytes(local_shard(p.grad) for p in params if p.grad is not None),
+        "masters": storage_bytes(w for p, w in masters.items() if w is not p),
+        "optimizer": storage_bytes(local_shard(t) for t in state),
+        "gradient_sums": storage_bytes([sums] if sums is not None else []),
     }
 
 
-def _bytes(tensors) -> int:
+def storage_bytes(tensors) -> int:
+    """Bytes of the storages behind `tensors`, each counted once."""
     storages = {}
     for t in tensors:
         storage = t.untyped_storage()
