@@ -8,6 +8,7 @@ from __future__ import annotations
 import importlib.machinery
 import json
 import os
+import shutil
 import signal
 import sys
 import time
@@ -299,6 +300,20 @@ def test_vllm_backend_calls_the_offline_api(fake_vllm, monkeypatch):
     assert sampling[0].kw["seed"] == 5 and sampling[0].kw["logprobs"] == 0
     assert sampling[0].kw["temperature"] == 0.7 and sampling[0].kw["max_tokens"] == 4096
     assert out == [[Completion([7, 8], " and then", "length", None, [-0.5, -0.25], 3)]]
+
+
+def test_vllm_backend_refuses_dynamic_ntk(fake_vllm, corpus, tmp_path):
+    """vLLM reads positions past max_position_embeddings outside its rotary cache for a dynamic
+    NTK export (NaN on the GPU, docs/benchmarks.md): the stage says so before vLLM starts."""
+    teacher = tmp_path / "teacher"
+    shutil.copytree(shared("tiny-llama", "hf"), teacher)
+    config = json.loads((teacher / "config.json").read_text())
+    config["rope_scaling"] = {"type": "dynamic", "factor": 2.0}
+    (teacher / "config.json").write_text(json.dumps(config))
+    spec = _spec(corpus, tmp_path / "out", backend="vllm", teacher=str(teacher))
+    with pytest.raises(InputError, match="rope_scaling type dynamic: vLLM does not run"):
+        run(spec)
+    assert "llm" not in fake_vllm
 
 
 def test_vllm_stage_end_to_end_never_loads_the_weights(fake_vllm, corpus, monkeypatch, tmp_path):

@@ -17,7 +17,7 @@ from engine.errors import InputError
 from engine.evaluate.source import Source
 from engine.formats import model_format
 from engine.generate.params import Completion, SamplingParams
-from engine.model.config import ModelConfig
+from engine.model.config import DynamicScaling, ModelConfig
 from engine.synthesize.spec import Spec
 
 _DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
@@ -60,15 +60,24 @@ class EngineBackend:
 
 
 def hf_config(teacher: str) -> ModelConfig:
-    """An HF teacher's config alone (the vllm backend never loads the weights here)."""
+    """An HF teacher's config alone (the vllm backend never loads the weights here), refused
+    where vLLM would not compute what the model computes."""
     path = Path(teacher)
     if model_format(path) != "hf":
         raise InputError(f"{teacher}: the vllm backend loads HF model folders; convert the "
                          f"native checkpoint first (stage convert), or use backend engine")
     try:
-        return ModelConfig.from_hf(read_config(path))
+        cfg = ModelConfig.from_hf(read_config(path))
     except ValueError as exc:  # InputError included
         raise InputError(f"{path / 'config.json'}: {exc}") from None
+    if isinstance(cfg.rope_scaling, DynamicScaling):
+        # vLLM's rotary cache has max_position_embeddings rows while it admits that length ×
+        # the factor: later positions read past the cache (NaN), and its base is plain RoPE's
+        raise InputError(f"{path / 'config.json'}: rope_scaling type dynamic: vLLM does not "
+                         f"run dynamic NTK as transformers defines it (positions past "
+                         f"max_position_embeddings {cfg.max_position_embeddings} give NaN); use "
+                         f"backend engine, or extend with yarn, linear or llama3")
+    return cfg
 
 
 class VllmBackend:
