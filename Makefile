@@ -16,7 +16,7 @@ $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(VENV)/bin/pip install -q uv
 	$(VENV)/bin/uv pip install --python $(PY) -q "$(TORCH)"
-	$(VENV)/bin/uv pip install --python $(PY) -q -e ".[dev]" "$(TORCH)"
+	$(VENV)/bin/uv pip install --python $(PY) -q -e ".[orchestration,dev]" "$(TORCH)"
 	touch $@
 
 # The main job runs on embedded defaults: artifacts under ./lmforge-home, and the Prefect server

@@ -26,7 +26,9 @@ from __future__ import annotations
 import logging
 import os
 import signal
+import sys
 import time
+import uuid
 import zlib
 from pathlib import Path
 from typing import Any
@@ -34,6 +36,7 @@ from typing import Any
 import submitit
 
 from cluster.attempts import begin_attempt, node_name, read_attempts, record_stop, with_attempts
+from cluster.container import Container
 from cluster.engine_process import EngineProcess
 from cluster.layout import RunDir
 from cluster.liveness import LOST_AFTER_S, Heartbeat, silent_peers
@@ -81,7 +84,8 @@ def torch_environment(job: submitit.JobEnvironment) -> dict[str, str]:
 class RankLauncher(submitit.helpers.Checkpointable):
     def __init__(self, stage: str, run_dir: str, env: dict[str, str], cpus_per_task: int,
                  time_limit_s: int, signal_delay_s: int, checkpoint_dir: str | None,
-                 artifact: str | None) -> None:
+                 artifact: str | None, container: Container | None = None,
+                 gpus: bool = False) -> None:
         self.stage = stage
         self.run_dir = run_dir
         self.env = env
@@ -90,6 +94,8 @@ class RankLauncher(submitit.helpers.Checkpointable):
         self.signal_delay_s = signal_delay_s
         self.checkpoint_dir = checkpoint_dir  # a resumable stage's checkpoints (start steps)
         self.artifact = artifact              # where the manifest is rewritten with attempts
+        self.container = container            # apptainer/podman: the engine runs in the image
+        self.gpus = gpus
         self._reset()
 
     # Runtime state (the engine process, the attempt's start) never goes into the pickle that
@@ -131,7 +137,7 @@ class RankLauncher(submitit.helpers.Checkpointable):
     def _run_engine(self, job: submitit.JobEnvironment, run: RunDir, env: dict[str, str],
                     header: str, heartbeat: Heartbeat) -> Manifest | None:
         rank = job.global_rank
-        self._child = EngineProcess(self.stage, run.spec, env, run.rank_log(rank), header)
+        self._child = self._start_engine(job, run, env, header)
         try:
             code = self._child.wait(give_up=lambda: heartbeat.beat() or run.failed.exists())
         finally:  # also on KeyboardInterrupt (local cancel) and SystemExit (requeue)
@@ -157,6 +163,17 @@ class RankLauncher(submitit.helpers.Checkpointable):
         run.claim_failed({"rank": rank, "exit": how, "host": node_name(),
                           "log": str(run.rank_log(rank)), "tail": lines})
         raise RuntimeError(f"rank {rank}: the engine exited with {how}:\n" + "\n".join(lines))
+
+    def _start_engine(self, job: submitit.JobEnvironment, run: RunDir, env: dict[str, str],
+                      header: str) -> EngineProcess:
+        args = [self.stage, "--config", str(run.spec)]
+        log_path = run.rank_log(job.global_rank)
+        if self.container is None or self.container.runtime == "pyxis":
+            return EngineProcess([sys.executable, "-m", "engine", *args], env, log_path, header)
+        name = f"lmforge-{job.job_id}-{job.global_rank}-{uuid.uuid4().hex[:8]}"
+        command, env = self.container.engine_command(env, self.gpus, name)
+        return EngineProcess([*command, *args], env, log_path, f"{header}, in {name}",
+                             on_kill=lambda: self.container.kill(name))
 
     def _peers_lost(self, rank: int, run: RunDir, lost: list[dict[str, Any]], cluster: str) -> None:
         """Peers went silent: their node is lost (or their processes were killed), and this rank's

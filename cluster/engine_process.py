@@ -1,4 +1,5 @@
-"""One rank's engine as a child process: `python -m engine STAGE --config SPEC`.
+"""One rank's engine as a child process: `python -m engine STAGE --config SPEC`, or the same
+through a container runtime (cluster/container.py).
 
 A child rather than an in-process call, so that the job's Python (submitit's) stays responsive to
 signals and survives the engine crashing, and so that the engine runs exactly as on a laptop.
@@ -32,16 +33,18 @@ def _die_with_parent() -> None:
 
 
 class EngineProcess:
-    def __init__(self, stage: str, spec_path: str | Path, env: dict[str, str],
-                 log_path: str | Path, header: str) -> None:
+    def __init__(self, command: list[str], env: dict[str, str], log_path: str | Path,
+                 header: str, on_kill: Callable[[], None] = lambda: None) -> None:
+        """`command`: the engine's argv; `on_kill` also runs when it is killed (a container
+        runtime's process may outlive its client)."""
         self.returncode: int | None = None
+        self._on_kill = on_kill
         self._stdout: list[str] = []
         self._lock = threading.Lock()
         self._log = open(log_path, "a", encoding="utf-8", buffering=1)
         self._write(header + "\n", sys.stderr)
         self._proc = subprocess.Popen(
-            [sys.executable, "-m", "engine", stage, "--config", str(spec_path)], env=env,
-            stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+            command, env=env, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
             errors="replace", preexec_fn=_die_with_parent if _prctl else None)
         self._pumps = [
             threading.Thread(target=self._pump, args=(self._proc.stdout, sys.stdout, True), daemon=True),
@@ -88,6 +91,7 @@ class EngineProcess:
 
     def kill(self) -> None:
         self.send_signal(signal.SIGKILL)
+        self._on_kill()
 
     def wait(self, timeout_s: float | None = None, give_up: Callable[[], bool] = lambda: False,
              give_up_every_s: float = 2.0) -> int | None:

@@ -10,7 +10,7 @@ from typing import Any
 import submitit
 
 from cluster.layout import RunDir
-from cluster.profiles import Container, Profile
+from cluster.profiles import Profile
 from cluster.resources import Resources
 
 
@@ -43,19 +43,9 @@ def slurm_parameters(profile: Profile, resources: Resources, job_name: str) -> d
         "mem": f"{math.ceil(resources.mem_gb * 1024)}M" if resources.mem_gb else None,
         "time": resources.time_min, "signal_delay_s": profile.requeue.signal_delay_s,
         "setup": profile.setup or None,
-        "srun_args": ["--kill-on-bad-exit=1", *container_args(s.container), *s.srun_args],
+        "srun_args": ["--kill-on-bad-exit=1",
+                      *(profile.container.srun_args() if profile.container else []),
+                      *s.srun_args],
         "additional_parameters": {"requeue": True, **s.sbatch},
     }
     return {k: v for k, v in params.items() if v is not None}
-
-
-def container_args(container: Container | None) -> list[str]:
-    """pyxis's srun options: every task (the launcher and its engine) runs in the image."""
-    if container is None:
-        return []
-    args = [f"--container-image={container.image}"]
-    if container.mounts:
-        args.append("--container-mounts=" + ",".join(container.mounts))
-    if container.workdir:
-        args.append(f"--container-workdir={container.workdir}")
-    return args

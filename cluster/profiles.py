@@ -15,6 +15,7 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, ValidationError, model_validator
 
+from cluster.container import Container
 from cluster.resources import Resources
 from engine.errors import LmforgeError, SpecError
 from engine.parallel.layout import DataParallel, Recompute
@@ -34,14 +35,6 @@ class _Section(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
 
-class Container(_Section):
-    """A pyxis/enroot container for the job steps (srun --container-*)."""
-    image: str = Field(description="e.g. nvcr.io#nvidia/pytorch:25.01-py3 or a .sqsh file")
-    mounts: list[str] = Field(default_factory=list, description="SRC:DST[:FLAGS]; the run folder "
-                              "and the artifacts must be visible inside")
-    workdir: str | None = None
-
-
 class SlurmSettings(_Section):
     partition: str | None = Field(None, description="None: the cluster's default partition")
     account: str | None = None
@@ -51,7 +44,6 @@ class SlurmSettings(_Section):
     sbatch: dict[str, str | int | bool] = Field(
         default_factory=dict, description="extra #SBATCH options, e.g. {reservation: r1}")
     srun_args: list[str] = Field(default_factory=list)
-    container: Container | None = None
 
 
 class Requeue(_Section):
@@ -95,6 +87,8 @@ class Profile(_Section):
     layout: LayoutDefaults = LayoutDefaults()
     requeue: Requeue = Requeue()
     slurm: SlurmSettings | None = None
+    container: Container | None = Field(None, description="the image stages run in "
+                                        "(docs/container.md)")
 
     _source: str = PrivateAttr("<profile>")
     _lines: dict[tuple, int] = PrivateAttr(default_factory=dict)
@@ -103,6 +97,11 @@ class Profile(_Section):
     def _slurm_only_for_slurm(self) -> "Profile":
         if self.slurm is not None and self.executor != "slurm":
             raise ValueError(f"a slurm section needs executor: slurm (not {self.executor})")
+        if self.container is not None and self.executor == "inline":
+            raise ValueError("executor inline runs the stage in this Python process: no container")
+        if self.container and self.container.runtime == "pyxis" and self.executor != "slurm":
+            raise ValueError(f"container runtime pyxis is a Slurm plugin: it needs executor: slurm "
+                             f"(not {self.executor}); use apptainer or podman")
         return self
 
     @property

@@ -19,7 +19,7 @@ from cluster.inline import run_inline
 from cluster.jobs import Job
 from cluster.layout import RunDir
 from cluster.preflight import check
-from cluster.profiles import Profile, load_profile
+from cluster.profiles import Profile, ProfileError, load_profile
 from cluster.resources import Resources
 from engine.errors import Preempted, SpecError
 from engine.plan.check import check_fits
@@ -36,7 +36,12 @@ def submit(stage: str, spec: dict[str, Any] | StageSpec, resources: Resources | 
     profile's runs_dir."""
     entry = get_stage(stage)
     spec, resources, profile = prepare(stage, spec, resources, profile, preflight=True)
-    run = RunDir.create(run_dir or profile.runs_root() / RunDir.new_name(stage))
+    root = Path(run_dir or profile.runs_root() / RunDir.new_name(stage))
+    if profile.container and not profile.container.shows(root):
+        raise ProfileError(f"{profile.where('container', 'mounts')}: the job's run folder {root} "
+                           f"is not mounted in the container at its own path: add a mount "
+                           f"SRC:SRC over it to container.mounts")
+    run = RunDir.create(root)
     run.spec.write_text(dump_spec(spec) + "\n", encoding="utf-8")
     checkpoint_dir = entry.checkpoint_dir(spec)
     artifact = entry.output(spec)  # the manifest to rewrite with the attempts (docs/cluster.md)
@@ -47,7 +52,8 @@ def submit(stage: str, spec: dict[str, Any] | StageSpec, resources: Resources | 
     else:
         launcher = RankLauncher(stage, str(run.root), profile.environment(), resources.cpus_per_task,
                                 resources.time_min * 60, profile.requeue.signal_delay_s,
-                                checkpoint_dir, artifact)
+                                checkpoint_dir, artifact, profile.container,
+                                resources.gpus_per_node > 0)
         executor = make_executor(profile, resources, run, job_name=f"lmforge-{stage}")
         job = Job(run, stage, profile.executor, submitted=executor.submit(launcher))
     run.write_json(run.job, {**record, "job_id": job.id})

@@ -319,6 +319,34 @@ def slurm_cluster():
                 shutil.rmtree(_sessions(run_dir))
 
 
+@pytest.fixture(scope="session")
+def node_image() -> dict:
+    """The node image built from this checkout on the Debian base, for real
+    (docker/cpu-image.sh: ~1 min once the base exists, ~2.5 min before): its tag, size, and the
+    podman options that run it here. Without root the tests skip, except under CI."""
+    if not sys.platform.startswith("linux") or os.geteuid() != 0:
+        _unavailable("building the image needs root on Linux (debootstrap, buildah)")
+    tag = "localhost/lmforge:test"
+    proc = subprocess.run(["bash", str(REPO / "docker" / "cpu-image.sh"), tag],
+                          capture_output=True, text=True, timeout=900)
+    if proc.returncode == 3:
+        _unavailable(f"cpu-image.sh could not install its tools with apt:\n{proc.stderr[-3000:]}")
+    assert proc.returncode == 0, f"cpu-image.sh failed:\n{proc.stderr[-6000:]}"
+    _, megabytes, _ = proc.stdout.split()
+    return {"tag": tag, "megabytes": int(megabytes), "podman_options": podman_limits()}
+
+
+def podman_limits() -> list[str]:
+    """podman (as root) asks the OCI runtime for 1,048,576 open files and processes, and caps
+    its own processes at 32,768: where the caller lacks CAP_SYS_RESOURCE (this sandbox) the
+    runtime may not raise to that, so ask for what the caller has."""
+    import resource
+
+    files = resource.getrlimit(resource.RLIMIT_NOFILE)[1]
+    procs = min(resource.getrlimit(resource.RLIMIT_NPROC)[1], 32768)
+    return [f"--ulimit=nofile={files}:{files}", f"--ulimit=nproc={procs}:{procs}"]
+
+
 def _sessions(run_dir: Path) -> Path:
     """One empty file per test session using the cluster, named by its pid."""
     return run_dir / "test-sessions"

@@ -17,6 +17,7 @@ import pytest
 from conftest import TINY_MODEL
 from pydantic import ValidationError
 
+from cluster.container import Container
 from cluster.executors import slurm_parameters
 from cluster.jobs import Job, JobFailed
 from cluster.profiles import LayoutDefaults, ProfileError, load_profile
@@ -140,7 +141,7 @@ def test_gpu_profile_becomes_sbatch_and_srun_options():
         "partition": "gpu", "account": "my-project", "qos": "normal", "constraint": "h100",
         "exclusive": True, "signal_delay_s": 300, "time": 1440}
     assert params["srun_args"] == ["--kill-on-bad-exit=1",
-                                   "--container-image=nvcr.io#nvidia/pytorch:25.01-py3",
+                                   "--container-image=/shared/images/lmforge-0.1.0.sqsh",
                                    "--container-mounts=/shared:/shared",
                                    "--container-workdir=/shared/lmforge", "--cpu-bind=none"]
     assert params["additional_parameters"] == {"requeue": True, "comment": "lmforge"}
@@ -220,6 +221,36 @@ def test_slurm_two_nodes_ddp_streams_logs_and_writes_manifest(slurm_cluster, dat
     params = json.loads((save / "metrics.jsonl").read_text().splitlines()[0])
     assert params["kind"] == "params" and params["data"]["world_size"] == 2
     losses = _losses(save)  # gloo DDP across "nodes" n1 and n2 = one rank
+    assert max(abs(losses[i] - inline_losses[i]) for i in inline_losses) < 1e-6
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(600)
+def test_slurm_job_runs_its_engines_in_the_image(slurm_cluster, node_image, dataset,
+                                                 inline_losses, tmp_path_factory):
+    """A 2-node job whose profile names the built image (runtime podman): each rank's launcher
+    starts its engine in a container of the image (podman's events list one per rank), the
+    ranks meet over gloo, and the losses are the inline run's. A run folder outside the mounts
+    is refused before anything is written."""
+    shared = tmp_path_factory.getbasetemp()  # the dataset and this test's folders
+    work = tmp_path_factory.mktemp("in-image")
+    profile = load_profile("testcluster").model_copy(update={"container": Container(
+        runtime="podman", image=node_image["tag"], mounts=[f"{shared}:{shared}"],
+        options=node_image["podman_options"])})
+    with pytest.raises(ProfileError, match="run folder /elsewhere/run is not mounted"):
+        submit("pretrain", _spec(dataset, work / "x"), {"nodes": 2}, profile,
+               run_dir="/elsewhere/run")
+    since = str(int(time.time()))
+    job = submit("pretrain", _spec(dataset, work / "ckpt"), {"nodes": 2}, profile,
+                 run_dir=work / "run")
+    manifest = _wait(job, 300)
+    assert job.state == "COMPLETED" and manifest.summary["iterations"] == 20
+    names = [job.log_tail(200, rank=r)[0].rsplit(", in ", 1)[1] for r in (0, 1)]
+    assert all(n.startswith(f"lmforge-{job.id}-{r}-") for r, n in enumerate(names)), names
+    started = _sh("podman", "events", "--since", since, "--stream=false", "--filter",
+                  "event=start", "--format", "{{.Name}}").stdout.split()
+    assert set(names) <= set(started), (names, started)
+    losses = _losses(work / "ckpt")
     assert max(abs(losses[i] - inline_losses[i]) for i in inline_losses) < 1e-6
 
 
