@@ -1,5 +1,6 @@
 """Training-step throughput: the engine's model and loss vs Hugging Face transformers'
-LlamaForCausalLM, same shape, same numerics, same optimizer, in one run.
+LlamaForCausalLM and the yardstick (bench/yardstick.py: a plain PyTorch Llama), same shape, same
+numerics, same optimizer, in one run.
 
     python -m bench.train_step --shape tinyllama-1.1b --seq 4096 --micro-batch 4 \
         --attention flash_attn_4
@@ -24,6 +25,7 @@ import torch
 import torch.nn.functional as F
 from pydantic import ValidationError
 
+from bench import yardstick
 from bench.clocks import ClockSampler, ClockSummary
 from engine.model.config import ModelConfig
 from engine.model.llama import LlamaModel
@@ -94,6 +96,16 @@ def build(impl: str, cfg: ModelConfig, numerics: str, compile_mode: str, loss: s
                 return model(tokens[:, :-1], targets=tokens[:, 1:]) / n
             logits = model(tokens[:, :-1])
             return F.cross_entropy(logits.float().flatten(0, 1), tokens[:, 1:].flatten())
+    elif impl == "yardstick":
+        with torch.device("meta"):
+            model = yardstick.Llama(cfg)
+        model.load_state_dict(state, assign=True)
+        model.to(device=device, dtype=dtype)
+        if compile_mode != "off":  # the yardstick is compiled whole, as its users would
+            model.compile()
+
+        def loss_fn(tokens):
+            return yardstick.loss(model, tokens)
     else:
         from transformers import LlamaConfig, LlamaForCausalLM
 
@@ -216,12 +228,15 @@ def main() -> None:
     p.add_argument("--micro-batch", type=int, default=4)
     p.add_argument("--tokens-per-micro-batch", type=int, default=None,
                    help="instead of --micro-batch: micro-batch = this // seq, for each seq")
-    p.add_argument("--impl", nargs="+", default=["hf", "ours"], choices=["hf", "ours"])
+    p.add_argument("--impl", nargs="+", default=["hf", "yardstick", "ours"],
+                   choices=["hf", "yardstick", "ours"])
     p.add_argument("--numerics", nargs="+", default=["autocast"], choices=["autocast", "master", "bf16"])
     p.add_argument("--compile", nargs="+", default=["off"], choices=["off", "block", "model"],
                    help="torch.compile modes for ours")
     p.add_argument("--hf-compile", nargs="+", default=None, choices=["off", "block", "model"],
                    help="torch.compile modes for HF (default: those of --compile)")
+    p.add_argument("--yardstick-compile", default="model", choices=["off", "model"],
+                   help="the yardstick: whole model compiled (its definition) or eager")
     p.add_argument("--loss", default="fused", choices=["fused", "full"],
                    help="ours: chunked head + CE (the engine's default) or full fp32 logits")
     p.add_argument("--attention", nargs="+", default=["sdpa"], choices=ATTENTION,
@@ -247,6 +262,7 @@ def main() -> None:
     print("| impl | numerics | compile | attention | seq | micro-batch | tokens/s | TFLOP/s | MFU | peak mem GiB | SM MHz | W (power-capped) | loss |")
     print("|---|---|---|---|---|---|---|---|---|---|---|---|---|")
     runs = {"hf": [(c, "sdpa") for c in args.hf_compile or args.compile],
+            "yardstick": [(args.yardstick_compile, "sdpa")],
             "ours": [(c, a) for c in args.compile for a in args.attention]}
     for seq in args.seq:
         cfg = ModelConfig(**SHAPES[args.shape], max_position_embeddings=max(seq, 4096))
