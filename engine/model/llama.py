@@ -70,6 +70,9 @@ class SwiGLU(nn.Module):
         # set from outside while the weights cannot change (decoding, engine/generate/): a
         # decode step then reads the stacked weight instead of stacking it again
         self.stacked: torch.Tensor | None = None
+        # off once w_gate and w_up are float8 linears (engine/parallel/float8.py): each GEMM
+        # then goes through its module
+        self.stacked_gemm = True
 
     def stacked_weight(self) -> torch.Tensor:
         gate, up = local_shard(self.w_gate.weight), local_shard(self.w_up.weight)
@@ -79,6 +82,8 @@ class SwiGLU(nn.Module):
                             up.view(rows // block, block, hidden)), dim=1).flatten(0, 2)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not self.stacked_gemm:
+            return self.w_down(F.silu(self.w_gate(x)) * self.w_up(x))
         stacked = self.stacked if self.stacked is not None else self.stacked_weight()
         rows = stacked.shape[0] // 2
         block = math.gcd(rows, self.BLOCK)

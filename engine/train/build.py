@@ -17,6 +17,7 @@ from engine.model.config import ModelConfig
 from engine.model.llama import LlamaModel, local_shard
 from engine.parallel.context_parallel import apply_context_parallel
 from engine.parallel.data_parallel import apply_fsdp, wrap_ddp
+from engine.parallel.float8 import apply_float8
 from engine.parallel.mesh import Mesh
 from engine.parallel.pipeline import (LocalStages, build_schedule, fused_loss_fn,
                                       pipeline_stages, stage_modules)
@@ -57,7 +58,7 @@ def build(cfg: ModelConfig, spec: TrainSpec, mesh: Mesh, device: torch.device) -
     parameters = sum(p.numel() for p in model.parameters())
     parts = _parts(model, spec, mesh)
     for part in parts.values():
-        _parallelize(part, spec, mesh)
+        _parallelize(part, spec, mesh, device)
     apply_fsdp(list(parts.values()), spec.data_parallel, mesh, spec.precision)
     for part in parts.values():
         part.to_empty(device=device)
@@ -83,12 +84,14 @@ def _parts(model: LlamaModel, spec: TrainSpec, mesh: Mesh) -> dict[int, LlamaMod
                          spec.virtual_stages, spec.pipeline_layers)
 
 
-def _parallelize(part: LlamaModel, spec: TrainSpec, mesh: Mesh) -> None:
+def _parallelize(part: LlamaModel, spec: TrainSpec, mesh: Mesh, device: torch.device) -> None:
     tp_mesh = mesh.sub("tp")
     if tp_mesh is not None:
         apply_tensor_parallel(part, tp_mesh, spec.sequence_parallel)
     if mesh.groups["cp"] is not None:
         apply_context_parallel(part, mesh.groups["cp"], spec.data.seq_length)
+    if spec.float8 is not None:
+        apply_float8(part, spec.float8.recipe, spec.float8.bf16_blocks, device)
     apply_recompute(part, spec.recompute)
     if spec.compile:
         for block in part.layers.values():

@@ -90,6 +90,17 @@ class DistillSection(_Section):
                               "renormalised (sparse KD); None: the full vocabulary")
 
 
+class Float8Section(_Section):
+    """FP8 matmuls (torchao's float8 training): each block's linear layers compute in float8 with
+    dynamic scales, over whatever `precision` keeps as weights (fp32 masters either way);
+    attention, norms, the embedding and the head stay in bf16."""
+    recipe: Literal["tensorwise", "rowwise"] = Field(
+        "tensorwise", description="scaling: one scale per tensor (fastest), or per row "
+        "(more accurate; torchao's 'rowwise')")
+    bf16_blocks: int = Field(1, ge=0, description="the first and the last this many blocks "
+                             "keep bf16 matmuls (the most sensitive to rounding)")
+
+
 class TrainSpec(StageSpec):
     model: ModelConfig | None = Field(None, description="architecture (None: the loaded checkpoint's)")
     load: str | None = Field(None, description="checkpoint or iter_* folder to start from",
@@ -107,6 +118,8 @@ class TrainSpec(StageSpec):
                                    "the optimizer; bf16 (default with fsdp, tensor or pipeline "
                                    "parallel)/fp16: autocast over fp32 weights and optimizer "
                                    "state")
+    float8: Float8Section | None = Field(None, description="FP8 matmuls in the blocks "
+                                         "(torchao); None: bf16")
     seed: int = 1234
     data_parallel: DataParallel = Field("ddp", description="ddp, or fsdp (sharded, ZeRO-3 style)")
     data_parallel_replicate: int = Field(
@@ -172,6 +185,18 @@ class TrainSpec(StageSpec):
             raise ValueError("precision bf16-master is for a whole model per rank (DDP): with "
                              "tensor_parallel or pipeline_parallel use bf16 (fp32 weights, "
                              "bf16 compute)")
+        return self
+
+    @model_validator(mode="after")
+    def _float8_fields(self) -> "TrainSpec":
+        if self.float8 is None:
+            return self
+        if self.tensor_parallel > 1:
+            raise ValueError("float8 with tensor_parallel is not supported yet (its sharded "
+                             "linears need float8 parallel styles): use data_parallel fsdp")
+        if self.precision in ("fp16", "fp32"):
+            raise ValueError(f"float8 computes over bf16 (precision bf16 or bf16-master), not "
+                             f"{self.precision}")
         return self
 
     @model_validator(mode="after")
