@@ -1,6 +1,6 @@
-"""The planner's per-GPU rates, measured (engine/plan/gpus.json's fields): a large bf16 GEMM,
-the attention kernel forward and backward (causal, the 1.1B shape's heads), a copy at memory
-bandwidth, an all-reduce over the node's GPUs when there are several, and the fixed cost of a
+"""The planner's per-GPU rates, measured (engine/plan/gpus.json's fields): a large bf16 GEMM and
+its float8 twin, the attention kernel forward and backward (causal, the 1.1B shape's heads), a
+copy at memory bandwidth, an all-reduce over the node's GPUs when there are several, and the fixed cost of a
 block's forward and backward at a tiny size (kernel launches). One JSON line to paste into
 gpus.json (with `source` naming the machine and the date).
 
@@ -35,6 +35,19 @@ def attention_tflops(seq: int = 4096, heads: int = 32, dim: int = 64, batch: int
     return 3.5 * 2 * batch * heads * seq * seq * dim / mean_time(step) / 1e12
 
 
+def fp8_gemm_tflops(n: int = 8192) -> float | None:
+    """An e4m3 n³ GEMM with per-tensor scales (torch._scaled_mm, what torchao's tensorwise
+    float8 calls); None before Hopper/Ada."""
+    if torch.cuda.get_device_capability() < (8, 9):
+        return None
+    a = torch.randn(n, n, device="cuda").to(torch.float8_e4m3fn)
+    b = torch.randn(n, n, device="cuda").to(torch.float8_e4m3fn).t()  # column-major, as required
+    one = torch.ones((), device="cuda")
+    seconds = mean_time(lambda: torch._scaled_mm(a, b, scale_a=one, scale_b=one,
+                                                 out_dtype=torch.bfloat16))
+    return 2 * n**3 / seconds / 1e12
+
+
 def hbm_gbps(gib: int = 4) -> float:
     src = torch.empty(gib << 30, dtype=torch.uint8, device="cuda")
     dst = torch.empty_like(src)
@@ -64,7 +77,10 @@ def main() -> None:
     if "RANK" in os.environ:
         dist.init_process_group("nccl")
         torch.cuda.set_device(int(os.environ["LOCAL_RANK"]))
-    row = {"gemm_tflops": round(gemm_ceiling(torch.device("cuda"))), "attention_tflops": round(attention_tflops()),
+    fp8 = fp8_gemm_tflops()
+    row = {"gemm_tflops": round(gemm_ceiling(torch.device("cuda"))),
+           "fp8_gemm_tflops": round(fp8) if fp8 else None,
+           "attention_tflops": round(attention_tflops()),
            "hbm_gbps": round(hbm_gbps()), "block_overhead_ms": round(block_overhead_ms(), 3),
            "node_link_gbps": allreduce_busbw_gbps(),
            "memory_gib": round(torch.cuda.get_device_properties(0).total_memory / 2**30, 1),

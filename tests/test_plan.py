@@ -194,3 +194,31 @@ def test_a_training_run_records_the_prediction_beside_its_measure(home, tiny_dat
     for category in ("parameters", "gradients", "masters", "optimizer", "gradient_sums"):
         assert metrics[f"plan.{category}"] == metrics[f"held_bytes.{category}"], category
     assert metrics["plan.parameters"] > 0 and metrics["plan.tokens_per_s"] > 0
+
+
+def test_float8_blocks_at_the_fp8_rate_with_their_casts():
+    """float8 layers' matmuls run at the FP8 GEMM rate, their operands' casts add memory
+    traffic, TP is not among the layouts, and a GPU without float8 matmuls refuses it."""
+    from engine.plan.estimate import estimate
+    from engine.plan.timing import gpus
+
+    cfg = ModelConfig(vocab_size=128256, hidden_size=4096, intermediate_size=14336,
+                      num_layers=32, num_heads=32, num_kv_heads=8, max_position_embeddings=8192)
+    base = {"model": cfg.model_dump(), "data": {"blend": ["d"], "seq_length": 8192},
+            "checkpoint": {"save": "s"}, "iters": 1, "global_batch_size": 8,
+            "data_parallel": "fsdp", "recompute": "selective", "compile": True}
+    bf16 = estimate(cfg, PretrainSpec.model_validate(base), 8, gpus()["H200"], 8)
+    fp8 = estimate(cfg, PretrainSpec.model_validate({**base, "float8": {}}), 8,
+                   gpus()["H200"], 8)
+    assert fp8.memory == bf16.memory
+    assert fp8.timing.step_s < 0.8 * bf16.timing.step_s
+    saved = bf16.timing.compute_s - fp8.timing.compute_s  # at most half the matmuls' time
+    assert 0 < saved < bf16.timing.compute_s / 2
+    with pytest.raises(SpecError, match="A100 has no float8 matmuls"):
+        estimate(cfg, PretrainSpec.model_validate({**base, "float8": {}}), 8, gpus()["A100"], 8)
+    run = subprocess.run([sys.executable, "-m", "engine", "plan", "--load",
+                          str(shared("tiny-llama", "hf")), "--seq-length", "256", "--float8",
+                          "--global-batch-size", "32", "--gpus-per-node", "4"],
+                         cwd=REPO, capture_output=True, text=True, timeout=120)
+    assert run.returncode == 0, run.stderr
+    assert "| tp 1," in run.stdout and "| tp 2," not in run.stdout

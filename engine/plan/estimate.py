@@ -61,6 +61,7 @@ def estimate(cfg: ModelConfig, spec, world_size: int, gpu: Gpu, gpus_per_node: i
                          precision=spec.precision, fsdp=fsdp, schedule=spec.pipeline_schedule,
                          virtual=spec.virtual_stages, gpus_per_node=gpus_per_node,
                          params_per_gpu=params, compiled=spec.compile,
+                         float8_layers=float8_layers(cfg, spec),
                          **_elementwise(cfg, spec, layout))
     fields = {k: getattr(spec, k) for k in LAYOUT_FIELDS}
     return Estimate(layout, fields, memory, timing,
@@ -77,7 +78,28 @@ def _elementwise(cfg: ModelConfig, spec, layout: Layout) -> dict:
     whole = layer_activations(s, tokens, "none", spec.precision, layout.cp)
     rebuilt = whole - layer_activations(s, tokens, spec.recompute, spec.precision, layout.cp)
     blocks = cfg.num_layers // layout.pp * spec.micro_batches(layout)
-    return {"elementwise_bytes": blocks * (3 * whole + 2 * rebuilt), "blocks": blocks}
+    casts = float8_layers(cfg, spec) / cfg.num_layers * blocks * _float8_casts(cfg, tokens)
+    return {"elementwise_bytes": blocks * (3 * whole + 2 * rebuilt) + casts, "blocks": blocks}
+
+
+def float8_layers(cfg: ModelConfig, spec) -> int:
+    """The model's layers whose matmuls run in float8 (all but the first and last few)."""
+    if getattr(spec, "float8", None) is None:
+        return 0
+    return max(0, cfg.num_layers - 2 * spec.float8.bf16_blocks)
+
+
+def _float8_casts(cfg: ModelConfig, tokens: int) -> float:
+    """Bytes a float8 block moves a micro-batch to cast its linears' operands (torchao,
+    dynamic scales): each bf16 input read for its scale, read again and written in float8 (5
+    bytes an element), forward and again transposed for the weight gradient; each output
+    gradient once; each weight forward and backward."""
+    h, q = cfg.hidden_size, cfg.num_heads * cfg.head_dim
+    kv, f = cfg.num_kv_heads * cfg.head_dim, cfg.intermediate_size
+    inputs = 5 * h + q + f            # wq, wk, wv, gate, up read h; wo reads q; down reads f
+    outputs = q + 2 * kv + 2 * h + 2 * f
+    weights = h * (2 * q + 2 * kv + 3 * f)
+    return 5 * (tokens * (2 * inputs + outputs) + 2 * weights)
 
 
 LAYOUT_FIELDS = ("tensor_parallel", "sequence_parallel", "pipeline_parallel",

@@ -28,6 +28,8 @@ class Spec(StageSpec):
     compile: bool = Field(False, description="the training compiles its blocks (fused "
                           "elementwise kernels: less memory traffic; activations are predicted "
                           "as eager's)")
+    float8: bool = Field(False, description="the blocks' matmuls in float8 (the training "
+                         "spec's float8 section, first and last block in bf16; no TP)")
     gpu: str = Field("H100", description="a row of engine/plan/gpus.json (memory and rates)")
     gpus_per_node: int = Field(8, ge=1)
     nodes: int = Field(1, ge=1)
@@ -58,4 +60,5 @@ class Spec(StageSpec):
         return {"model": model.model_dump(mode="json"),
                 "data": {"blend": ["planned"], "seq_length": self.seq_length},
                 "checkpoint": {"save": "planned"}, "iters": 1,
-                "global_batch_size": self.global_batch_size, "compile": self.compile}
+                "global_batch_size": self.global_batch_size, "compile": self.compile,
+                "float8": {} if self.float8 else None}

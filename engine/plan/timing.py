@@ -11,6 +11,7 @@ import json
 from dataclasses import dataclass
 from pathlib import Path
 
+from engine.errors import SpecError
 from engine.model.config import ModelConfig
 from engine.parallel.layout import Layout
 from engine.train.flops import flops_per_token, matmul_params
@@ -29,6 +30,7 @@ class Gpu:
     memory_gib: float
     peak_tflops: float
     gemm_tflops: float
+    fp8_gemm_tflops: float | None  # None: no float8 matmuls (torchao would emulate them)
     attention_tflops: float
     hbm_gbps: float
     node_link_gbps: float   # bus bandwidth of a collective within a node
@@ -58,10 +60,12 @@ class Timing:
 def step_timing(cfg: ModelConfig, layout: Layout, gpu: Gpu, *, seq: int, global_batch: int,
                 micro_batch: int, recompute: str, precision: str, fsdp: bool, schedule: str,
                 virtual: int, gpus_per_node: int, params_per_gpu: int,
-                elementwise_bytes: float, blocks: int, compiled: bool) -> Timing:
+                elementwise_bytes: float, blocks: int, compiled: bool,
+                float8_layers: int = 0) -> Timing:
     """`elementwise_bytes`: memory traffic of the non-matmul work of this GPU's step, as fused
     kernels would move it (`compiled`; eager moves EAGER_TRAFFIC times as much); `blocks`: block
-    forward-backwards it runs a step (its layers × micro-batches)."""
+    forward-backwards it runs a step (its layers × micro-batches); `float8_layers`: the model's
+    layers whose matmuls run in float8 (at the FP8 GEMM rate)."""
     if not compiled:
         elementwise_bytes *= EAGER_TRAFFIC
     tokens = global_batch * seq
@@ -73,7 +77,8 @@ def step_timing(cfg: ModelConfig, layout: Layout, gpu: Gpu, *, seq: int, global_
         matmul += tokens * 2 * (matmul_params(cfg) - cfg.vocab_size * cfg.hidden_size) \
             / layout.world_size
         attention *= 4 / 3
-    compute = (matmul / (gpu.gemm_tflops * 1e12) + attention / (gpu.attention_tflops * 1e12)
+    compute = (_matmul_s(cfg, matmul, gpu, float8_layers)
+               + attention / (gpu.attention_tflops * 1e12)
                + elementwise_bytes / (gpu.hbm_gbps * 1e9) + blocks * gpu.block_overhead_ms / 1e3)
     micro = global_batch // (micro_batch * layout.dp)
     bubble = 0.0
@@ -105,6 +110,19 @@ def step_timing(cfg: ModelConfig, layout: Layout, gpu: Gpu, *, seq: int, global_
     step = compute + bubble + tp_comm + exposed + optimizer
     return Timing(compute, bubble, tp_comm, dp_comm, exposed, optimizer, step,
                   int(tp_bytes + cp_bytes + dp_bytes), per_gpu / step / (gpu.peak_tflops * 1e12))
+
+
+def _matmul_s(cfg: ModelConfig, flops: float, gpu: Gpu, float8_layers: int) -> float:
+    """Seconds of the matmuls: the float8 layers' share at the FP8 GEMM rate, the rest (and
+    the head) at the bf16 rate."""
+    if not float8_layers:
+        return flops / (gpu.gemm_tflops * 1e12)
+    if gpu.fp8_gemm_tflops is None:
+        raise SpecError(f"{gpu.name} has no float8 matmuls: train it without float8")
+    blocks = matmul_params(cfg) - cfg.vocab_size * cfg.hidden_size
+    share = float8_layers / cfg.num_layers * blocks / matmul_params(cfg)
+    return flops * ((1 - share) / (gpu.gemm_tflops * 1e12)
+                    + share / (gpu.fp8_gemm_tflops * 1e12))
 
 
 def _data_parallel(layout: Layout, gpu: Gpu, fsdp: bool, precision: str, params: int,
