@@ -17,6 +17,8 @@ wheels)
         pydantic pydantic-settings python-dotenv typing-inspection annotated-types \
         typing-extensions tqdm
     python3 -m pip download -q --no-deps -d .whl/py datasketch
+    python3 -m pip download -q --no-deps --only-binary=:all: --python-version 3.12 \
+        --platform manylinux_2_28_x86_64 -d .whl/py torchao==0.18.0
     bash "$shared/tools/vllm-bundle/bundle.sh" "$shared/tools/vllm-bundle/gpu-image-packages.txt" \
         "$PWD/.whl/vllm"
     mkdir -p .whl/bench/tokenizer .whl/bench/tokenizer-128k

@@ -29,6 +29,7 @@ from bench import yardstick
 from bench.clocks import ClockSampler, ClockSummary
 from engine.model.config import ModelConfig
 from engine.model.llama import LlamaModel
+from engine.parallel.float8 import apply_float8
 from engine.model.hf_names import to_hf_name
 from engine.train.flops import flops_per_token, peak_flops
 from engine.train.loop import set_split_k_reductions
@@ -72,7 +73,7 @@ def add_reductions_argument(p: argparse.ArgumentParser) -> None:
 
 
 def build(impl: str, cfg: ModelConfig, numerics: str, compile_mode: str, loss: str, device,
-          attention: str = "sdpa"):
+          attention: str = "sdpa", float8: str = "off"):
     dtype = torch.bfloat16 if numerics == "bf16" else torch.float32
     if impl == "ours":  # validated: refuses a backend that cannot run this shape, before any work
         cfg = ModelConfig.model_validate({**cfg.model_dump(), "attention_backend": attention})
@@ -82,6 +83,8 @@ def build(impl: str, cfg: ModelConfig, numerics: str, compile_mode: str, loss: s
             model = LlamaModel(cfg)
         model.load_state_dict(state, assign=True)
         model.to(device=device, dtype=dtype)
+        if float8 != "off":  # the training spec's float8 section with this recipe
+            apply_float8(model, float8, 1, torch.device(device))
         if compile_mode == "block":
             for block in model.layers.values():
                 block.compile()
@@ -167,9 +170,11 @@ def back_to_back(loss_fn, opt, tokens, ctx, steps: int) -> tuple[list[float], to
     return [a.elapsed_time(b) / 1e3 for a, b in zip(marks, marks[1:])], loss
 
 
-def measure(impl, cfg, numerics, compile_mode, loss, seq, mb, steps, warmup, device, attention):
+def measure(impl, cfg, numerics, compile_mode, loss, seq, mb, steps, warmup, device, attention,
+            float8="off"):
     torch.manual_seed(0)
-    model, opt, loss_fn = build(impl, cfg, numerics, compile_mode, loss, device, attention)
+    model, opt, loss_fn = build(impl, cfg, numerics, compile_mode, loss, device, attention,
+                                float8)
     tokens = torch.randint(0, cfg.vocab_size, (mb, seq + 1), device=device)
     ctx = numerics_context(numerics)
     torch.cuda.reset_peak_memory_stats()
@@ -181,7 +186,7 @@ def measure(impl, cfg, numerics, compile_mode, loss, seq, mb, steps, warmup, dev
     tps = mb * seq / step_time
     flops = flops_per_token(cfg, seq) * tps
     peak = peak_flops(torch.device(device))
-    result = dict(impl=impl, numerics=numerics, compile=compile_mode, seq=seq, mb=mb, attention=attention,
+    result = dict(impl=impl, numerics=numerics, float8=float8, compile=compile_mode, seq=seq, mb=mb, attention=attention,
                   tokens_per_s=tps, tflops=flops / 1e12, mfu=flops / peak if peak else float("nan"),
                   peak_mem_gib=torch.cuda.max_memory_allocated() / 2**30, loss=loss.item(),
                   clocks=clocks.summary)
@@ -243,6 +248,9 @@ def main() -> None:
                    help="ours: the model's attention_backend(s) (HF always uses SDPA)")
     p.add_argument("--sdpa", default="auto", choices=["auto", "cudnn", "flash"],
                    help="scaled_dot_product_attention backend preference")
+    p.add_argument("--float8", nargs="+", default=["off"],
+                   choices=["off", "tensorwise", "rowwise"],
+                   help="ours: the blocks' matmuls in float8 (torchao), first and last in bf16")
     add_reductions_argument(p)
     p.add_argument("--steps", type=int, default=10)
     p.add_argument("--warmup", type=int, default=3)
@@ -261,19 +269,21 @@ def main() -> None:
           f"loss {args.loss} | sdpa {args.sdpa} | bf16 reductions {args.bf16_reductions} | median of {args.steps} back-to-back steps after {args.warmup} warm-up")
     print("| impl | numerics | compile | attention | seq | micro-batch | tokens/s | TFLOP/s | MFU | peak mem GiB | SM MHz | W (power-capped) | loss |")
     print("|---|---|---|---|---|---|---|---|---|---|---|---|---|")
-    runs = {"hf": [(c, "sdpa") for c in args.hf_compile or args.compile],
-            "yardstick": [(args.yardstick_compile, "sdpa")],
-            "ours": [(c, a) for c in args.compile for a in args.attention]}
+    runs = {"hf": [(c, "sdpa", "off") for c in args.hf_compile or args.compile],
+            "yardstick": [(args.yardstick_compile, "sdpa", "off")],
+            "ours": [(c, a, f) for c in args.compile for a in args.attention
+                     for f in args.float8]}
     for seq in args.seq:
         cfg = ModelConfig(**SHAPES[args.shape], max_position_embeddings=max(seq, 4096))
         mb = max(1, args.tokens_per_micro_batch // seq) if args.tokens_per_micro_batch else args.micro_batch
         for numerics in args.numerics:
             for impl in args.impl:
-                for comp, attention in runs[impl]:
-                    row = f"| {impl} | {numerics} | {comp} | {attention} | {seq} | {mb} |"
+                for comp, attention, float8 in runs[impl]:
+                    name = impl if float8 == "off" else f"{impl}, float8 {float8}"
+                    row = f"| {name} | {numerics} | {comp} | {attention} | {seq} | {mb} |"
                     try:
                         r = measure(impl, cfg, numerics, comp, args.loss, seq, mb,
-                                    args.steps, args.warmup, device, attention)
+                                    args.steps, args.warmup, device, attention, float8)
                     except torch.OutOfMemoryError:
                         r = None
                     except ValidationError as exc:  # flash_attn_4 with a head_dim it lacks (3B)
