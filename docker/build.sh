@@ -4,8 +4,8 @@
 #   docker/build.sh [TAG] [-- EXTRA BUILD ARGS]     (default tag lmforge:<version>)
 # Environment: BASE (default: the Dockerfile's NGC image), EXTRAS (default gpu-image; empty for a
 # CPU base), BUILDER (docker|podman|buildah, default: the first found), CA_BUNDLE (default
-# $PIP_CERT or $SSL_CERT_FILE: the CA bundle pip needs where a proxy intercepts TLS; lent to the
-# build as a secret).
+# $PIP_CERT, $SSL_CERT_FILE or pip's configured cert: the CA bundle pip needs where a proxy
+# intercepts TLS; lent to the build as a secret).
 #   GPU nodes:  docker/build.sh registry.example.org/ml/lmforge:0.1.0
 #   CPU, here:  BASE=$(sudo docker/debian-base.sh) EXTRAS= sudo -E docker/build.sh lmforge:cpu
 set -euo pipefail
@@ -16,7 +16,7 @@ shift $(( $# > 0 ? 1 : 0 ))
 [[ ${1:-} == -- ]] && shift
 args=(--build-arg "VERSION=$version" --build-arg "EXTRAS=${EXTRAS-gpu-image}")
 [[ -n ${BASE:-} ]] && args+=(--build-arg "BASE=$BASE")
-ca=${CA_BUNDLE:-${PIP_CERT:-${SSL_CERT_FILE:-}}}
+ca=${CA_BUNDLE:-${PIP_CERT:-${SSL_CERT_FILE:-$(python3 -m pip config get global.cert 2>/dev/null || true)}}}
 [[ -n $ca ]] && args+=(--secret "id=ca_bundle,src=$ca")
 builder=${BUILDER:-$(command -v docker podman buildah | head -1 | xargs -r basename)}
 case "$builder" in
