@@ -1,0 +1,70 @@
+"""One rank of tests/test_plan.py's activation check under tensor and context parallelism: build
+the training model as the engine does (gloo, CPU), run one forward with the fused loss, and print
+what autograd keeps for the backward. It counts the bytes of the distinct storages of the saved
+tensors (a DTensor's local shard), leaving out the parameters. The allocator cannot be read here:
+gloo's threads free the buffers of collectives where torch's profiler does not see them. Also
+printed: the bytes of the causal masks that SDPA materialises on the CPU for context parallel's
+chunks (CUDA's kernels build none).
+
+    python -m tests.saved_activations TP CP PRECISION    (RANK, WORLD_SIZE, MASTER_* set)
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import sys
+
+import torch
+from torch.distributed.tensor import DTensor
+
+from engine.model.config import ModelConfig
+from engine.parallel.context_parallel import shard_sequence
+from engine.parallel.distributed import setup
+from engine.parallel.mesh import build_mesh
+from engine.train.build import build
+from engine.train.spec import PretrainSpec
+
+CFG = ModelConfig(vocab_size=512, hidden_size=128, intermediate_size=344, num_layers=3,
+                  num_heads=4, num_kv_heads=2, max_position_embeddings=512)
+TOKENS = 384
+
+
+def _storage(t: torch.Tensor) -> torch.UntypedStorage:
+    local = t._local_tensor if isinstance(t, DTensor) else t
+    return getattr(local, "elem", local).untyped_storage()  # a collective's async wrapper
+
+
+def main(tp: int, cp: int, precision: str) -> None:
+    spec = PretrainSpec.model_validate({
+        "model": CFG.model_dump(), "data": {"blend": ["unused"], "seq_length": TOKENS},
+        "checkpoint": {"save": "unused"}, "iters": 1, "global_batch_size": 1,
+        "tensor_parallel": tp, "context_parallel": cp, "recompute": "none",
+        "precision": precision, "device": "cpu"})
+    env = setup("cpu")
+    model = build(CFG, spec, build_mesh(spec.layout(env.world_size), env.device), env.device).model
+    params = {_storage(p).data_ptr() for p in model.parameters()}
+    saved: dict[int, int] = {}
+    masks = 0
+
+    def pack(t: torch.Tensor) -> torch.Tensor:
+        nonlocal masks
+        storage = _storage(t)
+        if storage.data_ptr() not in params and storage.data_ptr() not in saved:
+            saved[storage.data_ptr()] = storage.nbytes()
+            if cp > 1 and t.dim() == 2 and t.shape[0] == TOKENS // (2 * cp):  # [chunk, keys]
+                masks += storage.nbytes()
+        return t
+
+    ids = torch.randint(0, CFG.vocab_size, (1, TOKENS), generator=torch.Generator().manual_seed(0))
+    if cp > 1:
+        ids = shard_sequence((ids,), cp, env.rank)[0]
+    autocast = torch.autocast("cpu", dtype=torch.bfloat16) if precision == "bf16" \
+        else contextlib.nullcontext()
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t), autocast:
+        model(ids, targets=ids)
+    print(json.dumps({"rank": env.rank, "saved": sum(saved.values()), "masks": masks}))
+
+
+if __name__ == "__main__":
+    main(int(sys.argv[1]), int(sys.argv[2]), sys.argv[3])
