@@ -1,8 +1,8 @@
 """The planner's per-GPU rates, measured (engine/plan/gpus.json's fields): a large bf16 GEMM and
 its float8 twin, the attention kernel forward and backward (causal, the 1.1B shape's heads), a
-copy at memory bandwidth, an all-reduce over the node's GPUs when there are several, and the fixed cost of a
-block's forward and backward at a tiny size (kernel launches). One JSON line to paste into
-gpus.json (with `source` naming the machine and the date).
+copy at memory bandwidth, an all-reduce over the node's GPUs when there are several, and the
+fixed cost of a block's forward and backward at a tiny size (kernel launches). One JSON line to
+paste into gpus.json (with `source` naming the machine and the date).
 
     python -m bench.calibrate                        (GPU; torchrun --nproc-per-node N for links)
 """

@@ -186,7 +186,8 @@ def measure(impl, cfg, numerics, compile_mode, loss, seq, mb, steps, warmup, dev
     tps = mb * seq / step_time
     flops = flops_per_token(cfg, seq) * tps
     peak = peak_flops(torch.device(device))
-    result = dict(impl=impl, numerics=numerics, float8=float8, compile=compile_mode, seq=seq, mb=mb, attention=attention,
+    result = dict(impl=impl, numerics=numerics, float8=float8, compile=compile_mode, seq=seq,
+                  mb=mb, attention=attention,
                   tokens_per_s=tps, tflops=flops / 1e12, mfu=flops / peak if peak else float("nan"),
                   peak_mem_gib=torch.cuda.max_memory_allocated() / 2**30, loss=loss.item(),
                   clocks=clocks.summary)

@@ -44,8 +44,9 @@ class EngineProcess:
         self._log = open(log_path, "a", encoding="utf-8", buffering=1)
         self._write(header + "\n", sys.stderr)
         self._proc = subprocess.Popen(
-            command, env=env, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-            errors="replace", preexec_fn=_die_with_parent if _prctl else None)
+            command, env=env, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE, text=True, errors="replace",
+            preexec_fn=_die_with_parent if _prctl else None)
         self._pumps = [
             threading.Thread(target=self._pump, args=(self._proc.stdout, sys.stdout, True), daemon=True),
             threading.Thread(target=self._pump, args=(self._proc.stderr, sys.stderr, False), daemon=True)]

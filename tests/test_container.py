@@ -77,8 +77,8 @@ def test_runtime_command_lines():
                                  "--container-workdir=/shared"]
     env = {"RANK": "1", "MLFLOW_TRACKING_PASSWORD": "s3cret", "PATH": "/usr/bin",
            "PYTHONPATH": "/home/me/venv", "BASH_FUNC_module%%": "() {", "NCCL_DEBUG": "WARN"}
-    app, app_env = Container(runtime="apptainer", image="lmforge.sif", mounts=mounts).engine_command(
-        env, gpus=True, name="x")
+    apptainer = Container(runtime="apptainer", image="lmforge.sif", mounts=mounts)
+    app, app_env = apptainer.engine_command(env, gpus=True, name="x")
     assert app == ["apptainer", "run", "--cleanenv", "--nv", "--bind", "/shared:/shared",
                    "--bind", "/scratch:/data:ro", "lmforge.sif"]
     assert {k: v for k, v in app_env.items() if k.startswith("APPTAINERENV_")} == {

@@ -107,8 +107,8 @@ def test_job_logs_mask_url_passwords(tmp_path):
     spec = tmp_path / "spec.json"
     spec.write_text(json.dumps({"input": [SOURCE], "output": str(tmp_path / "tok")}))
     log = tmp_path / "rank_00000.log"
-    engine = EngineProcess([sys.executable, "-m", "engine", "train-tokenizer", "--config", str(spec)],
-                           dict(os.environ), log, f"[cluster] {SOURCE}")
+    command = [sys.executable, "-m", "engine", "train-tokenizer", "--config", str(spec)]
+    engine = EngineProcess(command, dict(os.environ), log, f"[cluster] {SOURCE}")
     assert engine.wait(timeout_s=120) == 2
     text = log.read_text()
     assert "input.0: no such file or folder: https://lm:***@data.example/corpus.jsonl" in text
