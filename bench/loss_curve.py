@@ -31,15 +31,21 @@ from engine.train import loop, pretrain
 from engine.train.master_adamw import norm_gains
 
 
-# name -> (compiled blocks, fused chunked head + cross-entropy, numerics probe, precision)
-RUNS = {"optimised": (True, True, None, "bf16"), "plain": (False, False, None, "bf16"),
-        "optimised-master": (True, True, None, "bf16-master"),
+# name -> (compiled blocks, fused chunked head + cross-entropy, numerics probe, precision,
+# float8 recipe)
+RUNS = {"optimised": (True, True, None, "bf16", None),
+        "plain": (False, False, None, "bf16", None),
+        "optimised-master": (True, True, None, "bf16-master", None),
         # a probe: bf16-master with the LM head also kept fp32 (its gradient never rounded to bf16)
-        "optimised-master-fp32-head": (True, True, "fp32-head", "bf16-master"),
-        "compiled-full-logits": (True, False, None, "bf16"), "eager-fused": (False, True, None, "bf16"),
+        "optimised-master-fp32-head": (True, True, "fp32-head", "bf16-master", None),
+        "compiled-full-logits": (True, False, None, "bf16", None),
+        "eager-fused": (False, True, None, "bf16", None),
         # a probe of where the optimised and plain paths part: inductor made to round to bf16
         # wherever eager would
-        "optimised-eager-rounding": (True, True, "eager-rounding", "bf16")}
+        "optimised-eager-rounding": (True, True, "eager-rounding", "bf16", None),
+        # the blocks' matmuls in float8 (torchao), first and last block in bf16
+        "optimised-master-float8-tensorwise": (True, True, None, "bf16-master", "tensorwise"),
+        "optimised-master-float8-rowwise": (True, True, None, "bf16-master", "rowwise")}
 
 
 def _gains_and_head(model: torch.nn.Module) -> list[torch.nn.Parameter]:
@@ -61,7 +67,7 @@ def probe(name: str | None):
 
 
 def train(name: str, work: Path, prefix: str, args, compiled: bool, fused: bool,
-          numerics_probe: str | None, precision: str) -> list[dict]:
+          numerics_probe: str | None, precision: str, float8: str | None) -> list[dict]:
     save = work / name
     shutil.rmtree(save, ignore_errors=True)
     spec = pretrain.Spec(
@@ -72,7 +78,7 @@ def train(name: str, work: Path, prefix: str, args, compiled: bool, fused: bool,
         optim={"lr": args.lr, "min_lr": args.lr / 10, "warmup_iters": args.iters // 10},
         iters=args.iters, micro_batch_size=args.micro_batch, global_batch_size=args.micro_batch,
         precision=precision, compile=compiled, fused_loss=fused, log_interval=args.log_interval,
-        seed=1234)
+        float8={"recipe": float8} if float8 else None, seed=1234)
     with probe(numerics_probe):
         pretrain.run(spec)
     rows = [json.loads(line) for line in (save / "metrics.jsonl").read_text().splitlines()]

@@ -41,6 +41,8 @@ SHAPES = {
     # Llama-3.2-3B's layers (head_dim 128, 8 KV heads) with Llama-2's vocabulary, untied head
     "llama-3.2-3b": dict(vocab_size=32000, hidden_size=3072, intermediate_size=8192, num_layers=28,
                          num_heads=24, num_kv_heads=8),
+    "llama-3-8b": dict(vocab_size=128256, hidden_size=4096, intermediate_size=14336,
+                       num_layers=32, num_heads=32, num_kv_heads=8),
     # OpenLLaMA-3B: head_dim 100, which flash-attn-4's Hopper kernels do not take
     "llama-3b": dict(vocab_size=32000, hidden_size=3200, intermediate_size=8640, num_layers=26,
                      num_heads=32, num_kv_heads=32),

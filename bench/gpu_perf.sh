@@ -1,0 +1,29 @@
+#!/usr/bin/env bash
+# Training-step throughput on one GPU against the yardstick (bench/yardstick.py) and HF, with
+# and without float8, one shape after another in one run (bench/train_step.py); then float8's
+# 300-step loss curve beside bf16-master's (bench/loss_curve.py). Carry .whl/py (torchao is
+# among its wheels) and .whl/bench (the corpus and tokenizer). Logs under $OUT.
+#   bash bench/gpu_perf.sh steps [SHAPE ...]     (default: tinyllama-1.1b llama-3.2-3b)
+#   bash bench/gpu_perf.sh curve [SHAPE]         (default: llama-3.2-3b)
+set -euo pipefail
+python3 -m pip install -q --no-index --no-deps --target /tmp/site .whl/py/*.whl 2>/dev/null
+export PYTHONPATH="/tmp/site:$PWD"
+log=${OUT:-/tmp}/perf.log
+case "$1" in
+steps)
+    shift
+    shapes=("$@")
+    [ ${#shapes[@]} -gt 0 ] || shapes=(tinyllama-1.1b llama-3.2-3b)
+    for shape in "${shapes[@]}"; do
+        case "$shape" in tinyllama-1.1b) mb=4 ;; llama-3-8b) mb=1 ;; *) mb=2 ;; esac
+        python3 -m bench.train_step --shape "$shape" --seq 4096 --micro-batch "$mb" \
+            --impl hf yardstick ours --numerics autocast master --compile block \
+            --float8 off tensorwise rowwise 2>&1 | tee -a "$log"
+    done ;;
+curve)
+    python3 -m bench.loss_curve --corpus .whl/bench/corpus.jsonl \
+        --tokenizer .whl/bench/tokenizer/tokenizer.model --shape "${2:-llama-3.2-3b}" \
+        --micro-batch 2 --iters 300 --runs optimised-master optimised-master-float8-tensorwise \
+        optimised-master-float8-rowwise 2>&1 | tee -a "$log" ;;
+*) echo "usage: bash bench/gpu_perf.sh steps|curve [SHAPE ...]" >&2; exit 2 ;;
+esac
