@@ -57,7 +57,8 @@ def wrap_ddp(model: nn.Module, mode: DataParallel, mesh: Mesh, device: torch.dev
     from torch.nn.parallel import DistributedDataParallel
 
     ids = [device.index] if device.type == "cuda" else None
-    ddp = DistributedDataParallel(model, device_ids=ids)
+    # the gradients are views into DDP's buckets rather than a second copy of them
+    ddp = DistributedDataParallel(model, device_ids=ids, gradient_as_bucket_view=True)
     if any(p.dtype != torch.float32 for p in model.parameters()):
         ddp.register_comm_hook(None, _fp32_mean)
     return ddp

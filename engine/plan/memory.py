@@ -177,8 +177,8 @@ def rank_memory(cfg: ModelConfig, spec, layout: Layout, pp_rank: int,
     pipeline = int((activations - head_gradient) * (in_flight(spec, layout, pp_rank, micro) - 1))
     # transient: a block recomputed whole in its backward; the loss's chunk of logits and its
     # gradient; FSDP's gathered block (and the next, prefetched) and its gradients before the
-    # reduce-scatter; DDP's buckets (a second copy of the gradients); bf16-master's gradients
-    # before they join the fp32 sums
+    # reduce-scatter; bf16-master's gradients before they join the fp32 sums (DDP's buckets are
+    # the gradients themselves: gradient_as_bucket_view)
     buffers = (layer_activations(s, tokens, "none", spec.precision, layout.cp) - one) if layers \
         else 0
     if last:
@@ -187,8 +187,6 @@ def rank_memory(cfg: ModelConfig, spec, layout: Layout, pp_rank: int,
     if fsdp:
         shards = layout.dp_shard * layout.cp
         buffers += block * shards * (2 * s.c + 4)
-    elif layout.dp_cp > 1:
-        buffers += static["gradients"] or static["parameters"]
     if static["gradient_sums"]:
         buffers += static["parameters"]
     return Memory(activations=activations, pipeline=pipeline, buffers=buffers,
