@@ -84,7 +84,7 @@ def _elementwise(cfg: ModelConfig, spec, layout: Layout) -> dict:
 
 def float8_layers(cfg: ModelConfig, spec) -> int:
     """The model's layers whose matmuls run in float8 (all but the first and last few)."""
-    if getattr(spec, "float8", None) is None:
+    if spec.float8 is None:
         return 0
     return max(0, cfg.num_layers - 2 * spec.float8.bf16_blocks)
 

@@ -8,7 +8,6 @@ import itertools
 from pydantic import ValidationError
 
 from engine.errors import SpecError
-
 from engine.model.config import ModelConfig
 from engine.plan.estimate import LAYOUT_FIELDS, Estimate, estimate
 from engine.plan.timing import Gpu
