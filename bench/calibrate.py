@@ -1,7 +1,9 @@
 """The planner's per-GPU rates, measured (engine/plan/gpus.json's fields): a large bf16 GEMM and
 its float8 twin, the attention kernel forward and backward (causal, the 1.1B shape's heads), a
 copy at memory bandwidth, an all-reduce over the node's GPUs when there are several, and the
-fixed cost of a block's forward and backward at a tiny size (kernel launches). One JSON line to
+fixed cost of a block's forward and backward at a tiny size (kernel launches), and for CPU
+offload the copies between pinned host memory and the GPU and a fused AdamW step on the host's
+cores. One JSON line to
 paste into gpus.json (with `source` naming the machine and the date).
 
     python -m bench.calibrate                        (GPU; torchrun --nproc-per-node N for links)
@@ -12,6 +14,7 @@ from __future__ import annotations
 import datetime
 import json
 import os
+import time
 
 import torch
 import torch.distributed as dist
@@ -64,6 +67,29 @@ def block_overhead_ms() -> float:
     return 1e3 * mean_time(lambda: block(x, cos, sin).sum().backward())
 
 
+def host_link_gbps(gib: int = 1) -> float:
+    """Pinned host memory to the GPU and back, the slower direction (FSDP's offload copies)."""
+    host = torch.empty(gib << 30, dtype=torch.uint8, pin_memory=True)
+    gpu = torch.empty(gib << 30, dtype=torch.uint8, device="cuda")
+    seconds = max(mean_time(lambda: gpu.copy_(host, non_blocking=True), iters=5),
+                  mean_time(lambda: host.copy_(gpu, non_blocking=True), iters=5))
+    return host.numel() / seconds / 1e9
+
+
+def host_optimizer_gbps(params: int = 1 << 28) -> float:
+    """torch's fused AdamW on fp32 tensors in host memory: the bytes it reads and writes
+    (weights, gradients, two moments: 28 a parameter) a second."""
+    weights = [torch.nn.Parameter(torch.randn(params // 16)) for _ in range(16)]
+    for w in weights:
+        w.grad = torch.randn_like(w)
+    optimizer = torch.optim.AdamW(weights, fused=True)
+    optimizer.step()
+    start = time.perf_counter()
+    for _ in range(3):
+        optimizer.step()
+    return 3 * 28 * params / (time.perf_counter() - start) / 1e9
+
+
 def allreduce_busbw_gbps(mib: int = 512) -> float | None:
     if not dist.is_initialized() or dist.get_world_size() < 2:
         return None
@@ -83,6 +109,8 @@ def main() -> None:
            "attention_tflops": round(attention_tflops()),
            "hbm_gbps": round(hbm_gbps()), "block_overhead_ms": round(block_overhead_ms(), 3),
            "node_link_gbps": allreduce_busbw_gbps(),
+           "host_link_gbps": round(host_link_gbps()),
+           "host_optimizer_gbps": round(host_optimizer_gbps()),
            "memory_gib": round(torch.cuda.get_device_properties(0).total_memory / 2**30, 1),
            "source": f"bench.calibrate on {torch.cuda.get_device_name()}, "
                      f"{datetime.date.today()}"}

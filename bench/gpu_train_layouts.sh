@@ -4,7 +4,7 @@
 # last 4 measured; the job is stopped after them, before its final checkpoint: an 8B one would
 # not fit the machine's disk). Logs under $OUT. The image lacks pydantic: carry .whl/py
 # (`bash bench/gpu_generate.sh wheels`).
-#   bash bench/gpu_train_layouts.sh SHAPE RECOMPUTE MICRO_BATCH [ddp|fsdp] [SEQ_LENGTH]
+#   bash bench/gpu_train_layouts.sh SHAPE RECOMPUTE MICRO_BATCH [ddp|fsdp|fsdp-offload] [SEQ_LENGTH]
 set -euo pipefail
 source bench/gpu_stories.sh
 case "$1" in  # vocab hidden ffn layers heads kv-heads
@@ -14,6 +14,8 @@ llama-3-8b)     shape=(128256 4096 14336 32 32 8) ;;
 *) echo "unknown shape $1" >&2; exit 2 ;;
 esac
 seq=${5:-4096}
+dp=(--data-parallel "${4:-ddp}")
+[ "${4:-}" = fsdp-offload ] && dp=(--data-parallel fsdp --cpu-offload)
 log="${OUT:-/tmp}/train-$1-$2-mb$3-${4:-ddp}-seq$seq.log"
 rm -rf "$W/ckpt"
 python3 -m engine pretrain --config bench/configs/gpu_layouts.yaml \
@@ -22,7 +24,7 @@ python3 -m engine pretrain --config bench/configs/gpu_layouts.yaml \
     --model.num-heads "${shape[4]}" --model.num-kv-heads "${shape[5]}" \
     --model.max-position-embeddings "$((seq > 4096 ? seq : 4096))" --data.seq-length "$seq" \
     --recompute "$2" --micro-batch-size "$3" \
-    --global-batch-size "$3" --data-parallel "${4:-ddp}" >"$log" 2>&1 &
+    --global-batch-size "$3" "${dp[@]}" >"$log" 2>&1 &
 job=$!
 until grep -q "iter 12/12" "$log" || ! kill -0 "$job" 2>/dev/null; do sleep 1; done
 # SIGKILL: SIGTERM would make the job save a checkpoint (requeue) while the next one starts

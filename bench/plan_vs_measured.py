@@ -32,7 +32,8 @@ SHAPES = {  # vocab hidden ffn layers heads kv-heads
     "3b": (128256, 3072, 8192, 28, 24, 8),
     "8b": (128256, 4096, 14336, 32, 32, 8),
 }
-CONFIGS = {  # name: (shape, seq, micro-batch, recompute, data parallel, compiled blocks)
+CONFIGS = {  # name: (shape, seq, micro-batch, recompute, data parallel*, compiled blocks)
+    # *ddp, fsdp, or fsdp-offload (FSDP with cpu_offload)
     "1.1b-2k-none-mb4": ("1.1b", 2048, 4, "none", "ddp", False),
     "1.1b-2k-selective-mb8": ("1.1b", 2048, 8, "selective", "ddp", False),
     "1.1b-2k-full-mb8": ("1.1b", 2048, 8, "full", "ddp", False),
@@ -44,6 +45,7 @@ CONFIGS = {  # name: (shape, seq, micro-batch, recompute, data parallel, compile
     "1.1b-4k-selective-mb4-compiled": ("1.1b", 4096, 4, "selective", "ddp", True),
     "3b-4k-full-mb4-compiled": ("3b", 4096, 4, "full", "ddp", True),
     "8b-4k-full-mb1-fsdp-compiled": ("8b", 4096, 1, "full", "fsdp", True),
+    "3b-4k-full-mb8-offload-compiled": ("3b", 4096, 8, "full", "fsdp-offload", True),
 }
 ITERS = 6
 
@@ -57,7 +59,8 @@ def spec(name: str, dataset: str, save: str) -> dict:
             "data": {"blend": [dataset], "split": "99,1,0", "seq_length": seq},
             "checkpoint": {"save": save}, "iters": ITERS, "log_interval": 3,
             "micro_batch_size": mb, "global_batch_size": mb, "recompute": recompute,
-            "data_parallel": dp, "compile": compiled, "optim": {"lr": 1e-4, "warmup_iters": 1},
+            "data_parallel": dp.removesuffix("-offload"), "cpu_offload": dp.endswith("-offload"),
+            "compile": compiled, "optim": {"lr": 1e-4, "warmup_iters": 1},
             "eval": {"interval": None}}
 
 

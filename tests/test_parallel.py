@@ -86,6 +86,8 @@ PP = {"pipeline_parallel": 2}
 LAYOUTS = {  # name: (ranks, spec fields, the most of the model's parameters one rank may hold)
     "tp2-no-sp-full": (2, {"tensor_parallel": 2, "sequence_parallel": False, "recompute": "full"},
                        0.51),
+    "fsdp2-cpu-offload": (2, {"data_parallel": "fsdp", "cpu_offload": True}, 0.51),
+    "one-process-cpu-offload": (1, {"data_parallel": "fsdp", "cpu_offload": True}, 1.01),
     "hsdp2x2": (4, {"data_parallel": "fsdp", "data_parallel_replicate": 2}, 0.51),
     "tp2-fsdp2": (4, {"tensor_parallel": 2, "data_parallel": "fsdp"}, 0.26),
     "dp2-cp2": (4, {"context_parallel": 2}, 1.01),  # DDP: a whole model per rank
@@ -146,6 +148,10 @@ def test_layouts_that_do_not_divide_are_refused(tiny_dataset, tmp_path):
         spec().check_world(8)
     with pytest.raises(ValueError, match="bf16-master is for a whole model per rank"):
         spec(tensor_parallel=2, precision="bf16-master")
+    with pytest.raises(ValueError, match="cpu_offload needs data_parallel fsdp"):
+        spec(cpu_offload=True)
+    with pytest.raises(ValueError, match="cpu_offload is not supported with tensor_parallel"):
+        spec(cpu_offload=True, data_parallel="fsdp", tensor_parallel=2)
     unnamed = {k: v for k, v in _spec(tiny_dataset, tmp_path / "x").items() if k != "precision"}
     assert [PretrainSpec.model_validate({**unnamed, **layout}).precision for layout in
             ({}, {"tensor_parallel": "2"}, {"pipeline_parallel": 2}, {"data_parallel": "fsdp"})

@@ -25,7 +25,8 @@ from engine.errors import SpecError
 from engine.model.config import ModelConfig
 from engine.model.llama import LlamaModel
 from engine.parallel.recompute import apply_recompute
-from engine.plan.memory import edge_activations, held_bytes, layer_activations, shape
+from engine.plan.memory import (edge_activations, held_bytes, layer_activations, offloaded,
+                                shape)
 from engine.plan.shards import rank_params
 from engine.train.master_adamw import MasterAdamW, norm_gains
 from engine.train.spec import PretrainSpec
@@ -40,6 +41,7 @@ LAYOUTS = {  # name: (ranks, spec fields)
     "tp2-fsdp2": (4, {"tensor_parallel": 2, "data_parallel": "fsdp"}),
     "hsdp2x2": (4, {"data_parallel": "fsdp", "data_parallel_replicate": 2}),
     "cp2-fsdp": (2, {"context_parallel": 2, "data_parallel": "fsdp"}),
+    "fsdp2-cpu-offload": (2, {"data_parallel": "fsdp", "cpu_offload": True}),
     "bf16-master-sums": (1, {"precision": "bf16-master", "micro_batch_size": 2}),
     "bf16-master": (1, {"precision": "bf16-master", "micro_batch_size": 2,
                         "global_batch_size": 2}),
@@ -62,6 +64,8 @@ def test_bytes_each_rank_holds_are_predicted_exactly(name, tiny_dataset, tmp_pat
                            train.pipeline_schedule, train.virtual_stages, train.pipeline_layers)
         predicted = held_bytes(held, train.precision, layout.tp > 1 and not fsdp,
                                train.micro_batches(layout))
+        if train.cpu_offload:
+            predicted = offloaded(predicted)
         assert measured == predicted, (rank, measured, predicted)
 
 
@@ -106,8 +110,8 @@ def test_a_layout_that_does_not_fit_is_refused_before_it_is_queued():
     with pytest.raises(SpecError) as refused:
         prepare("pretrain", spec, resources, "local")
     message = str(refused.value)
-    assert re.search(r"pretrain: tp 1, pp 1, ddp 8, mb 1, recompute none on 8 × H100 is "
-                     r"predicted to need \d+\.\d GiB per GPU \(parameters 15\.0, masters 29\.9, "
+    assert re.search(r"pretrain: tp 1, pp 1, ddp 8, mb 1, recompute none, bf16-master on 8 × "
+                     r"H100 is predicted to need \d+\.\d GiB per GPU \(parameters 15\.0, masters 29\.9, "
                      r"optimizer 59\.8, .*\d+\.\d GiB more than the 77\.1 GiB usable; layouts "
                      r"that fit, fastest first: ", message), message
     alternative = message.split("fastest first: ")[1].split(";")[0]
@@ -195,6 +199,34 @@ def test_a_training_run_records_the_prediction_beside_its_measure(home, tiny_dat
     for category in ("parameters", "gradients", "masters", "optimizer", "gradient_sums"):
         assert metrics[f"plan.{category}"] == metrics[f"held_bytes.{category}"], category
     assert metrics["plan.parameters"] > 0 and metrics["plan.tokens_per_s"] > 0
+
+
+def test_cpu_offload_when_nothing_else_fits_one_gpu():
+    """The Llama-3-8B shape on one GPU: on an H100 only FSDP's CPU offload fits (its fp32
+    weights, gradients and moments, 16 bytes a parameter, in host memory; the GPU holds the
+    gathered blocks and the activations); on an H200 the whole model does, in bf16 over fp32
+    weights with full recompute, and is faster than offload."""
+    from engine.plan.search import alternatives
+    from engine.plan.timing import gpus
+
+    cfg = ModelConfig(vocab_size=128256, hidden_size=4096, intermediate_size=14336,
+                      num_layers=32, num_heads=32, num_kv_heads=8, max_position_embeddings=4096)
+    spec = PretrainSpec.model_validate(
+        {"model": cfg.model_dump(), "data": {"blend": ["d"], "seq_length": 4096},
+         "checkpoint": {"save": "s"}, "iters": 1, "global_batch_size": 16, "compile": True})
+    h100 = [e for e in alternatives(spec, cfg, 1, gpus()["H100"], 1, {}) if e.fits]
+    assert h100 and all(e.fields["cpu_offload"] for e in h100)
+    with torch.device("meta"):
+        tensors = list(LlamaModel(cfg).parameters())
+    best = h100[0].memory  # AdamW: a 4-byte step count per tensor besides
+    assert best.held == 0 and best.host == 16 * sum(t.numel() for t in tensors) + 4 * len(tensors)
+    assert h100[0].timing.offload_s >= 0 and h100[0].timing.optimizer_s > 1.0
+    h200 = alternatives(spec, cfg, 1, gpus()["H200"], 1, {})[0]
+    assert h200.fits and h200.fields["data_parallel"] == "ddp"
+    assert h200.fields["precision"] == "bf16" and h200.fields["recompute"] == "full"
+    offload = next(e for e in alternatives(spec, cfg, 1, gpus()["H200"], 1, {})
+                   if e.fields["cpu_offload"])
+    assert offload.tokens_per_s < h200.tokens_per_s
 
 
 def test_float8_blocks_at_the_fp8_rate_with_their_casts():

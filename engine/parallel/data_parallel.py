@@ -5,7 +5,8 @@ for small models, and the only one MasterAdamW's bf16 weights work with), otherw
 optimizer state; Megatron's distributed optimizer and more), replicated over dp_replicate (HSDP
 when both are > 1; plain replication when dp_shard × cp is 1, which is how "ddp" runs alongside
 TP or PP). Under FSDP the parameters and optimizer state stay fp32 and a
-MixedPrecisionPolicy gathers them in the compute dtype and reduces gradients in fp32.
+MixedPrecisionPolicy gathers them in the compute dtype and reduces gradients in fp32; with CPU
+offload those fp32 shards live in host memory and the optimizer steps there.
 """
 
 from __future__ import annotations
@@ -13,7 +14,9 @@ from __future__ import annotations
 import torch
 import torch.distributed as dist
 from torch import nn
-from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+from torch.distributed.device_mesh import DeviceMesh, init_device_mesh
+from torch.distributed.fsdp import (CPUOffloadPolicy, MixedPrecisionPolicy, OffloadPolicy,
+                                    fully_shard)
 
 from engine.parallel.layout import DataParallel
 from engine.parallel.mesh import Mesh
@@ -26,28 +29,41 @@ def uses_ddp(mode: DataParallel, mesh: Mesh) -> bool:
 
 
 def apply_fsdp(parts: list[nn.Module], mode: DataParallel, mesh: Mesh, precision: str,
-               forward_only: bool = False) -> None:
+               forward_only: bool = False, cpu_offload: bool = False) -> None:
     """fully_shard each block and each model part (a pipeline stage, or the model) over the
-    data-parallel sub-mesh; nothing when there is one data-parallel rank or DDP applies.
+    data-parallel sub-mesh; nothing when there is one data-parallel rank or DDP applies, unless
+    the shards go to host memory (`cpu_offload`: then over one rank too).
     `forward_only` (a distillation teacher): the part's own parameters (embedding, norm, head)
     stay gathered after its forward, for the loss to read the head."""
-    if mesh.layout.dp_cp == 1 or uses_ddp(mode, mesh):
+    if uses_ddp(mode, mesh) or (mesh.layout.dp_cp == 1 and not cpu_offload):
         return
-    # a 2-D mesh is FSDP's HSDP form: replicated over its first dimension, sharded over its
-    # second; context-parallel ranks hold the same weights, so they shard them too
-    shard = "dp_shard_cp" if mesh.layout.cp > 1 else "dp_shard"
-    replicated = mesh.layout.dp_replicate > 1
-    dp_mesh = mesh.mesh["dp_replicate", shard] if replicated else mesh.mesh[shard]
     dtype = _COMPUTE.get(precision)
     policy = MixedPrecisionPolicy(param_dtype=dtype, reduce_dtype=torch.float32 if dtype else None)
+    offload = (CPUOffloadPolicy(pin_memory=torch.cuda.is_available()) if cpu_offload
+               else OffloadPolicy())
     pipelined = mesh.layout.pp > 1
+    dp_mesh = _shard_mesh(mesh)
     for part in parts:
         for block in part.layers.values():
             # under a pipeline schedule a stage's blocks run again for the backward of each
             # micro-batch: keeping them gathered saves an all-gather per micro-batch
-            fully_shard(block, mesh=dp_mesh, mp_policy=policy, reshard_after_forward=not pipelined)
-        fully_shard(part, mesh=dp_mesh, mp_policy=policy,
+            fully_shard(block, mesh=dp_mesh, mp_policy=policy, offload_policy=offload,
+                        reshard_after_forward=not pipelined)
+        fully_shard(part, mesh=dp_mesh, mp_policy=policy, offload_policy=offload,
                     reshard_after_forward=not (pipelined or forward_only))
+
+
+def _shard_mesh(mesh: Mesh) -> DeviceMesh:
+    """The ranks FSDP shards over: a 2-D mesh is its HSDP form (replicated over the first
+    dimension, sharded over the second); context-parallel ranks hold the same weights, so they
+    shard them too. One process (CPU offload) gets a mesh of its one rank."""
+    if mesh.mesh is None:
+        device = "cuda" if "nccl" in dist.get_backend() else "cpu"
+        return init_device_mesh(device, (1,), mesh_dim_names=("dp_shard",))
+    shard = "dp_shard_cp" if mesh.layout.cp > 1 else "dp_shard"
+    if mesh.layout.dp_replicate > 1:
+        return mesh.mesh["dp_replicate", shard]
+    return mesh.mesh[shard]
 
 
 def wrap_ddp(model: nn.Module, mode: DataParallel, mesh: Mesh, device: torch.device) -> nn.Module:

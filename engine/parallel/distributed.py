@@ -1,6 +1,6 @@
 """The engine's side of the distributed bootstrap: cluster/ (or torchrun) exports RANK,
 WORLD_SIZE, LOCAL_RANK, MASTER_ADDR and MASTER_PORT; this module turns them into a process group
-(NCCL on GPUs, gloo on CPU) and a device."""
+(NCCL on GPUs, gloo on CPU, both under CPU offload) and a device."""
 
 from __future__ import annotations
 
@@ -27,8 +27,10 @@ class Env:
         return self.rank == 0
 
 
-def setup(device: str = "auto", timeout_s: int = 1800) -> Env:
-    """Join the job's process group (when WORLD_SIZE > 1) and pick this rank's device."""
+def setup(device: str = "auto", timeout_s: int = 1800, cpu_offload: bool = False) -> Env:
+    """Join the job's process group (when WORLD_SIZE > 1) and pick this rank's device.
+    `cpu_offload`: FSDP keeps its shards in host memory, so the group gets gloo for CPU tensors
+    beside NCCL, and one process gets a group of its own (FSDP shards over a mesh)."""
     rank = int(os.environ.get("RANK", "0"))
     world = int(os.environ.get("WORLD_SIZE", "1"))
     local = int(os.environ.get("LOCAL_RANK", "0"))
@@ -38,10 +40,14 @@ def setup(device: str = "auto", timeout_s: int = 1800) -> Env:
         dev = torch.device("cuda", local)
     else:
         dev = torch.device("cpu")
-    if world > 1 and not dist.is_initialized():
-        dist.init_process_group("nccl" if use_cuda else "gloo", rank=rank, world_size=world,
-                                timeout=datetime.timedelta(seconds=timeout_s),
-                                device_id=dev if use_cuda else None)
+    if dist.is_initialized() or (world == 1 and not cpu_offload):
+        return Env(rank, world, local, dev)
+    backend = "gloo" if not use_cuda else "cpu:gloo,cuda:nccl" if cpu_offload else "nccl"
+    # one process needs no rendezvous: a store of its own
+    store = dist.HashStore() if world == 1 else None
+    dist.init_process_group(backend, store=store, rank=rank, world_size=world,
+                            timeout=datetime.timedelta(seconds=timeout_s),
+                            device_id=dev if use_cuda else None)
     return Env(rank, world, local, dev)
 
 

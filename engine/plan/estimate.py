@@ -44,7 +44,10 @@ class Estimate:
         dp = f"{f['data_parallel']} {self.layout.dp}"
         if self.layout.dp_replicate > 1 and f["data_parallel"] == "fsdp":
             dp += f" ({self.layout.dp_replicate}×{self.layout.dp_shard})"
-        return ", ".join(parts + [dp, f"mb {f['micro_batch_size']}", f"recompute {f['recompute']}"])
+        if f["cpu_offload"]:
+            dp += f" + cpu offload ({self.memory.host / GIB:.0f} GiB host)"
+        return ", ".join(parts + [dp, f"mb {f['micro_batch_size']}", f"recompute {f['recompute']}",
+                                  f["precision"]])
 
 
 def estimate(cfg: ModelConfig, spec, world_size: int, gpu: Gpu, gpus_per_node: int) -> Estimate:
@@ -61,7 +64,7 @@ def estimate(cfg: ModelConfig, spec, world_size: int, gpu: Gpu, gpus_per_node: i
                          precision=spec.precision, fsdp=fsdp, schedule=spec.pipeline_schedule,
                          virtual=spec.virtual_stages, gpus_per_node=gpus_per_node,
                          params_per_gpu=params, compiled=spec.compile,
-                         float8_layers=float8_layers(cfg, spec),
+                         float8_layers=float8_layers(cfg, spec), cpu_offload=spec.cpu_offload,
                          **_elementwise(cfg, spec, layout))
     fields = {k: getattr(spec, k) for k in LAYOUT_FIELDS}
     return Estimate(layout, fields, memory, timing,
@@ -104,4 +107,5 @@ def _float8_casts(cfg: ModelConfig, tokens: int) -> float:
 
 LAYOUT_FIELDS = ("tensor_parallel", "sequence_parallel", "pipeline_parallel",
                  "pipeline_schedule", "virtual_stages", "context_parallel", "data_parallel",
-                 "data_parallel_replicate", "micro_batch_size", "recompute", "precision")
+                 "data_parallel_replicate", "cpu_offload", "micro_batch_size", "recompute",
+                 "precision")

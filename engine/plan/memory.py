@@ -34,6 +34,7 @@ class Memory:
     pipeline: int
     buffers: int
     accumulating: bool  # gradients exist while a forward runs (several micro-batches a step)
+    host: int = 0       # in host memory instead (CPU offload: what `held` would be)
 
     @property
     def held(self) -> int:
@@ -53,6 +54,11 @@ class Memory:
         out = asdict(self)
         out.pop("accumulating")
         return {**out, "total": self.total}
+
+
+def offloaded(static: dict[str, int]) -> dict[str, int]:
+    """CPU offload: what a rank holds between steps moves to host memory."""
+    return {**{k: 0 for k in static}, "host": sum(static.values())}
 
 
 def held_bytes(held: list[Held], precision: str, tp_gradients: bool,
@@ -184,11 +190,17 @@ def rank_memory(cfg: ModelConfig, spec, layout: Layout, pp_rank: int,
     if last:
         buffers += 2 * 4 * min(tokens, LOSS_CHUNK) * s.vocab
     block = sum(h.numel for h in held if h.param.name.startswith("layers.")) // max(layers, 1)
-    if fsdp:
+    if fsdp or spec.cpu_offload:
         shards = layout.dp_shard * layout.cp
         buffers += block * shards * (2 * s.c + 4)
     if static["gradient_sums"]:
         buffers += static["parameters"]
+    if spec.cpu_offload:  # the model's own weights (embedding, norm, head) gathered whole;
+        # the gradients go to the host after every micro-batch (engine/train/loop.py)
+        edges = sum(h.numel for h in held if not h.param.name.startswith("layers."))
+        buffers += edges * layout.dp_shard * layout.cp * s.c
+        return Memory(activations=activations, pipeline=pipeline, buffers=buffers,
+                      accumulating=False, **offloaded(static))
     return Memory(activations=activations, pipeline=pipeline, buffers=buffers,
                   accumulating=micro > 1, **static)
 

@@ -20,8 +20,10 @@ def candidates(base: dict, cfg: ModelConfig, world_size: int, gpus_per_node: int
                spec_type: type, fixed: dict) -> list:
     """Training specs that differ from `base` (a TrainSpec's fields) in their layout fields:
     TP within a node, PP (1F1B, and interleaved over 2 stages a rank), context parallel for
-    long sequences, DDP, FSDP or (over several nodes) HSDP with a replica a node, micro-batches
-    and recompute; `fixed` fields stay as given.
+    long sequences, DDP, FSDP or (over several nodes) HSDP with a replica a node, FSDP with
+    CPU offload (without TP or PP; on one GPU too), micro-batches and recompute; DDP also in
+    bf16 over fp32 weights, besides its default bf16-master (fp32 gradients exist only in the
+    backward: the biggest model a GPU trains whole); `fixed` fields stay as given.
     Specs the engine would refuse (a model that does not divide, a batch that does not split)
     are left out; SpecError with the first one's reason when none is left."""
     seq, batch = base["data"]["seq_length"], base["global_batch_size"]
@@ -29,22 +31,27 @@ def candidates(base: dict, cfg: ModelConfig, world_size: int, gpus_per_node: int
     pps = [p for p in POWERS if p <= cfg.num_layers]
     cps = [c for c in POWERS if c == 1 or seq // c >= 4096]
     nodes = max(1, world_size // gpus_per_node)
-    data_parallel = [("ddp", 1), ("fsdp", 1)] + ([("fsdp", nodes)] if nodes > 1 else [])
+    data_parallel = [("ddp", 1, False), ("fsdp", 1, False), ("fsdp", 1, True)] + (
+        [("fsdp", nodes, False)] if nodes > 1 else [])
+    precisions = [None] + (["bf16"] if "precision" not in fixed else [])  # None: the default
     grid = itertools.product(tps, pps, ("1f1b", "interleaved-1f1b"), cps, data_parallel,
-                             POWERS[:5], ("none", "selective", "full"))
+                             POWERS[:5], ("none", "selective", "full"), precisions)
     specs, refused = [], None
-    for tp, pp, schedule, cp, (dp, replicate), mb, recompute in grid:
+    for tp, pp, schedule, cp, (dp, replicate, offload), mb, recompute, precision in grid:
         if (pp == 1 and schedule != "1f1b") or world_size % (tp * pp * cp) or (cp > 1 and pp > 1):
             continue
         if batch % (mb * world_size // (tp * pp * cp)):
             continue
-        if dp == "fsdp" and world_size == tp * pp:  # one data-parallel rank: nothing to shard
+        if dp == "fsdp" and world_size == tp * pp and not offload:  # nothing to shard
+            continue
+        if (offload and tp * pp > 1) or (precision and dp != "ddp"):
             continue
         fields = {"tensor_parallel": tp, "pipeline_parallel": pp, "pipeline_schedule": schedule,
                   "virtual_stages": 2 if schedule.startswith("interleaved") else 1,
                   "context_parallel": cp, "data_parallel": dp,
-                  "data_parallel_replicate": replicate,
-                  "micro_batch_size": mb, "recompute": recompute, "pipeline_layers": None}
+                  "data_parallel_replicate": replicate, "cpu_offload": offload,
+                  "micro_batch_size": mb, "recompute": recompute, "pipeline_layers": None,
+                  **({"precision": precision} if precision else {})}
         fields.update(fixed)
         try:
             specs.append(spec_type.model_validate({**base, **fields}))

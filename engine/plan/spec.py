@@ -12,8 +12,8 @@ from engine.spec import StageSpec
 
 
 class Spec(StageSpec):
-    """Plan a training run before a GPU is queued: for each layout (TP, PP, CP, DDP/FSDP,
-    micro-batch, recompute) the memory of its most loaded GPU by category, the step time, MFU
+    """Plan a training run before a GPU is queued: for each layout (TP, PP, CP, DDP/FSDP, CPU
+    offload, micro-batch, recompute) the memory of its most loaded GPU by category, the step time, MFU
     and days for a token budget; the layouts that fit, fastest first, and the recommended one
     (docs/planner.md)."""
 
@@ -38,6 +38,8 @@ class Spec(StageSpec):
     pipeline_parallel: int | None = Field(None, ge=1, description="None: searched")
     context_parallel: int | None = Field(None, ge=1, description="None: searched")
     data_parallel: DataParallel | None = Field(None, description="None: searched")
+    cpu_offload: bool | None = Field(None, description="FSDP's shards and the optimizer in "
+                                     "host memory; None: searched")
     micro_batch_size: int | None = Field(None, ge=1, description="None: searched")
     recompute: Recompute | None = Field(None, description="None: searched")
     rows: int = Field(12, ge=1, description="layouts in the report")
@@ -52,7 +54,7 @@ class Spec(StageSpec):
     def fixed(self) -> dict:
         """The layout fields given (the others are searched)."""
         names = ("tensor_parallel", "pipeline_parallel", "context_parallel", "data_parallel",
-                 "micro_batch_size", "recompute", "precision")
+                 "cpu_offload", "micro_batch_size", "recompute", "precision")
         return {k: getattr(self, k) for k in names if getattr(self, k) is not None}
 
     def training(self, model: ModelConfig) -> dict:

@@ -36,6 +36,8 @@ class Gpu:
     node_link_gbps: float   # bus bandwidth of a collective within a node
     network_gbps: float     # per GPU, between nodes
     block_overhead_ms: float  # per block and micro-batch, forward and backward
+    host_link_gbps: float     # host-to-GPU copies of pinned memory (CPU offload)
+    host_optimizer_gbps: float  # a fused AdamW step on the host, bytes of its state a second
     source: str
 
 
@@ -51,6 +53,7 @@ class Timing:
     tp_comm_s: float       # tensor/context-parallel collectives (on the critical path)
     dp_comm_s: float       # gradient reduction / FSDP gathers, all of it
     exposed_dp_s: float    # the part the backward does not hide
+    offload_s: float       # CPU offload's copies over PCIe that compute does not hide
     optimizer_s: float
     step_s: float
     comm_bytes: int        # sent per GPU per step, all collectives
@@ -61,11 +64,12 @@ def step_timing(cfg: ModelConfig, layout: Layout, gpu: Gpu, *, seq: int, global_
                 micro_batch: int, recompute: str, precision: str, fsdp: bool, schedule: str,
                 virtual: int, gpus_per_node: int, params_per_gpu: int,
                 elementwise_bytes: float, blocks: int, compiled: bool,
-                float8_layers: int = 0) -> Timing:
+                float8_layers: int = 0, cpu_offload: bool = False) -> Timing:
     """`elementwise_bytes`: memory traffic of the non-matmul work of this GPU's step, as fused
     kernels would move it (`compiled`; eager moves EAGER_TRAFFIC times as much); `blocks`: block
     forward-backwards it runs a step (its layers × micro-batches); `float8_layers`: the model's
-    layers whose matmuls run in float8 (at the FP8 GEMM rate)."""
+    layers whose matmuls run in float8 (at the FP8 GEMM rate); `cpu_offload`: FSDP's shards
+    in host memory (their copies over PCIe, the optimizer on the CPU)."""
     if not compiled:
         elementwise_bytes *= EAGER_TRAFFIC
     tokens = global_batch * seq
@@ -105,11 +109,24 @@ def step_timing(cfg: ModelConfig, layout: Layout, gpu: Gpu, *, seq: int, global_
     dp_bytes, dp_comm = _data_parallel(layout, gpu, fsdp, precision, params_per_gpu,
                                        gpus_per_node)
     exposed = max(0.0, dp_comm - compute * 2 / 3)  # overlapped with the backward
-    # AdamW reads and writes weights, gradients, two moments (and masters): ~ 40 bytes each
-    optimizer = params_per_gpu * 40 / (gpu.hbm_gbps * 1e9)
-    step = compute + bubble + tp_comm + exposed + optimizer
-    return Timing(compute, bubble, tp_comm, dp_comm, exposed, optimizer, step,
+    offload, optimizer = _optimizer_s(gpu, params_per_gpu, micro, cpu_offload)
+    offload = max(0.0, offload - compute)  # FSDP prefetches the next block's copy
+    step = compute + bubble + tp_comm + exposed + offload + optimizer
+    return Timing(compute, bubble, tp_comm, dp_comm, exposed, offload, optimizer, step,
                   int(tp_bytes + cp_bytes + dp_bytes), per_gpu / step / (gpu.peak_tflops * 1e12))
+
+
+def _optimizer_s(gpu: Gpu, params: int, micro: int, cpu_offload: bool) -> tuple[float, float]:
+    """Seconds of CPU offload's copies (the fp32 shards in for every forward and backward, the
+    fp32 gradients out after it: every micro-batch) and of the host's work. AdamW reads and
+    writes weights, gradients, two moments (and masters): ~40 bytes a parameter on the GPU; 28
+    on the host, fp32 without masters, which also adds each later micro-batch's gradients to
+    the sums (12 bytes)."""
+    if not cpu_offload:
+        return 0.0, params * 40 / (gpu.hbm_gbps * 1e9)
+    copies = params * 4 * 3 * micro
+    host = params * (28 + 12 * (micro - 1))
+    return copies / (gpu.host_link_gbps * 1e9), host / (gpu.host_optimizer_gbps * 1e9)
 
 
 def _matmul_s(cfg: ModelConfig, flops: float, gpu: Gpu, float8_layers: int) -> float:

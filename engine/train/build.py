@@ -59,9 +59,10 @@ def build(cfg: ModelConfig, spec: TrainSpec, mesh: Mesh, device: torch.device) -
     parts = _parts(model, spec, mesh)
     for part in parts.values():
         _parallelize(part, spec, mesh, device)
-    apply_fsdp(list(parts.values()), spec.data_parallel, mesh, spec.precision)
-    for part in parts.values():
-        part.to_empty(device=device)
+    apply_fsdp(list(parts.values()), spec.data_parallel, mesh, spec.precision,
+               cpu_offload=spec.cpu_offload)
+    for part in parts.values():  # FSDP copies offloaded shards to the GPU itself
+        part.to_empty(device="cpu" if spec.cpu_offload else device)
         part.init_weights(spec.seed)
     _log_size(parts.values(), parameters, device)
     if mesh.layout.pp > 1:
@@ -124,7 +125,8 @@ def _log_size(parts, parameters: int, device: torch.device) -> None:
 
 def _optimizer(model: nn.Module, spec: TrainSpec, device: torch.device) -> torch.optim.Optimizer:
     """AdamW with weight decay on the matrices but the embedding; MasterAdamW (its update
-    compiled on CUDA, where torch's AdamW is fused) or torch's fused AdamW."""
+    compiled on CUDA, where torch's AdamW is fused) or torch's AdamW, fused on CUDA and on
+    offloaded shards (host memory)."""
     decay, no_decay = [], []
     for name, p in model.named_parameters():
         (decay if p.ndim >= 2 and "embed" not in name else no_decay).append(p)
@@ -135,4 +137,4 @@ def _optimizer(model: nn.Module, spec: TrainSpec, device: torch.device) -> torch
         return MasterAdamW(groups, lr=o.lr, betas=(o.beta1, o.beta2), eps=o.eps,
                            keep_fp32=norm_gains(model), compile=device.type == "cuda")
     return torch.optim.AdamW(groups, lr=o.lr, betas=(o.beta1, o.beta2), eps=o.eps,
-                             fused=device.type == "cuda")
+                             fused=device.type == "cuda" or spec.cpu_offload)

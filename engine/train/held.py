@@ -11,19 +11,27 @@ from torch import nn
 from engine.model.llama import local_shard
 
 
-def held_bytes(model: nn.Module, optimizer: torch.optim.Optimizer) -> dict[str, int]:
+def held_bytes(model: nn.Module, optimizer: torch.optim.Optimizer,
+               offloaded: bool = False) -> dict[str, int]:
+    """`offloaded` (CPU offload): what lies in host memory is counted as `host` instead."""
     params = [p for group in optimizer.param_groups for p in group["params"]]
     masters = getattr(optimizer, "masters", {})  # MasterAdamW: fp32 masters beside bf16 weights
     state = [t for s in optimizer.state.values() for t in s.values()
              if isinstance(t, torch.Tensor)]
     sums = getattr(optimizer, "_flat_sum", None)  # its fp32 gradient sums
-    return {
-        "parameters": storage_bytes(local_shard(p.data) for p in params),
-        "gradients": storage_bytes(local_shard(p.grad) for p in params if p.grad is not None),
-        "masters": storage_bytes(w for p, w in masters.items() if w is not p),
-        "optimizer": storage_bytes(local_shard(t) for t in state),
-        "gradient_sums": storage_bytes([sums] if sums is not None else []),
+    categories = {
+        "parameters": [local_shard(p.data) for p in params],
+        "gradients": [local_shard(p.grad) for p in params if p.grad is not None],
+        "masters": [w for p, w in masters.items() if w is not p],
+        "optimizer": [local_shard(t) for t in state],
+        "gradient_sums": [sums] if sums is not None else [],
     }
+    out = {name: storage_bytes(t for t in tensors if not (offloaded and t.device.type == "cpu"))
+           for name, tensors in categories.items()}
+    if offloaded:
+        out["host"] = storage_bytes(t for tensors in categories.values() for t in tensors
+                                    if t.device.type == "cpu")
+    return out
 
 
 def storage_bytes(tensors) -> int:

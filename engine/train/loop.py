@@ -163,7 +163,7 @@ def train(spec: TrainSpec, stage: str) -> Manifest | None:
     """Run training; rank 0 returns the manifest, other ranks None."""
     with StopSignals(signal.SIGTERM, signal.SIGUSR2,
                      note="will save a checkpoint after this step and stop") as stop:
-        env = distributed.setup(spec.device)
+        env = distributed.setup(spec.device, cpu_offload=spec.cpu_offload)
         try:
             done = _finished(spec, stage)
             if done is not None:
@@ -337,7 +337,10 @@ class Trainer:
         # a single micro-batch is reduced by the wrapper, overlapped with the backward
         summing = self.master and len(micro) > 1
         for a, (inputs, targets, mask) in enumerate(micro):
-            set_gradient_sync(self.model, a == len(micro) - 1 and not summing)
+            # CPU offload reduces every micro-batch: its gradients add up in host memory rather
+            # than whole on the GPU
+            last = a == len(micro) - 1 or self.spec.cpu_offload
+            set_gradient_sync(self.model, last and not summing)
             if self.teacher is None:
                 loss_sum = _loss_sum(self.model, inputs, targets, mask, self.autocast,
                                      self.spec.fused_loss)
@@ -413,7 +416,7 @@ class Trainer:
         else:
             self.optimizer.step()
         if self.held is None:  # the first step: the optimizer's state exists now
-            self.held = held_bytes(self.model, self.optimizer)
+            self.held = held_bytes(self.model, self.optimizer, self.spec.cpu_offload)
             log.info("held by this rank after the first update: %s",
                      ", ".join(f"{k} {v} B" for k, v in self.held.items()))
         self.optimizer.zero_grad(set_to_none=True)

@@ -122,6 +122,11 @@ class TrainSpec(StageSpec):
                                          "(torchao); None: bf16")
     seed: int = 1234
     data_parallel: DataParallel = Field("ddp", description="ddp, or fsdp (sharded, ZeRO-3 style)")
+    cpu_offload: bool = Field(False, description="fsdp: fp32 weights, gradients and optimizer "
+                              "state in (pinned) host memory, each block's weights copied in "
+                              "for its forward and backward, the optimizer step on the CPU: a "
+                              "model too big for the GPU, at the cost of PCIe traffic",
+                              json_schema_extra=_NOT_OUTPUT)
     data_parallel_replicate: int = Field(
         1, ge=1, description="fsdp: replicas of the sharded model (HSDP: sharded within a "
         "replica, gradients averaged across)", json_schema_extra=_NOT_OUTPUT)
@@ -185,6 +190,18 @@ class TrainSpec(StageSpec):
             raise ValueError("precision bf16-master is for a whole model per rank (DDP): with "
                              "tensor_parallel or pipeline_parallel use bf16 (fp32 weights, "
                              "bf16 compute)")
+        return self
+
+    @model_validator(mode="after")
+    def _offload_needs_fsdp(self) -> "TrainSpec":
+        if not self.cpu_offload:
+            return self
+        if self.data_parallel != "fsdp":
+            raise ValueError("cpu_offload needs data_parallel fsdp (its shards are what moves "
+                             "to host memory)")
+        if self.tensor_parallel > 1 or self.pipeline_parallel > 1:
+            raise ValueError("cpu_offload is not supported with tensor_parallel or "
+                             "pipeline_parallel yet: use data_parallel fsdp alone")
         return self
 
     @model_validator(mode="after")
