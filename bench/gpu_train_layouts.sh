@@ -5,6 +5,7 @@
 # not fit the machine's disk). Logs under $OUT. The image lacks pydantic: carry .whl/py
 # (`bash bench/gpu_generate.sh wheels`).
 #   bash bench/gpu_train_layouts.sh SHAPE RECOMPUTE MICRO_BATCH [ddp|fsdp|fsdp-offload] [SEQ_LENGTH]
+#       [GLOBAL_BATCH] [ENGINE FLAGS ...]     (e.g. 16 --precision bf16: accumulate, autocast)
 set -euo pipefail
 source bench/gpu_stories.sh
 case "$1" in  # vocab hidden ffn layers heads kv-heads
@@ -14,9 +15,10 @@ llama-3-8b)     shape=(128256 4096 14336 32 32 8) ;;
 *) echo "unknown shape $1" >&2; exit 2 ;;
 esac
 seq=${5:-4096}
+batch=${6:-$3}
 dp=(--data-parallel "${4:-ddp}")
 [ "${4:-}" = fsdp-offload ] && dp=(--data-parallel fsdp --cpu-offload)
-log="${OUT:-/tmp}/train-$1-$2-mb$3-${4:-ddp}-seq$seq.log"
+log="${OUT:-/tmp}/train-$1-$2-mb$3-${4:-ddp}-seq$seq-gb$batch.log"
 rm -rf "$W/ckpt"
 python3 -m engine pretrain --config bench/configs/gpu_layouts.yaml \
     --model.vocab-size "${shape[0]}" --model.hidden-size "${shape[1]}" \
@@ -24,7 +26,7 @@ python3 -m engine pretrain --config bench/configs/gpu_layouts.yaml \
     --model.num-heads "${shape[4]}" --model.num-kv-heads "${shape[5]}" \
     --model.max-position-embeddings "$((seq > 4096 ? seq : 4096))" --data.seq-length "$seq" \
     --recompute "$2" --micro-batch-size "$3" \
-    --global-batch-size "$3" "${dp[@]}" >"$log" 2>&1 &
+    --global-batch-size "$batch" "${dp[@]}" "${@:7}" >"$log" 2>&1 &
 job=$!
 until grep -q "iter 12/12" "$log" || ! kill -0 "$job" 2>/dev/null; do sleep 1; done
 # SIGKILL: SIGTERM would make the job save a checkpoint (requeue) while the next one starts
