@@ -10,7 +10,9 @@ Numerics: `autocast` = bf16 autocast over fp32 weights and optimizer state (the 
 optimizer state in MasterAdamW (`precision: bf16-master`); `bf16` = pure bf16 weights and state.
 MFU = (6·N + 12·L·h·s)·tokens/s / peak, N = non-embedding parameters + LM head
 (engine/train/flops.py); peak from the GPU's name. `--attention` sets our model's
-attention_backend (flash_attn_4 needs the flash-attn-4 package).
+attention_backend (flash_attn_4 needs the flash-attn-4 package). The last two columns: a row's
+tokens/s over the fastest yardstick and HF rows of the same sequence length before it in the run
+(`--impl` runs them first by default).
 """
 
 from __future__ import annotations
@@ -229,6 +231,11 @@ def gemm_ceiling(device) -> float:
     return gemm_rate(8192, 8192, 8192, device, iters=10)
 
 
+def ratio(rate: float, reference: float | None) -> str:
+    """A row's tokens/s over the fastest reference row measured before it in the same run."""
+    return f"{rate / reference:.2f}" if reference else ""
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--shape", choices=SHAPES, default="tinyllama-1.1b")
@@ -270,13 +277,15 @@ def main() -> None:
     print(f"# {torch.cuda.get_device_name()} (bf16 8192³ matmul {gemm_ceiling(device):.0f} TFLOP/s) | "
           f"torch {torch.__version__} | shape {args.shape} | "
           f"loss {args.loss} | sdpa {args.sdpa} | bf16 reductions {args.bf16_reductions} | median of {args.steps} back-to-back steps after {args.warmup} warm-up")
-    print("| impl | numerics | compile | attention | seq | micro-batch | tokens/s | TFLOP/s | MFU | peak mem GiB | SM MHz | W (power-capped) | loss |")
-    print("|---|---|---|---|---|---|---|---|---|---|---|---|---|")
+    print("| impl | numerics | compile | attention | seq | micro-batch | tokens/s | TFLOP/s | MFU | "
+          "peak mem GiB | SM MHz | W (power-capped) | loss | × yardstick | × HF |")
+    print("|---" * 15 + "|")
     runs = {"hf": [(c, "sdpa", "off") for c in args.hf_compile or args.compile],
             "yardstick": [(args.yardstick_compile, "sdpa", "off")],
             "ours": [(c, a, f) for c in args.compile for a in args.attention
                      for f in args.float8]}
     for seq in args.seq:
+        fastest: dict[str, float] = {}  # impl -> its best tokens/s at this seq so far
         cfg = ModelConfig(**SHAPES[args.shape], max_position_embeddings=max(seq, 4096))
         mb = max(1, args.tokens_per_micro_batch // seq) if args.tokens_per_micro_batch else args.micro_batch
         for numerics in args.numerics:
@@ -297,9 +306,12 @@ def main() -> None:
                         gc.collect()
                         torch.cuda.empty_cache()
                         continue
-                    print(f"{row} {r['tokens_per_s']:,.0f} | {r['tflops']:.1f} | {r['mfu']:.1%} | "
-                          f"{r['peak_mem_gib']:.1f} | {clock_columns(r['clocks'])} | {r['loss']:.3f} |",
-                          flush=True)
+                    rate = r["tokens_per_s"]
+                    fastest[impl] = max(rate, fastest.get(impl, 0.0))
+                    print(f"{row} {rate:,.0f} | {r['tflops']:.1f} | {r['mfu']:.1%} | "
+                          f"{r['peak_mem_gib']:.1f} | {clock_columns(r['clocks'])} | "
+                          f"{r['loss']:.3f} | {ratio(rate, fastest.get('yardstick'))} | "
+                          f"{ratio(rate, fastest.get('hf'))} |", flush=True)
 
 if __name__ == "__main__":
     main()
