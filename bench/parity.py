@@ -21,6 +21,7 @@ import socket
 import subprocess
 import sys
 import tempfile
+import time
 from pathlib import Path
 
 import yaml
@@ -53,27 +54,36 @@ def spec(shape: str, layout: str, args, save: Path) -> dict:
             "optim": {"lr": 3e-4, "warmup_iters": 2}, "eval": {"interval": None}, **fields}
 
 
-def run_ranks(config: Path, ranks: int, log: Path) -> int:
-    """`python -m engine pretrain` as `ranks` processes of one job, each told its rank by its
-    environment; the first non-zero exit status, or 0."""
+def run_ranks(stage: list[str], ranks: int, log: Path, stop_when=None) -> int:
+    """`python -m engine STAGE ...` as `ranks` processes of one job, each told its rank by its
+    environment; the first non-zero exit status, or 0. `stop_when`, a test polled every second:
+    once it holds, the ranks are killed (SIGKILL: SIGTERM would make them save a checkpoint, a
+    big model's taking minutes and more disk than the machine has) and 0 is returned."""
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = str(s.getsockname()[1])
     base = {**os.environ, "WORLD_SIZE": str(ranks), "MASTER_ADDR": "127.0.0.1",
             "MASTER_PORT": port}
     with open(log, "w") as out:
-        procs = [subprocess.Popen([sys.executable, "-m", "engine", "pretrain", "--config",
-                                   str(config)], stdout=out, stderr=subprocess.STDOUT,
+        procs = [subprocess.Popen([sys.executable, "-m", "engine", *stage],
+                                  stdout=out, stderr=subprocess.STDOUT,
                                   env={**base, "RANK": str(r), "LOCAL_RANK": str(r)})
                  for r in range(ranks)]
+        while stop_when and any(p.poll() is None for p in procs):
+            if stop_when():
+                for p in procs:
+                    p.kill()
+                    p.wait()
+                return 0
+            time.sleep(1)
         codes = [p.wait() for p in procs]
     return next((c for c in codes if c), 0)
 
 
 def records(save: Path) -> list[dict]:
     lines = (save / "metrics.jsonl").read_text().splitlines()
-    return [r["data"] for r in map(json.loads, lines) if r["kind"] == "metrics"
-            and "loss" in r["data"]]
+    return [{**r["data"], "step": r["step"]} for r in map(json.loads, lines)
+            if r["kind"] == "metrics" and "loss" in r["data"]]
 
 
 def measure(shape: str, layout: str, args, work: Path) -> dict:
@@ -81,7 +91,7 @@ def measure(shape: str, layout: str, args, work: Path) -> dict:
     config = work / f"{layout}.yaml"
     config.write_text(yaml.safe_dump(spec(shape, layout, args, save)))
     ranks = LAYOUTS[layout][0]
-    status = run_ranks(config, ranks, work / f"{layout}.log")
+    status = run_ranks(["pretrain", "--config", str(config)], ranks, work / f"{layout}.log")
     if status:
         return {"layout": layout, "error": (work / f"{layout}.log").read_text()[-2000:]}
     steps = records(save)
