@@ -7,6 +7,8 @@
 #   bash bench/gpu_generate.sh part        carry + .whl/vllm/part_aa (part_ad: + setup.sh, zstandard)
 #   bash bench/gpu_generate.sh run "--shape tinyllama-1.1b --backends ours hf vllm"
 #   bash bench/gpu_generate.sh stage vllm tinyllama-1.1b      (or engine: the synthesize stage)
+#   bash bench/gpu_generate.sh stage vllm llama-3-8b 2 1      2 data-parallel engines of TP 1
+#   bash bench/gpu_generate.sh stage vllm llama-3-8b 1 2      1 engine at tensor parallel 2
 #   bash bench/gpu_generate.sh extend [--dtype bfloat16]       (bench/extend_vllm.py)
 set -euo pipefail
 shared=${SHARED:-../shared}
@@ -55,11 +57,15 @@ run|stage|extend)
         [ "$3" = tinyllama-1.1b ] || tokenizer=.whl/bench/tokenizer-128k  # carry it then
         [ -d "$teacher" ] || python3 -m bench.generate --shape "$3" --save-teacher "$teacher" \
             --tokenizer "$tokenizer"
+        ranks=${4:-1}
         rm -rf "/tmp/synth-$2-$3"
-        python3 -m engine synthesize --input .whl/bench/corpus.jsonl --teacher "$teacher" \
-            --output "/tmp/synth-$2-$3" --backend "$2" \
-            --sampling.max-tokens 512 --sampling.ignore-eos --no-progress 2>&1 \
-            | tee -a "$log"
+        for ((r = 0; r < ranks; r++)); do  # data-parallel engines: RANK of WORLD_SIZE each
+            RANK=$r LOCAL_RANK=$r WORLD_SIZE=$ranks python3 -m engine synthesize \
+                --input .whl/bench/corpus.jsonl --teacher "$teacher" --output "/tmp/synth-$2-$3" \
+                --backend "$2" --tensor-parallel-size "${5:-1}" --sampling.max-tokens 512 \
+                --sampling.ignore-eos --no-progress 2>&1 | tee -a "$log" &
+        done
+        wait
         python3 -c 'import json, sys; m = json.load(open(sys.argv[1]))
 s = m["summary"]; print(json.dumps({"stage": sys.argv[2], "shape": sys.argv[3],
 "generated_tokens": s["generated_tokens"], **s["throughput"]}))' \
