@@ -2,8 +2,8 @@
 its float8 twin, the attention kernel forward and backward (causal, the 1.1B shape's heads), a
 copy at memory bandwidth, an all-reduce over the node's GPUs when there are several, and the
 fixed cost of a block's forward and backward at a tiny size (kernel launches), and for CPU
-offload the copies between pinned host memory and the GPU and a fused AdamW step on the host's
-cores. One JSON line to
+offload the copies between pinned host memory and the GPU and the optimizer step (clipping,
+fused AdamW) on the host's cores. One JSON line to
 paste into gpus.json (with `source` naming the machine and the date).
 
     python -m bench.calibrate                        (GPU; torchrun --nproc-per-node N for links)
@@ -77,17 +77,23 @@ def host_link_gbps(gib: int = 1) -> float:
 
 
 def host_optimizer_gbps(params: int = 1 << 28) -> float:
-    """torch's fused AdamW on fp32 tensors in host memory: the bytes it reads and writes
-    (weights, gradients, two moments: 28 a parameter) a second."""
+    """The host's step under CPU offload, on fp32 tensors in host memory: the gradient norm and
+    clipping (12 bytes a parameter), then torch's fused AdamW (weights, gradients, two moments:
+    28); those bytes a second."""
     weights = [torch.nn.Parameter(torch.randn(params // 16)) for _ in range(16)]
     for w in weights:
         w.grad = torch.randn_like(w)
     optimizer = torch.optim.AdamW(weights, fused=True)
-    optimizer.step()
+
+    def step():
+        torch.nn.utils.clip_grad_norm_(weights, 1.0)
+        optimizer.step()
+
+    step()
     start = time.perf_counter()
     for _ in range(3):
-        optimizer.step()
-    return 3 * 28 * params / (time.perf_counter() - start) / 1e9
+        step()
+    return 3 * 40 * params / (time.perf_counter() - start) / 1e9
 
 
 def allreduce_busbw_gbps(mib: int = 512) -> float | None:

@@ -4,9 +4,10 @@ what autograd keeps for the backward. It counts the bytes of the distinct storag
 tensors (a DTensor's local shard), leaving out the parameters. The allocator cannot be read here:
 gloo's threads free the buffers of collectives where torch's profiler does not see them. Also
 printed: the bytes of the causal masks that SDPA materialises on the CPU for context parallel's
-chunks (CUDA's kernels build none).
+chunks (CUDA's kernels build none). Storages are counted as they are once the forward is done:
+FSDP's gathered weights, saved by the matmuls, are freed by then (regathered for the backward).
 
-    python -m tests.saved_activations TP CP PRECISION    (RANK, WORLD_SIZE, MASTER_* set)
+    python -m tests.saved_activations TP CP PRECISION [DATA_PARALLEL]  (RANK, WORLD_SIZE, MASTER_*)
 """
 
 from __future__ import annotations
@@ -35,23 +36,24 @@ def _storage(t: torch.Tensor) -> torch.UntypedStorage:
     return getattr(local, "elem", local).untyped_storage()  # a collective's async wrapper
 
 
-def main(tp: int, cp: int, precision: str) -> None:
+def main(tp: int, cp: int, precision: str, data_parallel: str = "ddp") -> None:
+    env = setup("cpu")
+    data_ranks = env.world_size // (tp * cp)
     spec = PretrainSpec.model_validate({
         "model": CFG.model_dump(), "data": {"blend": ["unused"], "seq_length": TOKENS},
-        "checkpoint": {"save": "unused"}, "iters": 1, "global_batch_size": 1,
-        "tensor_parallel": tp, "context_parallel": cp, "recompute": "none",
-        "precision": precision, "device": "cpu"})
-    env = setup("cpu")
+        "checkpoint": {"save": "unused"}, "iters": 1, "global_batch_size": data_ranks,
+        "tensor_parallel": tp, "context_parallel": cp, "data_parallel": data_parallel,
+        "recompute": "none", "precision": precision, "device": "cpu"})
     model = build(CFG, spec, build_mesh(spec.layout(env.world_size), env.device), env.device).model
     params = {_storage(p).data_ptr() for p in model.parameters()}
-    saved: dict[int, int] = {}
+    saved: dict[int, torch.UntypedStorage] = {}
     masks = 0
 
     def pack(t: torch.Tensor) -> torch.Tensor:
         nonlocal masks
         storage = _storage(t)
         if storage.data_ptr() not in params and storage.data_ptr() not in saved:
-            saved[storage.data_ptr()] = storage.nbytes()
+            saved[storage.data_ptr()] = storage
             if cp > 1 and t.dim() == 2 and t.shape[0] == TOKENS // (2 * cp):  # [chunk, keys]
                 masks += storage.nbytes()
         return t
@@ -62,9 +64,11 @@ def main(tp: int, cp: int, precision: str) -> None:
     autocast = torch.autocast("cpu", dtype=torch.bfloat16) if precision == "bf16" \
         else contextlib.nullcontext()
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t), autocast:
-        model(ids, targets=ids)
-    print(json.dumps({"rank": env.rank, "saved": sum(saved.values()), "masks": masks}))
+        loss = model(ids, targets=ids)
+    print(json.dumps({"rank": env.rank, "saved": sum(s.nbytes() for s in saved.values()),
+                      "masks": masks}))
+    del loss
 
 
 if __name__ == "__main__":
-    main(int(sys.argv[1]), int(sys.argv[2]), sys.argv[3])
+    main(int(sys.argv[1]), int(sys.argv[2]), *sys.argv[3:])

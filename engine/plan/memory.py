@@ -18,7 +18,7 @@ from engine.parallel.layout import Layout
 from engine.plan.shards import Held, rank_params
 
 GIB = 2 ** 30
-LOSS_CHUNK = 8192  # tokens per chunk of the fused loss (engine/model/fused_loss.py)
+LOSS_CHUNK = 4096  # tokens per chunk of the fused loss (engine/model/fused_loss.py's chunk_rows)
 
 
 @dataclass(frozen=True)
@@ -102,11 +102,15 @@ class Shape:
     tp: int
 
 
-def shape(cfg: ModelConfig, precision: str, tp: int, sequence_parallel: bool) -> Shape:
+def shape(cfg: ModelConfig, precision: str, tp: int, sequence_parallel: bool,
+          fsdp: bool = False) -> Shape:
+    """`fsdp`: FSDP applies (its mixed-precision policy gathers the weights in the compute
+    dtype, which the forward then reads)."""
+    c = 4 if precision == "fp32" else 2
     return Shape(h=cfg.hidden_size, q=cfg.num_heads * cfg.head_dim // tp,
                  kv=cfg.num_kv_heads * cfg.head_dim // tp, ffn=cfg.intermediate_size // tp,
                  heads=cfg.num_heads // tp, d=cfg.head_dim, vocab=cfg.vocab_size // tp,
-                 c=4 if precision == "fp32" else 2, p=2 if precision == "bf16-master" else 4,
+                 c=c, p=c if fsdp else 2 if precision == "bf16-master" else 4,
                  sp=tp if sequence_parallel and tp > 1 else 1, tp=tp)
 
 
@@ -132,10 +136,10 @@ def layer_activations(s: Shape, tokens: int, recompute: str, precision: str, cp:
         return tokens * per_token
     norms = 2 * ((4 + c) * h // sp + (c * h if sp > 1 else 0)) + 8
     per_token = norms + c * (5 * s.q + 4 * s.ffn + gathered_kv) + 4 * s.heads
-    if precision == "fp32":
-        weights = 4 * 2 * s.ffn * h
-    elif precision == "bf16-master":
+    if precision == "bf16-master":
         weights = 2 * 2 * s.ffn * h + 2 * 2 * h
+    elif s.p == c:  # weights in the compute dtype (fp32; FSDP's copies): the stacked weight
+        weights = c * 2 * s.ffn * h
     else:  # autocast's cached casts of every matrix, and the stacked weight's cast
         weights = 2 * (3 * s.ffn * h + (2 * s.q + 2 * s.kv) * h) + 2 * 2 * h
     return tokens * per_token + weights
@@ -172,7 +176,7 @@ def rank_memory(cfg: ModelConfig, spec, layout: Layout, pp_rank: int,
     held = held if held is not None else spec_params(cfg, spec, layout, pp_rank)
     micro = spec.micro_batches(layout)
     static = held_bytes(held, spec.precision, layout.tp > 1 and not fsdp, micro)
-    s = shape(cfg, spec.precision, layout.tp, spec.sequence_parallel)
+    s = shape(cfg, spec.precision, layout.tp, spec.sequence_parallel, fsdp or spec.cpu_offload)
     tokens = spec.micro_batch_size * spec.data.seq_length // layout.cp
     layers = sum(1 for h in held if h.param.name.endswith("attn_norm.weight"))
     names = {h.param.name for h in held}
@@ -181,14 +185,14 @@ def rank_memory(cfg: ModelConfig, spec, layout: Layout, pp_rank: int,
     activations = layers * one + edge_activations(s, tokens, first, last)
     head_gradient = s.vocab * s.h * s.p if last else 0  # one for every micro-batch
     pipeline = int((activations - head_gradient) * (in_flight(spec, layout, pp_rank, micro) - 1))
-    # transient: a block recomputed whole in its backward; the loss's chunk of logits and its
-    # gradient; FSDP's gathered block (and the next, prefetched) and its gradients before the
-    # reduce-scatter; bf16-master's gradients before they join the fp32 sums (DDP's buckets are
-    # the gradients themselves: gradient_as_bucket_view)
-    buffers = (layer_activations(s, tokens, "none", spec.precision, layout.cp) - one) if layers \
+    # transient: a block recomputed whole in its backward, or before it the loss's chunk of
+    # logits and their gradient (compute dtype: the compiled chunk kernel keeps the fp32 logits
+    # in registers), whichever is larger; FSDP's gathered block (and the next, prefetched) and
+    # its gradients before the reduce-scatter; bf16-master's gradients before they join the
+    # fp32 sums (DDP's buckets are the gradients themselves: gradient_as_bucket_view)
+    rebuilt = (layer_activations(s, tokens, "none", spec.precision, layout.cp) - one) if layers \
         else 0
-    if last:
-        buffers += 2 * 4 * min(tokens, LOSS_CHUNK) * s.vocab
+    buffers = max(rebuilt, 2 * s.c * min(tokens, LOSS_CHUNK) * s.vocab if last else 0)
     block = sum(h.numel for h in held if h.param.name.startswith("layers.")) // max(layers, 1)
     if fsdp or spec.cpu_offload:
         shards = layout.dp_shard * layout.cp

@@ -119,13 +119,14 @@ def step_timing(cfg: ModelConfig, layout: Layout, gpu: Gpu, *, seq: int, global_
 def _optimizer_s(gpu: Gpu, params: int, micro: int, cpu_offload: bool) -> tuple[float, float]:
     """Seconds of CPU offload's copies (the fp32 shards in for every forward and backward, the
     fp32 gradients out after it: every micro-batch) and of the host's work. AdamW reads and
-    writes weights, gradients, two moments (and masters): ~40 bytes a parameter on the GPU; 28
-    on the host, fp32 without masters, which also adds each later micro-batch's gradients to
-    the sums (12 bytes)."""
+    writes weights, gradients, two moments (and masters): ~40 bytes a parameter on the GPU.
+    On the host, fp32 without masters: the gradient norm and clipping (12 bytes: read, then
+    read and write) and AdamW (28), and each later micro-batch's gradients added to the sums
+    (12)."""
     if not cpu_offload:
         return 0.0, params * 40 / (gpu.hbm_gbps * 1e9)
     copies = params * 4 * 3 * micro
-    host = params * (28 + 12 * (micro - 1))
+    host = params * (40 + 12 * (micro - 1))
     return copies / (gpu.host_link_gbps * 1e9), host / (gpu.host_optimizer_gbps * 1e9)
 
 
