@@ -76,7 +76,8 @@ def _elementwise(cfg: ModelConfig, spec, layout: Layout) -> dict:
     """The non-matmul memory traffic of a GPU's step: each block's activations (without
     recompute) written once and read twice, and what recompute rebuilds written again; and the
     block forward-backwards it runs."""
-    s = shape(cfg, spec.precision, layout.tp, spec.sequence_parallel)
+    s = shape(cfg, spec.precision, layout.tp, spec.sequence_parallel,
+              sharded(spec, layout) or spec.cpu_offload)
     tokens = spec.micro_batch_size * spec.data.seq_length // layout.cp
     whole = layer_activations(s, tokens, "none", spec.precision, layout.cp)
     rebuilt = whole - layer_activations(s, tokens, spec.recompute, spec.precision, layout.cp)
