@@ -30,7 +30,8 @@ from pydantic import ValidationError
 
 from bench.parity import SHAPES, records, run_ranks
 from engine.model.config import ModelConfig
-from engine.plan.estimate import Estimate, estimate
+from engine.plan.estimate import Estimate
+from engine.plan.search import ranked
 from engine.plan.timing import Gpu, gpus
 from engine.train.spec import PretrainSpec
 
@@ -65,17 +66,17 @@ def base_spec(args, layers: int, save: Path) -> dict:
 def planned(base: dict, layout: str, gpu: Gpu) -> tuple[dict, Estimate]:
     """The layout's spec with the micro-batch and recompute the planner predicts fastest among
     those that fit (the fastest of all when none fits), and its estimate."""
-    cfg = ModelConfig.model_validate(base["model"])
-    options = []
+    specs = []
     for micro, recompute in itertools.product((1, 2, 4), ("none", "selective", "full")):
-        data = {**base, **LAYOUTS[layout], "micro_batch_size": micro, "recompute": recompute}
         try:
-            spec = PretrainSpec.model_validate(data)
+            spec = PretrainSpec.model_validate({**base, **LAYOUTS[layout],
+                                                "micro_batch_size": micro, "recompute": recompute})
             spec.check_world(GPUS)
         except (ValidationError, ValueError):  # a batch these ranks do not split into
             continue
-        options.append((data, estimate(cfg, spec, GPUS, gpu, GPUS)))
-    return min(options, key=lambda o: (not o[1].fits, -o[1].tokens_per_s))
+        specs.append(spec)
+    best = ranked(ModelConfig.model_validate(base["model"]), specs, GPUS, gpu, GPUS)[0]
+    return {**base, **best.fields}, best
 
 
 def layers_that_fit(args, gpu: Gpu) -> int:

@@ -6,8 +6,8 @@ from dataclasses import dataclass
 
 from engine.model.config import ModelConfig
 from engine.parallel.layout import Layout
-from engine.plan.memory import (GIB, Memory, layer_activations, rank_memory, shape, sharded,
-                                spec_params)
+from engine.plan.memory import (GIB, Memory, fsdp_wraps, layer_activations, rank_memory, shape,
+                                sharded, spec_params)
 from engine.plan.timing import Gpu, Timing, step_timing
 
 HEADROOM_GIB = 2.0  # CUDA context, NCCL buffers, the allocator's fragmentation
@@ -76,8 +76,7 @@ def _elementwise(cfg: ModelConfig, spec, layout: Layout) -> dict:
     """The non-matmul memory traffic of a GPU's step: each block's activations (without
     recompute) written once and read twice, and what recompute rebuilds written again; and the
     block forward-backwards it runs."""
-    s = shape(cfg, spec.precision, layout.tp, spec.sequence_parallel,
-              sharded(spec, layout) or spec.cpu_offload)
+    s = shape(cfg, spec.precision, layout.tp, spec.sequence_parallel, fsdp_wraps(spec, layout))
     tokens = spec.micro_batch_size * spec.data.seq_length // layout.cp
     whole = layer_activations(s, tokens, "none", spec.precision, layout.cp)
     rebuilt = whole - layer_activations(s, tokens, spec.recompute, spec.precision, layout.cp)

@@ -104,8 +104,7 @@ class Shape:
 
 def shape(cfg: ModelConfig, precision: str, tp: int, sequence_parallel: bool,
           fsdp: bool = False) -> Shape:
-    """`fsdp`: FSDP applies (its mixed-precision policy gathers the weights in the compute
-    dtype, which the forward then reads)."""
+    """`fsdp`: FSDP wraps the model (fsdp_wraps)."""
     c = 4 if precision == "fp32" else 2
     return Shape(h=cfg.hidden_size, q=cfg.num_heads * cfg.head_dim // tp,
                  kv=cfg.num_kv_heads * cfg.head_dim // tp, ffn=cfg.intermediate_size // tp,
@@ -161,6 +160,12 @@ def sharded(spec, layout: Layout) -> bool:
     return spec.data_parallel == "fsdp" and layout.dp_shard * layout.cp > 1
 
 
+def fsdp_wraps(spec, layout: Layout) -> bool:
+    """Whether FSDP wraps the model (sharded, or offloaded on one rank): its mixed-precision
+    policy then gathers the weights in the compute dtype, which the forward reads."""
+    return sharded(spec, layout) or spec.cpu_offload
+
+
 def spec_params(cfg: ModelConfig, spec, layout: Layout, pp_rank: int) -> list[Held]:
     """What pipeline rank `pp_rank` holds under training spec `spec` (a TrainSpec)."""
     return rank_params(cfg, layout, sharded(spec, layout), pp_rank, spec.pipeline_schedule,
@@ -176,7 +181,7 @@ def rank_memory(cfg: ModelConfig, spec, layout: Layout, pp_rank: int,
     held = held if held is not None else spec_params(cfg, spec, layout, pp_rank)
     micro = spec.micro_batches(layout)
     static = held_bytes(held, spec.precision, layout.tp > 1 and not fsdp, micro)
-    s = shape(cfg, spec.precision, layout.tp, spec.sequence_parallel, fsdp or spec.cpu_offload)
+    s = shape(cfg, spec.precision, layout.tp, spec.sequence_parallel, fsdp_wraps(spec, layout))
     tokens = spec.micro_batch_size * spec.data.seq_length // layout.cp
     layers = sum(1 for h in held if h.param.name.endswith("attn_norm.weight"))
     names = {h.param.name for h in held}
@@ -194,7 +199,7 @@ def rank_memory(cfg: ModelConfig, spec, layout: Layout, pp_rank: int,
         else 0
     buffers = max(rebuilt, 2 * s.c * min(tokens, LOSS_CHUNK) * s.vocab if last else 0)
     block = sum(h.numel for h in held if h.param.name.startswith("layers.")) // max(layers, 1)
-    if fsdp or spec.cpu_offload:
+    if fsdp_wraps(spec, layout):
         shards = layout.dp_shard * layout.cp
         buffers += block * shards * (2 * s.c + 4)
     if static["gradient_sums"]:
