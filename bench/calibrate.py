@@ -1,16 +1,19 @@
 """The planner's per-GPU rates, measured (engine/plan/gpus.json's fields): a large bf16 GEMM and
 its float8 twin, the attention kernel forward and backward (causal, the 1.1B shape's heads), a
-copy at memory bandwidth, an all-reduce over the node's GPUs when there are several, and the
-fixed cost of a block's forward and backward at a tiny size (kernel launches), and for CPU
-offload the copies between pinned host memory and the GPU and the optimizer step (clipping,
-fused AdamW) on the host's cores. One JSON line to
-paste into gpus.json (with `source` naming the machine and the date).
+copy at memory bandwidth, an all-reduce over the node's GPUs when there are several, the
+host's time for an eager block's forward and backward at a tiny size (its op launches; under
+each recompute mode, as ratios to none: engine/plan/timing.EAGER_HOST), and for CPU offload the
+copies between pinned host memory and the GPU and the optimizer step (clipping, fused AdamW) on
+the host's cores. One JSON line to paste into gpus.json (with `source` naming the machine and
+the date).
 
     python -m bench.calibrate                        (GPU; torchrun --nproc-per-node N for links)
+    python -m bench.calibrate --host                 (the eager block alone, on this CPU)
 """
 
 from __future__ import annotations
 
+import argparse
 import datetime
 import json
 import os
@@ -24,6 +27,7 @@ from bench.train_step import gemm_ceiling, mean_time
 from engine.model.config import ModelConfig
 from engine.model.llama import Block
 from engine.model.rope import rope_cos_sin
+from engine.parallel.recompute import apply_recompute
 
 
 def attention_tflops(seq: int = 4096, heads: int = 32, dim: int = 64, batch: int = 4) -> float:
@@ -57,14 +61,21 @@ def hbm_gbps(gib: int = 4) -> float:
     return 2 * src.numel() / mean_time(lambda: dst.copy_(src)) / 1e9
 
 
-def block_overhead_ms() -> float:
-    """A block's forward and backward on 8 tokens: what is left is launches and Python."""
+def eager_block_ms(device: torch.device) -> dict[str, float]:
+    """A block's eager forward and backward on 8 tokens under each recompute mode: what is left
+    is the host launching ops (and, under selective recompute, its policy seeing each op)."""
     cfg = ModelConfig(vocab_size=256, hidden_size=256, intermediate_size=512, num_layers=1,
                       num_heads=4, num_kv_heads=4, max_position_embeddings=64)
-    block = Block(cfg).cuda()
-    x = torch.randn(1, 8, 256, device="cuda", requires_grad=True)
-    cos, sin = rope_cos_sin(cfg, torch.arange(8, device="cuda")[None], torch.float32)
-    return 1e3 * mean_time(lambda: block(x, cos, sin).sum().backward())
+    x = torch.randn(1, 8, 256, device=device, requires_grad=True)
+    cos, sin = rope_cos_sin(cfg, torch.arange(8, device=device)[None], torch.float32)
+    times = {}
+    for mode in ("none", "full", "selective"):
+        holder = torch.nn.Module()
+        holder.layers = torch.nn.ModuleDict({"0": Block(cfg).to(device)})
+        apply_recompute(holder, mode)
+        block = holder.layers["0"]
+        times[mode] = 1e3 * mean_time(lambda: block(x, cos, sin).sum().backward(), iters=100)
+    return times
 
 
 def host_link_gbps(gib: int = 1) -> float:
@@ -106,14 +117,23 @@ def allreduce_busbw_gbps(mib: int = 512) -> float | None:
 
 
 def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--host", action="store_true",
+                        help="only the eager block's host time, on this machine's CPU")
+    if parser.parse_args().host:
+        torch.set_num_threads(1)
+        print(json.dumps({k: round(v, 3) for k, v in eager_block_ms(torch.device("cpu")).items()}))
+        return
     if "RANK" in os.environ:
         dist.init_process_group("nccl")
         torch.cuda.set_device(int(os.environ["LOCAL_RANK"]))
     fp8 = fp8_gemm_tflops()
+    block = eager_block_ms(torch.device("cuda"))
     row = {"gemm_tflops": round(gemm_ceiling(torch.device("cuda"))),
            "fp8_gemm_tflops": round(fp8) if fp8 else None,
            "attention_tflops": round(attention_tflops()),
-           "hbm_gbps": round(hbm_gbps()), "block_overhead_ms": round(block_overhead_ms(), 3),
+           "hbm_gbps": round(hbm_gbps()), "eager_block_ms": round(block["none"], 3),
+           "eager_host_ratios": {k: round(v / block["none"], 2) for k, v in block.items()},
            "node_link_gbps": allreduce_busbw_gbps(),
            "host_link_gbps": round(host_link_gbps()),
            "host_optimizer_gbps": round(host_optimizer_gbps()),

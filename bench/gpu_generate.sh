@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Generation throughput on the GPU machine (bench/generate.py and the synthesize stage), logs under
 # $OUT. The image lacks pydantic and its kin, datasketch and vLLM: `bash bench/gpu_generate.sh
-# wheels` puts them under .whl/ here (.whl/py, .whl/bench: a tokenizer and a corpus; .whl/vllm: the
+# wheels` puts them under .whl/ here (.whl/py, .whl/bench: a tokenizer and two corpora; .whl/vllm: the
 # four 46 MiB parts of ../shared/tools/vllm-bundle). Then device runs back to back (a held machine
 # keeps /tmp), each carrying [".whl/py", ".whl/bench"] and at most one part (64 MiB a run):
 #   bash bench/gpu_generate.sh part        carry + .whl/vllm/part_aa (part_ad: + setup.sh, zstandard)
@@ -37,7 +37,15 @@ json.dump(t, open(sys.argv[2], "w"), ensure_ascii=False, separators=(",", ":"))'
 text = " ".join(t); docs = [text[i * 1100:(i + 1) * 1100] for i in range(1024)]
 assert len(docs[-1]) == 1100
 open(".whl/bench/corpus.jsonl", "w").writelines(json.dumps({"text": d}) + "\n" for d in docs)' \
-        "$shared/data/text/gutenberg/pg2701.txt" ;;
+        "$shared/data/text/gutenberg/pg2701.txt"
+    # every real text of ../shared/data (books, WikiText-2, LAMBADA, FOMC statements; ~2.0M
+    # Llama-2 tokens) in documents of 8,000 characters, for loss curves that see no text twice
+    python3 -c 'import json, sys
+texts = [json.loads(line)["text"] if f.endswith(".jsonl") else line
+         for f in sys.argv[1:] for line in (open(f) if f.endswith(".jsonl") else [open(f).read()])]
+docs = [t[i:i + 8000] for t in texts for i in range(0, len(t), 8000)]
+open(".whl/bench/text.jsonl", "w").writelines(json.dumps({"text": d}) + "\n" for d in docs)' \
+        "$shared"/data/text/{gutenberg/*.txt,wikitext-2-raw/*.txt,lambada/*.jsonl,finance/*.jsonl} ;;
 part)
     mkdir -p /tmp/parts
     cp .whl/vllm/* /tmp/parts/ ;;

@@ -1,8 +1,10 @@
 #!/usr/bin/env bash
 # Training-step throughput on one GPU against the yardstick (bench/yardstick.py) and HF, with
 # and without float8, one shape after another in one run (bench/train_step.py); then float8's
-# 300-step loss curve beside bf16-master's (bench/loss_curve.py). Carry .whl/py (torchao is
-# among its wheels) and .whl/bench (the corpus and tokenizer). Logs under $OUT.
+# 300-step loss curve beside bf16-master's (bench/loss_curve.py) on real text that it reads once
+# (300 × 4,096 tokens of .whl/bench/text.jsonl's ~2.0M). Carry .whl/py (torchao is among its
+# wheels) and .whl/bench (the corpora and tokenizer: `bash bench/gpu_generate.sh wheels`). Logs
+# under $OUT.
 #   bash bench/gpu_perf.sh steps [SHAPE ...]     (default: tinyllama-1.1b llama-3.2-3b)
 #   bash bench/gpu_perf.sh curve [SHAPE]         (default: llama-3.2-3b)
 set -euo pipefail
@@ -21,9 +23,9 @@ steps)
             --float8 off tensorwise rowwise 2>&1 | tee -a "$log"
     done ;;
 curve)
-    python3 -m bench.loss_curve --corpus .whl/bench/corpus.jsonl \
+    python3 -m bench.loss_curve --corpus .whl/bench/text.jsonl \
         --tokenizer .whl/bench/tokenizer/tokenizer.model --shape "${2:-llama-3.2-3b}" \
-        --micro-batch 2 --iters 300 --runs optimised-master optimised-master-float8-tensorwise \
+        --micro-batch 1 --iters 300 --runs optimised-master optimised-master-float8-tensorwise \
         optimised-master-float8-rowwise 2>&1 | tee -a "$log" ;;
 *) echo "usage: bash bench/gpu_perf.sh steps|curve [SHAPE ...]" >&2; exit 2 ;;
 esac

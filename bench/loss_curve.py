@@ -27,7 +27,7 @@ import torch._inductor.config as inductor
 from bench.train_step import ATTENTION, SHAPES
 from engine.data import tokenize
 from engine.model.config import ModelConfig
-from engine.train import loop, pretrain
+from engine.train import build, pretrain
 from engine.train.master_adamw import norm_gains
 
 
@@ -54,15 +54,15 @@ def _gains_and_head(model: torch.nn.Module) -> list[torch.nn.Parameter]:
 
 @contextlib.contextmanager
 def probe(name: str | None):
-    saved = inductor.emulate_precision_casts, loop.norm_gains
+    saved = inductor.emulate_precision_casts, build.norm_gains
     inductor.emulate_precision_casts = name == "eager-rounding"
     if name == "fp32-head":  # what the training loop keeps fp32 under bf16-master
-        loop.norm_gains = _gains_and_head
+        build.norm_gains = _gains_and_head
     torch._dynamo.reset()  # compile again under this setting
     try:
         yield
     finally:
-        inductor.emulate_precision_casts, loop.norm_gains = saved
+        inductor.emulate_precision_casts, build.norm_gains = saved
         torch._dynamo.reset()
 
 
@@ -81,7 +81,14 @@ def train(name: str, work: Path, prefix: str, args, compiled: bool, fused: bool,
         float8={"recipe": float8} if float8 else None, seed=1234)
     with probe(numerics_probe):
         pretrain.run(spec)
-    rows = [json.loads(line) for line in (save / "metrics.jsonl").read_text().splitlines()]
+    for checkpoint in save.glob("iter_*"):  # two 3B ones do not fit the GPU machine's disk
+        shutil.rmtree(checkpoint)
+    return read_curve(save / "metrics.jsonl")
+
+
+def read_curve(metrics: Path) -> list[dict]:
+    """The training loop's logged windows (loss, tokens/s, MFU) from a run's metrics.jsonl."""
+    rows = [json.loads(line) for line in metrics.read_text().splitlines()]
     return [{"step": r["step"], **r["data"]} for r in rows
             if r["kind"] == "metrics" and "loss" in r["data"]]
 
@@ -108,13 +115,17 @@ def main() -> None:
     tokenize.run(tokenize.Spec(input=[args.corpus], output_prefix=prefix, tokenizer=args.tokenizer,
                                append_eod=True, workers=8, progress=False))
     prefix += "_text_document"
-    curves = {name: train(name, work, prefix, args, *RUNS[name]) for name in args.runs}
+    report({name: train(name, work, prefix, args, *RUNS[name]) for name in args.runs})
 
-    first, others = args.runs[0], args.runs[1:]
-    print(f"\n| iteration | {' | '.join(args.runs)} | " + " | ".join(f"{first} − {o}" for o in others) + " |")
-    print("|---:|" + "---:|" * (len(args.runs) + len(others)))
+
+def report(curves: dict[str, list[dict]]) -> None:
+    """The curves side by side, each later one's difference from the first, and their rates."""
+    runs = list(curves)
+    first, others = runs[0], runs[1:]
+    print(f"\n| iteration | {' | '.join(runs)} | " + " | ".join(f"{first} − {o}" for o in others) + " |")
+    print("|---:|" + "---:|" * (len(runs) + len(others)))
     diffs: dict[str, list[float]] = {o: [] for o in others}
-    for rows in zip(*(curves[n] for n in args.runs)):
+    for rows in zip(*(curves[n] for n in runs)):
         for o, row in zip(others, rows[1:]):
             diffs[o].append(rows[0]["loss"] - row["loss"])
         print(f"| {rows[0]['step']} | " + " | ".join(f"{r['loss']:.4f}" for r in rows) + " | "

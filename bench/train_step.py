@@ -207,14 +207,16 @@ def clock_columns(c: ClockSummary | None) -> str:
 
 
 def mean_time(fn, iters: int = 20) -> float:
-    """Mean seconds of `fn` on the GPU over `iters` calls, after 3 warm-up calls."""
+    """Mean seconds of `fn` on the GPU (or the CPU, without one) over `iters` calls, after 3
+    warm-up calls."""
+    sync = torch.cuda.synchronize if torch.cuda.is_available() else lambda: None
     for _ in range(3):
         fn()
-    torch.cuda.synchronize()
+    sync()
     t = time.perf_counter()
     for _ in range(iters):
         fn()
-    torch.cuda.synchronize()
+    sync()
     return (time.perf_counter() - t) / iters
 
 

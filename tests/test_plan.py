@@ -258,6 +258,30 @@ def test_float8_blocks_at_the_fp8_rate_with_their_casts():
     assert "| tp 1," in run.stdout and "| tp 2," not in run.stdout
 
 
+def test_eager_blocks_wait_for_the_host():
+    """Eager blocks on short micro-batches are bound by the host launching their ops, most under
+    selective recompute (its policy sees every op): the 3B shape at 2k tokens a micro-batch is
+    predicted at the host's pace, compiled blocks and longer micro-batches at the GPU's."""
+    from engine.plan.estimate import estimate
+    from engine.plan.timing import EAGER_HOST, gpus
+
+    cfg = ModelConfig(vocab_size=128256, hidden_size=3072, intermediate_size=8192,
+                      num_layers=28, num_heads=24, num_kv_heads=8, max_position_embeddings=8192)
+    gpu = gpus()["H100"]
+
+    def timing(seq: int, recompute: str, compiled: bool):
+        spec = {"model": cfg.model_dump(), "data": {"blend": ["d"], "seq_length": seq},
+                "checkpoint": {"save": "s"}, "iters": 1, "micro_batch_size": 2,
+                "global_batch_size": 2, "recompute": recompute, "compile": compiled}
+        return estimate(cfg, PretrainSpec.model_validate(spec), 1, gpu, 1).timing
+
+    host = cfg.num_layers * gpu.eager_block_ms * EAGER_HOST["selective"] / 1e3
+    assert timing(2048, "selective", False).compute_s == pytest.approx(host)
+    assert timing(2048, "none", False).compute_s > cfg.num_layers * gpu.eager_block_ms / 1e3
+    assert timing(2048, "selective", True).compute_s < 0.6 * host
+    assert timing(8192, "selective", False).compute_s > 1.5 * host
+
+
 def _saved_by_ranks(tp: int, cp: int, precision: str, fsdp: int = 1) -> list[dict]:
     """tests/saved_activations.py as tp × cp (× `fsdp` FSDP ranks) gloo ranks."""
     ranks = tp * cp * fsdp

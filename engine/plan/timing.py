@@ -3,7 +3,8 @@
 kernel's rate, the elementwise work (norms, RoPE, SiLU, casts: their activations written in the
 forward and read twice in the backward; selective recompute's again) at memory bandwidth, a
 fixed cost per block and micro-batch (kernel launches), the pipeline's bubble, the
-communication that does not overlap, and the optimizer's pass over its state. Torch-free."""
+communication that does not overlap, and the optimizer's pass over its state. Eager blocks are
+also bound by the host, which launches their ops one by one. Torch-free."""
 
 from __future__ import annotations
 
@@ -19,9 +20,13 @@ from engine.train.flops import flops_per_token, matmul_params
 GPUS_FILE = Path(__file__).with_name("gpus.json")
 ZERO_BUBBLE = ("interleaved-zb", "zbv", "dualpipev")
 # eager PyTorch runs the elementwise work as many small kernels, each reading and writing whole
-# tensors: ~6× the traffic of the fused kernels of compile (fitted on six eager runs of the 1.1B
-# and 3B shapes on an H100, docs/planner.md)
-EAGER_TRAFFIC = 6.0
+# tensors: ~5× the traffic of the fused kernels of compile (fitted on ten eager runs of the 1.1B
+# and 3B shapes on H100s, docs/planner.md)
+EAGER_TRAFFIC = 5.0
+# the host's time for an eager block's forward and backward, relative to no recompute: full
+# recompute runs the forward twice; selective also passes every op through its policy
+# (`python -m bench.calibrate --host`)
+EAGER_HOST = {"none": 1.0, "full": 1.9, "selective": 2.8}
 
 
 @dataclass(frozen=True)
@@ -35,7 +40,8 @@ class Gpu:
     hbm_gbps: float
     node_link_gbps: float   # bus bandwidth of a collective within a node
     network_gbps: float     # per GPU, between nodes
-    block_overhead_ms: float  # per block and micro-batch, forward and backward
+    block_overhead_ms: float  # per compiled block and micro-batch, forward and backward
+    eager_block_ms: float     # the host's time to launch an eager block's forward and backward
     host_link_gbps: float     # host-to-GPU copies of pinned memory (CPU offload)
     host_optimizer_gbps: float  # a fused AdamW step on the host, bytes of its state a second
     source: str
@@ -84,6 +90,8 @@ def step_timing(cfg: ModelConfig, layout: Layout, gpu: Gpu, *, seq: int, global_
     compute = (_matmul_s(cfg, matmul, gpu, float8_layers)
                + attention / (gpu.attention_tflops * 1e12)
                + elementwise_bytes / (gpu.hbm_gbps * 1e9) + blocks * gpu.block_overhead_ms / 1e3)
+    if not compiled:  # the GPU waits for the host where the kernels are short
+        compute = max(compute, blocks * gpu.eager_block_ms * EAGER_HOST[recompute] / 1e3)
     micro = global_batch // (micro_batch * layout.dp)
     bubble = 0.0
     if layout.pp > 1:
