@@ -17,6 +17,7 @@ from engine.parallel.layout import Recompute
 
 _aten = torch.ops.aten
 _KEEP = {_aten.mm.default, _aten.addmm.default, _aten.bmm.default,
+         _aten._scaled_mm.default,  # float8 linears (engine/parallel/float8.py)
          _aten._scaled_dot_product_efficient_attention.default,
          _aten._scaled_dot_product_flash_attention.default,
          _aten._scaled_dot_product_cudnn_attention.default,

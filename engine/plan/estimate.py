@@ -6,8 +6,8 @@ from dataclasses import dataclass
 
 from engine.model.config import ModelConfig
 from engine.parallel.layout import Layout
-from engine.plan.memory import (GIB, Memory, fsdp_wraps, layer_activations, rank_memory, shape,
-                                sharded, spec_params)
+from engine.plan.memory import (GIB, Memory, float8_layer, fsdp_wraps, layer_activations,
+                                rank_memory, shape, sharded, spec_params)
 from engine.plan.timing import Gpu, Timing, step_timing
 
 HEADROOM_GIB = 2.0  # CUDA context, NCCL buffers, the allocator's fragmentation
@@ -87,9 +87,7 @@ def _elementwise(cfg: ModelConfig, spec, layout: Layout) -> dict:
 
 def float8_layers(cfg: ModelConfig, spec) -> int:
     """The model's layers whose matmuls run in float8 (all but the first and last few)."""
-    if spec.float8 is None:
-        return 0
-    return max(0, cfg.num_layers - 2 * spec.float8.bf16_blocks)
+    return sum(float8_layer(cfg, spec, i) for i in range(cfg.num_layers))
 
 
 def _float8_casts(cfg: ModelConfig, tokens: int) -> float:

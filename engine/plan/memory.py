@@ -113,14 +113,22 @@ def shape(cfg: ModelConfig, precision: str, tp: int, sequence_parallel: bool,
                  sp=tp if sequence_parallel and tp > 1 else 1, tp=tp)
 
 
-def layer_activations(s: Shape, tokens: int, recompute: str, precision: str, cp: int) -> int:
+def layer_activations(s: Shape, tokens: int, recompute: str, precision: str, cp: int,
+                      compiled: bool = False, float8: bool = False) -> int:
     """Bytes one block keeps from its forward for its backward, for `tokens` of this rank.
 
-    none: each norm's fp32 input and its output, q/k/v after RoPE with k and v repeated to the
-    query heads, the kernel's output and log-sum-exp, attention's output reshaped for o, the
-    stacked gate/up GEMM's output, SiLU's output and the product; under sequence parallelism
-    the gathered norm outputs the matmuls read too; and the weights' copies the backward needs
-    (the stacked gate/up weight; under autocast the compute-dtype casts of all matrices).
+    none, compiled: what inductor's partitioner keeps, recomputing the elementwise ops from it —
+    the block's input, the norms' outputs and their fp32 reciprocal RMS, q/k/v after RoPE, the
+    kernel's output (twice: as it comes and reshaped for o) and log-sum-exp, the gate/up GEMM's
+    output and the product, and the weights' copies as below.
+    none, eager: each norm's fp32 input and its output, q/k/v after RoPE with k and v repeated
+    to the query heads, the kernel's output and log-sum-exp, attention's output reshaped for o,
+    the gate/up GEMM's output, SiLU's output and the product; under sequence parallelism the
+    gathered norm outputs the matmuls read too; and the weights' copies the backward needs (the
+    stacked gate/up weight; under autocast the compute-dtype casts of all matrices).
+    A `float8` block (torchao's linears, gate and up as two GEMMs) has no stacked weight, and
+    compiled, its linears' inputs (the norms' outputs, the product) are recomputed too (under
+    autocast it keeps less than this, by 8–29% from run to run on the CPU).
     selective: the block's input and the matmul and kernel outputs (the row-parallel ones
     whole before their reduction). full: the block's input. Context parallelism: keys and
     values gathered over the `cp` ranks."""
@@ -133,15 +141,30 @@ def layer_activations(s: Shape, tokens: int, recompute: str, precision: str, cp:
         per_token = c * (h // sp + s.q + 2 * s.kv + s.q + 2 * s.ffn + partial + gathered_kv) \
             + 4 * s.heads
         return tokens * per_token
+    stacked = 0 if float8 else 2 * s.ffn * h
+    if compiled:  # the partitioner's choice (tests/test_plan.py measures it)
+        linear_inputs = 0 if float8 else 2 * h + s.ffn
+        per_token = c * (h // sp + linear_inputs + 3 * s.q + 2 * s.kv + 2 * s.ffn
+                         + gathered_kv) + 4 * s.heads + 8
+        casts = 0 if float8 else 3 * s.ffn * h + (2 * s.q + 2 * s.kv) * h
+        return tokens * per_token + (c * stacked if s.p == c else c * casts)
     norms = 2 * ((4 + c) * h // sp + (c * h if sp > 1 else 0)) + 8
     per_token = norms + c * (5 * s.q + 4 * s.ffn + gathered_kv) + 4 * s.heads
-    if precision == "bf16-master":
-        weights = 2 * 2 * s.ffn * h + 2 * 2 * h
+    if precision == "bf16-master":  # the stacked weight and the fp32 gains' casts
+        weights = 2 * stacked + 2 * 2 * h
     elif s.p == c:  # weights in the compute dtype (fp32; FSDP's copies): the stacked weight
-        weights = c * 2 * s.ffn * h
-    else:  # autocast's cached casts of every matrix, and the stacked weight's cast
+        weights = c * stacked
+    else:  # autocast's cached casts of every matrix, and the stacked weight's cast (float8
+        # linears keep fp32 inputs instead: 16% less in all on the CPU, not modelled apart)
         weights = 2 * (3 * s.ffn * h + (2 * s.q + 2 * s.kv) * h) + 2 * 2 * h
     return tokens * per_token + weights
+
+
+def float8_layer(cfg: ModelConfig, spec, index: int) -> bool:
+    """Whether the model's layer `index` runs its matmuls in float8 (all but the first and
+    last `bf16_blocks`) under training spec `spec`."""
+    keep = spec.float8.bf16_blocks if spec.float8 is not None else cfg.num_layers
+    return keep <= index < cfg.num_layers - keep
 
 
 def edge_activations(s: Shape, tokens: int, first: bool, last: bool) -> int:
@@ -186,8 +209,13 @@ def rank_memory(cfg: ModelConfig, spec, layout: Layout, pp_rank: int,
     layers = sum(1 for h in held if h.param.name.endswith("attn_norm.weight"))
     names = {h.param.name for h in held}
     first, last = "embed.weight" in names, "norm.weight" in names
-    one = layer_activations(s, tokens, spec.recompute, spec.precision, layout.cp)
-    activations = layers * one + edge_activations(s, tokens, first, last)
+    one = layer_activations(s, tokens, spec.recompute, spec.precision, layout.cp, spec.compile)
+    float8 = sum(1 for h in held if h.param.name.endswith("attn_norm.weight")
+                 and float8_layer(cfg, spec, int(h.param.name.split(".")[1])))
+    one_float8 = layer_activations(s, tokens, spec.recompute, spec.precision, layout.cp,
+                                   spec.compile, float8=True)
+    activations = (layers - float8) * one + float8 * one_float8 \
+        + edge_activations(s, tokens, first, last)
     head_gradient = s.vocab * s.h * s.p if last else 0  # one for every micro-batch
     pipeline = int((activations - head_gradient) * (in_flight(spec, layout, pp_rank, micro) - 1))
     # transient: a block recomputed whole in its backward, or before it the loss's chunk of
@@ -195,8 +223,8 @@ def rank_memory(cfg: ModelConfig, spec, layout: Layout, pp_rank: int,
     # in registers), whichever is larger; FSDP's gathered block (and the next, prefetched) and
     # its gradients before the reduce-scatter; bf16-master's gradients before they join the
     # fp32 sums (DDP's buckets are the gradients themselves: gradient_as_bucket_view)
-    rebuilt = (layer_activations(s, tokens, "none", spec.precision, layout.cp) - one) if layers \
-        else 0
+    rebuilt = (layer_activations(s, tokens, "none", spec.precision, layout.cp) - one) \
+        if layers and spec.recompute != "none" else 0
     buffers = max(rebuilt, 2 * s.c * min(tokens, LOSS_CHUNK) * s.vocab if last else 0)
     block = sum(h.numel for h in held if h.param.name.startswith("layers.")) // max(layers, 1)
     if fsdp_wraps(spec, layout):
