@@ -123,7 +123,10 @@ def test_compiled_and_float8_blocks_keep_what_is_predicted(precision, compiled, 
     predicted = 3 * layer_activations(s, tokens, "none", precision, 1, compiled, float8) \
         + edge_activations(s, tokens, True, True)
     measured = kept_by_forward(cfg, tokens, precision, "none", compiled, float8)
-    assert abs(measured - predicted) / measured < 0.01, (measured, predicted)
+    # the profiler's count of a compiled graph moves by a tensor (1.5% here) from one process
+    # state to another; the eager formula would be 25-35% off
+    assert abs(measured - predicted) / measured < (0.03 if compiled else 0.01), \
+        (measured, predicted)
     if compiled:
         assert measured < 0.85 * kept_by_forward(cfg, tokens, precision, "none", False, float8)
 
