@@ -36,6 +36,22 @@ def _storage(t: torch.Tensor) -> torch.UntypedStorage:
     return getattr(local, "elem", local).untyped_storage()  # a collective's async wrapper
 
 
+@contextlib.contextmanager
+def saved_storages(skip: set[int]):
+    """The distinct storages of the tensors autograd saves within the block (their data
+    pointers not in `skip`), each with the shape of the first tensor saved on it."""
+    saved: dict[int, tuple[torch.UntypedStorage, torch.Size]] = {}
+
+    def pack(t: torch.Tensor) -> torch.Tensor:
+        storage = _storage(t)
+        if storage.data_ptr() not in skip:
+            saved.setdefault(storage.data_ptr(), (storage, t.shape))
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        yield saved
+
+
 def main(tp: int, cp: int, precision: str, data_parallel: str = "ddp") -> None:
     env = setup("cpu")
     data_ranks = env.world_size // (tp * cp)
@@ -46,26 +62,16 @@ def main(tp: int, cp: int, precision: str, data_parallel: str = "ddp") -> None:
         "recompute": "none", "precision": precision, "device": "cpu"})
     model = build(CFG, spec, build_mesh(spec.layout(env.world_size), env.device), env.device).model
     params = {_storage(p).data_ptr() for p in model.parameters()}
-    saved: dict[int, torch.UntypedStorage] = {}
-    masks = 0
-
-    def pack(t: torch.Tensor) -> torch.Tensor:
-        nonlocal masks
-        storage = _storage(t)
-        if storage.data_ptr() not in params and storage.data_ptr() not in saved:
-            saved[storage.data_ptr()] = storage
-            if cp > 1 and t.dim() == 2 and t.shape[0] == TOKENS // (2 * cp):  # [chunk, keys]
-                masks += storage.nbytes()
-        return t
-
     ids = torch.randint(0, CFG.vocab_size, (1, TOKENS), generator=torch.Generator().manual_seed(0))
     if cp > 1:
         ids = shard_sequence((ids,), cp, env.rank)[0]
     autocast = torch.autocast("cpu", dtype=torch.bfloat16) if precision == "bf16" \
         else contextlib.nullcontext()
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t), autocast:
+    with saved_storages(params) as saved, autocast:
         loss = model(ids, targets=ids)
-    print(json.dumps({"rank": env.rank, "saved": sum(s.nbytes() for s in saved.values()),
+    masks = sum(storage.nbytes() for storage, shape in saved.values()  # [chunk, keys]
+                if cp > 1 and len(shape) == 2 and shape[0] == TOKENS // (2 * cp))
+    print(json.dumps({"rank": env.rank, "saved": sum(s.nbytes() for s, _ in saved.values()),
                       "masks": masks}))
     del loss
 

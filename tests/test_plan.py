@@ -146,19 +146,15 @@ def test_compiled_float8_block_recomputes_its_linears_inputs():
     block.compile()
     x = torch.randn(1, tokens, cfg.hidden_size, dtype=torch.bfloat16, requires_grad=True)
     cos, sin = rope_cos_sin(cfg, torch.arange(tokens)[None], torch.bfloat16)
+    from tests.saved_activations import saved_storages
+
     skip = {t.untyped_storage().data_ptr() for t in [*block.parameters(), cos, sin]}
-    saved = {}
-
-    def pack(t: torch.Tensor) -> torch.Tensor:
-        if t.untyped_storage().data_ptr() not in skip:
-            saved[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
-        return t
-
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+    with saved_storages(skip) as saved:
         block(x, cos, sin)
+    kept = sum(storage.nbytes() for storage, _ in saved.values())
     predicted = layer_activations(shape(cfg, "bf16-master", 1, False), tokens, "none",
                                   "bf16-master", 1, compiled=True, float8=True)
-    assert abs(sum(saved.values()) - predicted) < 64, (sum(saved.values()), predicted)
+    assert abs(kept - predicted) < 64, (kept, predicted)
 
 
 def test_a_layout_that_does_not_fit_is_refused_before_it_is_queued():
@@ -349,8 +345,9 @@ def _saved_by_ranks(tp: int, cp: int, precision: str, fsdp: int = 1) -> list[dic
     env = {**os.environ, "WORLD_SIZE": str(ranks), "MASTER_ADDR": "127.0.0.1",
            "MASTER_PORT": _free_port(), "OMP_NUM_THREADS": "1"}
     procs = [subprocess.Popen([sys.executable, "-m", "tests.saved_activations", str(tp), str(cp),
-                               precision, "fsdp" if fsdp > 1 else "ddp"], cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                              text=True, env={**env, "RANK": str(r), "LOCAL_RANK": str(r)})
+                               precision, "fsdp" if fsdp > 1 else "ddp"], cwd=REPO,
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                              env={**env, "RANK": str(r), "LOCAL_RANK": str(r)})
              for r in range(ranks)]
     outs = [p.communicate(timeout=300) for p in procs]
     assert all(p.returncode == 0 for p in procs), "\n".join(err[-3000:] for _, err in outs)

@@ -206,12 +206,12 @@ def rank_memory(cfg: ModelConfig, spec, layout: Layout, pp_rank: int,
     static = held_bytes(held, spec.precision, layout.tp > 1 and not fsdp, micro)
     s = shape(cfg, spec.precision, layout.tp, spec.sequence_parallel, fsdp_wraps(spec, layout))
     tokens = spec.micro_batch_size * spec.data.seq_length // layout.cp
-    layers = sum(1 for h in held if h.param.name.endswith("attn_norm.weight"))
+    indices = [int(h.param.name.split(".")[1]) for h in held
+               if h.param.name.endswith("attn_norm.weight")]  # layers.{index}.attn_norm
+    layers, float8 = len(indices), sum(float8_layer(cfg, spec, i) for i in indices)
     names = {h.param.name for h in held}
     first, last = "embed.weight" in names, "norm.weight" in names
     one = layer_activations(s, tokens, spec.recompute, spec.precision, layout.cp, spec.compile)
-    float8 = sum(1 for h in held if h.param.name.endswith("attn_norm.weight")
-                 and float8_layer(cfg, spec, int(h.param.name.split(".")[1])))
     one_float8 = layer_activations(s, tokens, spec.recompute, spec.precision, layout.cp,
                                    spec.compile, float8=True)
     activations = (layers - float8) * one + float8 * one_float8 \
