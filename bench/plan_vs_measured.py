@@ -32,8 +32,8 @@ SHAPES = {  # vocab hidden ffn layers heads kv-heads
     "3b": (128256, 3072, 8192, 28, 24, 8),
     "8b": (128256, 4096, 14336, 32, 32, 8),
 }
-CONFIGS = {  # name: (shape, seq, micro-batch, recompute, data parallel*, compiled blocks)
-    # *ddp, fsdp, or fsdp-offload (FSDP with cpu_offload)
+CONFIGS = {  # name: (shape, seq, micro-batch, recompute, data parallel*, compiled blocks[, spec])
+    # *ddp, fsdp, or fsdp-offload (FSDP with cpu_offload); spec: more of the training spec's fields
     "1.1b-2k-none-mb4": ("1.1b", 2048, 4, "none", "ddp", False),
     "1.1b-2k-selective-mb8": ("1.1b", 2048, 8, "selective", "ddp", False),
     "1.1b-2k-full-mb8": ("1.1b", 2048, 8, "full", "ddp", False),
@@ -45,13 +45,18 @@ CONFIGS = {  # name: (shape, seq, micro-batch, recompute, data parallel*, compil
     "1.1b-4k-selective-mb4-compiled": ("1.1b", 4096, 4, "selective", "ddp", True),
     "3b-4k-full-mb4-compiled": ("3b", 4096, 4, "full", "ddp", True),
     "8b-4k-full-mb1-fsdp-compiled": ("8b", 4096, 1, "full", "fsdp", True),
+    "8b-4k-selective-mb1-bf16-compiled": ("8b", 4096, 1, "selective", "ddp", True,
+                                          {"precision": "bf16"}),
+    "8b-4k-selective-mb1-bf16-float8-compiled": ("8b", 4096, 1, "selective", "ddp", True,
+                                                 {"precision": "bf16",
+                                                  "float8": {"recipe": "tensorwise"}}),
     "3b-4k-full-mb8-offload-compiled": ("3b", 4096, 8, "full", "fsdp-offload", True),
 }
 ITERS = 6
 
 
 def spec(name: str, dataset: str, save: str) -> dict:
-    shape, seq, mb, recompute, dp, compiled = CONFIGS[name]
+    shape, seq, mb, recompute, dp, compiled, *more = CONFIGS[name]
     v, h, f, layers, heads, kv = SHAPES[shape]
     return {"model": {"vocab_size": v, "hidden_size": h, "intermediate_size": f,
                       "num_layers": layers, "num_heads": heads, "num_kv_heads": kv,
@@ -61,7 +66,7 @@ def spec(name: str, dataset: str, save: str) -> dict:
             "micro_batch_size": mb, "global_batch_size": mb, "recompute": recompute,
             "data_parallel": dp.removesuffix("-offload"), "cpu_offload": dp.endswith("-offload"),
             "compile": compiled, "optim": {"lr": 1e-4, "warmup_iters": 1},
-            "eval": {"interval": None}}
+            "eval": {"interval": None}, **(more[0] if more else {})}
 
 
 def fast_llm_gib(model: dict, seq: int, micro_batch: int, recompute: str) -> float:
