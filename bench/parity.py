@@ -8,7 +8,7 @@ The noise bound is one GPU against itself with the step's micro-batches cut diff
 same sums in another order): what bf16 rounding alone moves the loss by.
 
     python -m bench.parity --dataset PREFIX [--shape tinyllama-1.1b] [--iters 20]
-        [--layouts one one-reordered ddp2 fsdp2 tp2 pp2]           (GPU: bench/gpu_parity.sh)
+        [--layouts one one-reordered ddp2 ddp2-no-overlap fsdp2 tp2 pp2]    (GPU: gpu_parity.sh)
     python -m bench.parity --dataset PREFIX --device cpu --shape tiny   (gloo: the script itself)
 """
 
@@ -35,6 +35,7 @@ LAYOUTS = {  # name: (GPUs, micro-batch, spec fields)
     "one": (1, 4, {}),
     "one-reordered": (1, 2, {}),
     "ddp2": (2, 4, {"data_parallel": "ddp"}),
+    "ddp2-no-overlap": (2, 4, {"data_parallel": "ddp", "overlap_grad_reduce": False}),
     "fsdp2": (2, 4, {"data_parallel": "fsdp"}),
     "tp2": (2, 4, {"tensor_parallel": 2}),
     "pp2": (2, 2, {"pipeline_parallel": 2}),

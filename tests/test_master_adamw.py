@@ -131,6 +131,10 @@ def _ddp_rank(rank: int, port: int, out) -> None:
     mesh = build_mesh(Layout(dp_replicate=3), torch.device("cpu"))
     ddp = wrap_ddp(model, "ddp", mesh, torch.device("cpu"))
     ddp(x).float().square().sum().backward()
+    unhidden = torch.nn.Linear(8, 4, bias=False).bfloat16()
+    unhidden.weight.data.copy_(model.weight.data)
+    waited = wrap_ddp(unhidden, "ddp", mesh, torch.device("cpu"), overlap=False)
+    waited(x).float().square().sum().backward()
     grads = [torch.empty_like(local.weight.grad) for _ in range(3)]
     dist.all_gather(grads, local.weight.grad)
     expected = (sum(g.float() for g in grads) / 3).bfloat16()
@@ -146,14 +150,17 @@ def _ddp_rank(rank: int, port: int, out) -> None:
     dist.all_gather(sums, micro.float().sum(0))
     (reduced,) = opt.grads()
     out.put((rank, model.weight.grad.dtype, torch.equal(model.weight.grad, expected),
-             torch.equal(grads[0], grads[1]), torch.equal(reduced, sum(sums) / 3)))
+             torch.equal(grads[0], grads[1]), torch.equal(reduced, sum(sums) / 3),
+             torch.equal(unhidden.weight.grad, expected),
+             [hook.__name__ for hook, _ in ddp._comm_hooks + waited._comm_hooks]))
     dist.destroy_process_group()
 
 
 def test_ddp_averages_bf16_gradients_in_fp32():
     """Over 3 ranks, DDP's own bf16 mean (each gradient divided by 3 and summed in bf16) differs
-    from the fp32 mean rounded once in some elements of these gradients. Sums of several
-    micro-batches are reduced by MasterAdamW itself, as one fp32 mean."""
+    from the fp32 mean rounded once in some elements of these gradients; so does the hook the
+    backward waits for (overlap_grad_reduce false). Sums of several micro-batches are reduced
+    by MasterAdamW itself, as one fp32 mean."""
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
@@ -167,4 +174,6 @@ def test_ddp_averages_bf16_gradients_in_fp32():
         p.join(timeout=60)
     assert [r[1:3] for r in results] == [(torch.bfloat16, True)] * 3
     assert [r[4] for r in results] == [True] * 3
+    assert [r[5] for r in results] == [True] * 3, "without overlap: the same fp32 mean"
+    assert results[0][6] == ["_fp32_mean", "waited"]  # the switch reaches DDP
     assert not results[0][3], "the ranks' own gradients differ, so the mean is a real reduction"

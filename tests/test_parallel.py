@@ -91,6 +91,7 @@ LAYOUTS = {  # name: (ranks, spec fields, the most of the model's parameters one
     "hsdp2x2": (4, {"data_parallel": "fsdp", "data_parallel_replicate": 2}, 0.51),
     "tp2-fsdp2": (4, {"tensor_parallel": 2, "data_parallel": "fsdp"}, 0.26),
     "dp2-cp2": (4, {"context_parallel": 2}, 1.01),  # DDP: a whole model per rank
+    "ddp2-no-overlap": (2, {"overlap_grad_reduce": False}, 1.01),
     "cp4-fsdp": (4, {"context_parallel": 4, "data_parallel": "fsdp"}, 0.26),
     "cp2-tp2-fsdp-selective": (4, {"context_parallel": 2, "tensor_parallel": 2,
                                    "data_parallel": "fsdp", "recompute": "selective"}, 0.26),
@@ -152,6 +153,9 @@ def test_layouts_that_do_not_divide_are_refused(tiny_dataset, tmp_path):
         spec(cpu_offload=True)
     with pytest.raises(ValueError, match="cpu_offload is not supported with tensor_parallel"):
         spec(cpu_offload=True, data_parallel="fsdp", tensor_parallel=2)
+    for layout in ({"data_parallel": "fsdp"}, {"tensor_parallel": 2}):
+        with pytest.raises(ValueError, match="overlap_grad_reduce false is for DDP alone"):
+            spec(overlap_grad_reduce=False, **layout)
     unnamed = {k: v for k, v in _spec(tiny_dataset, tmp_path / "x").items() if k != "precision"}
     assert [PretrainSpec.model_validate({**unnamed, **layout}).precision for layout in
             ({}, {"tensor_parallel": "2"}, {"pipeline_parallel": 2}, {"data_parallel": "fsdp"})

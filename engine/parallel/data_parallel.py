@@ -66,18 +66,34 @@ def _shard_mesh(mesh: Mesh) -> DeviceMesh:
     return mesh.mesh[shard]
 
 
-def wrap_ddp(model: nn.Module, mode: DataParallel, mesh: Mesh, device: torch.device) -> nn.Module:
-    """DDP over every rank when it applies (see uses_ddp); the model unchanged otherwise."""
+def wrap_ddp(model: nn.Module, mode: DataParallel, mesh: Mesh, device: torch.device,
+             overlap: bool = True) -> nn.Module:
+    """DDP over every rank when it applies (see uses_ddp); the model unchanged otherwise.
+    `overlap` false: the backward waits for each bucket's reduction."""
     if mesh.mesh is None or not uses_ddp(mode, mesh):
         return model
+    from torch.distributed.algorithms.ddp_comm_hooks.default_hooks import allreduce_hook
     from torch.nn.parallel import DistributedDataParallel
 
     ids = [device.index] if device.type == "cuda" else None
     # the gradients are views into DDP's buckets rather than a second copy of them
     ddp = DistributedDataParallel(model, device_ids=ids, gradient_as_bucket_view=True)
-    if any(p.dtype != torch.float32 for p in model.parameters()):
-        ddp.register_comm_hook(None, _fp32_mean)
+    hook = _fp32_mean if any(p.dtype != torch.float32 for p in model.parameters()) else None
+    if not overlap:
+        hook = _waited(hook or allreduce_hook)
+    if hook is not None:
+        ddp.register_comm_hook(None, hook)
     return ddp
+
+
+def _waited(hook):
+    """A communication hook whose reduction the backward waits for: on a GPU the compute
+    stream waits for the collective, so none of it is hidden behind the rest of the backward."""
+    def waited(state, bucket):
+        future = hook(state, bucket)
+        future.wait()
+        return future
+    return waited
 
 
 def _fp32_mean(_state, bucket):  # no annotations: DDP checks them, and they would be strings here

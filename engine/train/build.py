@@ -71,8 +71,9 @@ def build(cfg: ModelConfig, spec: TrainSpec, mesh: Mesh, device: torch.device) -
                      _pipeline(parts, spec, mesh, device))
     if spec.precision == "bf16-master":  # DDP must see the bf16 weights that MasterAdamW makes
         optimizer = _optimizer(model, spec, device)
-        return Built(wrap_ddp(model, spec.data_parallel, mesh, device), optimizer, parameters)
-    model = wrap_ddp(model, spec.data_parallel, mesh, device)
+        return Built(wrap_ddp(model, spec.data_parallel, mesh, device,
+                              spec.overlap_grad_reduce), optimizer, parameters)
+    model = wrap_ddp(model, spec.data_parallel, mesh, device, spec.overlap_grad_reduce)
     return Built(model, _optimizer(model, spec, device), parameters)
 
 

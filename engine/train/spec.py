@@ -127,6 +127,10 @@ class TrainSpec(StageSpec):
                               "for its forward and backward, the optimizer step on the CPU: a "
                               "model too big for the GPU, at the cost of PCIe traffic",
                               json_schema_extra=_NOT_OUTPUT)
+    overlap_grad_reduce: bool = Field(
+        True, description="ddp: reduce gradients in buckets while the backward runs; false: "
+        "the backward waits for each bucket's reduction (what overlapping buys, measured)",
+        json_schema_extra=_NOT_OUTPUT)
     data_parallel_replicate: int = Field(
         1, ge=1, description="fsdp: replicas of the sharded model (HSDP: sharded within a "
         "replica, gradients averaged across)", json_schema_extra=_NOT_OUTPUT)
@@ -190,6 +194,16 @@ class TrainSpec(StageSpec):
             raise ValueError("precision bf16-master is for a whole model per rank (DDP): with "
                              "tensor_parallel or pipeline_parallel use bf16 (fp32 weights, "
                              "bf16 compute)")
+        return self
+
+    @model_validator(mode="after")
+    def _overlap_switch_is_ddp(self) -> "TrainSpec":
+        if not self.overlap_grad_reduce and (self.data_parallel != "ddp"
+                                             or self.tensor_parallel > 1
+                                             or self.pipeline_parallel > 1):
+            raise ValueError("overlap_grad_reduce false is for DDP alone (data_parallel ddp, "
+                             "no tensor_parallel or pipeline_parallel): FSDP2 always overlaps "
+                             "its gathers and reduce-scatters")
         return self
 
     @model_validator(mode="after")
