@@ -182,6 +182,20 @@ def engine_ranks(*commands: list[str], ranks: int) -> list[str]:
     return logs
 
 
+def module_ranks(module: str, args: list[str], ranks: int) -> list:
+    """`python -m MODULE ARGS` as `ranks` processes of one job (gloo, one thread each); the last
+    line each printed, read as JSON."""
+    env = {**os.environ, "WORLD_SIZE": str(ranks), "MASTER_ADDR": "127.0.0.1",
+           "MASTER_PORT": _free_port(), "OMP_NUM_THREADS": "1"}
+    procs = [subprocess.Popen([sys.executable, "-m", module, *args], cwd=REPO,
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                              env={**env, "RANK": str(r), "LOCAL_RANK": str(r)})
+             for r in range(ranks)]
+    outs = [p.communicate(timeout=300) for p in procs]
+    assert all(p.returncode == 0 for p in procs), "\n".join(err[-3000:] for _, err in outs)
+    return [json.loads(out.strip().splitlines()[-1]) for out, _ in outs]
+
+
 def logged_losses(save: Path) -> dict[int, float]:
     """Step -> training loss from a run's metrics.jsonl; a step logged again after a resume keeps
     its last value."""

@@ -9,8 +9,8 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import gc
 import json
-import os
 import re
 import subprocess
 import sys
@@ -19,7 +19,7 @@ import pytest
 import torch
 from torch.profiler import ProfilerActivity, profile
 
-from conftest import REPO, _free_port, shared
+from conftest import REPO, module_ranks, shared
 from cluster.submit import prepare
 from engine.errors import SpecError
 from engine.model.config import ModelConfig
@@ -87,6 +87,7 @@ def kept_by_forward(cfg: ModelConfig, tokens: int, precision: str, recompute: st
     ids = torch.randint(0, cfg.vocab_size, (1, tokens), generator=torch.Generator().manual_seed(0))
     autocast = torch.autocast("cpu", dtype=torch.bfloat16) if precision == "bf16" \
         else contextlib.nullcontext()
+    gc.collect()  # else a collection inside the profile may free earlier tests' tensors there
     with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof, autocast:
         loss = model(ids, targets=ids)  # its graph holds what the backward needs
     kept = sum(e.self_cpu_memory_usage for e in prof.events())
@@ -341,17 +342,9 @@ def test_eager_blocks_wait_for_the_host():
 
 def _saved_by_ranks(tp: int, cp: int, precision: str, fsdp: int = 1) -> list[dict]:
     """tests/saved_activations.py as tp × cp (× `fsdp` FSDP ranks) gloo ranks."""
-    ranks = tp * cp * fsdp
-    env = {**os.environ, "WORLD_SIZE": str(ranks), "MASTER_ADDR": "127.0.0.1",
-           "MASTER_PORT": _free_port(), "OMP_NUM_THREADS": "1"}
-    procs = [subprocess.Popen([sys.executable, "-m", "tests.saved_activations", str(tp), str(cp),
-                               precision, "fsdp" if fsdp > 1 else "ddp"], cwd=REPO,
-                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                              env={**env, "RANK": str(r), "LOCAL_RANK": str(r)})
-             for r in range(ranks)]
-    outs = [p.communicate(timeout=300) for p in procs]
-    assert all(p.returncode == 0 for p in procs), "\n".join(err[-3000:] for _, err in outs)
-    return [json.loads(out.strip().splitlines()[-1]) for out, _ in outs]
+    return module_ranks("tests.saved_activations",
+                        [str(tp), str(cp), precision, "fsdp" if fsdp > 1 else "ddp"],
+                        tp * cp * fsdp)
 
 
 def test_activation_formulas_under_fsdp():

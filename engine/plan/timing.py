@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass
 from pathlib import Path
+from typing import NamedTuple
 
 from engine.errors import SpecError
 from engine.model.config import ModelConfig
@@ -70,12 +71,14 @@ def step_timing(cfg: ModelConfig, layout: Layout, gpu: Gpu, *, seq: int, global_
                 micro_batch: int, recompute: str, precision: str, fsdp: bool, schedule: str,
                 virtual: int, gpus_per_node: int, params_per_gpu: int,
                 elementwise_bytes: float, blocks: int, compiled: bool,
-                float8_layers: int = 0, cpu_offload: bool = False) -> Timing:
+                float8_layers: int = 0, cpu_offload: bool = False,
+                overlap_grad_reduce: bool = True) -> Timing:
     """`elementwise_bytes`: memory traffic of the non-matmul work of this GPU's step, as fused
     kernels would move it (`compiled`; eager moves EAGER_TRAFFIC times as much); `blocks`: block
     forward-backwards it runs a step (its layers × micro-batches); `float8_layers`: the model's
     layers whose matmuls run in float8 (at the FP8 GEMM rate); `cpu_offload`: FSDP's shards
-    in host memory (their copies over PCIe, the optimizer on the CPU)."""
+    in host memory (their copies over PCIe, the optimizer on the CPU); `overlap_grad_reduce`
+    false: the backward waits for the gradients' reduction, none of it hidden."""
     if not compiled:
         elementwise_bytes *= EAGER_TRAFFIC
     tokens = global_batch * seq
@@ -114,9 +117,13 @@ def step_timing(cfg: ModelConfig, layout: Layout, gpu: Gpu, *, seq: int, global_
         cp_bytes = 2 * 2 * (layout.cp - 1) * local_tokens * kv * c * cfg.num_layers \
             / layout.pp * micro
     tp_comm = (tp_bytes + cp_bytes) / inner
-    dp_bytes, dp_comm = _data_parallel(layout, gpu, fsdp, precision, params_per_gpu,
-                                       gpus_per_node)
-    exposed = max(0.0, dp_comm - compute * 2 / 3)  # overlapped with the backward
+    gathers, reduction = _data_parallel(layout, gpu, fsdp, precision, params_per_gpu,
+                                        gpus_per_node, micro, cpu_offload)
+    # MasterAdamW reduces the fp32 sums of several micro-batches after their backwards
+    overlapped = overlap_grad_reduce and not (precision == "bf16-master" and micro > 1)
+    exposed = _exposed_dp(compute, micro, gathers.seconds, reduction.seconds, overlapped,
+                          cpu_offload)
+    dp_bytes, dp_comm = gathers.bytes + reduction.bytes, gathers.seconds + reduction.seconds
     offload, optimizer = _optimizer_s(gpu, params_per_gpu, micro, cpu_offload)
     offload = max(0.0, offload - compute)  # FSDP prefetches the next block's copy
     step = compute + bubble + tp_comm + exposed + offload + optimizer
@@ -151,23 +158,48 @@ def _matmul_s(cfg: ModelConfig, flops: float, gpu: Gpu, float8_layers: int) -> f
                     + share / (gpu.fp8_gemm_tflops * 1e12))
 
 
+class Traffic(NamedTuple):
+    bytes: float    # sent per GPU per step
+    seconds: float
+
+
 def _data_parallel(layout: Layout, gpu: Gpu, fsdp: bool, precision: str, params: int,
-                   gpus_per_node: int) -> tuple[float, float]:
-    """Bytes a GPU sends for data parallelism in a step, and their seconds. FSDP: the weights
-    gathered forward and backward (compute dtype) and the fp32 gradients reduce-scattered over
-    the shard group; under HSDP the shards' gradients all-reduced over the replicas besides.
-    DDP: one all-reduce of the gradients (twice a reduce-scatter's bytes). A group whose ranks
-    (with their TP neighbours) fill more than a node crosses the network."""
-    c = 4 if precision == "fp32" else 2
+                   gpus_per_node: int, micro: int, cpu_offload: bool) -> tuple[Traffic, Traffic]:
+    """What a GPU sends for data parallelism in a step: FSDP's gathers of the weights, and the
+    gradients' reduction. FSDP reshards after each forward and backward, so it gathers the
+    weights (compute dtype) for every micro-batch's forward and again for its backward; under a
+    pipeline they stay gathered from the first forward to the last backward: once a step. The
+    gradients are reduced on the last micro-batch only (every micro-batch under CPU offload,
+    whose sums are on the host), in fp32 in every precision: FSDP reduce-scatters them over the
+    shard group (under HSDP the shards are all-reduced over the replicas besides); DDP
+    all-reduces them (twice a reduce-scatter's bytes): autocast's gradients are fp32 and
+    bf16-master's are reduced as fp32 (DDP's hook `_fp32_mean`, MasterAdamW's fp32 sums). A
+    group whose ranks (with their TP neighbours) fill more than a node crosses the network."""
     link = {False: gpu.node_link_gbps * 1e9, True: gpu.network_gbps * 1e9}
+    reductions = micro if cpu_offload else 1
     if not fsdp:
         n = layout.dp_cp
-        grads = params * (2 if precision == "bf16-master" else 4)
-        sent = 2 * (n - 1) / n * grads if n > 1 else 0.0
-        return sent, sent / link[n * layout.tp > gpus_per_node]
+        sent = 2 * (n - 1) / n * 4 * params * reductions
+        return Traffic(0.0, 0.0), Traffic(sent, sent / link[n * layout.tp > gpus_per_node])
     n, r = layout.dp_shard * layout.cp, layout.dp_replicate
-    sharded = (n - 1) / n * (2 * params * n * c + 4 * params * n) if n > 1 else 0.0
-    replicated = 2 * (r - 1) / r * 4 * params if r > 1 else 0.0
-    seconds = sharded / link[n * layout.tp > gpus_per_node] + replicated / link[
-        n * r * layout.tp > gpus_per_node]
-    return sharded + replicated, seconds
+    shard_link = link[n * layout.tp > gpus_per_node]
+    gathers = 1 if layout.pp > 1 else 2 * micro
+    # `params` is a shard: a ring passes on the group's n − 1 others, (n − 1)/n of the whole
+    gathered = gathers * (n - 1) * params * (4 if precision == "fp32" else 2)
+    scattered = (n - 1) * 4 * params * reductions
+    replicated = 2 * (r - 1) / r * 4 * params * reductions
+    return Traffic(gathered, gathered / shard_link), Traffic(
+        scattered + replicated, scattered / shard_link
+        + replicated / link[n * r * layout.tp > gpus_per_node])
+
+
+def _exposed_dp(compute: float, micro: int, gather_s: float, reduce_s: float, overlapped: bool,
+                every_micro: bool) -> float:
+    """The data-parallel seconds that compute does not hide. FSDP prefetches each micro-batch's
+    gathers under that micro-batch's forward and backward. The gradients are reduced while the
+    backward that completes them runs (DDP's buckets, FSDP's reduce-scatter): the last
+    micro-batch's (each micro-batch's: `every_micro`), on what of the link that backward's own
+    gathers leave; not `overlapped` (waited for, or after the backwards), all of it exposed."""
+    share = 1.0 if every_micro else 1 / micro  # of the step's backwards that reduce
+    window = share * max(0.0, compute * 2 / 3 - gather_s / 2) if overlapped else 0.0
+    return max(0.0, gather_s - compute) + max(0.0, reduce_s - window)
