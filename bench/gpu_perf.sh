@@ -6,7 +6,8 @@
 # wheels) and .whl/bench (the corpora and tokenizer: `bash bench/gpu_generate.sh wheels`). Logs
 # under $OUT.
 #   bash bench/gpu_perf.sh steps [SHAPE ...]     (default: tinyllama-1.1b llama-3.2-3b)
-#   bash bench/gpu_perf.sh curve [SHAPE]         (default: llama-3.2-3b)
+#   bash bench/gpu_perf.sh curve [SHAPE [RUN ...]]   (default: llama-3.2-3b; more runs, e.g.
+#                                                    optimised-master-float8-rowwise)
 set -euo pipefail
 python3 -m pip install -q --no-index --no-deps --target /tmp/site .whl/py/*.whl 2>/dev/null
 export PYTHONPATH="/tmp/site:$PWD"
@@ -23,9 +24,14 @@ steps)
             --float8 off tensorwise rowwise 2>&1 | tee -a "$log"
     done ;;
 curve)
-    python3 -m bench.loss_curve --corpus .whl/bench/text.jsonl \
+    # each run's metrics are copied to $OUT when it stops, finished or not (a 3B run with its
+    # final checkpoint takes ~3 minutes; `bench.loss_curve --replay DIR` reports them)
+    timeout "${CURVE_LIMIT_S:-540}" python3 -u -m bench.loss_curve --corpus .whl/bench/text.jsonl \
         --tokenizer .whl/bench/tokenizer/tokenizer.model --shape "${2:-llama-3.2-3b}" \
         --micro-batch 1 --iters 300 --runs optimised-master optimised-master-float8-tensorwise \
-        optimised-master-float8-rowwise 2>&1 | tee -a "$log" ;;
+        "${@:3}" 2>&1 | tee -a "$log" || true
+    for run in /tmp/lmforge-loss-curve/*/metrics.jsonl; do
+        [ -f "$run" ] && cp "$run" "${OUT:-/tmp}/curve-$(basename "$(dirname "$run")").jsonl"
+    done ;;
 *) echo "usage: bash bench/gpu_perf.sh steps|curve [SHAPE ...]" >&2; exit 2 ;;
 esac

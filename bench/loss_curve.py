@@ -8,6 +8,7 @@ Prints the loss curves side by side, their differences, and each run's tokens/s 
 loop logged it.
 
     python -m bench.loss_curve --corpus corpus.jsonl --tokenizer tokenizer.model --iters 300
+    python -m bench.loss_curve --replay FOLDER     (RUN.jsonl metrics of runs made before)
 
 Tokenizes the corpus with the engine first (the engine's tokenize stage).
 """
@@ -95,8 +96,8 @@ def read_curve(metrics: Path) -> list[dict]:
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--corpus", required=True, help="JSONL with a 'text' field")
-    p.add_argument("--tokenizer", required=True)
+    p.add_argument("--corpus", help="JSONL with a 'text' field")
+    p.add_argument("--tokenizer")
     p.add_argument("--work", default="/tmp/lmforge-loss-curve")
     p.add_argument("--shape", choices=SHAPES, default="tinyllama-1.1b")
     p.add_argument("--seq", type=int, default=4096)
@@ -108,7 +109,15 @@ def main() -> None:
                    help="attention backend of the runs with compiled blocks (the eager ones keep SDPA)")
     p.add_argument("--runs", nargs="+", choices=RUNS, default=["optimised", "plain"],
                    help="the first is compared with each of the others")
+    p.add_argument("--replay", type=Path, help="a folder of RUN.jsonl metrics (bench/gpu_perf.sh "
+                   "copies them as curve-RUN.jsonl): report them, train nothing")
     args = p.parse_args()
+    if args.replay:
+        report({f.stem.removeprefix("curve-"): read_curve(f)
+                for f in sorted(args.replay.glob("*.jsonl"))})
+        return
+    if not (args.corpus and args.tokenizer):
+        p.error("--corpus and --tokenizer are needed to train")
     work = Path(args.work)
     work.mkdir(parents=True, exist_ok=True)
     prefix = str(work / "data" / "corpus")
