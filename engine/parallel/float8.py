@@ -15,6 +15,7 @@ import torch
 from torch import nn
 
 from engine.errors import SpecError
+from engine.parallel.layout import float8_blocks
 
 
 def apply_float8(model: nn.Module, recipe: str, bf16_blocks: int, device: torch.device) -> None:
@@ -28,9 +29,9 @@ def apply_float8(model: nn.Module, recipe: str, bf16_blocks: int, device: torch.
     config = Float8LinearConfig.from_recipe_name(recipe)
     if not _has_float8_matmul(device):
         config = dataclasses.replace(config, emulate=True)
-    layers, keep = model.cfg.num_layers, bf16_blocks
+    converted = float8_blocks(model.cfg.num_layers, bf16_blocks)
     for name, block in model.layers.items():  # named by their index in the whole model
-        if keep <= int(name) < layers - keep:
+        if int(name) in converted:
             convert_to_float8_training(block, config=config)
             block.mlp.stacked_gemm = False
 

@@ -150,6 +150,12 @@ def split_layers(num_layers: int, num_stages: int,
     return [range(start, start + n) for start, n in zip(starts, counts)]
 
 
+def float8_blocks(num_layers: int, bf16_blocks: int) -> range:
+    """The blocks whose matmuls run in float8: all but the first and the last `bf16_blocks`
+    (engine/parallel/float8.py converts them; the planner counts them)."""
+    return range(bf16_blocks, num_layers - bf16_blocks)
+
+
 def stage_ids(schedule: PipelineSchedule, pp_rank: int, pp_size: int,
               virtual: int = 1) -> list[int]:
     """The stages this rank runs, in pipeline order: looped (`rank + k·pp_size`, as torch's

@@ -65,7 +65,7 @@ def estimate(cfg: ModelConfig, spec, world_size: int, gpu: Gpu, gpus_per_node: i
                          virtual=spec.virtual_stages, gpus_per_node=gpus_per_node,
                          params_per_gpu=params, compiled=spec.compile,
                          float8_layers=float8_layers(cfg, spec), cpu_offload=spec.cpu_offload,
-                         overlap_grad_reduce=getattr(spec, "overlap_grad_reduce", True),
+                         overlap_grad_reduce=spec.overlap_grad_reduce,
                          **_elementwise(cfg, spec, layout))
     fields = {k: getattr(spec, k) for k in LAYOUT_FIELDS}
     return Estimate(layout, fields, memory, timing,

@@ -14,7 +14,7 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass
 
 from engine.model.config import ModelConfig
-from engine.parallel.layout import Layout
+from engine.parallel.layout import Layout, float8_blocks
 from engine.plan.shards import Held, rank_params
 
 GIB = 2 ** 30
@@ -163,8 +163,8 @@ def layer_activations(s: Shape, tokens: int, recompute: str, precision: str, cp:
 def float8_layer(cfg: ModelConfig, spec, index: int) -> bool:
     """Whether the model's layer `index` runs its matmuls in float8 (all but the first and
     last `bf16_blocks`) under training spec `spec`."""
-    keep = spec.float8.bf16_blocks if spec.float8 is not None else cfg.num_layers
-    return keep <= index < cfg.num_layers - keep
+    return spec.float8 is not None and index in float8_blocks(cfg.num_layers,
+                                                               spec.float8.bf16_blocks)
 
 
 def edge_activations(s: Shape, tokens: int, first: bool, last: bool) -> int:
