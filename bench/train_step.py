@@ -241,6 +241,8 @@ def ratio(rate: float, reference: float | None) -> str:
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--shape", choices=SHAPES, default="tinyllama-1.1b")
+    p.add_argument("--layers", type=int, default=None,
+                   help="the shape's layers cut to this many (its GEMM shapes on a smaller card)")
     p.add_argument("--seq", type=int, nargs="+", default=[4096])
     p.add_argument("--micro-batch", type=int, default=4)
     p.add_argument("--tokens-per-micro-batch", type=int, default=None,
@@ -277,7 +279,8 @@ def main() -> None:
                                        SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH) if b != first]
         sdpa_kernel(order, set_priority=True).__enter__()
     print(f"# {torch.cuda.get_device_name()} (bf16 8192³ matmul {gemm_ceiling(device):.0f} TFLOP/s) | "
-          f"torch {torch.__version__} | shape {args.shape} | "
+          f"torch {torch.__version__} | shape {args.shape}"
+          f"{f' (first {args.layers} layers)' if args.layers else ''} | "
           f"loss {args.loss} | sdpa {args.sdpa} | bf16 reductions {args.bf16_reductions} | median of {args.steps} back-to-back steps after {args.warmup} warm-up")
     print("| impl | numerics | compile | attention | seq | micro-batch | tokens/s | TFLOP/s | MFU | "
           "peak mem GiB | SM MHz | W (power-capped) | loss | × yardstick | × HF |")
@@ -288,7 +291,8 @@ def main() -> None:
                      for f in args.float8]}
     for seq in args.seq:
         fastest: dict[str, float] = {}  # impl -> its best tokens/s at this seq so far
-        cfg = ModelConfig(**SHAPES[args.shape], max_position_embeddings=max(seq, 4096))
+        shape = SHAPES[args.shape] | ({"num_layers": args.layers} if args.layers else {})
+        cfg = ModelConfig(**shape, max_position_embeddings=max(seq, 4096))
         mb = max(1, args.tokens_per_micro_batch // seq) if args.tokens_per_micro_batch else args.micro_batch
         for numerics in args.numerics:
             for impl in args.impl:
