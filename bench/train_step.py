@@ -278,6 +278,7 @@ def main() -> None:
         order = [first] + [b for b in (SDPBackend.FLASH_ATTENTION, SDPBackend.CUDNN_ATTENTION,
                                        SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH) if b != first]
         sdpa_kernel(order, set_priority=True).__enter__()
+    shape = SHAPES[args.shape] | ({"num_layers": args.layers} if args.layers else {})
     print(f"# {torch.cuda.get_device_name()} (bf16 8192³ matmul {gemm_ceiling(device):.0f} TFLOP/s) | "
           f"torch {torch.__version__} | shape {args.shape}"
           f"{f' (first {args.layers} layers)' if args.layers else ''} | "
@@ -291,7 +292,6 @@ def main() -> None:
                      for f in args.float8]}
     for seq in args.seq:
         fastest: dict[str, float] = {}  # impl -> its best tokens/s at this seq so far
-        shape = SHAPES[args.shape] | ({"num_layers": args.layers} if args.layers else {})
         cfg = ModelConfig(**shape, max_position_embeddings=max(seq, 4096))
         mb = max(1, args.tokens_per_micro_batch // seq) if args.tokens_per_micro_batch else args.micro_batch
         for numerics in args.numerics:

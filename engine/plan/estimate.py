@@ -5,8 +5,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from engine.model.config import ModelConfig
-from engine.parallel.layout import Layout
-from engine.plan.memory import (GIB, Memory, float8_layer, fsdp_wraps, layer_activations,
+from engine.parallel.layout import Layout, float8_blocks
+from engine.plan.memory import (GIB, Memory, fsdp_wraps, layer_activations,
                                 rank_memory, shape, sharded, spec_params)
 from engine.plan.timing import Gpu, Timing, step_timing
 
@@ -88,7 +88,7 @@ def _elementwise(cfg: ModelConfig, spec, layout: Layout) -> dict:
 
 def float8_layers(cfg: ModelConfig, spec) -> int:
     """The model's layers whose matmuls run in float8 (all but the first and last few)."""
-    return sum(float8_layer(cfg, spec, i) for i in range(cfg.num_layers))
+    return len(float8_blocks(cfg.num_layers, spec.float8.bf16_blocks)) if spec.float8 else 0
 
 
 def _float8_casts(cfg: ModelConfig, tokens: int) -> float:
