@@ -18,7 +18,8 @@ seq=${5:-4096}
 batch=${6:-$3}
 dp=(--data-parallel "${4:-ddp}")
 [ "${4:-}" = fsdp-offload ] && dp=(--data-parallel fsdp --cpu-offload)
-log="${OUT:-/tmp}/train-$1-$2-mb$3-${4:-ddp}-seq$seq-gb$batch.log"
+flags=$(printf %s "${*:7}" | tr -cs 'a-zA-Z0-9.' '-')  # engine flags name the log too
+log="${OUT:-/tmp}/train-$1-$2-mb$3-${4:-ddp}-seq$seq-gb$batch$flags.log"
 rm -rf "$W/ckpt"
 python3 -m engine pretrain --config bench/configs/gpu_layouts.yaml \
     --model.vocab-size "${shape[0]}" --model.hidden-size "${shape[1]}" \
