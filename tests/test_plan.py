@@ -185,7 +185,7 @@ def test_plan_command_ranks_layouts_and_keeps_the_fixed_fields(tmp_path):
     out = tmp_path / "plan.json"
     run = subprocess.run([sys.executable, "-m", "engine", "plan", "--load",
                           str(shared("tiny-llama", "hf")), "--seq-length", "256",
-                          "--global-batch-size", "32", "--gpus-per-node", "4", "--gpu", "A100",
+                          "--global-batch-size", "32", "--gpus-per-node", "4", "--gpu", "a100",
                           "--recompute", "full", "--tokens", "1e13", "--output", str(out)],
                          cwd=REPO, capture_output=True, text=True, timeout=120)
     assert run.returncode == 0, run.stderr

@@ -16,10 +16,12 @@ from engine.train.spec import default_precision
 
 
 def gpu_named(name: str) -> Gpu:
+    """A row of gpus.json, whatever the case of `name` ('h200' is 'H200')."""
     table = gpus()
-    if name not in table:
+    by_lower = {key.lower(): gpu for key, gpu in table.items()}
+    if name.lower() not in by_lower:
         raise SpecError(f"GPU {name!r} is not in engine/plan/gpus.json; one of {sorted(table)}")
-    return table[name]
+    return by_lower[name.lower()]
 
 
 def spec_model(spec) -> ModelConfig | None:

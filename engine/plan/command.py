@@ -31,13 +31,14 @@ def title(spec: Spec, model: ModelConfig) -> str:
     params = f"{model.num_layers} layers × {model.hidden_size}"
     return (f"Plan: {params} ({model.num_parameters() / 1e9:.2f}B parameters), seq "
             f"{spec.seq_length}, batch {spec.global_batch_size}, {spec.nodes} × "
-            f"{spec.gpus_per_node} {spec.gpu}")
+            f"{spec.gpus_per_node} {gpu_named(spec.gpu).name}")
 
 
 def report(spec: Spec, model: ModelConfig, estimates: list[Estimate]) -> str:
     """The plan's Markdown table, the recommendation first."""
-    usable = gpu_named(spec.gpu).memory_gib - HEADROOM_GIB
-    return markdown(title(spec, model), estimates, spec.rows, spec.tokens, spec.gpu, usable)
+    gpu = gpu_named(spec.gpu)
+    return markdown(title(spec, model), estimates, spec.rows, spec.tokens, gpu.name,
+                    gpu.memory_gib - HEADROOM_GIB)
 
 
 def run(spec: Spec) -> None:
