@@ -1,0 +1,40 @@
+#!/usr/bin/env bash
+# The runs that need an H200's memory or name it, in the order they matter, each started only
+# while the call has time left for it (a run cut off by the call's limit returns nothing).
+# Carry .whl/py (bench/gpu_stories.sh). Logs under $OUT.
+#   bash bench/gpu_h200.sh 8b      the 8B shape: bf16, float8, bf16-master; then bench.calibrate
+#   bash bench/gpu_h200.sh plan    bench/plan_vs_measured.py's rows on the H200
+#   bash bench/gpu_h200.sh long    the 1.1B shape at 8k, 16k and 32k tokens (issue 23's table)
+set -uo pipefail
+nvidia-smi --query-gpu=name,memory.total,power.limit,clocks.max.sm --format=csv \
+    | tee -a "${OUT:-/tmp}/gpu.txt"
+source bench/gpu_stories.sh
+limit=${CALL_LIMIT_S:-580}
+# run SECONDS_IT_MAY_TAKE COMMAND...: the command, unless the call would end before it does
+run() {
+    local need=$1; shift
+    if [ $((SECONDS + need)) -gt "$limit" ]; then echo "skipped (${SECONDS}s gone): $*"; return; fi
+    "$@"
+}
+layouts=bench/gpu_train_layouts.sh
+case "$1" in
+8b)
+    run 200 bash $layouts llama-3-8b selective 1 ddp 4096 8 --precision bf16
+    run 130 bash $layouts llama-3-8b selective 1 ddp 4096 8 --precision bf16 \
+        --float8.recipe tensorwise
+    run 130 bash $layouts llama-3-8b full 8 ddp 4096 8 --precision bf16-master
+    run 90 python3 -m bench.calibrate | tee "${OUT:-/tmp}/calibrate.json" ;;
+plan)
+    for config in 8b-4k-selective-mb1-bf16-compiled 8b-4k-full-mb1-fsdp-compiled \
+            1.1b-2k-selective-mb8 3b-2k-selective-mb2 1.1b-8k-selective-mb1 3b-8k-full-mb1 \
+            1.1b-4k-selective-mb4-compiled 3b-4k-full-mb4-compiled 1.1b-2k-none-mb4; do
+        run 90 bash bench/gpu_plan.sh "$config"
+    done ;;
+long)
+    for seq in 8192 16384 32768; do
+        for recompute in full selective; do
+            run 80 bash $layouts tinyllama-1.1b $recompute 1 ddp $seq
+        done
+    done ;;
+*) echo "usage: bash bench/gpu_h200.sh 8b|plan|long" >&2; exit 2 ;;
+esac
