@@ -347,18 +347,28 @@ def node_image() -> dict:
         _unavailable(f"cpu-image.sh could not install its tools with apt:\n{proc.stderr[-3000:]}")
     assert proc.returncode == 0, f"cpu-image.sh failed:\n{proc.stderr[-6000:]}"
     _, megabytes, _ = proc.stdout.split()
-    return {"tag": tag, "megabytes": int(megabytes), "podman_options": podman_limits()}
+    return {"tag": tag, "megabytes": int(megabytes), "podman_options": podman_options(tag)}
 
 
-def podman_limits() -> list[str]:
-    """podman (as root) asks the OCI runtime for 1,048,576 open files and processes, and caps
-    its own processes at 32,768: where the caller lacks CAP_SYS_RESOURCE (this sandbox) the
-    runtime may not raise to that, so ask for what the caller has."""
+def podman_options(tag: str) -> list[str]:
+    """The `podman run` options that start `tag` here. podman (as root) asks the OCI runtime for
+    1,048,576 open files and processes, and caps its own processes at 32,768: where the caller
+    lacks CAP_SYS_RESOURCE (this sandbox) the runtime may not raise to that, so ask for what the
+    caller has. Its default runtime, crun, refuses a host whose cgroups mix v1 and v2 ("hybrid
+    mode"), where runc runs (docker/cpu-image.sh installs both): runc where crun cannot."""
     import resource
 
     files = resource.getrlimit(resource.RLIMIT_NOFILE)[1]
     procs = min(resource.getrlimit(resource.RLIMIT_NPROC)[1], 32768)
-    return [f"--ulimit=nofile={files}:{files}", f"--ulimit=nproc={procs}:{procs}"]
+    limits = [f"--ulimit=nofile={files}:{files}", f"--ulimit=nproc={procs}:{procs}"]
+    errors = []
+    for options in (limits, [*limits, "--runtime=runc"]):
+        probe = subprocess.run(["podman", "run", "--rm", *options, "--entrypoint=true", tag],
+                               capture_output=True, text=True, timeout=120)
+        if probe.returncode == 0:
+            return options
+        errors.append(f"{' '.join(options)}: {probe.stderr.strip()[-1500:]}")
+    raise AssertionError(f"podman cannot start {tag} here:\n" + "\n".join(errors))
 
 
 def _sessions(run_dir: Path) -> Path:
