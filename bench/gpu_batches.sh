@@ -34,7 +34,8 @@ plan)
 float8)
     for shape in "llama-3.2-3b full 4" "tinyllama-1.1b selective 8"; do
         set -- $shape
-        for flags in "" "--float8.recipe tensorwise" "--float8.recipe tensorwise --float8.bf16-blocks 0"; do
+        for flags in "" "--float8.recipe tensorwise" \
+                "--float8.recipe tensorwise --float8.bf16-blocks 0"; do
             run 80 bash $layouts "$1" "$2" "$3" ddp 4096 "$3" $flags
         done
     done ;;
